@@ -1,0 +1,49 @@
+/**
+ * `deno task dipsy <command>`: one CLI, one module per command, loaded on demand so that `--help`
+ * and argument errors never need the native library.
+ */
+import { CliError, type Command } from "./command.ts";
+
+const COMMANDS: Record<string, () => Promise<{ command: Command }>> = {
+  info: () => import("./info.ts"),
+  demo: () => import("./demo.ts"),
+};
+
+function usage(): string {
+  return [
+    "usage: deno task dipsy <command> [options]",
+    "",
+    "commands:",
+    "  info    libtorch / device information of this installation",
+    "  demo    run the main job end to end on the embedded tiny models",
+    "",
+    "`deno task dipsy <command> --help` shows a command's options.",
+  ].join("\n");
+}
+
+export async function main(args: string[]): Promise<number> {
+  const [name, ...rest] = args;
+  if (!name || name === "--help" || name === "-h" || name === "help") {
+    console.log(usage());
+    return name ? 0 : 2;
+  }
+  const load = COMMANDS[name];
+  if (!load) {
+    console.error(`dipsy: unknown command "${name}"\n\n${usage()}`);
+    return 2;
+  }
+  const { command } = await load();
+  try {
+    return await command.run(rest);
+  } catch (e) {
+    if (e instanceof CliError) {
+      console.error(`dipsy ${name}: ${e.message}`);
+      return 2;
+    }
+    throw e;
+  }
+}
+
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args));
+}

@@ -1,0 +1,39 @@
+/**
+ * What the generation loop needs from a diffusion model family. Stable Diffusion 1.5 with
+ * IP-Adapters (plugins/sd15/backbone.ts) is the implementation; the loop in core/sampling.ts only
+ * sees this interface.
+ */
+import type { Device, DType, Tensor } from "../ffi/mod.ts";
+import type { RgbImage } from "./image.ts";
+import type { SchedulerConfig } from "./plugins.ts";
+
+export interface ImagePrompt {
+  /** Image tokens per attached adapter, each [B, T, cross_dim]. */
+  tokens: readonly Tensor[];
+  /** [B, adapters] float scales; 0 switches an adapter off for that sample, exactly. */
+  scales: Tensor;
+}
+
+export interface DiffusionBackbone extends Disposable {
+  readonly dtype: DType;
+  readonly device: Device;
+  readonly latentChannels: number;
+  /** Pixels per latent cell along each side (8 for SD1.5). */
+  readonly vaeScaleFactor: number;
+  /** Default output size in pixels (the UNet's sample_size times vaeScaleFactor). */
+  readonly defaultSize: number;
+  readonly schedulerConfig: SchedulerConfig;
+  /** IP-Adapters attached to the UNet (DIPSY attaches the same weights twice). */
+  readonly adapterCount: number;
+  /** Model identifiers recorded in every manifest line. */
+  readonly modelIds: Readonly<Record<string, string>>;
+
+  /** Text-encoder states for prompts: [N, L, cross_dim]. */
+  encodePrompts(prompts: readonly string[]): Tensor;
+  /** IP-Adapter image tokens for reference images: [N, T, cross_dim]. */
+  encodeImages(images: readonly RgbImage[]): Tensor;
+  /** The UNet's noise prediction for a batch. */
+  predictNoise(latents: Tensor, timestep: number, text: Tensor, ip: ImagePrompt | null): Tensor;
+  /** Final latents to images in [0, 1]: [B, 3, H, W] float32 on the CPU. */
+  decode(latents: Tensor): Tensor;
+}

@@ -1,0 +1,90 @@
+/**
+ * Calling conventions shared by every binding: the error out-parameter, scratch buffers for list
+ * arguments and list results, and turning raw handles into Tensors.
+ */
+import { TorchError } from "./errors.ts";
+import { lib } from "./lib.ts";
+import { Tensor } from "./tensor.ts";
+
+export { deviceCode, dtypeCode } from "./dtype.ts";
+
+/**
+ * The `char** err` slot. Sync calls run on this thread one at a time, so one slot is enough;
+ * nonblocking calls must bring their own (see `errorSlot`).
+ */
+export const ERR = new Uint8Array(8);
+const ERR_VIEW = new BigUint64Array(ERR.buffer);
+
+export function errorSlot(): Uint8Array {
+  return new Uint8Array(8);
+}
+
+/** Reads and frees the message the shim left in `slot`. */
+export function takeError(op: string, slot: Uint8Array = ERR): TorchError {
+  const addr = new BigUint64Array(slot.buffer, slot.byteOffset, 1)[0];
+  const p = Deno.UnsafePointer.create(addr);
+  if (p === null) return new TorchError(op, "failed without a message");
+  const msg = Deno.UnsafePointerView.getCString(p);
+  lib().symbols.dt_free_string(p);
+  if (slot === ERR) ERR_VIEW[0] = 0n;
+  return new TorchError(op, msg.trim());
+}
+
+export function checkStatus(status: number | bigint, op: string): void {
+  if (status < 0) throw takeError(op);
+}
+
+export function wrapTensor(p: Deno.PointerValue, op: string): Tensor {
+  if (p === null) throw takeError(op);
+  return new Tensor(p, op);
+}
+
+// Integer-list arguments: each argument of a call gets its own region of one scratch buffer.
+const INT_SLOTS = 4;
+const INT_SLOT_LEN = 16;
+const INT_SCRATCH = new Int32Array(INT_SLOTS * INT_SLOT_LEN);
+
+export function int32List(values: readonly number[], slot: number): Int32Array {
+  const view = values.length > INT_SLOT_LEN || slot >= INT_SLOTS
+    ? new Int32Array(values.length)
+    : INT_SCRATCH.subarray(slot * INT_SLOT_LEN, slot * INT_SLOT_LEN + values.length);
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (!Number.isInteger(v) || v > 0x7fffffff || v < -0x80000000) {
+      throw new TypeError(`expected a 32-bit integer, got ${v}`);
+    }
+    view[i] = v;
+  }
+  return view;
+}
+
+export function ptrList(tensors: readonly Tensor[]): BigUint64Array {
+  const out = new BigUint64Array(tensors.length);
+  for (let i = 0; i < tensors.length; i++) {
+    out[i] = BigInt(Deno.UnsafePointer.value(tensors[i].ptr));
+  }
+  return out;
+}
+
+/** Where list-returning and scalar-returning ops write their results. */
+export const SCRATCH_CAP = 256;
+export const SCRATCH_OUT = new BigUint64Array(SCRATCH_CAP);
+const SCRATCH_F64 = new Float64Array(SCRATCH_OUT.buffer);
+
+export function readTensorList(n: number | bigint, op: string): Tensor[] {
+  if (n < 0) throw takeError(op);
+  const out: Tensor[] = [];
+  for (let i = 0; i < Number(n); i++) {
+    out.push(new Tensor(Deno.UnsafePointer.create(SCRATCH_OUT[i])!, op));
+  }
+  return out;
+}
+
+export function readOptionalTensor(): Tensor | null {
+  const p = Deno.UnsafePointer.create(SCRATCH_OUT[0]);
+  return p === null ? null : new Tensor(p, "grad");
+}
+
+export function readF64(): number {
+  return SCRATCH_F64[0];
+}

@@ -1,0 +1,102 @@
+// Internal helpers shared by the hand-written shim and the generated op wrappers.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dipsy_torch.h"
+
+// Every exported function catches everything: a C++ exception must never unwind into Deno.
+// c10::Error carries a backtrace in what(); users get the short message only.
+#define DT_TRY try {
+#define DT_CATCH(fail)                                  \
+  }                                                     \
+  catch (const c10::Error& e) {                         \
+    dt::set_error(err, e.what_without_backtrace());     \
+    return fail;                                        \
+  }                                                     \
+  catch (const std::exception& e) {                     \
+    dt::set_error(err, e.what());                       \
+    return fail;                                        \
+  }                                                     \
+  catch (...) {                                         \
+    dt::set_error(err, "unknown C++ exception in dipsy_torch"); \
+    return fail;                                        \
+  }
+
+// Grad mode is thread-local in libtorch, and nonblocking FFI calls run on other threads, so each
+// call applies the process-wide flag itself.
+#define DT_GRAD_MODE c10::AutoGradMode dt_grad_mode_guard(dt::grad_enabled())
+
+namespace dt {
+
+void set_error(char** err, const char* msg);
+bool grad_enabled();
+
+// Handles are heap-allocated at::Tensor objects; each holds one reference.
+void* wrap(at::Tensor t);
+int32_t wrap_list(const std::vector<at::Tensor>& ts, void** out, int32_t cap);
+
+inline const at::Tensor& tensor(void* h, const char* name) {
+  if (h == nullptr) throw std::invalid_argument(std::string("null tensor handle for '") + name + "'");
+  return *static_cast<at::Tensor*>(h);
+}
+
+inline std::optional<at::Tensor> optional_tensor(void* h) {
+  if (h == nullptr) return std::nullopt;
+  return *static_cast<at::Tensor*>(h);
+}
+
+inline std::vector<at::Tensor> tensor_list(void* const* p, int32_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(static_cast<size_t>(n));
+  for (int32_t i = 0; i < n; i++) {
+    if (p[i] == nullptr) throw std::invalid_argument("null tensor handle in tensor list");
+    out.push_back(*static_cast<at::Tensor*>(p[i]));
+  }
+  return out;
+}
+
+inline std::optional<double> optional_double(double d) {
+  if (std::isnan(d)) return std::nullopt;
+  return d;
+}
+
+inline std::optional<at::Generator> generator(void* h) {
+  if (h == nullptr) return std::nullopt;
+  return *static_cast<at::Generator*>(h);
+}
+
+// A double as PyTorch passes Python numbers to ops: a 0-dim "wrapped number" tensor, which keeps
+// full precision in in-place ops on 16-bit tensors where a c10::Scalar is rounded first.
+inline at::Tensor wrapped_scalar(double v) {
+  at::Tensor t = at::scalar_tensor(v, at::TensorOptions().dtype(at::kDouble));
+  t.unsafeGetTensorImpl()->set_wrapped_number(true);
+  return t;
+}
+
+inline at::Device device(int32_t code) {
+  if (code < 0) return at::Device(at::kCPU);
+  return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(code));
+}
+
+// -2 keeps the tensor's own device (used by `to` when only the dtype changes).
+inline at::Device device_of(int32_t code, const at::Tensor& like) {
+  if (code == -2) return like.device();
+  return device(code);
+}
+
+inline at::TensorOptions opts(int32_t dtype, int32_t device_code) {
+  auto o = at::TensorOptions().device(device(device_code));
+  if (dtype >= 0) o = o.dtype(static_cast<at::ScalarType>(dtype));
+  return o;
+}
+
+}  // namespace dt
