@@ -15,6 +15,12 @@ export { deviceCode, dtypeCode } from "./dtype.ts";
 export const ERR = new Uint8Array(8);
 const ERR_VIEW = new BigUint64Array(ERR.buffer);
 
+/**
+ * This isolate's grad mode, passed to every op: libtorch keeps grad mode per thread, and each
+ * isolate (test module, Worker) must be able to differ. Change it through runtime.ts.
+ */
+export const GRAD = { on: true };
+
 export function errorSlot(): Uint8Array {
   return new Uint8Array(8);
 }

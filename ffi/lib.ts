@@ -8,14 +8,12 @@ import { fileURLToPath } from "node:url";
 import { nativeSourceHashSync } from "../native/source_hash.ts";
 import { OP_SYMBOLS } from "./symbols.gen.ts";
 
-export const ABI_VERSION = 1;
+export const ABI_VERSION = 2;
 
 export const CORE_SYMBOLS = {
   dt_abi_version: { parameters: [], result: "i32" },
   dt_free_string: { parameters: ["pointer"], result: "void" },
   dt_runtime_info: { parameters: ["buffer"], result: "pointer" },
-  dt_set_grad_enabled: { parameters: ["bool"], result: "void" },
-  dt_grad_enabled: { parameters: [], result: "bool" },
   dt_set_num_threads: { parameters: ["i32", "buffer"], result: "i32" },
   dt_manual_seed: { parameters: ["u64", "buffer"], result: "i32" },
   dt_live_handles: { parameters: [], result: "i64" },

@@ -4,6 +4,7 @@ import {
   deviceCode,
   dtypeCode,
   ERR,
+  GRAD,
   int32List,
   ptrList,
   readF64,
@@ -26,7 +27,14 @@ export function zeros(
   device: Device | undefined,
 ): Tensor {
   return wrapTensor(
-    S.dt_op_zeros(int32List(shape, 0), shape.length, dtypeCode(dtype), deviceCode(device), ERR),
+    S.dt_op_zeros(
+      int32List(shape, 0),
+      shape.length,
+      dtypeCode(dtype),
+      deviceCode(device),
+      GRAD.on,
+      ERR,
+    ),
     "zeros",
   );
 }
@@ -37,7 +45,14 @@ export function ones(
   device: Device | undefined,
 ): Tensor {
   return wrapTensor(
-    S.dt_op_ones(int32List(shape, 0), shape.length, dtypeCode(dtype), deviceCode(device), ERR),
+    S.dt_op_ones(
+      int32List(shape, 0),
+      shape.length,
+      dtypeCode(dtype),
+      deviceCode(device),
+      GRAD.on,
+      ERR,
+    ),
     "ones",
   );
 }
@@ -55,6 +70,7 @@ export function full(
       value,
       dtypeCode(dtype),
       deviceCode(device),
+      GRAD.on,
       ERR,
     ),
     "full",
@@ -69,7 +85,7 @@ export function arange(
   device: Device | undefined,
 ): Tensor {
   return wrapTensor(
-    S.dt_op_arange(start, end, step, dtypeCode(dtype), deviceCode(device), ERR),
+    S.dt_op_arange(start, end, step, dtypeCode(dtype), deviceCode(device), GRAD.on, ERR),
     "arange",
   );
 }
@@ -82,7 +98,7 @@ export function linspace(
   device: Device | undefined,
 ): Tensor {
   return wrapTensor(
-    S.dt_op_linspace(start, end, steps, dtypeCode(dtype), deviceCode(device), ERR),
+    S.dt_op_linspace(start, end, steps, dtypeCode(dtype), deviceCode(device), GRAD.on, ERR),
     "linspace",
   );
 }
@@ -100,6 +116,7 @@ export function randn(
       dtypeCode(dtype),
       deviceCode(device),
       gen ? gen.ptr : null,
+      GRAD.on,
       ERR,
     ),
     "randn",
@@ -119,6 +136,7 @@ export function rand(
       dtypeCode(dtype),
       deviceCode(device),
       gen ? gen.ptr : null,
+      GRAD.on,
       ERR,
     ),
     "rand",
@@ -142,6 +160,7 @@ export function randint(
       dtypeCode(dtype),
       deviceCode(device),
       gen ? gen.ptr : null,
+      GRAD.on,
       ERR,
     ),
     "randint",
@@ -149,105 +168,105 @@ export function randint(
 }
 
 export function zerosLike(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_zeros_like(x.ptr, ERR), "zeros_like");
+  return wrapTensor(S.dt_op_zeros_like(x.ptr, GRAD.on, ERR), "zeros_like");
 }
 
 export function onesLike(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_ones_like(x.ptr, ERR), "ones_like");
+  return wrapTensor(S.dt_op_ones_like(x.ptr, GRAD.on, ERR), "ones_like");
 }
 
 export function fullLike(x: Tensor, value: number): Tensor {
-  return wrapTensor(S.dt_op_full_like(x.ptr, value, ERR), "full_like");
+  return wrapTensor(S.dt_op_full_like(x.ptr, value, GRAD.on, ERR), "full_like");
 }
 
 export function neg(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_neg(x.ptr, ERR), "neg");
+  return wrapTensor(S.dt_op_neg(x.ptr, GRAD.on, ERR), "neg");
 }
 
 export function exp(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_exp(x.ptr, ERR), "exp");
+  return wrapTensor(S.dt_op_exp(x.ptr, GRAD.on, ERR), "exp");
 }
 
 export function log(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_log(x.ptr, ERR), "log");
+  return wrapTensor(S.dt_op_log(x.ptr, GRAD.on, ERR), "log");
 }
 
 export function sqrt(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_sqrt(x.ptr, ERR), "sqrt");
+  return wrapTensor(S.dt_op_sqrt(x.ptr, GRAD.on, ERR), "sqrt");
 }
 
 export function rsqrt(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_rsqrt(x.ptr, ERR), "rsqrt");
+  return wrapTensor(S.dt_op_rsqrt(x.ptr, GRAD.on, ERR), "rsqrt");
 }
 
 export function abs(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_abs(x.ptr, ERR), "abs");
+  return wrapTensor(S.dt_op_abs(x.ptr, GRAD.on, ERR), "abs");
 }
 
 export function sin(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_sin(x.ptr, ERR), "sin");
+  return wrapTensor(S.dt_op_sin(x.ptr, GRAD.on, ERR), "sin");
 }
 
 export function cos(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_cos(x.ptr, ERR), "cos");
+  return wrapTensor(S.dt_op_cos(x.ptr, GRAD.on, ERR), "cos");
 }
 
 export function tanh(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_tanh(x.ptr, ERR), "tanh");
+  return wrapTensor(S.dt_op_tanh(x.ptr, GRAD.on, ERR), "tanh");
 }
 
 export function sigmoid(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_sigmoid(x.ptr, ERR), "sigmoid");
+  return wrapTensor(S.dt_op_sigmoid(x.ptr, GRAD.on, ERR), "sigmoid");
 }
 
 export function silu(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_silu(x.ptr, ERR), "silu");
+  return wrapTensor(S.dt_op_silu(x.ptr, GRAD.on, ERR), "silu");
 }
 
 export function relu(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_relu(x.ptr, ERR), "relu");
+  return wrapTensor(S.dt_op_relu(x.ptr, GRAD.on, ERR), "relu");
 }
 
 export function erf(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_erf(x.ptr, ERR), "erf");
+  return wrapTensor(S.dt_op_erf(x.ptr, GRAD.on, ERR), "erf");
 }
 
 export function square(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_square(x.ptr, ERR), "square");
+  return wrapTensor(S.dt_op_square(x.ptr, GRAD.on, ERR), "square");
 }
 
 export function reciprocal(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_reciprocal(x.ptr, ERR), "reciprocal");
+  return wrapTensor(S.dt_op_reciprocal(x.ptr, GRAD.on, ERR), "reciprocal");
 }
 
 export function floor(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_floor(x.ptr, ERR), "floor");
+  return wrapTensor(S.dt_op_floor(x.ptr, GRAD.on, ERR), "floor");
 }
 
 export function round(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_round(x.ptr, ERR), "round");
+  return wrapTensor(S.dt_op_round(x.ptr, GRAD.on, ERR), "round");
 }
 
 export function sign(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_sign(x.ptr, ERR), "sign");
+  return wrapTensor(S.dt_op_sign(x.ptr, GRAD.on, ERR), "sign");
 }
 
 export function isfinite(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_isfinite(x.ptr, ERR), "isfinite");
+  return wrapTensor(S.dt_op_isfinite(x.ptr, GRAD.on, ERR), "isfinite");
 }
 
 export function logicalNot(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_logical_not(x.ptr, ERR), "logical_not");
+  return wrapTensor(S.dt_op_logical_not(x.ptr, GRAD.on, ERR), "logical_not");
 }
 
 /** GELU, exact (erf) unless `tanh` selects the tanh approximation. */
 export function gelu(x: Tensor, tanh: boolean): Tensor {
-  return wrapTensor(S.dt_op_gelu(x.ptr, tanh, ERR), "gelu");
+  return wrapTensor(S.dt_op_gelu(x.ptr, tanh, GRAD.on, ERR), "gelu");
 }
 
 /** CLIP's x * sigmoid(1.702 x), in the same op order as transformers for bitwise parity. */
 export function quickGelu(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_quick_gelu(x.ptr, ERR), "quick_gelu");
+  return wrapTensor(S.dt_op_quick_gelu(x.ptr, GRAD.on, ERR), "quick_gelu");
 }
 
 export function clamp(
@@ -255,140 +274,140 @@ export function clamp(
   min: number | null | undefined,
   max: number | null | undefined,
 ): Tensor {
-  return wrapTensor(S.dt_op_clamp(x.ptr, min ?? NaN, max ?? NaN, ERR), "clamp");
+  return wrapTensor(S.dt_op_clamp(x.ptr, min ?? NaN, max ?? NaN, GRAD.on, ERR), "clamp");
 }
 
 export function powScalar(x: Tensor, exponent: number): Tensor {
-  return wrapTensor(S.dt_op_pow_scalar(x.ptr, exponent, ERR), "pow_scalar");
+  return wrapTensor(S.dt_op_pow_scalar(x.ptr, exponent, GRAD.on, ERR), "pow_scalar");
 }
 
 export function add(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_add(a.ptr, b.ptr, ERR), "add");
+  return wrapTensor(S.dt_op_add(a.ptr, b.ptr, GRAD.on, ERR), "add");
 }
 
 export function sub(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_sub(a.ptr, b.ptr, ERR), "sub");
+  return wrapTensor(S.dt_op_sub(a.ptr, b.ptr, GRAD.on, ERR), "sub");
 }
 
 export function mul(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_mul(a.ptr, b.ptr, ERR), "mul");
+  return wrapTensor(S.dt_op_mul(a.ptr, b.ptr, GRAD.on, ERR), "mul");
 }
 
 export function div(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_div(a.ptr, b.ptr, ERR), "div");
+  return wrapTensor(S.dt_op_div(a.ptr, b.ptr, GRAD.on, ERR), "div");
 }
 
 export function pow(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_pow(a.ptr, b.ptr, ERR), "pow");
+  return wrapTensor(S.dt_op_pow(a.ptr, b.ptr, GRAD.on, ERR), "pow");
 }
 
 export function maximum(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_maximum(a.ptr, b.ptr, ERR), "maximum");
+  return wrapTensor(S.dt_op_maximum(a.ptr, b.ptr, GRAD.on, ERR), "maximum");
 }
 
 export function minimum(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_minimum(a.ptr, b.ptr, ERR), "minimum");
+  return wrapTensor(S.dt_op_minimum(a.ptr, b.ptr, GRAD.on, ERR), "minimum");
 }
 
 /** a + alpha * b in one kernel. */
 export function addScaled(a: Tensor, b: Tensor, alpha: number): Tensor {
-  return wrapTensor(S.dt_op_add_scaled(a.ptr, b.ptr, alpha, ERR), "add_scaled");
+  return wrapTensor(S.dt_op_add_scaled(a.ptr, b.ptr, alpha, GRAD.on, ERR), "add_scaled");
 }
 
 export function addScalar(x: Tensor, s: number): Tensor {
-  return wrapTensor(S.dt_op_add_scalar(x.ptr, s, ERR), "add_scalar");
+  return wrapTensor(S.dt_op_add_scalar(x.ptr, s, GRAD.on, ERR), "add_scalar");
 }
 
 export function subScalar(x: Tensor, s: number): Tensor {
-  return wrapTensor(S.dt_op_sub_scalar(x.ptr, s, ERR), "sub_scalar");
+  return wrapTensor(S.dt_op_sub_scalar(x.ptr, s, GRAD.on, ERR), "sub_scalar");
 }
 
 export function mulScalar(x: Tensor, s: number): Tensor {
-  return wrapTensor(S.dt_op_mul_scalar(x.ptr, s, ERR), "mul_scalar");
+  return wrapTensor(S.dt_op_mul_scalar(x.ptr, s, GRAD.on, ERR), "mul_scalar");
 }
 
 export function divScalar(x: Tensor, s: number): Tensor {
-  return wrapTensor(S.dt_op_div_scalar(x.ptr, s, ERR), "div_scalar");
+  return wrapTensor(S.dt_op_div_scalar(x.ptr, s, GRAD.on, ERR), "div_scalar");
 }
 
 export function rsubScalar(x: Tensor, s: number): Tensor {
-  return wrapTensor(S.dt_op_rsub_scalar(x.ptr, s, ERR), "rsub_scalar");
+  return wrapTensor(S.dt_op_rsub_scalar(x.ptr, s, GRAD.on, ERR), "rsub_scalar");
 }
 
 export function eq(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_eq(a.ptr, b.ptr, ERR), "eq");
+  return wrapTensor(S.dt_op_eq(a.ptr, b.ptr, GRAD.on, ERR), "eq");
 }
 
 export function ne(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_ne(a.ptr, b.ptr, ERR), "ne");
+  return wrapTensor(S.dt_op_ne(a.ptr, b.ptr, GRAD.on, ERR), "ne");
 }
 
 export function lt(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_lt(a.ptr, b.ptr, ERR), "lt");
+  return wrapTensor(S.dt_op_lt(a.ptr, b.ptr, GRAD.on, ERR), "lt");
 }
 
 export function le(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_le(a.ptr, b.ptr, ERR), "le");
+  return wrapTensor(S.dt_op_le(a.ptr, b.ptr, GRAD.on, ERR), "le");
 }
 
 export function gt(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_gt(a.ptr, b.ptr, ERR), "gt");
+  return wrapTensor(S.dt_op_gt(a.ptr, b.ptr, GRAD.on, ERR), "gt");
 }
 
 export function ge(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_ge(a.ptr, b.ptr, ERR), "ge");
+  return wrapTensor(S.dt_op_ge(a.ptr, b.ptr, GRAD.on, ERR), "ge");
 }
 
 export function eqScalar(x: Tensor, s: number): Tensor {
-  return wrapTensor(S.dt_op_eq_scalar(x.ptr, s, ERR), "eq_scalar");
+  return wrapTensor(S.dt_op_eq_scalar(x.ptr, s, GRAD.on, ERR), "eq_scalar");
 }
 
 export function ltScalar(x: Tensor, s: number): Tensor {
-  return wrapTensor(S.dt_op_lt_scalar(x.ptr, s, ERR), "lt_scalar");
+  return wrapTensor(S.dt_op_lt_scalar(x.ptr, s, GRAD.on, ERR), "lt_scalar");
 }
 
 export function leScalar(x: Tensor, s: number): Tensor {
-  return wrapTensor(S.dt_op_le_scalar(x.ptr, s, ERR), "le_scalar");
+  return wrapTensor(S.dt_op_le_scalar(x.ptr, s, GRAD.on, ERR), "le_scalar");
 }
 
 export function gtScalar(x: Tensor, s: number): Tensor {
-  return wrapTensor(S.dt_op_gt_scalar(x.ptr, s, ERR), "gt_scalar");
+  return wrapTensor(S.dt_op_gt_scalar(x.ptr, s, GRAD.on, ERR), "gt_scalar");
 }
 
 export function geScalar(x: Tensor, s: number): Tensor {
-  return wrapTensor(S.dt_op_ge_scalar(x.ptr, s, ERR), "ge_scalar");
+  return wrapTensor(S.dt_op_ge_scalar(x.ptr, s, GRAD.on, ERR), "ge_scalar");
 }
 
 export function logicalAnd(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_logical_and(a.ptr, b.ptr, ERR), "logical_and");
+  return wrapTensor(S.dt_op_logical_and(a.ptr, b.ptr, GRAD.on, ERR), "logical_and");
 }
 
 export function logicalOr(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_logical_or(a.ptr, b.ptr, ERR), "logical_or");
+  return wrapTensor(S.dt_op_logical_or(a.ptr, b.ptr, GRAD.on, ERR), "logical_or");
 }
 
 export function where(cond: Tensor, a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_where(cond.ptr, a.ptr, b.ptr, ERR), "where");
+  return wrapTensor(S.dt_op_where(cond.ptr, a.ptr, b.ptr, GRAD.on, ERR), "where");
 }
 
 export function maskedFill(x: Tensor, mask: Tensor, value: number): Tensor {
-  return wrapTensor(S.dt_op_masked_fill(x.ptr, mask.ptr, value, ERR), "masked_fill");
+  return wrapTensor(S.dt_op_masked_fill(x.ptr, mask.ptr, value, GRAD.on, ERR), "masked_fill");
 }
 
 export function lerp(a: Tensor, b: Tensor, weight: number): Tensor {
-  return wrapTensor(S.dt_op_lerp(a.ptr, b.ptr, weight, ERR), "lerp");
+  return wrapTensor(S.dt_op_lerp(a.ptr, b.ptr, weight, GRAD.on, ERR), "lerp");
 }
 
 export function matmul(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_matmul(a.ptr, b.ptr, ERR), "matmul");
+  return wrapTensor(S.dt_op_matmul(a.ptr, b.ptr, GRAD.on, ERR), "matmul");
 }
 
 export function mm(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_mm(a.ptr, b.ptr, ERR), "mm");
+  return wrapTensor(S.dt_op_mm(a.ptr, b.ptr, GRAD.on, ERR), "mm");
 }
 
 export function bmm(a: Tensor, b: Tensor): Tensor {
-  return wrapTensor(S.dt_op_bmm(a.ptr, b.ptr, ERR), "bmm");
+  return wrapTensor(S.dt_op_bmm(a.ptr, b.ptr, GRAD.on, ERR), "bmm");
 }
 
 export function baddbmm(
@@ -398,15 +417,21 @@ export function baddbmm(
   beta: number,
   alpha: number,
 ): Tensor {
-  return wrapTensor(S.dt_op_baddbmm(input.ptr, b1.ptr, b2.ptr, beta, alpha, ERR), "baddbmm");
+  return wrapTensor(
+    S.dt_op_baddbmm(input.ptr, b1.ptr, b2.ptr, beta, alpha, GRAD.on, ERR),
+    "baddbmm",
+  );
 }
 
 export function addmm(input: Tensor, m1: Tensor, m2: Tensor, beta: number, alpha: number): Tensor {
-  return wrapTensor(S.dt_op_addmm(input.ptr, m1.ptr, m2.ptr, beta, alpha, ERR), "addmm");
+  return wrapTensor(S.dt_op_addmm(input.ptr, m1.ptr, m2.ptr, beta, alpha, GRAD.on, ERR), "addmm");
 }
 
 export function linear(x: Tensor, weight: Tensor, bias: Tensor | null | undefined): Tensor {
-  return wrapTensor(S.dt_op_linear(x.ptr, weight.ptr, bias ? bias.ptr : null, ERR), "linear");
+  return wrapTensor(
+    S.dt_op_linear(x.ptr, weight.ptr, bias ? bias.ptr : null, GRAD.on, ERR),
+    "linear",
+  );
 }
 
 export function conv2d(
@@ -430,6 +455,7 @@ export function conv2d(
       int32List(dilation, 2),
       dilation.length,
       groups,
+      GRAD.on,
       ERR,
     ),
     "conv2d",
@@ -447,17 +473,27 @@ export function sdpa(
   scale: number | null | undefined,
 ): Tensor {
   return wrapTensor(
-    S.dt_op_sdpa(q.ptr, k.ptr, v.ptr, mask ? mask.ptr : null, dropout, causal, scale ?? NaN, ERR),
+    S.dt_op_sdpa(
+      q.ptr,
+      k.ptr,
+      v.ptr,
+      mask ? mask.ptr : null,
+      dropout,
+      causal,
+      scale ?? NaN,
+      GRAD.on,
+      ERR,
+    ),
     "sdpa",
   );
 }
 
 export function softmax(x: Tensor, dim: number): Tensor {
-  return wrapTensor(S.dt_op_softmax(x.ptr, dim, ERR), "softmax");
+  return wrapTensor(S.dt_op_softmax(x.ptr, dim, GRAD.on, ERR), "softmax");
 }
 
 export function logSoftmax(x: Tensor, dim: number): Tensor {
-  return wrapTensor(S.dt_op_log_softmax(x.ptr, dim, ERR), "log_softmax");
+  return wrapTensor(S.dt_op_log_softmax(x.ptr, dim, GRAD.on, ERR), "log_softmax");
 }
 
 export function groupNorm(
@@ -468,7 +504,15 @@ export function groupNorm(
   eps: number,
 ): Tensor {
   return wrapTensor(
-    S.dt_op_group_norm(x.ptr, groups, weight ? weight.ptr : null, bias ? bias.ptr : null, eps, ERR),
+    S.dt_op_group_norm(
+      x.ptr,
+      groups,
+      weight ? weight.ptr : null,
+      bias ? bias.ptr : null,
+      eps,
+      GRAD.on,
+      ERR,
+    ),
     "group_norm",
   );
 }
@@ -488,6 +532,7 @@ export function layerNorm(
       weight ? weight.ptr : null,
       bias ? bias.ptr : null,
       eps,
+      GRAD.on,
       ERR,
     ),
     "layer_norm",
@@ -495,11 +540,11 @@ export function layerNorm(
 }
 
 export function dropout(x: Tensor, p: number, train: boolean): Tensor {
-  return wrapTensor(S.dt_op_dropout(x.ptr, p, train, ERR), "dropout");
+  return wrapTensor(S.dt_op_dropout(x.ptr, p, train, GRAD.on, ERR), "dropout");
 }
 
 export function embedding(weight: Tensor, ids: Tensor): Tensor {
-  return wrapTensor(S.dt_op_embedding(weight.ptr, ids.ptr, ERR), "embedding");
+  return wrapTensor(S.dt_op_embedding(weight.ptr, ids.ptr, GRAD.on, ERR), "embedding");
 }
 
 /** reduction: 0 none, 1 mean, 2 sum (at::Reduction). */
@@ -510,81 +555,90 @@ export function crossEntropy(
   label_smoothing: number,
 ): Tensor {
   return wrapTensor(
-    S.dt_op_cross_entropy(logits.ptr, target.ptr, reduction, label_smoothing, ERR),
+    S.dt_op_cross_entropy(logits.ptr, target.ptr, reduction, label_smoothing, GRAD.on, ERR),
     "cross_entropy",
   );
 }
 
 export function mseLoss(a: Tensor, b: Tensor, reduction: number): Tensor {
-  return wrapTensor(S.dt_op_mse_loss(a.ptr, b.ptr, reduction, ERR), "mse_loss");
+  return wrapTensor(S.dt_op_mse_loss(a.ptr, b.ptr, reduction, GRAD.on, ERR), "mse_loss");
 }
 
 export function reshape(x: Tensor, shape: readonly number[]): Tensor {
-  return wrapTensor(S.dt_op_reshape(x.ptr, int32List(shape, 0), shape.length, ERR), "reshape");
+  return wrapTensor(
+    S.dt_op_reshape(x.ptr, int32List(shape, 0), shape.length, GRAD.on, ERR),
+    "reshape",
+  );
 }
 
 export function permute(x: Tensor, dims: readonly number[]): Tensor {
-  return wrapTensor(S.dt_op_permute(x.ptr, int32List(dims, 0), dims.length, ERR), "permute");
+  return wrapTensor(
+    S.dt_op_permute(x.ptr, int32List(dims, 0), dims.length, GRAD.on, ERR),
+    "permute",
+  );
 }
 
 export function transpose(x: Tensor, d0: number, d1: number): Tensor {
-  return wrapTensor(S.dt_op_transpose(x.ptr, d0, d1, ERR), "transpose");
+  return wrapTensor(S.dt_op_transpose(x.ptr, d0, d1, GRAD.on, ERR), "transpose");
 }
 
 export function contiguous(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_contiguous(x.ptr, ERR), "contiguous");
+  return wrapTensor(S.dt_op_contiguous(x.ptr, GRAD.on, ERR), "contiguous");
 }
 
 export function unsqueeze(x: Tensor, dim: number): Tensor {
-  return wrapTensor(S.dt_op_unsqueeze(x.ptr, dim, ERR), "unsqueeze");
+  return wrapTensor(S.dt_op_unsqueeze(x.ptr, dim, GRAD.on, ERR), "unsqueeze");
 }
 
 export function squeeze(x: Tensor, dim: number): Tensor {
-  return wrapTensor(S.dt_op_squeeze(x.ptr, dim, ERR), "squeeze");
+  return wrapTensor(S.dt_op_squeeze(x.ptr, dim, GRAD.on, ERR), "squeeze");
 }
 
 export function flatten(x: Tensor, start: number, end: number): Tensor {
-  return wrapTensor(S.dt_op_flatten(x.ptr, start, end, ERR), "flatten");
+  return wrapTensor(S.dt_op_flatten(x.ptr, start, end, GRAD.on, ERR), "flatten");
 }
 
 export function expand(x: Tensor, shape: readonly number[]): Tensor {
-  return wrapTensor(S.dt_op_expand(x.ptr, int32List(shape, 0), shape.length, ERR), "expand");
+  return wrapTensor(
+    S.dt_op_expand(x.ptr, int32List(shape, 0), shape.length, GRAD.on, ERR),
+    "expand",
+  );
 }
 
 export function repeat(x: Tensor, reps: readonly number[]): Tensor {
-  return wrapTensor(S.dt_op_repeat(x.ptr, int32List(reps, 0), reps.length, ERR), "repeat");
+  return wrapTensor(S.dt_op_repeat(x.ptr, int32List(reps, 0), reps.length, GRAD.on, ERR), "repeat");
 }
 
 export function slice(x: Tensor, dim: number, start: number, end: number, step: number): Tensor {
-  return wrapTensor(S.dt_op_slice(x.ptr, dim, start, end, step, ERR), "slice");
+  return wrapTensor(S.dt_op_slice(x.ptr, dim, start, end, step, GRAD.on, ERR), "slice");
 }
 
 export function narrow(x: Tensor, dim: number, start: number, length: number): Tensor {
-  return wrapTensor(S.dt_op_narrow(x.ptr, dim, start, length, ERR), "narrow");
+  return wrapTensor(S.dt_op_narrow(x.ptr, dim, start, length, GRAD.on, ERR), "narrow");
 }
 
 export function select(x: Tensor, dim: number, index: number): Tensor {
-  return wrapTensor(S.dt_op_select(x.ptr, dim, index, ERR), "select");
+  return wrapTensor(S.dt_op_select(x.ptr, dim, index, GRAD.on, ERR), "select");
 }
 
 export function indexSelect(x: Tensor, dim: number, index: Tensor): Tensor {
-  return wrapTensor(S.dt_op_index_select(x.ptr, dim, index.ptr, ERR), "index_select");
+  return wrapTensor(S.dt_op_index_select(x.ptr, dim, index.ptr, GRAD.on, ERR), "index_select");
 }
 
 export function gather(x: Tensor, dim: number, index: Tensor): Tensor {
-  return wrapTensor(S.dt_op_gather(x.ptr, dim, index.ptr, ERR), "gather");
+  return wrapTensor(S.dt_op_gather(x.ptr, dim, index.ptr, GRAD.on, ERR), "gather");
 }
 
 export function cat(xs: readonly Tensor[], dim: number): Tensor {
-  return wrapTensor(S.dt_op_cat(ptrList(xs), xs.length, dim, ERR), "cat");
+  return wrapTensor(S.dt_op_cat(ptrList(xs), xs.length, dim, GRAD.on, ERR), "cat");
 }
 
 export function stack(xs: readonly Tensor[], dim: number): Tensor {
-  return wrapTensor(S.dt_op_stack(ptrList(xs), xs.length, dim, ERR), "stack");
+  return wrapTensor(S.dt_op_stack(ptrList(xs), xs.length, dim, GRAD.on, ERR), "stack");
 }
 
 export function chunk(x: Tensor, chunks: number, dim: number): Tensor[] {
-  const n = S.dt_op_chunk(x.ptr, chunks, dim, SCRATCH_OUT, SCRATCH_CAP, ERR);
+  const n = S.dt_op_chunk(x.ptr, chunks, dim, SCRATCH_OUT, SCRATCH_CAP, GRAD.on, ERR);
   return readTensorList(n, "chunk");
 }
 
@@ -596,30 +650,37 @@ export function split(x: Tensor, sizes: readonly number[], dim: number): Tensor[
     dim,
     SCRATCH_OUT,
     SCRATCH_CAP,
+    GRAD.on,
     ERR,
   );
   return readTensorList(n, "split");
 }
 
 export function flip(x: Tensor, dims: readonly number[]): Tensor {
-  return wrapTensor(S.dt_op_flip(x.ptr, int32List(dims, 0), dims.length, ERR), "flip");
+  return wrapTensor(S.dt_op_flip(x.ptr, int32List(dims, 0), dims.length, GRAD.on, ERR), "flip");
 }
 
 export function tril(x: Tensor, diagonal: number): Tensor {
-  return wrapTensor(S.dt_op_tril(x.ptr, diagonal, ERR), "tril");
+  return wrapTensor(S.dt_op_tril(x.ptr, diagonal, GRAD.on, ERR), "tril");
 }
 
 export function triu(x: Tensor, diagonal: number): Tensor {
-  return wrapTensor(S.dt_op_triu(x.ptr, diagonal, ERR), "triu");
+  return wrapTensor(S.dt_op_triu(x.ptr, diagonal, GRAD.on, ERR), "triu");
 }
 
 /** mode: 0 constant, 1 reflect, 2 replicate, 3 circular. */
 export function pad(x: Tensor, pads: readonly number[], mode: number, value: number): Tensor {
-  return wrapTensor(S.dt_op_pad(x.ptr, int32List(pads, 0), pads.length, mode, value, ERR), "pad");
+  return wrapTensor(
+    S.dt_op_pad(x.ptr, int32List(pads, 0), pads.length, mode, value, GRAD.on, ERR),
+    "pad",
+  );
 }
 
 export function upsampleNearest2d(x: Tensor, height: number, width: number): Tensor {
-  return wrapTensor(S.dt_op_upsample_nearest2d(x.ptr, height, width, ERR), "upsample_nearest2d");
+  return wrapTensor(
+    S.dt_op_upsample_nearest2d(x.ptr, height, width, GRAD.on, ERR),
+    "upsample_nearest2d",
+  );
 }
 
 /** Resize [N, C, H, W]; mode: 0 nearest, 1 bilinear, 2 bicubic. */
@@ -632,60 +693,72 @@ export function interpolate(
   antialias: boolean,
 ): Tensor {
   return wrapTensor(
-    S.dt_op_interpolate(x.ptr, height, width, mode, align_corners, antialias, ERR),
+    S.dt_op_interpolate(x.ptr, height, width, mode, align_corners, antialias, GRAD.on, ERR),
     "interpolate",
   );
 }
 
 export function sum(x: Tensor, dims: readonly number[], keepdim: boolean): Tensor {
-  return wrapTensor(S.dt_op_sum(x.ptr, int32List(dims, 0), dims.length, keepdim, ERR), "sum");
+  return wrapTensor(
+    S.dt_op_sum(x.ptr, int32List(dims, 0), dims.length, keepdim, GRAD.on, ERR),
+    "sum",
+  );
 }
 
 export function mean(x: Tensor, dims: readonly number[], keepdim: boolean): Tensor {
-  return wrapTensor(S.dt_op_mean(x.ptr, int32List(dims, 0), dims.length, keepdim, ERR), "mean");
+  return wrapTensor(
+    S.dt_op_mean(x.ptr, int32List(dims, 0), dims.length, keepdim, GRAD.on, ERR),
+    "mean",
+  );
 }
 
 export function amax(x: Tensor, dims: readonly number[], keepdim: boolean): Tensor {
-  return wrapTensor(S.dt_op_amax(x.ptr, int32List(dims, 0), dims.length, keepdim, ERR), "amax");
+  return wrapTensor(
+    S.dt_op_amax(x.ptr, int32List(dims, 0), dims.length, keepdim, GRAD.on, ERR),
+    "amax",
+  );
 }
 
 export function amin(x: Tensor, dims: readonly number[], keepdim: boolean): Tensor {
-  return wrapTensor(S.dt_op_amin(x.ptr, int32List(dims, 0), dims.length, keepdim, ERR), "amin");
+  return wrapTensor(
+    S.dt_op_amin(x.ptr, int32List(dims, 0), dims.length, keepdim, GRAD.on, ERR),
+    "amin",
+  );
 }
 
 export function logsumexp(x: Tensor, dims: readonly number[], keepdim: boolean): Tensor {
   return wrapTensor(
-    S.dt_op_logsumexp(x.ptr, int32List(dims, 0), dims.length, keepdim, ERR),
+    S.dt_op_logsumexp(x.ptr, int32List(dims, 0), dims.length, keepdim, GRAD.on, ERR),
     "logsumexp",
   );
 }
 
 export function sumAll(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_sum_all(x.ptr, ERR), "sum_all");
+  return wrapTensor(S.dt_op_sum_all(x.ptr, GRAD.on, ERR), "sum_all");
 }
 
 export function meanAll(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_mean_all(x.ptr, ERR), "mean_all");
+  return wrapTensor(S.dt_op_mean_all(x.ptr, GRAD.on, ERR), "mean_all");
 }
 
 export function maxAll(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_max_all(x.ptr, ERR), "max_all");
+  return wrapTensor(S.dt_op_max_all(x.ptr, GRAD.on, ERR), "max_all");
 }
 
 export function minAll(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_min_all(x.ptr, ERR), "min_all");
+  return wrapTensor(S.dt_op_min_all(x.ptr, GRAD.on, ERR), "min_all");
 }
 
 export function all(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_all(x.ptr, ERR), "all");
+  return wrapTensor(S.dt_op_all(x.ptr, GRAD.on, ERR), "all");
 }
 
 export function any(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_any(x.ptr, ERR), "any");
+  return wrapTensor(S.dt_op_any(x.ptr, GRAD.on, ERR), "any");
 }
 
 export function argmax(x: Tensor, dim: number, keepdim: boolean): Tensor {
-  return wrapTensor(S.dt_op_argmax(x.ptr, dim, keepdim, ERR), "argmax");
+  return wrapTensor(S.dt_op_argmax(x.ptr, dim, keepdim, GRAD.on, ERR), "argmax");
 }
 
 export function variance(
@@ -695,76 +768,79 @@ export function variance(
   keepdim: boolean,
 ): Tensor {
   return wrapTensor(
-    S.dt_op_variance(x.ptr, int32List(dims, 0), dims.length, correction, keepdim, ERR),
+    S.dt_op_variance(x.ptr, int32List(dims, 0), dims.length, correction, keepdim, GRAD.on, ERR),
     "variance",
   );
 }
 
 export function norm(x: Tensor, p: number, dims: readonly number[], keepdim: boolean): Tensor {
-  return wrapTensor(S.dt_op_norm(x.ptr, p, int32List(dims, 0), dims.length, keepdim, ERR), "norm");
+  return wrapTensor(
+    S.dt_op_norm(x.ptr, p, int32List(dims, 0), dims.length, keepdim, GRAD.on, ERR),
+    "norm",
+  );
 }
 
 export function cumsum(x: Tensor, dim: number): Tensor {
-  return wrapTensor(S.dt_op_cumsum(x.ptr, dim, ERR), "cumsum");
+  return wrapTensor(S.dt_op_cumsum(x.ptr, dim, GRAD.on, ERR), "cumsum");
 }
 
 export function cumprod(x: Tensor, dim: number): Tensor {
-  return wrapTensor(S.dt_op_cumprod(x.ptr, dim, ERR), "cumprod");
+  return wrapTensor(S.dt_op_cumprod(x.ptr, dim, GRAD.on, ERR), "cumprod");
 }
 
 /** Cast and/or move; dtype -1 keeps the dtype. */
 export function to(x: Tensor, dtype: DType | undefined, device: Device | undefined): Tensor {
-  return wrapTensor(S.dt_op_to(x.ptr, dtypeCode(dtype), deviceCode(device), ERR), "to");
+  return wrapTensor(S.dt_op_to(x.ptr, dtypeCode(dtype), deviceCode(device), GRAD.on, ERR), "to");
 }
 
 export function clone(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_clone(x.ptr, ERR), "clone");
+  return wrapTensor(S.dt_op_clone(x.ptr, GRAD.on, ERR), "clone");
 }
 
 export function detach(x: Tensor): Tensor {
-  return wrapTensor(S.dt_op_detach(x.ptr, ERR), "detach");
+  return wrapTensor(S.dt_op_detach(x.ptr, GRAD.on, ERR), "detach");
 }
 
 export function item(x: Tensor): number {
-  checkStatus(S.dt_op_item(x.ptr, SCRATCH_OUT, ERR), "item");
+  checkStatus(S.dt_op_item(x.ptr, SCRATCH_OUT, GRAD.on, ERR), "item");
   return readF64();
 }
 
 export function copy_(dst: Tensor, src: Tensor): void {
-  checkStatus(S.dt_op_copy_(dst.ptr, src.ptr, ERR), "copy_");
+  checkStatus(S.dt_op_copy_(dst.ptr, src.ptr, GRAD.on, ERR), "copy_");
 }
 
 export function fill_(x: Tensor, value: number): void {
-  checkStatus(S.dt_op_fill_(x.ptr, value, ERR), "fill_");
+  checkStatus(S.dt_op_fill_(x.ptr, value, GRAD.on, ERR), "fill_");
 }
 
 export function add_(x: Tensor, y: Tensor, alpha: number): void {
-  checkStatus(S.dt_op_add_(x.ptr, y.ptr, alpha, ERR), "add_");
+  checkStatus(S.dt_op_add_(x.ptr, y.ptr, alpha, GRAD.on, ERR), "add_");
 }
 
 /** x *= s, with s kept in double precision as Python's `x.mul_(s)` does. */
 export function mulScalar_(x: Tensor, s: number): void {
-  checkStatus(S.dt_op_mul_scalar_(x.ptr, s, ERR), "mul_scalar_");
+  checkStatus(S.dt_op_mul_scalar_(x.ptr, s, GRAD.on, ERR), "mul_scalar_");
 }
 
 export function requiresGrad_(x: Tensor, on: boolean): void {
-  checkStatus(S.dt_op_requires_grad_(x.ptr, on, ERR), "requires_grad_");
+  checkStatus(S.dt_op_requires_grad_(x.ptr, on, GRAD.on, ERR), "requires_grad_");
 }
 
 /** Backpropagates from x (a scalar unless grad is given); always runs with grad enabled. */
 export function backward(x: Tensor, grad: Tensor | null | undefined): void {
-  checkStatus(S.dt_op_backward(x.ptr, grad ? grad.ptr : null, ERR), "backward");
+  checkStatus(S.dt_op_backward(x.ptr, grad ? grad.ptr : null, GRAD.on, ERR), "backward");
 }
 
 /** The accumulated gradient, or null when none has been computed. */
 export function grad(x: Tensor): Tensor | null {
-  checkStatus(S.dt_op_grad(x.ptr, SCRATCH_OUT, ERR), "grad");
+  checkStatus(S.dt_op_grad(x.ptr, SCRATCH_OUT, GRAD.on, ERR), "grad");
   return readOptionalTensor();
 }
 
 /** Drops the accumulated gradient (like PyTorch's zero_grad(set_to_none=True)). */
 export function zeroGrad(x: Tensor): void {
-  checkStatus(S.dt_op_zero_grad(x.ptr, ERR), "zero_grad");
+  checkStatus(S.dt_op_zero_grad(x.ptr, GRAD.on, ERR), "zero_grad");
 }
 
 /** One AdamW update in place (step counts from 1). */
@@ -792,6 +868,7 @@ export function adamwStep(
       beta2,
       eps,
       weight_decay,
+      GRAD.on,
       ERR,
     ),
     "adamw_step",

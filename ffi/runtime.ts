@@ -1,5 +1,5 @@
-/** Process-wide runtime controls: info, grad mode, threads, seeds and CUDA housekeeping. */
-import { ERR, takeError } from "./call.ts";
+/** Runtime controls: info, grad mode (per isolate), threads, seeds and CUDA housekeeping. */
+import { ERR, GRAD, takeError } from "./call.ts";
 import { type Device, deviceCode } from "./dtype.ts";
 import { lib } from "./lib.ts";
 
@@ -13,7 +13,6 @@ export interface RuntimeInfo {
   cuda_device_count: number;
   num_threads: number;
   cxx11_abi: boolean;
-  grad_enabled: boolean;
 }
 
 function takeString(p: Deno.PointerValue, op: string): string {
@@ -28,11 +27,11 @@ export function runtimeInfo(): RuntimeInfo {
 }
 
 export function setGradEnabled(on: boolean): void {
-  S.dt_set_grad_enabled(on);
+  GRAD.on = on;
 }
 
 export function isGradEnabled(): boolean {
-  return S.dt_grad_enabled();
+  return GRAD.on;
 }
 
 function withGradMode<T>(on: boolean, fn: () => T): T {

@@ -23,7 +23,16 @@ import { ERR, takeError } from "./call.ts";
 
 const S = lib().symbols;
 
-const finalizer = new FinalizationRegistry<Deno.PointerObject>((p) => S.dt_tensor_free(p));
+/**
+ * Live handles made by this isolate. The shim's own counter is process-wide, and Deno runs test
+ * modules (and Workers) as isolates of one process, so leak checks read this one.
+ */
+let liveHandles = 0;
+
+const finalizer = new FinalizationRegistry<Deno.PointerObject>((p) => {
+  liveHandles--;
+  S.dt_tensor_free(p);
+});
 
 interface Meta {
   dtype: DType;
@@ -50,6 +59,7 @@ export class Tensor implements Disposable {
   constructor(ptr: Deno.PointerObject, origin: string) {
     this.#ptr = ptr;
     this.origin = origin;
+    liveHandles++;
     const top = scopes[scopes.length - 1];
     if (top) {
       this._scope = top;
@@ -76,6 +86,7 @@ export class Tensor implements Disposable {
     this.#ptr = null;
     if (this._scope === null) finalizer.unregister(this);
     this._scope = null;
+    liveHandles--;
     S.dt_tensor_free(p);
   }
 
@@ -364,14 +375,20 @@ export function disposeAll(value: unknown): void {
 }
 
 export interface MemoryInfo {
-  /** Live native tensor handles (views count once each). */
+  /** Live tensor handles created by this isolate (views count once each). */
   handles: number;
-  /** Logical bytes of live handles (numel x element size; shared storage counts per handle). */
-  bytes: number;
+  /** Live handles of the whole process (all isolates and Workers). */
+  processHandles: number;
+  /** Logical bytes of the process's live handles (numel x element size, per handle). */
+  processBytes: number;
 }
 
 export function memory(): MemoryInfo {
-  return { handles: Number(S.dt_live_handles()), bytes: Number(S.dt_live_bytes()) };
+  return {
+    handles: liveHandles,
+    processHandles: Number(S.dt_live_handles()),
+    processBytes: Number(S.dt_live_bytes()),
+  };
 }
 
 export { deviceCode };

@@ -89,7 +89,10 @@ function genCpp(): string {
     const ret = op.ret ?? "T";
     const args = parseArgs(op);
     const r = CPP_RET[ret];
-    const params = [...args.map((a) => CPP_PARAMS[a.kind](a.name)), `${r.extra}char** err`]
+    const params = [
+      ...args.map((a) => CPP_PARAMS[a.kind](a.name)),
+      `${r.extra}bool grad, char** err`,
+    ]
       .join(", ");
     out.push(`DT_API ${r.type} dt_op_${op.name}(${params}) {`);
     out.push("  DT_TRY");
@@ -183,6 +186,7 @@ const TS_HEADER = [
   "  deviceCode,",
   "  dtypeCode,",
   "  ERR,",
+  "  GRAD,",
   "  int32List,",
   "  ptrList,",
   "  readF64,",
@@ -212,6 +216,7 @@ function genSymbols(): string {
     const params = [
       ...parseArgs(op).flatMap((a) => FFI_PARAMS[a.kind]),
       ...FFI_RET[ret].extra,
+      "bool",
       "buffer",
     ];
     out.push(
@@ -236,26 +241,34 @@ function genTs(): string {
     const sym = `S.dt_op_${op.name}`;
     switch (ret) {
       case "T":
-        out.push(`  return wrapTensor(${sym}(${[...call, "ERR"].join(", ")}), "${op.name}");`);
+        out.push(
+          `  return wrapTensor(${sym}(${[...call, "GRAD.on", "ERR"].join(", ")}), "${op.name}");`,
+        );
         break;
       case "T?":
         out.push(
-          `  checkStatus(${sym}(${[...call, "SCRATCH_OUT", "ERR"].join(", ")}), "${op.name}");`,
+          `  checkStatus(${sym}(${
+            [...call, "SCRATCH_OUT", "GRAD.on", "ERR"].join(", ")
+          }), "${op.name}");`,
         );
         out.push("  return readOptionalTensor();");
         break;
       case "T[]":
         out.push(
-          `  const n = ${sym}(${[...call, "SCRATCH_OUT", "SCRATCH_CAP", "ERR"].join(", ")});`,
+          `  const n = ${sym}(${
+            [...call, "SCRATCH_OUT", "SCRATCH_CAP", "GRAD.on", "ERR"].join(", ")
+          });`,
         );
         out.push(`  return readTensorList(n, "${op.name}");`);
         break;
       case "void":
-        out.push(`  checkStatus(${sym}(${[...call, "ERR"].join(", ")}), "${op.name}");`);
+        out.push(`  checkStatus(${sym}(${[...call, "GRAD.on", "ERR"].join(", ")}), "${op.name}");`);
         break;
       case "f64":
         out.push(
-          `  checkStatus(${sym}(${[...call, "SCRATCH_OUT", "ERR"].join(", ")}), "${op.name}");`,
+          `  checkStatus(${sym}(${
+            [...call, "SCRATCH_OUT", "GRAD.on", "ERR"].join(", ")
+          }), "${op.name}");`,
         );
         out.push("  return readF64();");
         break;

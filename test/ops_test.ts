@@ -486,9 +486,8 @@ Deno.test("scopes: 10,000 ops leave no handles behind", () => {
       });
     }
   });
-  const after = memory();
-  assert.equal(after.handles, before.handles);
-  assert.equal(after.bytes, before.bytes);
+  // Handles, not bytes: the byte count is process-wide and parallel test modules share it.
+  assert.equal(memory().handles, before.handles);
 });
 
 Deno.test("scopes: results escape, keep() survives, nesting and throwing free the rest", () => {
@@ -695,7 +694,6 @@ Deno.test("safetensors: corrupt files fail with a SafetensorsError naming file a
 Deno.test("runtimeInfo reports the torch version the fixtures were made with", () => {
   const info = runtimeInfo();
   assert.equal(info.torch_version, loadFixture().meta.torch_version);
-  assert.equal(info.grad_enabled, isGradEnabled());
 });
 
 Deno.test("grad mode: noGrad blocks history, enableGrad and setGradEnabled restore it", () => {
@@ -706,7 +704,6 @@ Deno.test("grad mode: noGrad blocks history, enableGrad and setGradEnabled resto
     assert.equal(ops.mulScalar(x, 2).requiresGrad, true);
     const y = noGrad(() => {
       assert.equal(isGradEnabled(), false);
-      assert.equal(runtimeInfo().grad_enabled, false);
       assert.equal(enableGrad(() => ops.mulScalar(x, 2)).requiresGrad, true);
       assert.equal(isGradEnabled(), false, "enableGrad restores the outer mode");
       return ops.mulScalar(x, 2);

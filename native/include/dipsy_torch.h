@@ -7,7 +7,8 @@
 //   results) or -1 (integer results) and stores a message in *err that the caller releases with
 //   dt_free_string. No C++ exception crosses this boundary, and there is no thread-local
 //   "last error": Deno's nonblocking calls run on worker threads.
-// - Grad mode is process-wide here (dt_set_grad_enabled) and applied inside every call.
+// - Grad mode is an argument of every op wrapper (`grad`): libtorch keeps it thread-local, Deno's
+//   nonblocking calls run on other threads, and each isolate (test module, Worker) has its own.
 // - Integer lists (shapes, dims) are int32 arrays with an explicit length.
 // - Op wrappers (`dt_op_*`) are generated from native/ops_spec.ts into src/ops.gen.cpp.
 #pragma once
@@ -21,15 +22,13 @@ extern "C" {
 #define DT_API __attribute__((visibility("default")))
 
 // Bumped whenever a signature changes; the TypeScript loader refuses a mismatch.
-#define DT_ABI_VERSION 1
+#define DT_ABI_VERSION 2
 
 DT_API int32_t dt_abi_version(void);
 DT_API void dt_free_string(char* s);
 
 // Runtime information as a JSON object (caller frees with dt_free_string).
 DT_API char* dt_runtime_info(char** err);
-DT_API void dt_set_grad_enabled(bool on);
-DT_API bool dt_grad_enabled(void);
 DT_API int32_t dt_set_num_threads(int32_t n, char** err);
 DT_API int32_t dt_manual_seed(uint64_t seed, char** err);
 

@@ -31,14 +31,13 @@
     return fail;                                        \
   }
 
-// Grad mode is thread-local in libtorch, and nonblocking FFI calls run on other threads, so each
-// call applies the process-wide flag itself.
-#define DT_GRAD_MODE c10::AutoGradMode dt_grad_mode_guard(dt::grad_enabled())
+// Grad mode is thread-local in libtorch and nonblocking FFI calls run on other threads, so every
+// op wrapper receives the caller's mode as its `grad` argument and applies it for the call.
+#define DT_GRAD_MODE c10::AutoGradMode dt_grad_mode_guard(grad)
 
 namespace dt {
 
 void set_error(char** err, const char* msg);
-bool grad_enabled();
 
 // Handles are heap-allocated at::Tensor objects; each holds one reference.
 void* wrap(at::Tensor t);

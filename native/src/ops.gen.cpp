@@ -6,7 +6,7 @@ using dt::opts;
 
 extern "C" {
 
-DT_API void* dt_op_zeros(const int32_t* shape_p, int32_t shape_n, int32_t dtype, int32_t device, char** err) {
+DT_API void* dt_op_zeros(const int32_t* shape_p, int32_t shape_n, int32_t dtype, int32_t device, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const std::vector<int64_t> shape(shape_p, shape_p + shape_n);
@@ -14,7 +14,7 @@ DT_API void* dt_op_zeros(const int32_t* shape_p, int32_t shape_n, int32_t dtype,
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_ones(const int32_t* shape_p, int32_t shape_n, int32_t dtype, int32_t device, char** err) {
+DT_API void* dt_op_ones(const int32_t* shape_p, int32_t shape_n, int32_t dtype, int32_t device, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const std::vector<int64_t> shape(shape_p, shape_p + shape_n);
@@ -22,7 +22,7 @@ DT_API void* dt_op_ones(const int32_t* shape_p, int32_t shape_n, int32_t dtype, 
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_full(const int32_t* shape_p, int32_t shape_n, double value, int32_t dtype, int32_t device, char** err) {
+DT_API void* dt_op_full(const int32_t* shape_p, int32_t shape_n, double value, int32_t dtype, int32_t device, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const std::vector<int64_t> shape(shape_p, shape_p + shape_n);
@@ -30,21 +30,21 @@ DT_API void* dt_op_full(const int32_t* shape_p, int32_t shape_n, double value, i
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_arange(double start, double end, double step, int32_t dtype, int32_t device, char** err) {
+DT_API void* dt_op_arange(double start, double end, double step, int32_t dtype, int32_t device, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     return dt::wrap(at::arange(start, end, step, opts(dtype, device)));
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_linspace(double start, double end, int32_t steps, int32_t dtype, int32_t device, char** err) {
+DT_API void* dt_op_linspace(double start, double end, int32_t steps, int32_t dtype, int32_t device, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     return dt::wrap(at::linspace(start, end, steps, opts(dtype, device)));
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_randn(const int32_t* shape_p, int32_t shape_n, int32_t dtype, int32_t device, void* gen_h, char** err) {
+DT_API void* dt_op_randn(const int32_t* shape_p, int32_t shape_n, int32_t dtype, int32_t device, void* gen_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const std::vector<int64_t> shape(shape_p, shape_p + shape_n);
@@ -53,7 +53,7 @@ DT_API void* dt_op_randn(const int32_t* shape_p, int32_t shape_n, int32_t dtype,
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_rand(const int32_t* shape_p, int32_t shape_n, int32_t dtype, int32_t device, void* gen_h, char** err) {
+DT_API void* dt_op_rand(const int32_t* shape_p, int32_t shape_n, int32_t dtype, int32_t device, void* gen_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const std::vector<int64_t> shape(shape_p, shape_p + shape_n);
@@ -62,7 +62,7 @@ DT_API void* dt_op_rand(const int32_t* shape_p, int32_t shape_n, int32_t dtype, 
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_randint(int32_t low, int32_t high, const int32_t* shape_p, int32_t shape_n, int32_t dtype, int32_t device, void* gen_h, char** err) {
+DT_API void* dt_op_randint(int32_t low, int32_t high, const int32_t* shape_p, int32_t shape_n, int32_t dtype, int32_t device, void* gen_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const std::vector<int64_t> shape(shape_p, shape_p + shape_n);
@@ -71,7 +71,7 @@ DT_API void* dt_op_randint(int32_t low, int32_t high, const int32_t* shape_p, in
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_zeros_like(void* x_h, char** err) {
+DT_API void* dt_op_zeros_like(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -79,7 +79,7 @@ DT_API void* dt_op_zeros_like(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_ones_like(void* x_h, char** err) {
+DT_API void* dt_op_ones_like(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -87,7 +87,7 @@ DT_API void* dt_op_ones_like(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_full_like(void* x_h, double value, char** err) {
+DT_API void* dt_op_full_like(void* x_h, double value, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -95,7 +95,7 @@ DT_API void* dt_op_full_like(void* x_h, double value, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_neg(void* x_h, char** err) {
+DT_API void* dt_op_neg(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -103,7 +103,7 @@ DT_API void* dt_op_neg(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_exp(void* x_h, char** err) {
+DT_API void* dt_op_exp(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -111,7 +111,7 @@ DT_API void* dt_op_exp(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_log(void* x_h, char** err) {
+DT_API void* dt_op_log(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -119,7 +119,7 @@ DT_API void* dt_op_log(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_sqrt(void* x_h, char** err) {
+DT_API void* dt_op_sqrt(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -127,7 +127,7 @@ DT_API void* dt_op_sqrt(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_rsqrt(void* x_h, char** err) {
+DT_API void* dt_op_rsqrt(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -135,7 +135,7 @@ DT_API void* dt_op_rsqrt(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_abs(void* x_h, char** err) {
+DT_API void* dt_op_abs(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -143,7 +143,7 @@ DT_API void* dt_op_abs(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_sin(void* x_h, char** err) {
+DT_API void* dt_op_sin(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -151,7 +151,7 @@ DT_API void* dt_op_sin(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_cos(void* x_h, char** err) {
+DT_API void* dt_op_cos(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -159,7 +159,7 @@ DT_API void* dt_op_cos(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_tanh(void* x_h, char** err) {
+DT_API void* dt_op_tanh(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -167,7 +167,7 @@ DT_API void* dt_op_tanh(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_sigmoid(void* x_h, char** err) {
+DT_API void* dt_op_sigmoid(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -175,7 +175,7 @@ DT_API void* dt_op_sigmoid(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_silu(void* x_h, char** err) {
+DT_API void* dt_op_silu(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -183,7 +183,7 @@ DT_API void* dt_op_silu(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_relu(void* x_h, char** err) {
+DT_API void* dt_op_relu(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -191,7 +191,7 @@ DT_API void* dt_op_relu(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_erf(void* x_h, char** err) {
+DT_API void* dt_op_erf(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -199,7 +199,7 @@ DT_API void* dt_op_erf(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_square(void* x_h, char** err) {
+DT_API void* dt_op_square(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -207,7 +207,7 @@ DT_API void* dt_op_square(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_reciprocal(void* x_h, char** err) {
+DT_API void* dt_op_reciprocal(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -215,7 +215,7 @@ DT_API void* dt_op_reciprocal(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_floor(void* x_h, char** err) {
+DT_API void* dt_op_floor(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -223,7 +223,7 @@ DT_API void* dt_op_floor(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_round(void* x_h, char** err) {
+DT_API void* dt_op_round(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -231,7 +231,7 @@ DT_API void* dt_op_round(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_sign(void* x_h, char** err) {
+DT_API void* dt_op_sign(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -239,7 +239,7 @@ DT_API void* dt_op_sign(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_isfinite(void* x_h, char** err) {
+DT_API void* dt_op_isfinite(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -247,7 +247,7 @@ DT_API void* dt_op_isfinite(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_logical_not(void* x_h, char** err) {
+DT_API void* dt_op_logical_not(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -255,7 +255,7 @@ DT_API void* dt_op_logical_not(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_gelu(void* x_h, bool tanh, char** err) {
+DT_API void* dt_op_gelu(void* x_h, bool tanh, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -263,7 +263,7 @@ DT_API void* dt_op_gelu(void* x_h, bool tanh, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_quick_gelu(void* x_h, char** err) {
+DT_API void* dt_op_quick_gelu(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -271,7 +271,7 @@ DT_API void* dt_op_quick_gelu(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_clamp(void* x_h, double min_d, double max_d, char** err) {
+DT_API void* dt_op_clamp(void* x_h, double min_d, double max_d, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -281,7 +281,7 @@ DT_API void* dt_op_clamp(void* x_h, double min_d, double max_d, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_pow_scalar(void* x_h, double exponent, char** err) {
+DT_API void* dt_op_pow_scalar(void* x_h, double exponent, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -289,7 +289,7 @@ DT_API void* dt_op_pow_scalar(void* x_h, double exponent, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_add(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_add(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -298,7 +298,7 @@ DT_API void* dt_op_add(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_sub(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_sub(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -307,7 +307,7 @@ DT_API void* dt_op_sub(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_mul(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_mul(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -316,7 +316,7 @@ DT_API void* dt_op_mul(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_div(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_div(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -325,7 +325,7 @@ DT_API void* dt_op_div(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_pow(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_pow(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -334,7 +334,7 @@ DT_API void* dt_op_pow(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_maximum(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_maximum(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -343,7 +343,7 @@ DT_API void* dt_op_maximum(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_minimum(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_minimum(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -352,7 +352,7 @@ DT_API void* dt_op_minimum(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_add_scaled(void* a_h, void* b_h, double alpha, char** err) {
+DT_API void* dt_op_add_scaled(void* a_h, void* b_h, double alpha, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -361,7 +361,7 @@ DT_API void* dt_op_add_scaled(void* a_h, void* b_h, double alpha, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_add_scalar(void* x_h, double s, char** err) {
+DT_API void* dt_op_add_scalar(void* x_h, double s, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -369,7 +369,7 @@ DT_API void* dt_op_add_scalar(void* x_h, double s, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_sub_scalar(void* x_h, double s, char** err) {
+DT_API void* dt_op_sub_scalar(void* x_h, double s, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -377,7 +377,7 @@ DT_API void* dt_op_sub_scalar(void* x_h, double s, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_mul_scalar(void* x_h, double s, char** err) {
+DT_API void* dt_op_mul_scalar(void* x_h, double s, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -385,7 +385,7 @@ DT_API void* dt_op_mul_scalar(void* x_h, double s, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_div_scalar(void* x_h, double s, char** err) {
+DT_API void* dt_op_div_scalar(void* x_h, double s, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -393,7 +393,7 @@ DT_API void* dt_op_div_scalar(void* x_h, double s, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_rsub_scalar(void* x_h, double s, char** err) {
+DT_API void* dt_op_rsub_scalar(void* x_h, double s, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -401,7 +401,7 @@ DT_API void* dt_op_rsub_scalar(void* x_h, double s, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_eq(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_eq(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -410,7 +410,7 @@ DT_API void* dt_op_eq(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_ne(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_ne(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -419,7 +419,7 @@ DT_API void* dt_op_ne(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_lt(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_lt(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -428,7 +428,7 @@ DT_API void* dt_op_lt(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_le(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_le(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -437,7 +437,7 @@ DT_API void* dt_op_le(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_gt(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_gt(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -446,7 +446,7 @@ DT_API void* dt_op_gt(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_ge(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_ge(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -455,7 +455,7 @@ DT_API void* dt_op_ge(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_eq_scalar(void* x_h, double s, char** err) {
+DT_API void* dt_op_eq_scalar(void* x_h, double s, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -463,7 +463,7 @@ DT_API void* dt_op_eq_scalar(void* x_h, double s, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_lt_scalar(void* x_h, double s, char** err) {
+DT_API void* dt_op_lt_scalar(void* x_h, double s, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -471,7 +471,7 @@ DT_API void* dt_op_lt_scalar(void* x_h, double s, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_le_scalar(void* x_h, double s, char** err) {
+DT_API void* dt_op_le_scalar(void* x_h, double s, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -479,7 +479,7 @@ DT_API void* dt_op_le_scalar(void* x_h, double s, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_gt_scalar(void* x_h, double s, char** err) {
+DT_API void* dt_op_gt_scalar(void* x_h, double s, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -487,7 +487,7 @@ DT_API void* dt_op_gt_scalar(void* x_h, double s, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_ge_scalar(void* x_h, double s, char** err) {
+DT_API void* dt_op_ge_scalar(void* x_h, double s, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -495,7 +495,7 @@ DT_API void* dt_op_ge_scalar(void* x_h, double s, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_logical_and(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_logical_and(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -504,7 +504,7 @@ DT_API void* dt_op_logical_and(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_logical_or(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_logical_or(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -513,7 +513,7 @@ DT_API void* dt_op_logical_or(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_where(void* cond_h, void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_where(void* cond_h, void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& cond = dt::tensor(cond_h, "cond");
@@ -523,7 +523,7 @@ DT_API void* dt_op_where(void* cond_h, void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_masked_fill(void* x_h, void* mask_h, double value, char** err) {
+DT_API void* dt_op_masked_fill(void* x_h, void* mask_h, double value, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -532,7 +532,7 @@ DT_API void* dt_op_masked_fill(void* x_h, void* mask_h, double value, char** err
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_lerp(void* a_h, void* b_h, double weight, char** err) {
+DT_API void* dt_op_lerp(void* a_h, void* b_h, double weight, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -541,7 +541,7 @@ DT_API void* dt_op_lerp(void* a_h, void* b_h, double weight, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_matmul(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_matmul(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -550,7 +550,7 @@ DT_API void* dt_op_matmul(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_mm(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_mm(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -559,7 +559,7 @@ DT_API void* dt_op_mm(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_bmm(void* a_h, void* b_h, char** err) {
+DT_API void* dt_op_bmm(void* a_h, void* b_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -568,7 +568,7 @@ DT_API void* dt_op_bmm(void* a_h, void* b_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_baddbmm(void* input_h, void* b1_h, void* b2_h, double beta, double alpha, char** err) {
+DT_API void* dt_op_baddbmm(void* input_h, void* b1_h, void* b2_h, double beta, double alpha, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& input = dt::tensor(input_h, "input");
@@ -578,7 +578,7 @@ DT_API void* dt_op_baddbmm(void* input_h, void* b1_h, void* b2_h, double beta, d
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_addmm(void* input_h, void* m1_h, void* m2_h, double beta, double alpha, char** err) {
+DT_API void* dt_op_addmm(void* input_h, void* m1_h, void* m2_h, double beta, double alpha, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& input = dt::tensor(input_h, "input");
@@ -588,7 +588,7 @@ DT_API void* dt_op_addmm(void* input_h, void* m1_h, void* m2_h, double beta, dou
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_linear(void* x_h, void* weight_h, void* bias_h, char** err) {
+DT_API void* dt_op_linear(void* x_h, void* weight_h, void* bias_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -598,7 +598,7 @@ DT_API void* dt_op_linear(void* x_h, void* weight_h, void* bias_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_conv2d(void* x_h, void* weight_h, void* bias_h, const int32_t* stride_p, int32_t stride_n, const int32_t* padding_p, int32_t padding_n, const int32_t* dilation_p, int32_t dilation_n, int32_t groups, char** err) {
+DT_API void* dt_op_conv2d(void* x_h, void* weight_h, void* bias_h, const int32_t* stride_p, int32_t stride_n, const int32_t* padding_p, int32_t padding_n, const int32_t* dilation_p, int32_t dilation_n, int32_t groups, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -611,7 +611,7 @@ DT_API void* dt_op_conv2d(void* x_h, void* weight_h, void* bias_h, const int32_t
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_sdpa(void* q_h, void* k_h, void* v_h, void* mask_h, double dropout, bool causal, double scale_d, char** err) {
+DT_API void* dt_op_sdpa(void* q_h, void* k_h, void* v_h, void* mask_h, double dropout, bool causal, double scale_d, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& q = dt::tensor(q_h, "q");
@@ -623,7 +623,7 @@ DT_API void* dt_op_sdpa(void* q_h, void* k_h, void* v_h, void* mask_h, double dr
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_softmax(void* x_h, int32_t dim, char** err) {
+DT_API void* dt_op_softmax(void* x_h, int32_t dim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -631,7 +631,7 @@ DT_API void* dt_op_softmax(void* x_h, int32_t dim, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_log_softmax(void* x_h, int32_t dim, char** err) {
+DT_API void* dt_op_log_softmax(void* x_h, int32_t dim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -639,7 +639,7 @@ DT_API void* dt_op_log_softmax(void* x_h, int32_t dim, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_group_norm(void* x_h, int32_t groups, void* weight_h, void* bias_h, double eps, char** err) {
+DT_API void* dt_op_group_norm(void* x_h, int32_t groups, void* weight_h, void* bias_h, double eps, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -649,7 +649,7 @@ DT_API void* dt_op_group_norm(void* x_h, int32_t groups, void* weight_h, void* b
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_layer_norm(void* x_h, const int32_t* shape_p, int32_t shape_n, void* weight_h, void* bias_h, double eps, char** err) {
+DT_API void* dt_op_layer_norm(void* x_h, const int32_t* shape_p, int32_t shape_n, void* weight_h, void* bias_h, double eps, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -660,7 +660,7 @@ DT_API void* dt_op_layer_norm(void* x_h, const int32_t* shape_p, int32_t shape_n
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_dropout(void* x_h, double p, bool train, char** err) {
+DT_API void* dt_op_dropout(void* x_h, double p, bool train, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -668,7 +668,7 @@ DT_API void* dt_op_dropout(void* x_h, double p, bool train, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_embedding(void* weight_h, void* ids_h, char** err) {
+DT_API void* dt_op_embedding(void* weight_h, void* ids_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& weight = dt::tensor(weight_h, "weight");
@@ -677,7 +677,7 @@ DT_API void* dt_op_embedding(void* weight_h, void* ids_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_cross_entropy(void* logits_h, void* target_h, int32_t reduction, double label_smoothing, char** err) {
+DT_API void* dt_op_cross_entropy(void* logits_h, void* target_h, int32_t reduction, double label_smoothing, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& logits = dt::tensor(logits_h, "logits");
@@ -686,7 +686,7 @@ DT_API void* dt_op_cross_entropy(void* logits_h, void* target_h, int32_t reducti
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_mse_loss(void* a_h, void* b_h, int32_t reduction, char** err) {
+DT_API void* dt_op_mse_loss(void* a_h, void* b_h, int32_t reduction, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& a = dt::tensor(a_h, "a");
@@ -695,7 +695,7 @@ DT_API void* dt_op_mse_loss(void* a_h, void* b_h, int32_t reduction, char** err)
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_reshape(void* x_h, const int32_t* shape_p, int32_t shape_n, char** err) {
+DT_API void* dt_op_reshape(void* x_h, const int32_t* shape_p, int32_t shape_n, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -704,7 +704,7 @@ DT_API void* dt_op_reshape(void* x_h, const int32_t* shape_p, int32_t shape_n, c
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_permute(void* x_h, const int32_t* dims_p, int32_t dims_n, char** err) {
+DT_API void* dt_op_permute(void* x_h, const int32_t* dims_p, int32_t dims_n, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -713,7 +713,7 @@ DT_API void* dt_op_permute(void* x_h, const int32_t* dims_p, int32_t dims_n, cha
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_transpose(void* x_h, int32_t d0, int32_t d1, char** err) {
+DT_API void* dt_op_transpose(void* x_h, int32_t d0, int32_t d1, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -721,7 +721,7 @@ DT_API void* dt_op_transpose(void* x_h, int32_t d0, int32_t d1, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_contiguous(void* x_h, char** err) {
+DT_API void* dt_op_contiguous(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -729,7 +729,7 @@ DT_API void* dt_op_contiguous(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_unsqueeze(void* x_h, int32_t dim, char** err) {
+DT_API void* dt_op_unsqueeze(void* x_h, int32_t dim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -737,7 +737,7 @@ DT_API void* dt_op_unsqueeze(void* x_h, int32_t dim, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_squeeze(void* x_h, int32_t dim, char** err) {
+DT_API void* dt_op_squeeze(void* x_h, int32_t dim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -745,7 +745,7 @@ DT_API void* dt_op_squeeze(void* x_h, int32_t dim, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_flatten(void* x_h, int32_t start, int32_t end, char** err) {
+DT_API void* dt_op_flatten(void* x_h, int32_t start, int32_t end, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -753,7 +753,7 @@ DT_API void* dt_op_flatten(void* x_h, int32_t start, int32_t end, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_expand(void* x_h, const int32_t* shape_p, int32_t shape_n, char** err) {
+DT_API void* dt_op_expand(void* x_h, const int32_t* shape_p, int32_t shape_n, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -762,7 +762,7 @@ DT_API void* dt_op_expand(void* x_h, const int32_t* shape_p, int32_t shape_n, ch
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_repeat(void* x_h, const int32_t* reps_p, int32_t reps_n, char** err) {
+DT_API void* dt_op_repeat(void* x_h, const int32_t* reps_p, int32_t reps_n, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -771,7 +771,7 @@ DT_API void* dt_op_repeat(void* x_h, const int32_t* reps_p, int32_t reps_n, char
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_slice(void* x_h, int32_t dim, int32_t start, int32_t end, int32_t step, char** err) {
+DT_API void* dt_op_slice(void* x_h, int32_t dim, int32_t start, int32_t end, int32_t step, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -779,7 +779,7 @@ DT_API void* dt_op_slice(void* x_h, int32_t dim, int32_t start, int32_t end, int
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_narrow(void* x_h, int32_t dim, int32_t start, int32_t length, char** err) {
+DT_API void* dt_op_narrow(void* x_h, int32_t dim, int32_t start, int32_t length, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -787,7 +787,7 @@ DT_API void* dt_op_narrow(void* x_h, int32_t dim, int32_t start, int32_t length,
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_select(void* x_h, int32_t dim, int32_t index, char** err) {
+DT_API void* dt_op_select(void* x_h, int32_t dim, int32_t index, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -795,7 +795,7 @@ DT_API void* dt_op_select(void* x_h, int32_t dim, int32_t index, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_index_select(void* x_h, int32_t dim, void* index_h, char** err) {
+DT_API void* dt_op_index_select(void* x_h, int32_t dim, void* index_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -804,7 +804,7 @@ DT_API void* dt_op_index_select(void* x_h, int32_t dim, void* index_h, char** er
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_gather(void* x_h, int32_t dim, void* index_h, char** err) {
+DT_API void* dt_op_gather(void* x_h, int32_t dim, void* index_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -813,7 +813,7 @@ DT_API void* dt_op_gather(void* x_h, int32_t dim, void* index_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_cat(void* const* xs_p, int32_t xs_n, int32_t dim, char** err) {
+DT_API void* dt_op_cat(void* const* xs_p, int32_t xs_n, int32_t dim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const std::vector<at::Tensor> xs = dt::tensor_list(xs_p, xs_n);
@@ -821,7 +821,7 @@ DT_API void* dt_op_cat(void* const* xs_p, int32_t xs_n, int32_t dim, char** err)
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_stack(void* const* xs_p, int32_t xs_n, int32_t dim, char** err) {
+DT_API void* dt_op_stack(void* const* xs_p, int32_t xs_n, int32_t dim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const std::vector<at::Tensor> xs = dt::tensor_list(xs_p, xs_n);
@@ -829,7 +829,7 @@ DT_API void* dt_op_stack(void* const* xs_p, int32_t xs_n, int32_t dim, char** er
   DT_CATCH(nullptr)
 }
 
-DT_API int32_t dt_op_chunk(void* x_h, int32_t chunks, int32_t dim, void** out, int32_t cap, char** err) {
+DT_API int32_t dt_op_chunk(void* x_h, int32_t chunks, int32_t dim, void** out, int32_t cap, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -837,7 +837,7 @@ DT_API int32_t dt_op_chunk(void* x_h, int32_t chunks, int32_t dim, void** out, i
   DT_CATCH(-1)
 }
 
-DT_API int32_t dt_op_split(void* x_h, const int32_t* sizes_p, int32_t sizes_n, int32_t dim, void** out, int32_t cap, char** err) {
+DT_API int32_t dt_op_split(void* x_h, const int32_t* sizes_p, int32_t sizes_n, int32_t dim, void** out, int32_t cap, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -846,7 +846,7 @@ DT_API int32_t dt_op_split(void* x_h, const int32_t* sizes_p, int32_t sizes_n, i
   DT_CATCH(-1)
 }
 
-DT_API void* dt_op_flip(void* x_h, const int32_t* dims_p, int32_t dims_n, char** err) {
+DT_API void* dt_op_flip(void* x_h, const int32_t* dims_p, int32_t dims_n, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -855,7 +855,7 @@ DT_API void* dt_op_flip(void* x_h, const int32_t* dims_p, int32_t dims_n, char**
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_tril(void* x_h, int32_t diagonal, char** err) {
+DT_API void* dt_op_tril(void* x_h, int32_t diagonal, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -863,7 +863,7 @@ DT_API void* dt_op_tril(void* x_h, int32_t diagonal, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_triu(void* x_h, int32_t diagonal, char** err) {
+DT_API void* dt_op_triu(void* x_h, int32_t diagonal, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -871,7 +871,7 @@ DT_API void* dt_op_triu(void* x_h, int32_t diagonal, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_pad(void* x_h, const int32_t* pads_p, int32_t pads_n, int32_t mode, double value, char** err) {
+DT_API void* dt_op_pad(void* x_h, const int32_t* pads_p, int32_t pads_n, int32_t mode, double value, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -884,7 +884,7 @@ DT_API void* dt_op_pad(void* x_h, const int32_t* pads_p, int32_t pads_n, int32_t
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_upsample_nearest2d(void* x_h, int32_t height, int32_t width, char** err) {
+DT_API void* dt_op_upsample_nearest2d(void* x_h, int32_t height, int32_t width, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -892,7 +892,7 @@ DT_API void* dt_op_upsample_nearest2d(void* x_h, int32_t height, int32_t width, 
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_interpolate(void* x_h, int32_t height, int32_t width, int32_t mode, bool align_corners, bool antialias, char** err) {
+DT_API void* dt_op_interpolate(void* x_h, int32_t height, int32_t width, int32_t mode, bool align_corners, bool antialias, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -912,7 +912,7 @@ DT_API void* dt_op_interpolate(void* x_h, int32_t height, int32_t width, int32_t
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_sum(void* x_h, const int32_t* dims_p, int32_t dims_n, bool keepdim, char** err) {
+DT_API void* dt_op_sum(void* x_h, const int32_t* dims_p, int32_t dims_n, bool keepdim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -921,7 +921,7 @@ DT_API void* dt_op_sum(void* x_h, const int32_t* dims_p, int32_t dims_n, bool ke
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_mean(void* x_h, const int32_t* dims_p, int32_t dims_n, bool keepdim, char** err) {
+DT_API void* dt_op_mean(void* x_h, const int32_t* dims_p, int32_t dims_n, bool keepdim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -930,7 +930,7 @@ DT_API void* dt_op_mean(void* x_h, const int32_t* dims_p, int32_t dims_n, bool k
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_amax(void* x_h, const int32_t* dims_p, int32_t dims_n, bool keepdim, char** err) {
+DT_API void* dt_op_amax(void* x_h, const int32_t* dims_p, int32_t dims_n, bool keepdim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -939,7 +939,7 @@ DT_API void* dt_op_amax(void* x_h, const int32_t* dims_p, int32_t dims_n, bool k
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_amin(void* x_h, const int32_t* dims_p, int32_t dims_n, bool keepdim, char** err) {
+DT_API void* dt_op_amin(void* x_h, const int32_t* dims_p, int32_t dims_n, bool keepdim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -948,7 +948,7 @@ DT_API void* dt_op_amin(void* x_h, const int32_t* dims_p, int32_t dims_n, bool k
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_logsumexp(void* x_h, const int32_t* dims_p, int32_t dims_n, bool keepdim, char** err) {
+DT_API void* dt_op_logsumexp(void* x_h, const int32_t* dims_p, int32_t dims_n, bool keepdim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -957,7 +957,7 @@ DT_API void* dt_op_logsumexp(void* x_h, const int32_t* dims_p, int32_t dims_n, b
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_sum_all(void* x_h, char** err) {
+DT_API void* dt_op_sum_all(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -965,7 +965,7 @@ DT_API void* dt_op_sum_all(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_mean_all(void* x_h, char** err) {
+DT_API void* dt_op_mean_all(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -973,7 +973,7 @@ DT_API void* dt_op_mean_all(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_max_all(void* x_h, char** err) {
+DT_API void* dt_op_max_all(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -981,7 +981,7 @@ DT_API void* dt_op_max_all(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_min_all(void* x_h, char** err) {
+DT_API void* dt_op_min_all(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -989,7 +989,7 @@ DT_API void* dt_op_min_all(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_all(void* x_h, char** err) {
+DT_API void* dt_op_all(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -997,7 +997,7 @@ DT_API void* dt_op_all(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_any(void* x_h, char** err) {
+DT_API void* dt_op_any(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1005,7 +1005,7 @@ DT_API void* dt_op_any(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_argmax(void* x_h, int32_t dim, bool keepdim, char** err) {
+DT_API void* dt_op_argmax(void* x_h, int32_t dim, bool keepdim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1013,7 +1013,7 @@ DT_API void* dt_op_argmax(void* x_h, int32_t dim, bool keepdim, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_variance(void* x_h, const int32_t* dims_p, int32_t dims_n, double correction, bool keepdim, char** err) {
+DT_API void* dt_op_variance(void* x_h, const int32_t* dims_p, int32_t dims_n, double correction, bool keepdim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1022,7 +1022,7 @@ DT_API void* dt_op_variance(void* x_h, const int32_t* dims_p, int32_t dims_n, do
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_norm(void* x_h, double p, const int32_t* dims_p, int32_t dims_n, bool keepdim, char** err) {
+DT_API void* dt_op_norm(void* x_h, double p, const int32_t* dims_p, int32_t dims_n, bool keepdim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1031,7 +1031,7 @@ DT_API void* dt_op_norm(void* x_h, double p, const int32_t* dims_p, int32_t dims
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_cumsum(void* x_h, int32_t dim, char** err) {
+DT_API void* dt_op_cumsum(void* x_h, int32_t dim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1039,7 +1039,7 @@ DT_API void* dt_op_cumsum(void* x_h, int32_t dim, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_cumprod(void* x_h, int32_t dim, char** err) {
+DT_API void* dt_op_cumprod(void* x_h, int32_t dim, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1047,7 +1047,7 @@ DT_API void* dt_op_cumprod(void* x_h, int32_t dim, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_to(void* x_h, int32_t dtype, int32_t device, char** err) {
+DT_API void* dt_op_to(void* x_h, int32_t dtype, int32_t device, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1055,7 +1055,7 @@ DT_API void* dt_op_to(void* x_h, int32_t dtype, int32_t device, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_clone(void* x_h, char** err) {
+DT_API void* dt_op_clone(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1063,7 +1063,7 @@ DT_API void* dt_op_clone(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API void* dt_op_detach(void* x_h, char** err) {
+DT_API void* dt_op_detach(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1071,7 +1071,7 @@ DT_API void* dt_op_detach(void* x_h, char** err) {
   DT_CATCH(nullptr)
 }
 
-DT_API int32_t dt_op_item(void* x_h, double* out, char** err) {
+DT_API int32_t dt_op_item(void* x_h, double* out, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1080,7 +1080,7 @@ DT_API int32_t dt_op_item(void* x_h, double* out, char** err) {
   DT_CATCH(-1)
 }
 
-DT_API int32_t dt_op_copy_(void* dst_h, void* src_h, char** err) {
+DT_API int32_t dt_op_copy_(void* dst_h, void* src_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& dst = dt::tensor(dst_h, "dst");
@@ -1090,7 +1090,7 @@ DT_API int32_t dt_op_copy_(void* dst_h, void* src_h, char** err) {
   DT_CATCH(-1)
 }
 
-DT_API int32_t dt_op_fill_(void* x_h, double value, char** err) {
+DT_API int32_t dt_op_fill_(void* x_h, double value, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1099,7 +1099,7 @@ DT_API int32_t dt_op_fill_(void* x_h, double value, char** err) {
   DT_CATCH(-1)
 }
 
-DT_API int32_t dt_op_add_(void* x_h, void* y_h, double alpha, char** err) {
+DT_API int32_t dt_op_add_(void* x_h, void* y_h, double alpha, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1109,7 +1109,7 @@ DT_API int32_t dt_op_add_(void* x_h, void* y_h, double alpha, char** err) {
   DT_CATCH(-1)
 }
 
-DT_API int32_t dt_op_mul_scalar_(void* x_h, double s, char** err) {
+DT_API int32_t dt_op_mul_scalar_(void* x_h, double s, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1118,7 +1118,7 @@ DT_API int32_t dt_op_mul_scalar_(void* x_h, double s, char** err) {
   DT_CATCH(-1)
 }
 
-DT_API int32_t dt_op_requires_grad_(void* x_h, bool on, char** err) {
+DT_API int32_t dt_op_requires_grad_(void* x_h, bool on, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1127,7 +1127,7 @@ DT_API int32_t dt_op_requires_grad_(void* x_h, bool on, char** err) {
   DT_CATCH(-1)
 }
 
-DT_API int32_t dt_op_backward(void* x_h, void* grad_h, char** err) {
+DT_API int32_t dt_op_backward(void* x_h, void* grad_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1138,7 +1138,7 @@ DT_API int32_t dt_op_backward(void* x_h, void* grad_h, char** err) {
   DT_CATCH(-1)
 }
 
-DT_API int32_t dt_op_grad(void* x_h, void** out, char** err) {
+DT_API int32_t dt_op_grad(void* x_h, void** out, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1148,7 +1148,7 @@ DT_API int32_t dt_op_grad(void* x_h, void** out, char** err) {
   DT_CATCH(-1)
 }
 
-DT_API int32_t dt_op_zero_grad(void* x_h, char** err) {
+DT_API int32_t dt_op_zero_grad(void* x_h, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& x = dt::tensor(x_h, "x");
@@ -1157,7 +1157,7 @@ DT_API int32_t dt_op_zero_grad(void* x_h, char** err) {
   DT_CATCH(-1)
 }
 
-DT_API int32_t dt_op_adamw_step(void* param_h, void* grad_h, void* exp_avg_h, void* exp_avg_sq_h, int32_t step, double lr, double beta1, double beta2, double eps, double weight_decay, char** err) {
+DT_API int32_t dt_op_adamw_step(void* param_h, void* grad_h, void* exp_avg_h, void* exp_avg_sq_h, int32_t step, double lr, double beta1, double beta2, double eps, double weight_decay, bool grad, char** err) {
   DT_TRY
     DT_GRAD_MODE;
     const at::Tensor& param = dt::tensor(param_h, "param");

@@ -16,7 +16,6 @@
 
 namespace {
 
-std::atomic<bool> g_grad_enabled{true};
 std::atomic<int64_t> g_live_handles{0};
 std::atomic<int64_t> g_live_bytes{0};
 
@@ -62,8 +61,6 @@ void set_error(char** err, const char* msg) {
   if (err != nullptr) *err = dup_string(msg != nullptr ? msg : "unknown error");
 }
 
-bool grad_enabled() { return g_grad_enabled.load(std::memory_order_relaxed); }
-
 void* wrap(at::Tensor t) {
   g_live_handles.fetch_add(1, std::memory_order_relaxed);
   g_live_bytes.fetch_add(logical_bytes(t), std::memory_order_relaxed);
@@ -108,15 +105,10 @@ DT_API char* dt_runtime_info(char** err) {
        << ",\"cuda_available\":" << (cuda ? "true" : "false")
        << ",\"cuda_device_count\":" << devices
        << ",\"num_threads\":" << at::get_num_threads()
-       << ",\"cxx11_abi\":" << (_GLIBCXX_USE_CXX11_ABI ? "true" : "false")
-       << ",\"grad_enabled\":" << (dt::grad_enabled() ? "true" : "false") << "}";
+       << ",\"cxx11_abi\":" << (_GLIBCXX_USE_CXX11_ABI ? "true" : "false") << "}";
     return dup_string(js.str());
   DT_CATCH(nullptr)
 }
-
-DT_API void dt_set_grad_enabled(bool on) { g_grad_enabled.store(on, std::memory_order_relaxed); }
-
-DT_API bool dt_grad_enabled(void) { return dt::grad_enabled(); }
 
 DT_API int32_t dt_set_num_threads(int32_t n, char** err) {
   DT_TRY
