@@ -2,8 +2,17 @@
  * dipsy: synthetic few-shot training data with dual IP-Adapter guidance (DIPSY) on Stable
  * Diffusion 1.5, and a CLIP ViT-B/16 LoRA classifier, on libtorch through Deno FFI.
  *
- * This module re-exports the public API.
+ * This module re-exports the public API; importing it registers the default plugins.
  */
 export * from "./ffi/mod.ts";
 export * from "./core/weights.ts";
 export * from "./core/nn.ts";
+export * from "./core/plugins.ts";
+export * from "./core/backbone.ts";
+export * from "./core/sampling.ts";
+export * from "./core/image.ts";
+export * from "./core/hub.ts";
+export * from "./core/dataset.ts";
+export * from "./core/rng.ts";
+export { Sd15Backbone } from "./plugins/sd15/backbone.ts";
+import "./plugins/mod.ts";

@@ -1,0 +1,243 @@
+/**
+ * Pair samplers: for image `index` of target class `classIndex`, the positive reference (a shot
+ * of the target class), the negative reference (a shot of another class, or none) and their
+ * augmentation parameters (DIPSY section 3.3; spec section 6).
+ *
+ * - `class-similarity` (default): negative class ~ P(.|target) from CLIP class similarity.
+ * - `uniform`: negative class uniform over the other classes (ablation).
+ * - `none`: no negative (single IP-Adapter ablation).
+ *
+ * Each decision draws from its own stream, derived from the run seed and (decision, class, index):
+ * choices do not depend on the order images are made in, and the positive reference and its
+ * augmentation are the same under every plugin, so ablations differ only where they should.
+ */
+import {
+  type AugmentParams,
+  type PairChoice,
+  type PairContext,
+  registry,
+  type SamplerPair,
+  type ShotRef,
+} from "../../core/plugins.ts";
+import { derive } from "../../core/rng.ts";
+import { augmentParams } from "./augment.ts";
+import { DEFAULT_TAU, negativeProbabilities } from "./similarity.ts";
+
+export { augmentParams, MAX_ROTATION } from "./augment.ts";
+export {
+  classSimilarity,
+  DEFAULT_TAU,
+  loadSimilarity,
+  negativeProbabilities,
+  saveSimilarity,
+  type SimilarityMatrix,
+} from "./similarity.ts";
+
+export interface PairsOptions {
+  /** Augment both reference images (default true). */
+  augment?: boolean;
+  /** Softmax temperature of `class-similarity` (default 0.4). */
+  tau?: number;
+}
+
+/** Stream labels; part of the reproducibility contract, so never rename them. */
+const STREAMS = {
+  positive: "pairs/positive",
+  negativeClass: "pairs/negative-class",
+  negativeShot: "pairs/negative-shot",
+  positiveAugment: "augment/positive",
+  negativeAugment: "augment/negative",
+} as const;
+
+type NegativeClass = (context: PairContext, classIndex: number, index: number) => number;
+
+function checkContext(context: PairContext, classIndex: number, index: number): void {
+  const k = context.classNames.length;
+  if (context.shotCounts.length !== k || context.shotSizes.length !== k) {
+    throw new RangeError(
+      `pair context: ${k} class names, ${context.shotCounts.length} shot counts and ` +
+        `${context.shotSizes.length} size lists must agree`,
+    );
+  }
+  if (!Number.isInteger(classIndex) || classIndex < 0 || classIndex >= k) {
+    throw new RangeError(`class index ${classIndex} is not in [0, ${k})`);
+  }
+  if (!Number.isSafeInteger(index) || index < 0) {
+    throw new RangeError(`image index must be a non-negative integer, got ${index}`);
+  }
+  if (!Number.isSafeInteger(context.seed)) {
+    throw new RangeError(`the run seed must be a safe integer, got ${context.seed}`);
+  }
+}
+
+function pickShot(
+  context: PairContext,
+  classIndex: number,
+  stream: string,
+  index: number,
+  target: number,
+): ShotRef {
+  const count = context.shotCounts[classIndex];
+  if (!Number.isInteger(count) || count < 1) {
+    throw new RangeError(`class ${classIndex} ("${context.classNames[classIndex]}") has no shots`);
+  }
+  if (context.shotSizes[classIndex].length !== count) {
+    throw new RangeError(
+      `class ${classIndex}: ${count} shots but ${context.shotSizes[classIndex].length} sizes`,
+    );
+  }
+  // The stream is named by the target class, so the negative shot too is fixed by (target, index).
+  const shotIndex = derive(context.seed, stream, target, index).int(count);
+  return { classIndex, shotIndex };
+}
+
+function augmentFor(
+  context: PairContext,
+  shot: ShotRef,
+  stream: string,
+  target: number,
+  index: number,
+): AugmentParams {
+  const [width, height] = context.shotSizes[shot.classIndex][shot.shotIndex];
+  return augmentParams(derive(context.seed, stream, target, index), width, height);
+}
+
+function createPairSampler(
+  name: string,
+  augment: boolean,
+  needsSimilarity: boolean,
+  negativeClass: NegativeClass | null,
+): SamplerPair {
+  return {
+    kind: "pairs",
+    name,
+    needsSimilarity,
+    choose(context: PairContext, classIndex: number, index: number): PairChoice {
+      checkContext(context, classIndex, index);
+      const positive = pickShot(context, classIndex, STREAMS.positive, index, classIndex);
+      const positiveAugment = augment
+        ? augmentFor(context, positive, STREAMS.positiveAugment, classIndex, index)
+        : null;
+      if (!negativeClass) {
+        return {
+          classIndex,
+          index,
+          positive,
+          positiveAugment,
+          negative: null,
+          negativeAugment: null,
+        };
+      }
+      const j = negativeClass(context, classIndex, index);
+      const negative = pickShot(context, j, STREAMS.negativeShot, index, classIndex);
+      const negativeAugment = augment
+        ? augmentFor(context, negative, STREAMS.negativeAugment, classIndex, index)
+        : null;
+      return { classIndex, index, positive, positiveAugment, negative, negativeAugment };
+    },
+  };
+}
+
+function needTwoClasses(context: PairContext): number {
+  const k = context.classNames.length;
+  if (k < 2) {
+    throw new RangeError(
+      `a negative reference needs at least two classes, got ${k} (use the "none" pairs plugin)`,
+    );
+  }
+  return k;
+}
+
+/** P(.|k) rows, computed once per similarity matrix and class. */
+const probabilityCache = new WeakMap<object, Map<string, number[]>>();
+
+function probabilities(context: PairContext, classIndex: number, tau: number): number[] {
+  const s = context.similarity;
+  const k = context.classNames.length;
+  if (!s) {
+    throw new Error("needs the class similarity matrix (PairContext.similarity), which is missing");
+  }
+  if (s.length !== k) {
+    throw new RangeError(`the similarity matrix has ${s.length} rows for ${k} classes`);
+  }
+  let rows = probabilityCache.get(s);
+  if (!rows) probabilityCache.set(s, rows = new Map());
+  const key = `${classIndex}:${tau}`;
+  let p = rows.get(key);
+  if (!p) rows.set(key, p = negativeProbabilities(s, classIndex, tau));
+  return p;
+}
+
+function readOptions(name: string, options: Record<string, unknown>, allowed: string[]) {
+  const unknown = Object.keys(options).filter((k) => !allowed.includes(k));
+  if (unknown.length) {
+    throw new Error(
+      `unknown option${unknown.length > 1 ? "s" : ""} ${unknown.join(", ")} ` +
+        `(${name} takes ${allowed.join(", ")})`,
+    );
+  }
+  const augment = options.augment ?? true;
+  if (typeof augment !== "boolean") throw new TypeError(`augment must be true or false`);
+  return { augment };
+}
+
+const AUGMENT_OPTION = {
+  description: "flip, random square crop, rotation in +-20 degrees and centre crop of both " +
+    "reference images",
+  default: true,
+};
+
+export function createClassSimilarityPairs(options: PairsOptions = {}): SamplerPair {
+  const { augment } = readOptions("class-similarity", { ...options }, ["augment", "tau"]);
+  const tau = options.tau ?? DEFAULT_TAU;
+  if (typeof tau !== "number" || !(tau > 0) || !Number.isFinite(tau)) {
+    throw new RangeError(`tau must be a positive number, got ${tau}`);
+  }
+  return createPairSampler("class-similarity", augment, true, (context, classIndex, index) => {
+    needTwoClasses(context);
+    const p = probabilities(context, classIndex, tau);
+    return derive(context.seed, STREAMS.negativeClass, classIndex, index).choice(p);
+  });
+}
+
+export function createUniformPairs(options: PairsOptions = {}): SamplerPair {
+  const { augment } = readOptions("uniform", { ...options }, ["augment"]);
+  return createPairSampler("uniform", augment, false, (context, classIndex, index) => {
+    const k = needTwoClasses(context);
+    const j = derive(context.seed, STREAMS.negativeClass, classIndex, index).int(k - 1);
+    return j >= classIndex ? j + 1 : j;
+  });
+}
+
+export function createNoNegativePairs(options: PairsOptions = {}): SamplerPair {
+  const { augment } = readOptions("none", { ...options }, ["augment"]);
+  return createPairSampler("none", augment, false, null);
+}
+
+registry.register<SamplerPair, PairsOptions>({
+  kind: "pairs",
+  name: "class-similarity",
+  description: "negative class drawn by CLIP class similarity, softmax(S / tau) without the " +
+    "target (DIPSY default)",
+  options: {
+    augment: AUGMENT_OPTION,
+    tau: { description: "softmax temperature over class similarities", default: DEFAULT_TAU },
+  },
+  create: createClassSimilarityPairs,
+});
+
+registry.register<SamplerPair, PairsOptions>({
+  kind: "pairs",
+  name: "uniform",
+  description: "negative class uniform over the other classes (ablation)",
+  options: { augment: AUGMENT_OPTION },
+  create: createUniformPairs,
+});
+
+registry.register<SamplerPair, PairsOptions>({
+  kind: "pairs",
+  name: "none",
+  description: "no negative reference (single IP-Adapter ablation)",
+  options: { augment: AUGMENT_OPTION },
+  create: createNoNegativePairs,
+});
