@@ -3,7 +3,7 @@
  * same thread count, timed in one run. Small ops measure call overhead; the two large ones show
  * that both sides reach the same kernels.
  */
-import { Generator, noGrad, ops, type Tensor } from "../ffi/mod.ts";
+import { Generator, noGrad, ops, scope, type Tensor } from "../ffi/mod.ts";
 import { type BenchResult, medianSeconds, runPythonReference } from "./harness.ts";
 
 function cases(): Record<string, { iters: number; fn: () => Tensor }> {
@@ -42,10 +42,14 @@ export async function benchOps(): Promise<BenchResult[]> {
   const reference = await runPythonReference("bench/reference/ops_bench.py", [
     JSON.stringify(plan),
   ]);
+  // Inside a scope, as model code runs: results are freed by dispose() right away, like
+  // Python's refcounting frees them, and no GC finalizer is registered per tensor.
   return noGrad(() =>
-    Object.entries(table).map(([name, { iters, fn }]) => {
-      const ours = medianSeconds(iters, () => fn().dispose());
-      return { bench: `op_${name}`, ours_s: ours, reference_s: reference[name] };
-    })
+    scope(() =>
+      Object.entries(table).map(([name, { iters, fn }]) => {
+        const ours = medianSeconds(iters, () => fn().dispose());
+        return { bench: `op_${name}`, ours_s: ours, reference_s: reference[name] };
+      })
+    )
   );
 }

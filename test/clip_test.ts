@@ -390,3 +390,17 @@ Deno.test("clip LoRA hook: a wrapped q_proj changes the output and receives grad
     for (const t of [a, ids, px]) t.dispose();
   }
 });
+
+Deno.test("clip vision: an image the encoder cannot take is a clear error, not a crash", () => {
+  const v = loadClipVision("tiny");
+  try {
+    for (const shape of [[1, 1, 32, 32], [1, 3, 33, 32], [3, 32, 32], [1, 3, 64, 64]]) {
+      noLeak(`bad pixels ${shape}`, () => {
+        using px = ops.zeros(shape, "f32", "cpu");
+        assert.throws(() => v.forward(px), /CLIP vision: pixels must be \[batch, 3, 32, 32\]/);
+      });
+    }
+  } finally {
+    v.dispose();
+  }
+});
