@@ -4,7 +4,7 @@
  * image prompt, and its CLIP image encoder. `tiny` builds the same graph with seeded random
  * weights and no files.
  */
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { join } from "node:path";
 import {
   type Device,
@@ -25,23 +25,11 @@ import type { ClipTextModel } from "../clip/text.ts";
 import { ClipTokenizer } from "../clip/tokenizer.ts";
 import { ClipVisionModel } from "../clip/vision.ts";
 import { IpAdapter, TINY_IP_BASE, TINY_IP_PLUS } from "./ip_adapter.ts";
+import { readSchedulerConfig, SD15_SCHEDULER_CONFIG } from "../samplers/schedule.ts";
 import { UNet2DConditionModel } from "./unet.ts";
 import { TINY_UNET_CONFIG_JSON } from "./unet_config.ts";
 import { AutoencoderKL } from "./vae.ts";
 import { TINY_VAE_CONFIG } from "./vae_config.ts";
-
-/** SD1.5's `scheduler/scheduler_config.json` (PNDM fields dropped; samplers read what they need). */
-export const SD15_SCHEDULER_CONFIG: SchedulerConfig = {
-  num_train_timesteps: 1000,
-  beta_start: 0.00085,
-  beta_end: 0.012,
-  beta_schedule: "scaled_linear",
-  prediction_type: "epsilon",
-  steps_offset: 1,
-  set_alpha_to_one: false,
-  clip_sample: false,
-  timestep_spacing: "leading",
-};
 
 export interface Sd15Paths {
   /** A diffusers SD1.5 folder. */
@@ -132,7 +120,7 @@ export class Sd15Backbone implements DiffusionBackbone {
         tokenizer,
         imageEncoder,
         adapter,
-        schedulerConfig: readSchedulerConfig(paths.model),
+        schedulerConfig: modelSchedulerConfig(paths.model),
         modelIds: {
           model: paths.model,
           ...(paths.ipAdapter ? { ipAdapter: paths.ipAdapter } : {}),
@@ -227,18 +215,11 @@ export class Sd15Backbone implements DiffusionBackbone {
   }
 }
 
-/** The model's scheduler config, with SD1.5's values where the file is silent. */
-export function readSchedulerConfig(modelDir: string): SchedulerConfig {
+/**
+ * The model's `scheduler/scheduler_config.json`, or SD1.5's when the folder has none. Keys the
+ * file lacks stay marked as defaults, so each sampler applies its own (as diffusers' from_config).
+ */
+export function modelSchedulerConfig(modelDir: string): SchedulerConfig {
   const path = join(modelDir, "scheduler", "scheduler_config.json");
-  if (!existsSync(path)) return { ...SD15_SCHEDULER_CONFIG };
-  let raw: unknown;
-  try {
-    raw = JSON.parse(readFileSync(path, "utf8"));
-  } catch (e) {
-    throw new Error(`${path}: not valid JSON (${(e as Error).message})`);
-  }
-  if (raw === null || typeof raw !== "object" || Array.isArray(raw)) {
-    throw new Error(`${path}: expected a JSON object`);
-  }
-  return { ...SD15_SCHEDULER_CONFIG, ...(raw as Record<string, unknown>) } as SchedulerConfig;
+  return existsSync(path) ? readSchedulerConfig(path) : SD15_SCHEDULER_CONFIG;
 }

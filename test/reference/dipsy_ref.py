@@ -1,0 +1,543 @@
+"""Reference fixtures for end-to-end DIPSY generation (SD1.5 + dual IP-Adapter guidance).
+
+Usage: python test/reference/dipsy_ref.py OUTDIR
+
+Builds tiny random models with diffusers/transformers and saves them in the real on-disk layouts:
+  OUTDIR/model/          an SD1.5 diffusers folder: model_index.json, unet/, vae/ (2x factor),
+                         text_encoder/ (CLIPTextModel over the byte-level tokenizer's 520 ids),
+                         tokenizer/ (vocab.json + merges.txt + the SD1.5 tokenizer configs),
+                         scheduler/scheduler_config.json (SD1.5's file, verbatim)
+  OUTDIR/image_encoder/  CLIPVisionModelWithProjection (hidden 48 = the Plus resampler input,
+                         projection 16 = the base projection input), image_size 32
+  OUTDIR/ip-adapter-plus_tiny.safetensors, OUTDIR/ip-adapter_tiny.safetensors (h94 flat layout)
+  OUTDIR/images/*.png    reference images of odd sizes
+
+Then it generates as the official DIPSY code does (eleftsonis/DIPSY,
+IPGen/pipeline_stable_diffusion_guidance_scheduler.py): a StableDiffusionPipeline loaded from the
+folder, `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`, the IP-Adapter file
+loaded twice with `load_ip_adapter`, text CFG with the empty negative prompt, and per step three
+UNet calls of batch 2 (uncond, text) switched with `set_ip_adapter_scale`:
+  [lam, lam] -> ecpn,  [lam, 0] -> ecp,  [0, 0] -> (e0, ec)
+  eps = e0 + wT (ec - e0) + wP (ecp - ec) - wN (ecpn - ecp)          (Eq. 9)
+The scales are set explicitly before the first step (the official first-step scale-1.0 quirk is
+not reproduced). Each image runs alone, as in the official code; the Deno side batches them.
+
+OUTDIR/cases.json describes every case (guidance, options, sampler, adapter file, requests) and
+OUTDIR/io.safetensors holds per case `<case>.timesteps` (the scheduler's), `<case>.noise`,
+`<case>.latents_step1`, `<case>.latents` (final) and `<case>.image` (decoded, in [0, 1]);
+OUTDIR/out/<case>_<i>.png are the decoded images.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+# Honour OMP_NUM_THREADS (the fixture runner sets it): oversubscribed OpenMP threads spin-wait.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
+
+SIZE = 32  # pixels; the tiny VAE halves it
+STEPS = 10  # < 15: DPM-Solver++ takes its lower-order final steps
+
+# plugins/sd15/unet_config.ts TINY_UNET_CONFIG_JSON
+UNET = dict(
+    act_fn="silu",
+    attention_head_dim=2,
+    block_out_channels=[32, 64],
+    cross_attention_dim=32,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=8,
+)
+
+VAE = dict(
+    block_out_channels=[32, 64],
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=4,
+    sample_size=32,
+)
+
+# The byte-level tokenizer of plugins/clip/tokenizer.ts (ClipTokenizer.byteLevelFiles()).
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+TINY_MERGES = ["t h", "th e</w>", "a t</w>", "c at</w>", "o f</w>", "\u00c3 \u00a9"]
+
+TEXT = dict(
+    vocab_size=520,
+    hidden_size=32,  # = the UNet's cross_attention_dim
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=16,
+    bos_token_id=518,
+    eos_token_id=519,
+    pad_token_id=519,
+)
+
+VISION = dict(
+    hidden_size=48,  # Plus: the resampler's proj_in input
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=SIZE,
+    patch_size=4,
+    hidden_act="gelu",
+    projection_dim=16,  # base: the projection's input
+)
+
+# IP-Adapter projections for cross_attention_dim 32 (plugins/sd15/ip_adapter.ts TINY_IP_*).
+PLUS = dict(input=48, width=128, heads=2, queries=6, depth=4, cross=32)
+BASE = dict(embed=16, tokens=4, cross=32)
+
+# SD1.5's scheduler/scheduler_config.json as the Hub ships it (no timestep_spacing key: each
+# scheduler class falls back to its own default through from_config).
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.6.0",
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+PLUS_FILE = "ip-adapter-plus_tiny.safetensors"
+BASE_FILE = "ip-adapter_tiny.safetensors"
+
+IMAGES = {"a": (37, 29), "b": (23, 41), "c": (45, 45), "d": (31, 50)}
+
+DIPSY_OPTS = dict(textScale=7.5, positiveScale=6.0, negativeScale=6.0, adapterScale=0.6)
+
+CASES = [
+    dict(
+        name="dipsy",
+        guidance="dipsy",
+        options=DIPSY_OPTS,
+        sampler="dpm-solver++",
+        ip_adapter=PLUS_FILE,
+        requests=[
+            dict(prompt="A photo of the cat", seed=7, positive="a", negative="b"),
+            dict(prompt="The CAT at the caf\u00e9", seed=1234, positive="c", negative="a"),
+        ],
+    ),
+    dict(
+        name="single-ip",
+        guidance="single-ip",
+        options=dict(textScale=7.5, positiveScale=6.0, adapterScale=0.6),
+        sampler="dpm-solver++",
+        ip_adapter=PLUS_FILE,
+        requests=[dict(prompt="a photo of the cat", seed=3, positive="d")],
+    ),
+    dict(
+        name="cfg",
+        guidance="cfg",
+        options=dict(textScale=7.5),
+        sampler="dpm-solver++",
+        ip_adapter=None,
+        requests=[dict(prompt="the cat of the hat", seed=5)],
+    ),
+    dict(
+        name="dipsy-ddim",
+        guidance="dipsy",
+        options=DIPSY_OPTS,
+        sampler="ddim",
+        ip_adapter=PLUS_FILE,
+        requests=[dict(prompt="a cat", seed=9, positive="d", negative="c")],
+    ),
+    dict(
+        name="dipsy-euler",
+        guidance="dipsy",
+        options=DIPSY_OPTS,
+        sampler="euler",
+        ip_adapter=PLUS_FILE,
+        requests=[dict(prompt="a cat", seed=9, positive="d", negative="c")],
+    ),
+    dict(
+        name="dipsy-base",
+        guidance="dipsy",
+        options=DIPSY_OPTS,
+        sampler="dpm-solver++",
+        ip_adapter=BASE_FILE,
+        requests=[dict(prompt="the hat", seed=21, positive="b", negative="d")],
+    ),
+]
+
+SCHEDULERS = {
+    "dpm-solver++": DPMSolverMultistepScheduler,
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def perturb(model, seed):
+    """Norm affines start at 1/0 and biases at 0; move them so that a dropped term shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.05 * noise)
+
+
+def bytes_to_unicode():
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    )
+    chars = {b: chr(b) for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+def byte_level_vocab():
+    """256 byte tokens, 256 byte+</w> tokens (both in code point order), merges, BOS, EOS."""
+    chars = sorted(bytes_to_unicode().values(), key=ord)
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in TINY_MERGES]
+    tokens += [SOT, EOT]
+    assert len(set(tokens)) == len(tokens) == TEXT["vocab_size"]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+
+
+def added_token(content, with_type):
+    tok = {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+    return {"__type": "AddedToken", **tok} if with_type else tok
+
+
+def write_tokenizer(folder):
+    """SD1.5's tokenizer/ files around the byte-level vocabulary."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(byte_level_vocab(), f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(m + "\n" for m in TINY_MERGES))
+    write_json(
+        os.path.join(folder, "tokenizer_config.json"),
+        {
+            "add_prefix_space": False,
+            "bos_token": added_token(SOT, True),
+            "do_lower_case": True,
+            "eos_token": added_token(EOT, True),
+            "errors": "replace",
+            "model_max_length": 77,
+            "name_or_path": "openai/clip-vit-large-patch14",
+            "pad_token": EOT,
+            "special_tokens_map_file": "./special_tokens_map.json",
+            "tokenizer_class": "CLIPTokenizer",
+            "unk_token": added_token(EOT, True),
+        },
+    )
+    write_json(
+        os.path.join(folder, "special_tokens_map.json"),
+        {
+            "bos_token": added_token(SOT, False),
+            "eos_token": added_token(EOT, False),
+            "pad_token": EOT,
+            "unk_token": added_token(EOT, False),
+        },
+    )
+
+
+def build(make, seed):
+    torch.manual_seed(seed)
+    model = make().eval()
+    perturb(model, seed + 1)
+    return model
+
+
+def cross_layers(unet):
+    """(h94 key id, attn2 width) in diffusers' processor order (down, up, mid): ids 1, 3, 5, ..."""
+    out = []
+    for name in unet.attn_processors.keys():
+        if name.endswith("attn2.processor"):
+            attn = unet.get_submodule(name[: -len(".processor")])
+            out.append((2 * len(out) + 1, attn.to_q.out_features))
+    return out
+
+
+def ip_state_dict(kind, dims, layers, seed):
+    """A flat h94-layout IP-Adapter: image_proj.* and ip_adapter.{k}.to_k_ip / to_v_ip."""
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape, std=None):
+        return torch.randn(shape, generator=g) * (shape[-1] ** -0.5 if std is None else std)
+
+    def ln(prefix, n):
+        sd[prefix + ".weight"] = 1 + w(n, std=0.1)
+        sd[prefix + ".bias"] = w(n, std=0.1)
+
+    sd = {}
+    cross = dims["cross"]
+    if kind == "base":
+        sd["image_proj.proj.weight"] = w(dims["tokens"] * cross, dims["embed"])
+        sd["image_proj.proj.bias"] = w(dims["tokens"] * cross, std=0.1)
+        ln("image_proj.norm", cross)
+    else:
+        width, inner = dims["width"], dims["heads"] * 64
+        sd["image_proj.latents"] = w(1, dims["queries"], width)
+        sd["image_proj.proj_in.weight"] = w(width, dims["input"])
+        sd["image_proj.proj_in.bias"] = w(width, std=0.1)
+        for l in range(dims["depth"]):
+            p = f"image_proj.layers.{l}"
+            ln(f"{p}.0.norm1", width)
+            ln(f"{p}.0.norm2", width)
+            sd[f"{p}.0.to_q.weight"] = w(inner, width)
+            sd[f"{p}.0.to_kv.weight"] = w(2 * inner, width)
+            sd[f"{p}.0.to_out.weight"] = w(width, inner)
+            ln(f"{p}.1.0", width)
+            sd[f"{p}.1.1.weight"] = w(4 * width, width)
+            sd[f"{p}.1.3.weight"] = w(width, 4 * width)
+        sd["image_proj.proj_out.weight"] = w(cross, width)
+        sd["image_proj.proj_out.bias"] = w(cross, std=0.1)
+        ln("image_proj.norm_out", cross)
+    for key_id, hidden in layers:
+        sd[f"ip_adapter.{key_id}.to_k_ip.weight"] = w(hidden, cross, std=0.5 * cross**-0.5)
+        sd[f"ip_adapter.{key_id}.to_v_ip.weight"] = w(hidden, cross, std=2 * cross**-0.5)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def reference_image(size, seed):
+    """A smooth RGB pattern plus noise: resampling and cropping both matter."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    chans = []
+    for _ in range(3):
+        fx, fy, ph = rng.uniform(0.05, 0.4), rng.uniform(0.05, 0.4), rng.uniform(0, 6.3)
+        chans.append(0.5 + 0.4 * np.sin(fx * x + fy * y + ph))
+    img = np.stack(chans, -1) + rng.normal(0, 0.08, (h, w, 3))
+    return Image.fromarray(np.clip(np.round(img * 255), 0, 255).astype(np.uint8), "RGB")
+
+
+def write_models(out):
+    model = os.path.join(out, "model")
+    os.makedirs(model, exist_ok=True)
+    write_json(os.path.join(model, "model_index.json"), MODEL_INDEX)
+
+    unet = build(lambda: UNet2DConditionModel(**UNET), 100)
+    unet.save_pretrained(os.path.join(model, "unet"), safe_serialization=True)
+    build(lambda: AutoencoderKL(**VAE), 200).save_pretrained(
+        os.path.join(model, "vae"), safe_serialization=True
+    )
+    build(lambda: CLIPTextModel(CLIPTextConfig(**TEXT)), 300).save_pretrained(
+        os.path.join(model, "text_encoder"), safe_serialization=True
+    )
+    write_tokenizer(os.path.join(model, "tokenizer"))
+    os.makedirs(os.path.join(model, "scheduler"), exist_ok=True)
+    write_json(os.path.join(model, "scheduler", "scheduler_config.json"), SD15_SCHEDULER)
+
+    build(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION)), 400).save_pretrained(
+        os.path.join(out, "image_encoder"), safe_serialization=True
+    )
+    layers = cross_layers(unet)
+    save_file(ip_state_dict("plus", PLUS, layers, 500), os.path.join(out, PLUS_FILE))
+    save_file(ip_state_dict("base", BASE, layers, 600), os.path.join(out, BASE_FILE))
+
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    for i, (name, size) in enumerate(IMAGES.items()):
+        reference_image(size, 700 + i).save(os.path.join(out, "images", f"{name}.png"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation, structured as the official DIPSY pipeline
+
+
+def load_pipeline(out, ip_file, adapters):
+    encoder = CLIPVisionModelWithProjection.from_pretrained(os.path.join(out, "image_encoder")).eval()
+    size = encoder.config.image_size
+    pipe = StableDiffusionPipeline.from_pretrained(
+        os.path.join(out, "model"),
+        safety_checker=None,
+        requires_safety_checker=False,
+        image_encoder=encoder,
+        feature_extractor=CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        ),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if ip_file:
+        pipe.load_ip_adapter(out, subfolder="", weight_name=[ip_file] * adapters, image_encoder_folder=None)
+    return pipe
+
+
+def unet_pair(pipe, x, t, embeds, image_embeds):
+    kwargs = {"added_cond_kwargs": {"image_embeds": image_embeds}} if image_embeds is not None else {}
+    return pipe.unet(x, t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0].chunk(2)
+
+
+def generate_one(pipe, case, req, images):
+    """One image: returns (initial noise, latents after step 1, final latents, timesteps)."""
+    o = case["options"]
+    w_t, lam = o["textScale"], o.get("adapterScale", 0.0)
+    w_p, w_n = o.get("positiveScale", 0.0), o.get("negativeScale", 0.0)
+    guidance = case["guidance"]
+
+    scheduler = SCHEDULERS[case["sampler"]].from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(STEPS)
+    # Empty negative prompt: encode_prompt's default with CFG on.
+    cond, uncond = pipe.encode_prompt(req["prompt"], "cpu", 1, True, negative_prompt=None)
+    embeds = torch.cat([uncond, cond])
+    image_embeds = None
+    if guidance == "dipsy":
+        adapter_images = [images[req["positive"]], images[req["negative"]]]
+    elif guidance == "single-ip":
+        adapter_images = [images[req["positive"]]]
+    else:
+        adapter_images = None
+    if adapter_images:
+        image_embeds = pipe.prepare_ip_adapter_image_embeds(adapter_images, None, "cpu", 1, True)
+
+    noise = torch.randn([1, 4, SIZE // 2, SIZE // 2], generator=torch.Generator().manual_seed(req["seed"]))
+    latents = noise * scheduler.init_noise_sigma
+    if guidance == "dipsy":
+        pipe.set_ip_adapter_scale([lam, lam])
+    elif guidance == "single-ip":
+        pipe.set_ip_adapter_scale([lam])
+    after_first = None
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        if guidance == "dipsy":
+            _, e_cpn = unet_pair(pipe, x, t, embeds, image_embeds)
+            pipe.set_ip_adapter_scale([lam, 0])
+            _, e_cp = unet_pair(pipe, x, t, embeds, image_embeds)
+            pipe.set_ip_adapter_scale([0, 0])
+            e_0, e_c = unet_pair(pipe, x, t, embeds, image_embeds)
+            pipe.set_ip_adapter_scale([lam, lam])
+            # The official call passes the negative weight signed: guidance_image_two = -wN.
+            eps = e_0 + w_t * (e_c - e_0) + w_p * (e_cp - e_c) + (-w_n) * (e_cpn - e_cp)
+        elif guidance == "single-ip":
+            _, e_cp = unet_pair(pipe, x, t, embeds, image_embeds)
+            pipe.set_ip_adapter_scale([0])
+            e_0, e_c = unet_pair(pipe, x, t, embeds, image_embeds)
+            pipe.set_ip_adapter_scale([lam])
+            eps = e_0 + w_t * (e_c - e_0) + w_p * (e_cp - e_c)
+        elif guidance == "cfg":
+            e_0, e_c = unet_pair(pipe, x, t, embeds, None)
+            eps = e_0 + w_t * (e_c - e_0)
+        else:
+            raise ValueError(guidance)
+        latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+        if i == 0:
+            after_first = latents.clone()
+    return noise, after_first, latents, scheduler.timesteps.to(torch.float64)
+
+
+def decode(pipe, latents):
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return (image / 2 + 0.5).clamp(0, 1)
+
+
+def to_png(image, path):
+    arr = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(arr, "RGB").save(path)
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit("usage: dipsy_ref.py OUTDIR")
+    out = sys.argv[1]
+    os.makedirs(out, exist_ok=True)
+    write_models(out)
+    images = {k: Image.open(os.path.join(out, "images", f"{k}.png")).convert("RGB") for k in IMAGES}
+
+    io, meta = {}, []
+    os.makedirs(os.path.join(out, "out"), exist_ok=True)
+    with torch.no_grad():
+        for case in CASES:
+            adapters = {"dipsy": 2, "single-ip": 1}.get(case["guidance"], 0)
+            pipe = load_pipeline(out, case["ip_adapter"] if adapters else None, adapters)
+            runs = [generate_one(pipe, case, r, images) for r in case["requests"]]
+            name = case["name"]
+            io[f"{name}.noise"] = torch.cat([r[0] for r in runs])
+            io[f"{name}.latents_step1"] = torch.cat([r[1] for r in runs])
+            io[f"{name}.latents"] = torch.cat([r[2] for r in runs])
+            io[f"{name}.timesteps"] = runs[0][3]
+            io[f"{name}.image"] = decode(pipe, io[f"{name}.latents"])
+            for i, img in enumerate(io[f"{name}.image"]):
+                to_png(img, os.path.join(out, "out", f"{name}_{i}.png"))
+            scale = io[f"{name}.latents"].abs().max().item()
+            print(f"{name}: final latents max |x| = {scale:.3f}")
+            meta.append(
+                {
+                    **{k: v for k, v in case.items() if k != "requests"},
+                    "adapters": adapters,
+                    "steps": STEPS,
+                    "width": SIZE,
+                    "height": SIZE,
+                    "requests": [
+                        {
+                            "prompt": r["prompt"],
+                            "seed": r["seed"],
+                            **{k: f"images/{r[k]}.png" for k in ("positive", "negative") if k in r},
+                        }
+                        for r in case["requests"]
+                    ],
+                }
+            )
+    save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(out, "io.safetensors"))
+    write_json(os.path.join(out, "cases.json"), {"model": "model", "image_encoder": "image_encoder", "cases": meta})
+    print(f"wrote DIPSY fixtures to {out}")
+
+
+if __name__ == "__main__":
+    main()
