@@ -1,34 +1,209 @@
 /**
- * `dipsy demo`: the main job on the embedded tiny default. Until the generation pipeline lands it
- * checks the installation end to end: libtorch info, and a small seeded computation whose result
- * PyTorch reproduces exactly (`torch.randn(2, 3, generator=torch.Generator().manual_seed(0))`).
+ * `dipsy demo`: the main job end to end on the embedded tiny models, in seconds on a CPU. It
+ * draws a small few-shot set of coloured shapes, computes the class similarity with a tiny CLIP,
+ * and generates a few images per class with a tiny SD1.5 + dual IP-Adapter. The tiny models have
+ * random weights, so the images are noise; the run exercises everything else for real.
  */
+import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import type { Command } from "./command.ts";
+import type { RgbImage } from "../core/image.ts";
+import { derive, type Rng } from "../core/rng.ts";
+import { CliError, type Command } from "./command.ts";
+
+type Rgb = [number, number, number];
+
+interface ShapeClass {
+  name: string;
+  color: Rgb;
+  /** Whether pixel (x, y) of a w x h image belongs to the shape, given random parameters. */
+  inside: (x: number, y: number, p: { cx: number; cy: number; r: number; a: number }) => boolean;
+}
+
+const CLASSES: ShapeClass[] = [
+  {
+    name: "red circle",
+    color: [220, 40, 40],
+    inside: (x, y, p) => (x - p.cx) ** 2 + (y - p.cy) ** 2 <= p.r ** 2,
+  },
+  {
+    name: "blue square",
+    color: [40, 70, 220],
+    inside: (x, y, p) => Math.abs(x - p.cx) <= p.r * 0.85 && Math.abs(y - p.cy) <= p.r * 0.85,
+  },
+  {
+    name: "green triangle",
+    color: [40, 170, 60],
+    inside: (x, y, p) => {
+      const top = p.cy - p.r, bottom = p.cy + p.r * 0.8;
+      if (y < top || y > bottom) return false;
+      const half = ((y - top) / (bottom - top)) * p.r;
+      return Math.abs(x - p.cx) <= half;
+    },
+  },
+  {
+    name: "yellow stripes",
+    color: [235, 205, 30],
+    inside: (x, y, p) => {
+      const t = x * Math.cos(p.a) + y * Math.sin(p.a);
+      return ((t % 10) + 10) % 10 < 5;
+    },
+  },
+];
+
+/** One shot: a random-sized canvas (48-64 px a side), a tinted background and the shape. */
+export function drawShot(cls: ShapeClass, rng: Rng): RgbImage {
+  const width = 48 + rng.int(17), height = 48 + rng.int(17);
+  const bg: Rgb = [170 + rng.int(70), 170 + rng.int(70), 170 + rng.int(70)];
+  const p = {
+    cx: width * rng.range(0.35, 0.65),
+    cy: height * rng.range(0.35, 0.65),
+    r: Math.min(width, height) * rng.range(0.2, 0.32),
+    a: rng.range(0, Math.PI),
+  };
+  const data = new Uint8Array(width * height * 3);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const c = cls.inside(x + 0.5, y + 0.5, p) ? cls.color : bg;
+      for (let k = 0; k < 3; k++) {
+        data[(y * width + x) * 3 + k] = Math.max(0, Math.min(255, c[k] + rng.int(21) - 10));
+      }
+    }
+  }
+  return { width, height, data };
+}
+
+/** Draws `shots` images per class into `dir/<class>/<n>.png` (files already there are kept). */
+export async function drawDataset(dir: string, shots: number, seed = 0): Promise<number> {
+  const { writeImage } = await import("../core/image.ts");
+  let written = 0;
+  for (const [k, cls] of CLASSES.entries()) {
+    const folder = join(dir, cls.name);
+    await Deno.mkdir(folder, { recursive: true });
+    for (let i = 0; i < shots; i++) {
+      const path = join(folder, `${i}.png`);
+      try {
+        await Deno.stat(path);
+        continue;
+      } catch { /* to draw */ }
+      await writeImage(path, drawShot(cls, derive(seed, "demo", k, i)));
+      written++;
+    }
+  }
+  return written;
+}
+
+const USAGE = `usage: deno task dipsy demo [--out DIR] [--per-class N] [--steps N]
+
+Runs the main job end to end on the embedded tiny models: draws a few-shot set of 4 shape classes
+(4 shots each) into DIR/data, computes the class similarity (tiny CLIP) and generates N images
+per class (tiny SD1.5 with dual IP-Adapter guidance) into DIR/images. Default DIR: out/demo.
+The tiny models have random weights: the images are noise.`;
 
 export const command: Command = {
-  summary: "run the main job on the embedded tiny models",
+  summary: "run the main job end to end on the embedded tiny models",
   async run(args) {
-    const { values } = parseArgs({ args, options: { help: { type: "boolean", short: "h" } } });
+    let values;
+    try {
+      ({ values } = parseArgs({
+        args,
+        options: {
+          help: { type: "boolean", short: "h" },
+          out: { type: "string" },
+          "per-class": { type: "string" },
+          steps: { type: "string" },
+        },
+      }));
+    } catch (e) {
+      throw new CliError(`${e instanceof Error ? e.message : e}\n\n${USAGE}`);
+    }
     if (values.help) {
-      console.log("usage: deno task dipsy demo\n\nRuns the embedded demo (no files needed).");
+      console.log(USAGE);
       return 0;
     }
-    const { Generator, ops, runtimeInfo, scope, memory } = await import("../ffi/mod.ts");
-    const info = runtimeInfo();
+    // The tiny models are too small to gain from threads, and idle OpenMP threads busy-waiting
+    // make them many times slower on a machine whose cores are shared.
+    const { setNumThreads } = await import("../ffi/mod.ts");
+    setNumThreads(1);
+    const root = resolve(values.out ?? "out/demo");
+    const data = join(root, "data"), images = join(root, "images");
+    const started = performance.now();
+
+    const drawn = await drawDataset(data, 4);
     console.log(
-      `libtorch ${info.torch_version} (${info.built_with_cuda ? "CUDA build" : "CPU build"}, ` +
-        `${info.num_threads} threads, CUDA available: ${info.cuda_available})`,
+      `few-shot data: ${CLASSES.length} classes x 4 shots in ${data}` +
+        (drawn ? "" : " (already drawn)"),
     );
-    const before = memory().handles;
-    const values2 = scope(() => {
-      using g = new Generator(0);
-      const x = ops.randn([2, 3], "f32", "cpu", g);
-      const y = ops.softmax(x, -1);
-      return y.toFloat64();
-    });
-    console.log("softmax(randn(2, 3, seed 0)) =", Array.from(values2).map((v) => v.toFixed(6)));
-    console.log(`live tensor handles after the run: ${memory().handles - before}`);
+
+    const { validateDataset } = await import("../core/dataset.ts");
+    const { resolvePlacement } = await import("./models.ts");
+    const { computeSimilarity, describeSimilarity, saveSimilarityFile, SIMILARITY_FILE } =
+      await import("./similarity.ts");
+    const { loadDefaultPlugins, runGenerate } = await import("./generate.ts");
+    const cfg = await import("../core/config.ts");
+
+    await loadDefaultPlugins();
+    const config = cfg.resolveConfig([
+      cfg.parseConfigObject(
+        {
+          data,
+          out: images,
+          model: "tiny",
+          clip: "tiny",
+          perClass: values["per-class"] ?? "2",
+          steps: values.steps ?? "4",
+          width: "32",
+          height: "32",
+          batch: "4",
+          seed: "0",
+        },
+        "demo",
+        { textual: true },
+      ),
+    ]);
+
+    const dataset = await validateDataset(data, { negatives: true });
+    const placement = await resolvePlacement(config);
+    const simPath = join(dataset.root, SIMILARITY_FILE);
+    const names = dataset.classes.map((c) => c.name);
+    const matrix = await computeSimilarity(dataset, "tiny", placement);
+    await saveSimilarityFile(simPath, names, matrix, { clip: "tiny", data: dataset.root });
+    console.log(
+      `class similarity saved to ${simPath}; most similar classes (tiny CLIP has random ` +
+        "weights, so they are all alike):",
+    );
+    for (const line of await describeSimilarity(names, matrix)) console.log(`  ${line}`);
+
+    const controller = new AbortController();
+    const onSigint = () => controller.abort();
+    Deno.addSignalListener("SIGINT", onSigint);
+    let code: number;
+    try {
+      code = await runGenerate(config, { signal: controller.signal });
+    } catch (e) {
+      const { isUserError } = await import("./models.ts");
+      if (!(await isUserError(e))) throw e;
+      console.error(`dipsy demo: ${(e as Error).message}`);
+      console.error(`(an earlier demo with other options used ${images}: delete it or use --out)`);
+      return 1;
+    } finally {
+      Deno.removeSignalListener("SIGINT", onSigint);
+    }
+    if (code !== 0) return code;
+
+    const secs = ((performance.now() - started) / 1000).toFixed(1);
+    console.log(`
+demo finished in ${secs} s.
+  images:   ${images}/<class>/<index>.jpg
+  manifest: ${images}/manifest.jsonl (one line per image: seed, references, augmentation, ...)
+
+The tiny models have random weights, so these images are noise. The demo checks the pipeline
+(similarity, pair sampling, dual IP-Adapter guidance, resumable output), not image quality.
+
+For real images, use Stable Diffusion 1.5 with IP-Adapter Plus (the defaults; the first run
+downloads about 7 GB into the Hugging Face cache, or use local folders with --model,
+--ip-adapter and --image-encoder). A CUDA GPU is strongly recommended:
+  deno task dipsy similarity --data ${data}
+  deno task dipsy generate --data ${data} --out ${join(root, "real")} --per-class 200`);
     return 0;
   },
 };

@@ -7,6 +7,9 @@ import { CliError, type Command } from "./command.ts";
 const COMMANDS: Record<string, () => Promise<{ command: Command }>> = {
   info: () => import("./info.ts"),
   demo: () => import("./demo.ts"),
+  similarity: () => import("./similarity.ts"),
+  generate: () => import("./generate.ts"),
+  sample: () => import("./sample.ts"),
 };
 
 function usage(): string {
@@ -16,6 +19,9 @@ function usage(): string {
     "commands:",
     "  info    libtorch / device information of this installation",
     "  demo    run the main job end to end on the embedded tiny models",
+    "  similarity  compute and save the class similarity matrix (reused by generate)",
+    "  generate    generate the synthetic dataset (resumable, shardable, deterministic)",
+    "  sample  generate one image from explicit reference images (for trying scales)",
     "",
     "`deno task dipsy <command> --help` shows a command's options.",
   ].join("\n");

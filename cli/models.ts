@@ -1,0 +1,168 @@
+/**
+ * Finding and loading the models a configuration names: local folders and files, Hugging Face
+ * Hub ids (resolved through the cache, downloading single files where allowed), or "tiny".
+ * A file or folder inside a Hub repository is `org/name/path` (as `dipsy sample` writes it, e.g.
+ * `h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors`), or `org/name@revision:path` when a
+ * revision is given (revisions such as `refs/pr/10` contain slashes themselves).
+ */
+import { existsSync, readFileSync, statSync } from "node:fs";
+import { join } from "node:path";
+import type { Device, DType } from "../ffi/mod.ts";
+import type { DiffusionBackbone } from "../core/backbone.ts";
+import { type DTypeChoice, type RunConfig, TINY } from "../core/config.ts";
+import { RunError } from "../core/output.ts";
+import { resolveModelFile } from "../core/hub.ts";
+import type { SchedulerConfig } from "../core/plugins.ts";
+
+/** The files SD1.5 loading reads, per diffusers subfolder. */
+const SD15_FILES = [
+  "unet/config.json",
+  "unet/diffusion_pytorch_model.safetensors",
+  "vae/config.json",
+  "vae/diffusion_pytorch_model.safetensors",
+  "text_encoder/config.json",
+  "text_encoder/model.safetensors",
+  "tokenizer/vocab.json",
+  "tokenizer/merges.txt",
+  "scheduler/scheduler_config.json",
+];
+const HF_MODEL_FILES = ["config.json", "model.safetensors"];
+
+function isDir(p: string): boolean {
+  return existsSync(p) && statSync(p).isDirectory();
+}
+
+function isFile(p: string): boolean {
+  return existsSync(p) && statSync(p).isFile();
+}
+
+/**
+ * Splits a reference into a Hub repo and a path inside it: `repo:path` (Hub ids and revisions
+ * never contain ":"), or `org/name/path` without a revision. Null: the whole repo.
+ */
+function splitRef(ref: string): { repo: string; path: string } | null {
+  if (/^[./~\\]/.test(ref) || /^[A-Za-z]:[\\/]/.test(ref)) return null;
+  const colon = ref.indexOf(":");
+  if (colon > 0) {
+    return { repo: ref.slice(0, colon), path: ref.slice(colon + 1).replace(/^\/+/, "") };
+  }
+  if (ref.includes("@")) return null;
+  const parts = ref.split("/");
+  if (parts.length < 3 || parts.some((p) => p === "")) return null;
+  return { repo: parts.slice(0, 2).join("/"), path: parts.slice(2).join("/") };
+}
+
+/**
+ * A model folder that holds `files`: a local folder as it is, or the Hub cache snapshot (files
+ * downloaded one by one when missing and the network is allowed).
+ */
+export async function resolveFolderRef(ref: string, files: readonly string[]): Promise<string> {
+  if (isDir(ref)) return ref;
+  const split = splitRef(ref);
+  const repo = split?.repo ?? ref, sub = split?.path ?? "";
+  let folder = "";
+  for (const f of files) {
+    const path = await resolveModelFile(repo, f, sub ? { subfolder: sub } : {});
+    folder ||= path.slice(0, path.length - (sub ? `${sub}/${f}` : f).length).replace(/\/$/, "");
+  }
+  return sub ? join(folder, sub) : folder;
+}
+
+/** A file: a local path as it is, or `<model ref>:<path in it>`. */
+export async function resolveFileRef(ref: string): Promise<string> {
+  if (isFile(ref)) return ref;
+  const split = splitRef(ref);
+  if (!split) {
+    throw new RunError(
+      `"${ref}" is neither a file nor a file in a Hub repo (org/name/path, e.g. ` +
+        `"h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors", or org/name@revision:path)`,
+    );
+  }
+  return await resolveModelFile(split.repo, split.path);
+}
+
+export interface Placement {
+  device: Device;
+  dtype: Exclude<DTypeChoice, "auto"> & DType;
+}
+
+/** "auto" device: CUDA when libtorch sees a GPU; "auto" dtype: f16 on CUDA (as DIPSY), else f32. */
+export async function resolvePlacement(config: RunConfig): Promise<Placement> {
+  let device = config.device as Device | "auto";
+  if (device === "auto") {
+    const { runtimeInfo } = await import("../ffi/mod.ts");
+    device = runtimeInfo().cuda_available ? "cuda" : "cpu";
+  }
+  const dtype: Placement["dtype"] = config.dtype === "auto"
+    ? (device === "cpu" ? "f32" : "f16")
+    : config.dtype;
+  return { device, dtype };
+}
+
+export interface ModelPaths {
+  model: string;
+  ipAdapter?: string;
+  imageEncoder?: string;
+}
+
+/** Resolves the model files a run needs (adapters: how many IP-Adapters the guidance uses). */
+export async function resolveModels(config: RunConfig, adapters: number): Promise<ModelPaths> {
+  if (config.model === TINY) return { model: TINY };
+  const model = await resolveFolderRef(config.model, SD15_FILES);
+  if (adapters === 0) return { model };
+  return {
+    model,
+    ipAdapter: await resolveFileRef(config.ipAdapter),
+    imageEncoder: await resolveFolderRef(config.imageEncoder, HF_MODEL_FILES),
+  };
+}
+
+/** The model's native output size: UNet sample size times the VAE's scale factor. */
+export async function defaultImageSize(paths: ModelPaths): Promise<number> {
+  if (paths.model === TINY) {
+    const { TINY_UNET_CONFIG_JSON } = await import("../plugins/sd15/unet_config.ts");
+    const { TINY_VAE_CONFIG } = await import("../plugins/sd15/vae_config.ts");
+    return (TINY_UNET_CONFIG_JSON.sample_size as number) *
+      2 ** (TINY_VAE_CONFIG.blockOutChannels.length - 1);
+  }
+  const read = (f: string) => JSON.parse(readFileSync(join(paths.model, f), "utf8"));
+  const unet = read("unet/config.json"), vae = read("vae/config.json");
+  const ss = unet.sample_size ?? 64;
+  const blocks = Array.isArray(vae.block_out_channels) ? vae.block_out_channels.length : 4;
+  return (Array.isArray(ss) ? ss[0] : ss) * 2 ** (blocks - 1);
+}
+
+/** Loads SD1.5 with as many IP-Adapters as the guidance needs. */
+export async function loadBackbone(
+  config: RunConfig,
+  paths: ModelPaths,
+  adapters: number,
+  placement: Placement,
+): Promise<DiffusionBackbone> {
+  const { Sd15Backbone } = await import("../plugins/sd15/backbone.ts");
+  if (paths.model === TINY) {
+    return Sd15Backbone.tiny({ seed: config.modelSeed, adapters, ...placement });
+  }
+  return await Sd15Backbone.load(
+    { model: paths.model, ipAdapter: paths.ipAdapter, imageEncoder: paths.imageEncoder },
+    { adapters, ...placement },
+  );
+}
+
+/** The scheduler config the backbone will carry, for checking sampler options before loading. */
+export async function schedulerConfigOf(paths: ModelPaths): Promise<SchedulerConfig> {
+  const { modelSchedulerConfig } = await import("../plugins/sd15/backbone.ts");
+  const { SD15_SCHEDULER_CONFIG } = await import("../plugins/samplers/mod.ts");
+  return paths.model === TINY ? SD15_SCHEDULER_CONFIG : modelSchedulerConfig(paths.model);
+}
+
+/** Errors that are the user's to fix (bad input, settings, folders, missing models). */
+export async function isUserError(e: unknown): Promise<boolean> {
+  const { ConfigError } = await import("../core/config.ts");
+  const { DatasetError } = await import("../core/dataset.ts");
+  const { ModelNotFoundError } = await import("../core/hub.ts");
+  const { ImageDecodeError } = await import("../core/image.ts");
+  const { PluginError } = await import("../core/plugins.ts");
+  return [ConfigError, DatasetError, RunError, ModelNotFoundError, ImageDecodeError, PluginError]
+    .some((c) => e instanceof c);
+}

@@ -1,0 +1,732 @@
+/**
+ * Run configuration of the generation job: which models and plugins, with which options. Values
+ * come in layers, later ones winning: built-in defaults, a named preset (one per row of the
+ * paper's ablations), a JSON or YAML file, then command-line flags. Every ablation is thus a
+ * configuration, never a code edit, and `--print-config` writes the resolved result back out as a
+ * file that reproduces the run.
+ *
+ * Plugins are `{ name, options }`. In files a plugin is a name (`sampler: ddim`) or an object with
+ * the name and its options side by side (`guidance: { name: dipsy, negativeScale: 4 }`). When a
+ * later layer switches to another plugin, the earlier options that the new plugin also declares
+ * are kept (switching `dipsy` to `single-ip` keeps `textScale`), the others are dropped.
+ */
+import { existsSync, statSync } from "node:fs";
+import { dirname, isAbsolute, resolve } from "node:path";
+import { pathToFileURL } from "node:url";
+import YAML from "yaml";
+import { type PluginDef, type PluginKind, type Registry, registry } from "./plugins.ts";
+
+/** The Stable Diffusion 1.5 weights (diffusers layout) DIPSY uses. */
+export const DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5";
+/** IP-Adapter Plus for SD1.5, as `org/name/<file in the repo>`. */
+export const DEFAULT_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors";
+/** Its CLIP image encoder (OpenCLIP ViT-H/14), as `org/name/<folder in the repo>`. */
+export const DEFAULT_IMAGE_ENCODER = "h94/IP-Adapter/models/image_encoder";
+/** CLIP ViT-B/16 for class similarity; refs/pr/10 is the revision with safetensors weights. */
+export const DEFAULT_CLIP = "openai/clip-vit-base-patch16@refs/pr/10";
+/** The model name that selects the embedded tiny models (random weights, no files). */
+export const TINY = "tiny";
+
+export interface PluginChoice {
+  name: string;
+  options: Record<string, unknown>;
+}
+
+export type DTypeChoice = "auto" | "f32" | "f16" | "bf16";
+
+export interface RunConfig {
+  /** The preset the configuration started from. */
+  preset: string;
+  /** Few-shot input folder (flag --data). */
+  data: string | null;
+  /** Output folder (flag --out). */
+  out: string | null;
+  /** SD1.5 diffusers folder or Hub id, or "tiny". */
+  model: string;
+  /** IP-Adapter safetensors: a file, or a file in a Hub repo (`org/name/path`,
+   * `org/name@revision:path`). Unused by text-only guidance. */
+  ipAdapter: string;
+  /** The IP-Adapter's image encoder folder: a folder, or one in a Hub repo (as ipAdapter). */
+  imageEncoder: string;
+  /** CLIP for class similarity: folder, Hub id or "tiny"; null: tiny with a tiny model, else
+   * CLIP ViT-B/16. */
+  clip: string | null;
+  /** Seed of the tiny models' random weights. */
+  modelSeed: number;
+  dtype: DTypeChoice;
+  /** "auto" (CUDA when available), "cpu", "cuda" or "cuda:N". */
+  device: string;
+  guidance: PluginChoice;
+  sampler: PluginChoice;
+  pairs: PluginChoice;
+  steps: number;
+  /** Output size in pixels; null: the model's default (512 for SD1.5). */
+  width: number | null;
+  height: number | null;
+  perClass: number;
+  /** The run seed every random choice derives from. */
+  seed: number;
+  batch: number;
+  /** Prompt template with `{c}` (or `{class}`) for the class name; "" is the empty prompt;
+   * null: the dataset's template. */
+  prompt: string | null;
+  /** Dataset name: picks the prompt template and the folder in the DataDream layout. */
+  dataset: string | null;
+  /** DataDream layout: the few-shot split ("seed0" or 0) when there are several. */
+  fewshotSeed: string | null;
+  /** Class similarity file; null: found or computed (see the generate command). */
+  similarity: string | null;
+  /** JPEG quality of the generated images. */
+  quality: number;
+  /** Leave unreadable or broken shots out instead of stopping. */
+  skipBad: boolean;
+  /** Plugin modules loaded before anything is resolved (absolute paths). */
+  plugins: string[];
+}
+
+type PluginKey = "guidance" | "sampler" | "pairs";
+type ScalarKey = Exclude<keyof RunConfig, PluginKey | "plugins">;
+
+export const DEFAULTS: Readonly<RunConfig> = Object.freeze({
+  preset: "dipsy",
+  data: null,
+  out: null,
+  model: DEFAULT_MODEL,
+  ipAdapter: DEFAULT_IP_ADAPTER,
+  imageEncoder: DEFAULT_IMAGE_ENCODER,
+  clip: null,
+  modelSeed: 0,
+  dtype: "auto",
+  device: "auto",
+  guidance: { name: "dipsy", options: {} },
+  sampler: { name: "dpm-solver++", options: {} },
+  pairs: { name: "class-similarity", options: {} },
+  steps: 50,
+  width: null,
+  height: null,
+  perClass: 200,
+  seed: 0,
+  batch: 4,
+  prompt: null,
+  dataset: null,
+  fewshotSeed: null,
+  similarity: null,
+  quality: 95,
+  skipBad: false,
+  plugins: [],
+}) as RunConfig;
+
+// ---------------------------------------------------------------------------------------------
+// Presets
+
+export interface PluginLayer {
+  /** Absent: keep the current plugin and add options to it. */
+  name?: string;
+  options: Record<string, unknown>;
+}
+
+/** One source of values (a preset, a file, the command line), before resolution. */
+export interface ConfigLayer {
+  /** Where the values came from, for error messages. */
+  source: string;
+  values: Partial<Pick<RunConfig, ScalarKey>>;
+  guidance?: PluginLayer;
+  sampler?: PluginLayer;
+  pairs?: PluginLayer;
+  plugins?: string[];
+}
+
+export interface Preset {
+  description: string;
+  /** The paper's name for the configuration. */
+  paper: string;
+  layer: Omit<ConfigLayer, "source">;
+}
+
+function preset(
+  description: string,
+  paper: string,
+  guidance: string,
+  pairs: string,
+  augment: boolean,
+  prompt: string | null = null,
+): Preset {
+  return {
+    description,
+    paper,
+    layer: {
+      values: { prompt },
+      guidance: { name: guidance, options: {} },
+      pairs: { name: pairs, options: { augment } },
+    },
+  };
+}
+
+/**
+ * The rows of the DIPSY paper's ablations. Each sets the guidance, the pair sampler (with its
+ * augmentation switch) and the prompt, so that switching presets switches all three.
+ */
+export const PRESETS: Readonly<Record<string, Preset>> = {
+  dipsy: preset(
+    "dual IP-Adapter guidance (Eq. 9), negative class by CLIP similarity, augmented references",
+    "DIPSY (full method)",
+    "dipsy",
+    "class-similarity",
+    true,
+  ),
+  "no-negative": preset(
+    "one IP-Adapter with the positive image only (Eq. 8), augmented references",
+    "w/o negative guidance",
+    "single-ip",
+    "none",
+    true,
+  ),
+  "uniform-negative": preset(
+    "dual guidance, negative class drawn uniformly instead of by similarity",
+    "w/o class similarity",
+    "dipsy",
+    "uniform",
+    true,
+  ),
+  "no-augment": preset(
+    "dual guidance with similarity negatives, references not augmented",
+    "w/o augmentation",
+    "dipsy",
+    "class-similarity",
+    false,
+  ),
+  "no-negative-no-augment": preset(
+    "one IP-Adapter, positive only, references not augmented",
+    "w/o negative, w/o augmentation",
+    "single-ip",
+    "none",
+    false,
+  ),
+  "uniform-no-augment": preset(
+    "dual guidance, uniform negative class, references not augmented",
+    "w/o class similarity, w/o augmentation",
+    "dipsy",
+    "uniform",
+    false,
+  ),
+  sd15: preset(
+    "plain SD1.5 text-to-image with classifier-free guidance, no IP-Adapter loaded",
+    "SD1.5 without adapters",
+    "cfg",
+    "none",
+    false,
+  ),
+  "empty-prompt": preset(
+    'DIPSY with the empty text prompt "" for every class',
+    "empty text prompt",
+    "dipsy",
+    "class-similarity",
+    true,
+    "",
+  ),
+  "single-ip": preset(
+    "one IP-Adapter (Eq. 8), the same configuration as no-negative",
+    "single IP-Adapter",
+    "single-ip",
+    "none",
+    true,
+  ),
+};
+
+// ---------------------------------------------------------------------------------------------
+// Field checks
+
+export class ConfigError extends Error {
+  constructor(readonly problems: string[]) {
+    super(
+      `configuration: ${problems.length} problem${problems.length === 1 ? "" : "s"}\n` +
+        problems.map((p) => `  - ${p}`).join("\n"),
+    );
+    this.name = "ConfigError";
+  }
+}
+
+type Kind = "string" | "path" | "ref" | "int" | "bool" | "dtype";
+
+interface FieldSpec {
+  kind: Kind;
+  nullable?: boolean;
+  min?: number;
+  max?: number;
+  description: string;
+}
+
+const FIELDS: Record<ScalarKey, FieldSpec> = {
+  preset: {
+    kind: "string",
+    description: `named configuration (${Object.keys(PRESETS).join(", ")})`,
+  },
+  data: { kind: "path", nullable: true, description: "few-shot input folder" },
+  out: { kind: "path", nullable: true, description: "output folder" },
+  model: { kind: "ref", description: "SD1.5 diffusers folder or Hub id, or tiny" },
+  ipAdapter: { kind: "ref", description: "IP-Adapter file, or org/name/file in a Hub repo" },
+  imageEncoder: { kind: "ref", description: "image encoder folder, or org/name/folder" },
+  clip: { kind: "ref", nullable: true, description: "CLIP for class similarity, or tiny" },
+  modelSeed: { kind: "int", description: "seed of the tiny models' random weights" },
+  dtype: { kind: "dtype", description: "auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16" },
+  device: { kind: "string", description: "auto, cpu, cuda or cuda:N" },
+  steps: { kind: "int", min: 1, max: 1000, description: "denoising steps" },
+  width: { kind: "int", nullable: true, min: 8, description: "image width in pixels" },
+  height: { kind: "int", nullable: true, min: 8, description: "image height in pixels" },
+  perClass: { kind: "int", min: 1, description: "images per class" },
+  seed: { kind: "int", description: "run seed" },
+  batch: { kind: "int", min: 1, description: "images per model call" },
+  prompt: { kind: "string", nullable: true, description: "prompt template with {c}" },
+  dataset: { kind: "string", nullable: true, description: "dataset name" },
+  fewshotSeed: { kind: "string", nullable: true, description: "DataDream few-shot split" },
+  similarity: { kind: "path", nullable: true, description: "class similarity file" },
+  quality: { kind: "int", min: 1, max: 100, description: "JPEG quality" },
+  skipBad: { kind: "bool", description: "leave bad shots out" },
+};
+
+const PLUGIN_KEYS: readonly PluginKey[] = ["guidance", "sampler", "pairs"];
+const PLUGIN_KIND: Record<PluginKey, PluginKind> = {
+  guidance: "guidance",
+  sampler: "sampler",
+  pairs: "pairs",
+};
+
+/** Field names and descriptions, for help texts. */
+export function fieldDescriptions(): [string, string][] {
+  return Object.entries(FIELDS).map(([k, f]) => [k, f.description]);
+}
+
+function expandPath(p: string, baseDir: string): string {
+  if (p.startsWith("~/") || p === "~") {
+    const home = Deno.env.get("HOME");
+    if (home) return resolve(home, p.slice(2));
+  }
+  return isAbsolute(p) ? p : resolve(baseDir, p);
+}
+
+/** Model references stay verbatim (Hub ids) unless written as relative paths. */
+function expandRef(p: string, baseDir: string): string {
+  return /^\.\.?(\/|$)/.test(p) || p.startsWith("~") ? expandPath(p, baseDir) : p;
+}
+
+/** Parses a value given as text (command line, --set) for a field that is not a string. */
+function fromText(text: string): unknown {
+  try {
+    return YAML.parse(text);
+  } catch {
+    return text;
+  }
+}
+
+function checkField(
+  key: ScalarKey,
+  raw: unknown,
+  baseDir: string,
+  textual: boolean,
+): { value?: unknown; error?: string } {
+  const spec = FIELDS[key];
+  if (raw === null || (textual && raw === "" && spec.nullable && spec.kind !== "string")) {
+    return spec.nullable ? { value: null } : { error: `"${key}" must not be empty` };
+  }
+  switch (spec.kind) {
+    case "string":
+    case "path":
+    case "ref": {
+      let v = raw;
+      if (key === "fewshotSeed" && typeof v === "number") v = String(v);
+      if (typeof v !== "string") return { error: `"${key}" must be a string, got ${show(raw)}` };
+      if (spec.kind === "path") return { value: v === "" ? null : expandPath(v, baseDir) };
+      if (spec.kind === "ref") {
+        if (v.trim() === "") return { error: `"${key}" must not be empty` };
+        return { value: expandRef(v, baseDir) };
+      }
+      return { value: v };
+    }
+    case "int": {
+      const v = textual && typeof raw === "string" ? fromText(raw) : raw;
+      if (typeof v !== "number" || !Number.isSafeInteger(v)) {
+        return { error: `"${key}" must be an integer, got ${show(raw)}` };
+      }
+      if (spec.min !== undefined && v < spec.min) {
+        return { error: `"${key}" must be at least ${spec.min}, got ${v}` };
+      }
+      if (spec.max !== undefined && v > spec.max) {
+        return { error: `"${key}" must be at most ${spec.max}, got ${v}` };
+      }
+      return { value: v };
+    }
+    case "bool": {
+      const v = textual && typeof raw === "string" ? fromText(raw) : raw;
+      if (typeof v !== "boolean") {
+        return { error: `"${key}" must be true or false, got ${show(raw)}` };
+      }
+      return { value: v };
+    }
+    case "dtype": {
+      if (raw !== "auto" && raw !== "f32" && raw !== "f16" && raw !== "bf16") {
+        return { error: `"${key}" must be auto, f32, f16 or bf16, got ${show(raw)}` };
+      }
+      return { value: raw };
+    }
+  }
+}
+
+function show(v: unknown): string {
+  return typeof v === "string" ? JSON.stringify(v) : String(JSON.stringify(v) ?? v);
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return v !== null && typeof v === "object" && !Array.isArray(v);
+}
+
+function pluginLayer(
+  key: PluginKey,
+  raw: unknown,
+  problems: string[],
+): PluginLayer | undefined {
+  if (typeof raw === "string") {
+    if (!raw.trim()) problems.push(`"${key}" must name a plugin`);
+    return { name: raw.trim(), options: {} };
+  }
+  if (!isObject(raw)) {
+    problems.push(`"${key}" must be a plugin name or { name, ...options }, got ${show(raw)}`);
+    return undefined;
+  }
+  const { name, options, ...rest } = raw;
+  if (name !== undefined && (typeof name !== "string" || !name.trim())) {
+    problems.push(`"${key}.name" must be a plugin name, got ${show(name)}`);
+    return undefined;
+  }
+  if (options !== undefined && !isObject(options)) {
+    problems.push(`"${key}.options" must be an object, got ${show(options)}`);
+    return undefined;
+  }
+  return { name: name as string | undefined, options: { ...(options ?? {}), ...rest } };
+}
+
+function editDistance(a: string, b: string): number {
+  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const row = [i];
+    for (let j = 1; j <= b.length; j++) {
+      row[j] = Math.min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+    }
+    prev = row;
+  }
+  return prev[b.length];
+}
+
+/** The choice a typo most likely meant (case, dashes and up to two edits ignored). */
+function closest(word: string, choices: readonly string[]): string | undefined {
+  const norm = (s: string) => s.toLowerCase().replace(/[-_ ]/g, "");
+  let best: string | undefined, bestD = 3;
+  for (const c of choices) {
+    const d = editDistance(norm(word), norm(c));
+    if (d < bestD) [best, bestD] = [c, d];
+  }
+  return best;
+}
+
+export interface ParseOptions {
+  /** Relative paths are taken from here (a file's folder; the working folder for flags). */
+  baseDir?: string;
+  /** Values are text (command-line flags): numbers and booleans are parsed from it. */
+  textual?: boolean;
+}
+
+/** Checks one source of configuration values; every problem is reported at once. */
+export function parseConfigObject(
+  raw: unknown,
+  source: string,
+  opts: ParseOptions = {},
+): ConfigLayer {
+  const baseDir = opts.baseDir ?? Deno.cwd();
+  if (!isObject(raw)) {
+    throw new ConfigError([`${source}: expected an object of settings, got ${show(raw)}`]);
+  }
+  const problems: string[] = [];
+  const layer: ConfigLayer = { source, values: {} };
+  const known = [...Object.keys(FIELDS), ...PLUGIN_KEYS, "plugins"];
+  for (const [key, value] of Object.entries(raw)) {
+    if (value === undefined) continue;
+    if ((PLUGIN_KEYS as readonly string[]).includes(key)) {
+      const p = pluginLayer(key as PluginKey, value, problems);
+      if (p) layer[key as PluginKey] = p;
+    } else if (key === "plugins") {
+      const list = typeof value === "string" ? [value] : value;
+      if (!Array.isArray(list) || list.some((p) => typeof p !== "string" || !p)) {
+        problems.push(`"plugins" must be a list of plugin file paths, got ${show(value)}`);
+      } else {
+        layer.plugins = list.map((p) => expandPath(p, baseDir));
+      }
+    } else if (key in FIELDS) {
+      const r = checkField(key as ScalarKey, value, baseDir, opts.textual ?? false);
+      if (r.error) problems.push(r.error);
+      else (layer.values as Record<string, unknown>)[key] = r.value;
+    } else {
+      const guess = closest(key, known);
+      problems.push(
+        `unknown setting "${key}"${guess ? ` (did you mean "${guess}"?)` : ""}; known: ` +
+          known.join(", "),
+      );
+    }
+  }
+  if (problems.length) throw new ConfigError(problems.map((p) => `${source}: ${p}`));
+  return layer;
+}
+
+/** Reads a JSON (.json) or YAML (.yaml, .yml, anything else) configuration file. */
+export async function readConfigFile(path: string): Promise<ConfigLayer> {
+  const abs = resolve(path);
+  let text: string;
+  try {
+    text = await Deno.readTextFile(abs);
+  } catch (e) {
+    throw new ConfigError([`config file ${abs}: ${e instanceof Error ? e.message : e}`]);
+  }
+  let raw: unknown;
+  try {
+    raw = /\.json$/i.test(abs) ? JSON.parse(text) : YAML.parse(text);
+  } catch (e) {
+    throw new ConfigError([
+      `config file ${abs}: not valid ${/\.json$/i.test(abs) ? "JSON" : "YAML"} ` +
+      `(${e instanceof Error ? e.message.split("\n")[0] : e})`,
+    ]);
+  }
+  return parseConfigObject(raw ?? {}, `config file ${abs}`, { baseDir: dirname(abs) });
+}
+
+/**
+ * `--set key=value` overrides: `steps=30`, `guidance.negativeScale=4`, `pairs.augment=false`,
+ * `guidance.name=single-ip`. Values are read as YAML scalars (numbers, booleans, lists).
+ */
+export function parseSets(specs: readonly string[], source = "--set"): ConfigLayer {
+  const raw: Record<string, unknown> = {};
+  const problems: string[] = [];
+  for (const spec of specs) {
+    const eq = spec.indexOf("=");
+    if (eq <= 0) {
+      problems.push(`${source} ${JSON.stringify(spec)}: expected key=value`);
+      continue;
+    }
+    const key = spec.slice(0, eq).trim(), text = spec.slice(eq + 1);
+    const dot = key.indexOf(".");
+    if (dot > 0) {
+      const head = key.slice(0, dot), option = key.slice(dot + 1);
+      if (!(PLUGIN_KEYS as readonly string[]).includes(head)) {
+        problems.push(
+          `${source} ${key}: only guidance.*, sampler.* and pairs.* take a dotted key`,
+        );
+        continue;
+      }
+      const obj = (raw[head] ??= {}) as Record<string, unknown>;
+      obj[option] = option === "name" ? text : fromText(text);
+    } else if (key in FIELDS && ["string", "path", "ref"].includes(FIELDS[key as ScalarKey].kind)) {
+      raw[key] = text;
+    } else {
+      raw[key] = key in FIELDS ? text : fromText(text);
+    }
+  }
+  if (problems.length) throw new ConfigError(problems);
+  return parseConfigObject(raw, source, { textual: true });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resolution
+
+function declaredOptions(reg: Registry, key: PluginKey, name: string): Set<string> | null {
+  const def = reg.list(PLUGIN_KIND[key]).find((d) => d.name === name);
+  return def ? new Set(Object.keys(def.options ?? {})) : null;
+}
+
+function mergePlugin(
+  reg: Registry,
+  key: PluginKey,
+  current: PluginChoice,
+  layer: PluginLayer,
+): PluginChoice {
+  if (!layer.name || layer.name === current.name) {
+    return { name: current.name, options: { ...current.options, ...layer.options } };
+  }
+  const declared = declaredOptions(reg, key, layer.name);
+  const kept = Object.fromEntries(
+    Object.entries(current.options).filter(([k]) => declared?.has(k)),
+  );
+  return { name: layer.name, options: { ...kept, ...layer.options } };
+}
+
+/** The plugin files named by any layer, in order, each once. */
+export function pluginFiles(layers: readonly ConfigLayer[]): string[] {
+  return [...new Set(layers.flatMap((l) => l.plugins ?? []))];
+}
+
+/**
+ * Resolves layers (file first, then flags) over the defaults and the preset they choose. Plugin
+ * names are checked against `reg`, so load plugin files first (`loadPluginFiles`).
+ */
+export function resolveConfig(layers: readonly ConfigLayer[], reg: Registry = registry): RunConfig {
+  const problems: string[] = [];
+  const presetName = [...layers].reverse().find((l) => l.values.preset !== undefined)?.values
+    .preset ?? DEFAULTS.preset;
+  const chosen = PRESETS[presetName];
+  if (!chosen) {
+    throw new ConfigError([
+      `unknown preset "${presetName}" (available: ${Object.keys(PRESETS).join(", ")})`,
+    ]);
+  }
+  const all: ConfigLayer[] = [{ source: `preset ${presetName}`, ...chosen.layer }, ...layers];
+  const config: RunConfig = structuredClone({ ...DEFAULTS }) as RunConfig;
+  for (const layer of all) {
+    Object.assign(config, layer.values);
+    for (const key of PLUGIN_KEYS) {
+      const p = layer[key];
+      if (p) config[key] = mergePlugin(reg, key, config[key], p);
+    }
+  }
+  config.preset = presetName;
+  config.plugins = pluginFiles(layers);
+
+  for (const key of PLUGIN_KEYS) {
+    const { name } = config[key];
+    if (!reg.has(PLUGIN_KIND[key], name)) {
+      const names = reg.list(PLUGIN_KIND[key]).map((d) => d.name);
+      const guess = closest(name, names);
+      problems.push(
+        `unknown ${key} plugin "${name}"${guess ? ` (did you mean "${guess}"?)` : ""} ` +
+          `(available: ${names.join(", ") || "none registered"}; --plugin FILE adds more)`,
+      );
+    }
+  }
+  if (config.prompt !== null) {
+    // "{class}" is the spelling users reach for first; "{c}" is the template language.
+    config.prompt = config.prompt.replaceAll("{class}", "{c}");
+    if (config.prompt !== "" && !config.prompt.includes("{c}")) {
+      problems.push(
+        `prompt "${config.prompt}" has no {c} (or {class}) for the class name; ` +
+          `use "" for the empty prompt`,
+      );
+    }
+  }
+  if ((config.width === null) !== (config.height === null)) {
+    problems.push("set both width and height (or --size), or neither");
+  }
+  if (!/^(auto|cpu|cuda(:\d+)?)$/.test(config.device)) {
+    problems.push(`device must be auto, cpu, cuda or cuda:N, got "${config.device}"`);
+  }
+  if (problems.length) throw new ConfigError(problems);
+  return config;
+}
+
+/** The CLIP used for class similarity (the `clip` setting with its default filled in). */
+export function similarityClip(config: RunConfig): string {
+  return config.clip ?? (config.model === TINY ? TINY : DEFAULT_CLIP);
+}
+
+/** The resolved configuration as YAML, loadable with `--config` (data/out left out when unset). */
+export function formatConfig(config: RunConfig): string {
+  const plain: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(config)) {
+    if (v === null && (k === "data" || k === "out" || k === "similarity")) continue;
+    if (k === "plugins" && (v as string[]).length === 0) continue;
+    if (PLUGIN_KEYS.includes(k as PluginKey)) {
+      const p = v as PluginChoice;
+      plain[k] = Object.keys(p.options).length ? { name: p.name, ...p.options } : p.name;
+    } else {
+      plain[k] = v;
+    }
+  }
+  return YAML.stringify(plain);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plugin files
+
+const PLUGIN_KINDS: readonly PluginKind[] = ["sampler", "guidance", "pairs", "classifier"];
+const loaded = new Map<string, PluginDef[]>();
+
+function checkDef(d: unknown, where: string): PluginDef {
+  const def = d as PluginDef;
+  if (
+    !isObject(d) || !PLUGIN_KINDS.includes(def.kind) || typeof def.name !== "string" ||
+    !def.name || typeof def.create !== "function"
+  ) {
+    throw new ConfigError([
+      `${where}: every entry of "plugins" must be { kind (${PLUGIN_KINDS.join(", ")}), name, ` +
+      `description, create(options) }`,
+    ]);
+  }
+  return def;
+}
+
+/**
+ * Imports a plugin module. It registers its plugins itself (`registry.register(def)`) or exports
+ * them (`export const plugins: PluginDef[]`), which are then registered here. Returns the
+ * plugins the file added. Loading the same file twice is harmless.
+ */
+export async function loadPluginFile(path: string, reg: Registry = registry): Promise<PluginDef[]> {
+  const abs = resolve(path);
+  const seen = loaded.get(abs);
+  if (seen) return seen;
+  if (!existsSync(abs) || !statSync(abs).isFile()) {
+    throw new ConfigError([`plugin file ${abs} does not exist`]);
+  }
+  const before = new Set(reg.list());
+  let mod: Record<string, unknown>;
+  try {
+    mod = await import(pathToFileURL(abs).href);
+  } catch (e) {
+    throw new ConfigError([
+      `plugin file ${abs}: cannot load it: ${e instanceof Error ? e.message : e}`,
+    ]);
+  }
+  const exported = mod.plugins ?? mod.default;
+  if (exported !== undefined) {
+    const list = Array.isArray(exported) ? exported : [exported];
+    for (const d of list) {
+      const def = checkDef(d, `plugin file ${abs}`);
+      const existing = reg.list(def.kind).find((x) => x.name === def.name);
+      if (existing === def) continue;
+      if (existing) {
+        throw new ConfigError([
+          `plugin file ${abs}: a ${def.kind} plugin named "${def.name}" exists already; ` +
+          "give yours another name",
+        ]);
+      }
+      reg.register(def);
+    }
+  }
+  const added = reg.list().filter((d) => !before.has(d));
+  if (added.length === 0) {
+    throw new ConfigError([
+      `plugin file ${abs} added no plugin: export \`plugins: PluginDef[]\` or call ` +
+      "registry.register(def) from the project's core/plugins.ts",
+    ]);
+  }
+  loaded.set(abs, added);
+  return added;
+}
+
+/** Loads every plugin file of the layers, in order. */
+export async function loadPluginFiles(
+  layers: readonly ConfigLayer[],
+  reg: Registry = registry,
+): Promise<PluginDef[]> {
+  const out: PluginDef[] = [];
+  for (const f of pluginFiles(layers)) out.push(...await loadPluginFile(f, reg));
+  return out;
+}
+
+/** The option values a plugin runs with: its declared defaults overlaid with the chosen ones. */
+export function effectiveOptions(
+  kind: PluginKind,
+  choice: PluginChoice,
+  reg: Registry = registry,
+): Record<string, unknown> {
+  const def = reg.list(kind).find((d) => d.name === choice.name);
+  const defaults: Record<string, unknown> = {};
+  for (const [k, o] of Object.entries(def?.options ?? {})) {
+    if (o.default !== undefined && typeof o.default !== "string") defaults[k] = o.default;
+    else if (typeof o.default === "string" && !/^from /.test(o.default)) defaults[k] = o.default;
+  }
+  return { ...defaults, ...choice.options };
+}

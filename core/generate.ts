@@ -1,0 +1,663 @@
+/**
+ * The dataset job: M synthetic images per class, written as `<out>/<class folder>/<index>.jpg`
+ * with one `<out>/manifest.jsonl` line each.
+ *
+ * Guarantees, and how they are kept:
+ * - Deterministic. Every random choice derives from the run seed and (class, index), and the
+ *   work is cut into fixed batches: the images of class k with indices [jB, (j+1)B). A batch is
+ *   always computed whole, with the same members, whether the run is resumed, sharded or asked
+ *   for one image (`only`), so every image comes out bit for bit the same (batched kernels are
+ *   not bit-exact across batch compositions, so anything looser would not be).
+ * - Resumable. An image is finished when its file exists and its manifest line does. Files are
+ *   written to a temporary name and renamed; the manifest line is appended after the rename, in
+ *   one write, so a killed run leaves at most files without a line (redone) and temporary files
+ *   (removed), never half an image.
+ * - Shardable. `i/n` takes every n-th batch starting at i. Shards share one output folder: they
+ *   write disjoint files, append whole lines to the manifest (O_APPEND), and agree on run.json.
+ * - Safe. The input is checked completely before anything is written, a folder that is not this
+ *   run's output is never written into, and finished images are never rewritten.
+ */
+import { join, relative, resolve } from "node:path";
+import { ops, type Tensor } from "../ffi/mod.ts";
+import { applyAugment } from "./augment.ts";
+import type { DiffusionBackbone } from "./backbone.ts";
+import type { RunConfig } from "./config.ts";
+import { effectiveOptions, TINY } from "./config.ts";
+import { type Dataset, promptFor, promptTemplate, validateDataset } from "./dataset.ts";
+import { encodeImage, imageFromTensor, readImage, type RgbImage } from "./image.ts";
+import {
+  appendLine,
+  checkOutputFolder,
+  claimRecord,
+  imageFileName,
+  listOrNull,
+  MANIFEST,
+  type ManifestEntry,
+  readManifest,
+  RECORD_FORMAT,
+  RECORD_VERSION,
+  RunError,
+  type RunRecord,
+  type ShotRecord,
+  SIMILARITY_FILE,
+  writeAtomic,
+} from "./output.ts";
+import {
+  type Guidance,
+  type PairChoice,
+  type PairContext,
+  type Registry,
+  registry as defaultRegistry,
+  type Sampler,
+  type SamplerPair,
+  type ShotRef,
+} from "./plugins.ts";
+import { imageSeed } from "./rng.ts";
+import { sampleLatents, type SampleRequest } from "./sampling.ts";
+import {
+  type Chunk,
+  NO_SHARD,
+  planChunks,
+  type Shard,
+  shardChunks,
+  type WorkItem,
+} from "./shard.ts";
+
+export * from "./output.ts";
+export * from "./shard.ts";
+
+// ---------------------------------------------------------------------------------------------
+// Plan
+
+export interface PlannedImage extends WorkItem {
+  className: string;
+  folder: string;
+  /** Relative to the output folder. */
+  file: string;
+}
+
+/** Everything decided about one image: its references, seed and manifest line. */
+export interface ImagePlan {
+  choice: PairChoice;
+  entry: ManifestEntry;
+  line: string;
+}
+
+export interface PlannedChunk extends Chunk {
+  images: PlannedImage[];
+}
+
+export interface SimilaritySource {
+  /** The matrix for the dataset's classes, in its class order, and where it came from. */
+  get(dataset: Dataset, out: string): Promise<{ matrix: number[][]; from: string }>;
+  /** Keeps a copy in the output folder once it is known to be this run's. */
+  keep?(path: string, dataset: Dataset, matrix: number[][]): Promise<void>;
+}
+
+export interface PlanOptions {
+  /** Resolved: data and out set, width and height set, dtype and device concrete. */
+  config: RunConfig;
+  dataset: Dataset;
+  similarity?: SimilaritySource;
+  shard?: Shard;
+  /** Only these images ("class:index", class by name or folder); their batches are computed. */
+  only?: readonly string[];
+  /** Model identifiers for the manifest and run.json (default: from the configuration). */
+  modelIds?: Record<string, string>;
+  registry?: Registry;
+}
+
+export interface RunPlan {
+  config: RunConfig;
+  out: string;
+  dataset: Dataset;
+  shard: Shard;
+  guidance: Guidance;
+  pairs: SamplerPair;
+  /** This shard's batches. */
+  chunks: PlannedChunk[];
+  /** Images this invocation is responsible for (all of the shard, or `only`). */
+  wanted: Set<string>;
+  /** The decisions for one image, made on demand (a large run has 10^5 images or more). */
+  describe(image: WorkItem): ImagePlan;
+  record: RunRecord;
+  similarity: { matrix: number[][]; from: string } | null;
+  similaritySource?: SimilaritySource;
+  registry: Registry;
+}
+
+/** IP-Adapters the guidance needs: 2 for a negative image, 1 for a positive only, else 0. */
+export function adaptersFor(guidance: Guidance): number {
+  return guidance.usesImages ? (guidance.usesNegative ? 2 : 1) : 0;
+}
+
+/** Model identifiers from the configuration (portable across machines, unlike local paths). */
+export function configModelIds(config: RunConfig, adapters: number): Record<string, string> {
+  if (config.model === TINY) return { model: TINY, modelSeed: String(config.modelSeed) };
+  const ids: Record<string, string> = { model: config.model };
+  if (adapters > 0) {
+    ids.ipAdapter = config.ipAdapter;
+    ids.imageEncoder = config.imageEncoder;
+    ids.adapters = String(adapters);
+  }
+  return ids;
+}
+
+function parseOnly(spec: string, dataset: Dataset, perClass: number): WorkItem {
+  const colon = spec.lastIndexOf(":");
+  const name = colon < 0 ? "" : spec.slice(0, colon);
+  const index = Number(spec.slice(colon + 1));
+  if (colon < 0 || !name || !Number.isInteger(index) || index < 0) {
+    throw new RunError(`--only "${spec}": expected CLASS:INDEX, e.g. "red circle:3"`);
+  }
+  let classIndex = dataset.classes.findIndex((c) => c.name === name);
+  if (classIndex < 0) classIndex = dataset.classes.findIndex((c) => c.folder === name);
+  if (classIndex < 0) {
+    throw new RunError(
+      `--only "${spec}": no class "${name}" (classes: ${
+        dataset.classes.map((c) => c.name).join(", ")
+      })`,
+    );
+  }
+  if (index >= perClass) {
+    throw new RunError(`--only "${spec}": index ${index} is past perClass (${perClass})`);
+  }
+  return { classIndex, index };
+}
+
+function shotRecord(
+  dataset: Dataset,
+  ref: ShotRef | null,
+  augment: PairChoice["positiveAugment"],
+): ShotRecord | null {
+  if (!ref) return null;
+  const cls = dataset.classes[ref.classIndex];
+  const shot = cls.shots[ref.shotIndex];
+  const file = relative(dataset.root, shot.path).replaceAll("\\", "/");
+  return { class: cls.name, file, shot: ref.shotIndex, augment: augment ? { ...augment } : null };
+}
+
+/**
+ * Validates the plugins against the dataset and plans this shard's work: batches, pair choices,
+ * seeds, prompts and manifest lines. Writes nothing.
+ */
+export async function planRun(opts: PlanOptions): Promise<RunPlan> {
+  const { config, dataset } = opts;
+  const reg = opts.registry ?? defaultRegistry;
+  if (!config.out) throw new RunError("no output folder (--out)");
+  if (config.width === null || config.height === null) {
+    throw new Error("planRun: width and height must be resolved (the model's default size)");
+  }
+  const width = config.width, height = config.height;
+  const out = resolve(config.out);
+  const shard = opts.shard ?? NO_SHARD;
+  const guidance = reg.create<Guidance>("guidance", config.guidance.name, config.guidance.options);
+  const pairs = reg.create<SamplerPair>("pairs", config.pairs.name, config.pairs.options);
+  // Before the similarity, which may take minutes to compute.
+  checkOutputFolder(out, dataset.root);
+
+  let similarity: RunPlan["similarity"] = null;
+  if (pairs.needsSimilarity) {
+    if (!opts.similarity) {
+      throw new RunError(`pairs plugin "${pairs.name}" needs the class similarity matrix`);
+    }
+    similarity = await opts.similarity.get(dataset, out);
+    if (similarity.matrix.length !== dataset.classes.length) {
+      throw new RunError(
+        `the class similarity (${similarity.from}) has ${similarity.matrix.length} rows for ` +
+          `${dataset.classes.length} classes`,
+      );
+    }
+  }
+
+  const classNames = dataset.classes.map((c) => c.name);
+  const context: PairContext = {
+    classNames,
+    shotCounts: dataset.classes.map((c) => c.shots.length),
+    shotSizes: dataset.classes.map((c) => c.shots.map((s) => [s.width, s.height] as const)),
+    similarity: similarity?.matrix,
+    seed: config.seed,
+  };
+  const template = config.prompt ?? promptTemplate(config.dataset ?? dataset.dataset);
+  const prompts = classNames.map((c) => template === "" ? "" : promptFor(template, c));
+  const adapters = adaptersFor(guidance);
+  const models = opts.modelIds ?? configModelIds(config, adapters);
+  const pairsInfo = { name: pairs.name, ...effectiveOptions("pairs", config.pairs, reg) };
+  // Only the sampler options given: the others follow the model's scheduler config.
+  const samplerInfo = { name: config.sampler.name, steps: config.steps, ...config.sampler.options };
+  const guidanceInfo = {
+    name: guidance.name,
+    ...effectiveOptions("guidance", config.guidance, reg),
+  };
+
+  let chunks = planChunks(dataset.classes.length, config.perClass, config.batch);
+  let wantedItems: WorkItem[] | null = null;
+  if (opts.only?.length) {
+    wantedItems = opts.only.map((s) => parseOnly(s, dataset, config.perClass));
+    const ids = new Set(
+      wantedItems.map((w) =>
+        chunks.find((c) =>
+          c.classIndex === w.classIndex && w.index >= c.start && w.index < c.start + c.size
+        )!.id
+      ),
+    );
+    chunks = chunks.filter((c) => ids.has(c.id));
+  }
+  chunks = shardChunks(chunks, shard);
+
+  const describe = (item: WorkItem): ImagePlan => {
+    const { classIndex, index } = item;
+    const cls = dataset.classes[classIndex];
+    let choice: PairChoice;
+    try {
+      choice = pairs.choose(context, classIndex, index);
+    } catch (e) {
+      throw new RunError(
+        `pairs plugin "${pairs.name}", class "${cls.name}" image ${index}: ${
+          e instanceof Error ? e.message : e
+        }`,
+        { cause: e },
+      );
+    }
+    if (guidance.usesNegative && !choice.negative) {
+      throw new RunError(
+        `guidance "${guidance.name}" needs a negative reference image, but pairs plugin ` +
+          `"${pairs.name}" chose none (use a pairs plugin with negatives, or a guidance ` +
+          "without them, e.g. --preset no-negative)",
+      );
+    }
+    const entry: ManifestEntry = {
+      class: cls.name,
+      classIndex,
+      index,
+      file: `${cls.folder}/${imageFileName(index)}`,
+      seed: imageSeed(config.seed, classIndex, index),
+      runSeed: config.seed,
+      prompt: prompts[classIndex],
+      positive: guidance.usesImages
+        ? shotRecord(dataset, choice.positive, choice.positiveAugment)
+        : null,
+      negative: guidance.usesNegative
+        ? shotRecord(dataset, choice.negative, choice.negativeAugment)
+        : null,
+      pairs: pairsInfo,
+      sampler: samplerInfo,
+      guidance: guidanceInfo,
+      width,
+      height,
+      models,
+    };
+    return { choice, entry, line: JSON.stringify(entry) };
+  };
+  // A first image of every class, so that a plugin mismatch fails now, not hours in.
+  dataset.classes.forEach((_, classIndex) => describe({ classIndex, index: 0 }));
+
+  const planned: PlannedChunk[] = chunks.map((chunk) => {
+    const cls = dataset.classes[chunk.classIndex];
+    const images = Array.from({ length: chunk.size }, (_, k): PlannedImage => ({
+      classIndex: chunk.classIndex,
+      index: chunk.start + k,
+      className: cls.name,
+      folder: cls.folder,
+      file: `${cls.folder}/${imageFileName(chunk.start + k)}`,
+    }));
+    return { ...chunk, images };
+  });
+
+  const wanted = new Set<string>();
+  for (const c of planned) {
+    for (const img of c.images) {
+      if (
+        !wantedItems ||
+        wantedItems.some((w) => w.classIndex === img.classIndex && w.index === img.index)
+      ) {
+        wanted.add(img.file);
+      }
+    }
+  }
+
+  const record: RunRecord = {
+    format: RECORD_FORMAT,
+    version: RECORD_VERSION,
+    output: {
+      models,
+      dtype: config.dtype,
+      guidance: guidanceInfo,
+      sampler: samplerInfo,
+      pairs: pairsInfo,
+      width,
+      height,
+      seed: config.seed,
+      prompt: template,
+      quality: config.quality,
+      similarity: similarity ? await sha256(JSON.stringify(similarity.matrix)) : null,
+    },
+    dataset: {
+      classes: dataset.classes.map((c) => ({
+        name: c.name,
+        folder: c.folder,
+        shots: c.shots.map((s) => `${s.file} ${s.width}x${s.height}`),
+      })),
+    },
+    settings: {
+      batch: config.batch,
+      perClass: config.perClass,
+      device: config.device,
+      clip: pairs.needsSimilarity ? config.clip : null,
+    },
+  };
+
+  return {
+    config,
+    out,
+    dataset,
+    shard,
+    guidance,
+    pairs,
+    chunks: planned,
+    wanted,
+    describe,
+    record,
+    similarity,
+    similaritySource: opts.similarity,
+    registry: reg,
+  };
+}
+
+async function sha256(text: string): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
+  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output folder
+
+export interface OpenedRun {
+  /** Batches with at least one wanted image not finished. */
+  pending: PlannedChunk[];
+  /** Wanted images already finished (file and manifest line). */
+  finished: Set<string>;
+  /** Wanted images to write. */
+  toWrite: number;
+  /** Manifest lines already present for wanted images (their files are missing). */
+  lines: Map<string, string>;
+  notes: string[];
+}
+
+/**
+ * Checks the output folder and claims it for this run: refuses a folder with other contents or
+ * an incompatible run.json, writes run.json, removes this shard's leftover temporary files and
+ * finds what is left to do.
+ */
+export async function openRun(plan: RunPlan): Promise<OpenedRun> {
+  const { out, dataset } = plan;
+  if (checkOutputFolder(out, dataset.root) === "missing") {
+    await Deno.mkdir(out, { recursive: true });
+  }
+  const { notes } = await claimRecord(out, plan.record);
+  if (plan.similarity && plan.similaritySource?.keep) {
+    const copy = join(out, SIMILARITY_FILE);
+    if (listOrNull(out)?.every((e) => e.name !== SIMILARITY_FILE)) {
+      await plan.similaritySource.keep(copy, dataset, plan.similarity.matrix);
+    }
+  }
+
+  // Leftover temporary files of this shard's images (another shard's may be in flight).
+  const mine = new Set(plan.chunks.flatMap((c) => c.images.map((i) => i.file)));
+  for (const folder of new Set(plan.chunks.flatMap((c) => c.images.map((i) => i.folder)))) {
+    for (const e of listOrNull(join(out, folder)) ?? []) {
+      const m = /^\.(.+)\.[0-9a-f]{8}\.tmp$/.exec(e.name);
+      if (m && mine.has(`${folder}/${m[1]}`)) {
+        await Deno.remove(join(out, folder, e.name)).catch(() => {});
+      }
+    }
+  }
+
+  const manifest = await readManifest(out, (f) => plan.wanted.has(f));
+  if (manifest.badLines.length) {
+    notes.push(
+      `${MANIFEST}: ignored ${manifest.badLines.length} unreadable line(s) ` +
+        `(${manifest.badLines.slice(0, 5).join(", ")}${
+          manifest.badLines.length > 5 ? ", ..." : ""
+        }); ` +
+        "their images are redone",
+    );
+  }
+  const finished = new Set<string>();
+  const lines = new Map<string, string>();
+  for (const file of plan.wanted) {
+    const m = manifest.entries.get(file);
+    if (!m) continue;
+    let exists = false;
+    try {
+      exists = (await Deno.stat(join(out, file))).isFile;
+    } catch { /* missing */ }
+    if (exists) finished.add(file);
+    else lines.set(file, m.line);
+  }
+  const pending = plan.chunks.filter((c) =>
+    c.images.some((i) => plan.wanted.has(i.file) && !finished.has(i.file))
+  );
+  const toWrite = [...plan.wanted].filter((f) => !finished.has(f)).length;
+  return { pending, finished, toWrite, lines, notes };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Execution
+
+export interface ProgressInfo {
+  /** Images written so far by this invocation. */
+  done: number;
+  /** Images this invocation has to write. */
+  total: number;
+  /** The denoising step of the batch in flight. */
+  step?: { index: number; total: number };
+}
+
+export interface ExecuteOptions {
+  /** Checked between batches: the batch in flight is finished and written first. */
+  signal?: AbortSignal;
+  onProgress?: (p: ProgressInfo) => void;
+  /** After each image's manifest line is written. */
+  onImage?: (entry: ManifestEntry) => void;
+}
+
+export interface RunResult {
+  written: number;
+  /** Images that were already finished. */
+  skipped: number;
+  /** Images left to do (after an interruption). */
+  remaining: number;
+  interrupted: boolean;
+}
+
+/** A small cache of decoded shots: a batch's positives all come from one class. */
+class ShotCache {
+  readonly #map = new Map<string, Promise<RgbImage>>();
+  constructor(readonly capacity: number) {}
+  get(path: string): Promise<RgbImage> {
+    let p = this.#map.get(path);
+    if (p) {
+      this.#map.delete(path);
+    } else {
+      p = readImage(path);
+      if (this.#map.size >= this.capacity) this.#map.delete(this.#map.keys().next().value!);
+    }
+    this.#map.set(path, p);
+    return p;
+  }
+}
+
+async function referenceImage(
+  plan: RunPlan,
+  cache: ShotCache,
+  ref: ShotRef | null,
+  augment: PairChoice["positiveAugment"],
+): Promise<RgbImage | null> {
+  if (!ref) return null;
+  const shot = plan.dataset.classes[ref.classIndex].shots[ref.shotIndex];
+  const img = await cache.get(shot.path);
+  return augment ? applyAugment(img, augment) : img;
+}
+
+/** Generates the pending batches and writes their wanted images. */
+export async function executeRun(
+  plan: RunPlan,
+  opened: OpenedRun,
+  backbone: DiffusionBackbone,
+  opts: ExecuteOptions = {},
+): Promise<RunResult> {
+  const { config, guidance, out } = plan;
+  const need = adaptersFor(guidance);
+  if (backbone.adapterCount < need) {
+    throw new RunError(
+      `guidance "${guidance.name}" needs ${need} IP-Adapter(s); the model has ` +
+        `${backbone.adapterCount}`,
+    );
+  }
+  const cache = new ShotCache(64);
+  const total = opened.toWrite;
+  let written = 0;
+  opts.onProgress?.({ done: 0, total });
+  const manifestPath = join(out, MANIFEST);
+  const made = new Set<string>();
+
+  for (const chunk of opened.pending) {
+    if (opts.signal?.aborted) break;
+    const requests: SampleRequest[] = [];
+    const plans = chunk.images.map((img) => plan.describe(img));
+    for (const { choice: c, entry } of plans) {
+      requests.push({
+        prompt: entry.prompt,
+        positive: guidance.usesImages
+          ? await referenceImage(plan, cache, c.positive, c.positiveAugment)
+          : null,
+        negative: guidance.usesNegative
+          ? await referenceImage(plan, cache, c.negative, c.negativeAugment)
+          : null,
+        seed: entry.seed,
+      });
+    }
+    const images = generateBatch(
+      plan,
+      backbone,
+      requests,
+      (index, steps) => opts.onProgress?.({ done: written, total, step: { index, total: steps } }),
+    );
+
+    await Deno.mkdir(join(out, chunk.images[0].folder), { recursive: true });
+    for (let k = 0; k < chunk.images.length; k++) {
+      const img = chunk.images[k], { entry, line } = plans[k];
+      if (!plan.wanted.has(img.file) || opened.finished.has(img.file) || made.has(img.file)) {
+        continue;
+      }
+      const bytes = await encodeImage(images[k], "jpeg", { quality: config.quality });
+      await writeAtomic(join(out, img.file), bytes);
+      // The line is there already when only the file was lost: it would be the same line.
+      if (opened.lines.get(img.file) !== line) await appendLine(manifestPath, line);
+      made.add(img.file);
+      written++;
+      opts.onImage?.(entry);
+      opts.onProgress?.({ done: written, total });
+    }
+  }
+  return {
+    written,
+    skipped: opened.finished.size,
+    remaining: total - written,
+    interrupted: written < total,
+  };
+}
+
+function generateBatch(
+  plan: RunPlan,
+  backbone: DiffusionBackbone,
+  requests: SampleRequest[],
+  onStep: (index: number, total: number) => void,
+): RgbImage[] {
+  const { config, guidance, registry: reg } = plan;
+  using sampler = reg.create<Sampler>("sampler", config.sampler.name, {
+    ...config.sampler.options,
+    steps: config.steps,
+    config: backbone.schedulerConfig,
+  });
+  let latents: Tensor | null = null, pixels: Tensor | null = null;
+  try {
+    latents = sampleLatents(backbone, requests, {
+      width: config.width!,
+      height: config.height!,
+      guidance,
+      sampler,
+      onStep,
+    });
+    pixels = backbone.decode(latents);
+    if (pixels.dtype !== "f32" || pixels.device !== "cpu") {
+      const p: Tensor = ops.to(pixels, "f32", "cpu");
+      pixels.dispose();
+      pixels = p;
+    }
+    return imageFromTensor(pixels) as RgbImage[];
+  } finally {
+    latents?.dispose();
+    pixels?.dispose();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole job
+
+/**
+ * Finds and checks the few-shot data of a configuration: every image is decoded, and all
+ * problems are reported at once (a DatasetError) before anything else happens.
+ */
+export async function validateInput(config: RunConfig, reg?: Registry): Promise<Dataset> {
+  if (!config.data) throw new RunError("no few-shot data folder (--data)");
+  const guidance = (reg ?? defaultRegistry).create<Guidance>(
+    "guidance",
+    config.guidance.name,
+    config.guidance.options,
+  );
+  return await validateDataset(config.data, {
+    dataset: config.dataset ?? undefined,
+    fewshotSeed: config.fewshotSeed ?? undefined,
+    skipBad: config.skipBad,
+    negatives: guidance.usesNegative,
+  });
+}
+
+export interface GenerateOptions extends Omit<PlanOptions, "dataset">, ExecuteOptions {
+  /** Already validated input (default: validated from the configuration first). */
+  dataset?: Dataset;
+  /** Built after the input and the output folder are checked (loading a model takes a while). */
+  backbone: () => DiffusionBackbone | Promise<DiffusionBackbone>;
+  /** Warnings and notes. */
+  log?: (message: string) => void;
+  /** Called once the work is known, before the model loads. */
+  onPlan?: (plan: RunPlan, opened: OpenedRun) => void;
+}
+
+/** Validates the input, plans, claims the output folder, loads the model and generates. */
+export async function generate(opts: GenerateOptions): Promise<RunResult & { plan: RunPlan }> {
+  const log = opts.log ?? ((m: string) => console.error(m));
+  let dataset = opts.dataset;
+  if (!dataset) {
+    dataset = await validateInput(opts.config, opts.registry);
+    for (const p of dataset.problems) log(`${p.severity}: ${p.path}: ${p.message}`);
+  }
+  const plan = await planRun({ ...opts, dataset });
+  const opened = await openRun(plan);
+  for (const n of opened.notes) log(`note: ${n}`);
+  opts.onPlan?.(plan, opened);
+  if (opened.pending.length === 0 || opts.signal?.aborted) {
+    return {
+      plan,
+      written: 0,
+      skipped: opened.finished.size,
+      remaining: opened.toWrite,
+      interrupted: opened.toWrite > 0,
+    };
+  }
+  const backbone = await opts.backbone();
+  const result = await executeRun(plan, opened, backbone, opts);
+  return { ...result, plan };
+}

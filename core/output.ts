@@ -1,0 +1,280 @@
+/**
+ * The output folder of the dataset job: file names, the manifest (one JSON line per image), the
+ * run record (run.json: what decides the images' contents, so that a resumed or sharded run can
+ * be checked against it) and atomic writes.
+ */
+import { basename, dirname, join, relative } from "node:path";
+
+export const MANIFEST = "manifest.jsonl";
+export const RUN_RECORD = "run.json";
+export const SIMILARITY_FILE = "similarity.json";
+export const RECORD_FORMAT = "dipsy-generate-run";
+export const RECORD_VERSION = 1;
+
+/** A problem with the job's input, options or output folder: the user's to fix. */
+export class RunError extends Error {
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "RunError";
+  }
+}
+
+/** `<index>.jpg`, zero-padded to 4 digits so that file listings sort in index order. */
+export function imageFileName(index: number): string {
+  return `${String(index).padStart(4, "0")}.jpg`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manifest
+
+export interface ShotRecord {
+  class: string;
+  /** Path relative to the dataset's class root. */
+  file: string;
+  shot: number;
+  augment: { flip: boolean; crop: [number, number, number] | null; angle: number } | null;
+}
+
+/** One manifest line. */
+export interface ManifestEntry {
+  class: string;
+  classIndex: number;
+  index: number;
+  /** The image, relative to the output folder. */
+  file: string;
+  /** Seed of the initial noise. */
+  seed: number;
+  runSeed: number;
+  prompt: string;
+  positive: ShotRecord | null;
+  negative: ShotRecord | null;
+  pairs: { name: string; [option: string]: unknown };
+  sampler: { name: string; steps: number; [option: string]: unknown };
+  guidance: { name: string; [option: string]: unknown };
+  width: number;
+  height: number;
+  models: Record<string, string>;
+}
+
+export interface ManifestContents {
+  /** The last line per image file (a line may repeat after a manual repair; the last wins). */
+  entries: Map<string, { entry: ManifestEntry; line: string }>;
+  /** Lines that are not valid JSON (e.g. cut by a crash), with their 1-based line numbers. */
+  badLines: number[];
+}
+
+/** Reads `<out>/manifest.jsonl`; a missing file is an empty manifest. */
+export async function readManifest(
+  out: string,
+  keep?: (file: string) => boolean,
+): Promise<ManifestContents> {
+  const entries = new Map<string, { entry: ManifestEntry; line: string }>();
+  const badLines: number[] = [];
+  let text = "";
+  try {
+    text = await Deno.readTextFile(join(out, MANIFEST));
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) throw e;
+  }
+  const lines = text.split("\n");
+  // A last line without its newline is being written by another shard, or was cut by a crash.
+  if (!text.endsWith("\n")) lines.pop();
+  lines.forEach((line, i) => {
+    if (!line.trim()) return;
+    try {
+      const entry = JSON.parse(line) as ManifestEntry;
+      if (typeof entry?.file !== "string") throw new Error("no file");
+      if (!keep || keep(entry.file)) entries.set(entry.file, { entry, line });
+    } catch {
+      badLines.push(i + 1);
+    }
+  });
+  return { entries, badLines };
+}
+
+/** Appends one line in a single O_APPEND write, so concurrent writers never interleave. */
+export async function appendLine(path: string, line: string): Promise<void> {
+  const bytes = new TextEncoder().encode(`${line}\n`);
+  using f = await Deno.open(path, { append: true, create: true });
+  const n = await f.write(bytes);
+  // Regular files take a short write only when the disk is full.
+  if (n !== bytes.length) {
+    throw new Error(`${path}: wrote ${n} of ${bytes.length} bytes of a manifest line (disk full?)`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Run record
+
+/** What run.json holds: everything that decides the images' contents. */
+export interface RunRecord {
+  format: typeof RECORD_FORMAT;
+  version: typeof RECORD_VERSION;
+  /** Must match for a run to be resumed or extended. */
+  output: Record<string, unknown>;
+  /** The classes and shots (file, width, height) the pairs are drawn from; must match. */
+  dataset: { classes: { name: string; folder: string; shots: string[] }[] };
+  /** May change between sessions (with a note). */
+  settings: { batch: number; perClass: number; device: string; clip: string | null };
+}
+
+export class IncompatibleRunError extends RunError {
+  constructor(readonly out: string, readonly differences: string[]) {
+    super(
+      `${out} holds a run with another configuration; resuming into it would mix ` +
+        `different images:\n${differences.map((d) => `  - ${d}`).join("\n")}\n` +
+        "Use a new --out folder, or the previous settings (see its run.json).",
+    );
+    this.name = "IncompatibleRunError";
+  }
+}
+
+function flatten(value: unknown, prefix: string, out: Map<string, string>): void {
+  if (value !== null && typeof value === "object" && !Array.isArray(value)) {
+    for (const [k, v] of Object.entries(value)) flatten(v, prefix ? `${prefix}.${k}` : k, out);
+  } else {
+    out.set(prefix, JSON.stringify(value));
+  }
+}
+
+/** Differences that change images (errors) and settings that changed harmlessly (notes). */
+export function compareRecords(
+  previous: RunRecord,
+  current: RunRecord,
+): { differences: string[]; notes: string[] } {
+  const differences: string[] = [];
+  const a = new Map<string, string>(), b = new Map<string, string>();
+  flatten(previous.output, "", a);
+  flatten(current.output, "", b);
+  for (const key of [...new Set([...a.keys(), ...b.keys()])].sort()) {
+    const x = a.get(key) ?? "(unset)", y = b.get(key) ?? "(unset)";
+    if (x !== y) differences.push(`${key}: ${x} (run.json) vs ${y} (now)`);
+  }
+  const before = previous.dataset?.classes ?? [];
+  const now = current.dataset.classes;
+  const names = (l: typeof now) => l.map((c) => c.name).join("\u0000");
+  if (names(before) !== names(now)) {
+    const had = new Set(before.map((c) => c.name)), has = new Set(now.map((c) => c.name));
+    const gone = before.filter((c) => !has.has(c.name)).map((c) => c.name);
+    const added = now.filter((c) => !had.has(c.name)).map((c) => c.name);
+    differences.push(
+      "dataset classes differ" + (gone.length ? `; missing now: ${gone.join(", ")}` : "") +
+        (added.length ? `; new: ${added.join(", ")}` : "") +
+        (!gone.length && !added.length ? " in order" : ""),
+    );
+  } else {
+    now.forEach((c, i) => {
+      if (before[i].shots.join("\n") !== c.shots.join("\n")) {
+        differences.push(`dataset: the shots of class "${c.name}" differ (files or sizes)`);
+      }
+    });
+  }
+  const notes: string[] = [];
+  const s0 = previous.settings ?? {}, s1 = current.settings;
+  if (s0.perClass !== s1.perClass) {
+    notes.push(`perClass ${s0.perClass} -> ${s1.perClass}`);
+  }
+  if (s0.batch !== s1.batch) {
+    notes.push(
+      `batch ${s0.batch} -> ${s1.batch}: images not yet made come from other batch ` +
+        "compositions and may differ in floating-point rounding from an uninterrupted run",
+    );
+  }
+  if (s0.device !== s1.device) notes.push(`device ${s0.device} -> ${s1.device}`);
+  return { differences, notes };
+}
+
+function isTemp(name: string): boolean {
+  return name.startsWith(".") && name.endsWith(".tmp");
+}
+
+export function listOrNull(dir: string): Deno.DirEntry[] | null {
+  try {
+    return [...Deno.readDirSync(dir)];
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return null;
+    throw e;
+  }
+}
+
+function isInside(child: string, parent: string): boolean {
+  const rel = relative(parent, child);
+  return rel === "" || (!rel.startsWith("..") && !rel.startsWith("/"));
+}
+
+export async function writeAtomic(path: string, bytes: Uint8Array): Promise<void> {
+  const tmp = join(dirname(path), `.${basename(path)}.${crypto.randomUUID().slice(0, 8)}.tmp`);
+  try {
+    await Deno.writeFile(tmp, bytes);
+    await Deno.rename(tmp, path);
+  } catch (e) {
+    await Deno.remove(tmp).catch(() => {});
+    throw e;
+  }
+}
+
+/** Creates run.json, or checks the one there; safe when several shards start at once. */
+export async function claimRecord(
+  out: string,
+  record: RunRecord,
+): Promise<{ created: boolean; notes: string[] }> {
+  const path = join(out, RUN_RECORD);
+  const text = `${JSON.stringify(record, null, 2)}\n`;
+  const read = async () => JSON.parse(await Deno.readTextFile(path)) as RunRecord;
+  let previous: RunRecord | null = null;
+  try {
+    previous = await read();
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) {
+      throw new RunError(`${path}: unreadable run record (${e instanceof Error ? e.message : e})`);
+    }
+  }
+  if (!previous) {
+    const tmp = join(out, `.${RUN_RECORD}.${crypto.randomUUID().slice(0, 8)}.tmp`);
+    await Deno.writeTextFile(tmp, text);
+    try {
+      // A hard link fails when the file exists: the first shard to get here wins, the others
+      // compare with what it wrote.
+      await Deno.link(tmp, path);
+      return { created: true, notes: [] };
+    } catch (e) {
+      if (!(e instanceof Deno.errors.AlreadyExists)) {
+        // Filesystems without hard links: rename (last writer wins; shards write the same).
+        await Deno.rename(tmp, path);
+        return { created: true, notes: [] };
+      }
+      previous = await read();
+    } finally {
+      await Deno.remove(tmp).catch(() => {});
+    }
+  }
+  if (previous.format !== RECORD_FORMAT) {
+    throw new RunError(`${path}: not a dipsy generate run record`);
+  }
+  const { differences, notes } = compareRecords(previous, record);
+  if (differences.length) throw new IncompatibleRunError(out, differences);
+  return { created: false, notes };
+}
+
+/**
+ * Refuses an output folder inside the data or one that holds anything but an earlier run (read
+ * only: nothing is created).
+ */
+export function checkOutputFolder(out: string, dataRoot: string): "missing" | "usable" {
+  if (isInside(out, dataRoot)) {
+    throw new RunError(
+      `the output folder ${out} is inside the few-shot data ${dataRoot}: generated images ` +
+        "would be read as classes; choose an output folder outside it",
+    );
+  }
+  const entries = listOrNull(out);
+  if (entries === null) return "missing";
+  const visible = entries.filter((e) => !isTemp(e.name));
+  if (visible.length && !visible.some((e) => e.name === RUN_RECORD)) {
+    throw new RunError(
+      `${out} is not empty and holds no ${RUN_RECORD}, so it is not a dipsy output folder; ` +
+        "nothing was written. Choose a new or empty --out folder.",
+    );
+  }
+  return "usable";
+}
