@@ -64,6 +64,27 @@ export function build<M extends Module>(construct: () => M): M {
   }
 }
 
+/**
+ * Builds a model from `source` and checks that it read every key the source holds (a checkpoint
+ * with extra keys is a different model). If construction or the check fails, every weight loaded
+ * so far is freed before the error propagates: a bad checkpoint leaks nothing.
+ */
+export function loadModule<M extends Module>(
+  source: WeightSource,
+  construct: (w: WeightSource) => M,
+  opts: { ignoreUnused?: RegExp; checkUnused?: boolean } = {},
+): M {
+  const m = build(() => construct(source));
+  if (opts.checkUnused === false) return m;
+  try {
+    source.assertAllUsed(opts.ignoreUnused);
+  } catch (e) {
+    m.dispose();
+    throw e;
+  }
+  return m;
+}
+
 export class Linear extends Module {
   readonly weight: Tensor;
   readonly bias: Tensor | null;

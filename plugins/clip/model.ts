@@ -12,7 +12,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { type Device, type DType, ops, refusePickle, scope, type Tensor } from "../../ffi/mod.ts";
-import { Module } from "../../core/nn.ts";
+import { loadModule, Module } from "../../core/nn.ts";
 import { RandomSource, SafetensorsSource, type WeightSource } from "../../core/weights.ts";
 import { type ClipCheckpoint, type ClipModelConfig, parseClipCheckpointConfig } from "./config.ts";
 import type { ClipAttention } from "./encoder.ts";
@@ -182,17 +182,6 @@ function wrongKind(configPath: string, got: string, want: string): Error {
  * Builds a model from `w`, then checks that no checkpoint key was left unread; a checkpoint with
  * extra keys is the wrong model, so the built one is freed before the error is thrown.
  */
-function build<M extends Module>(w: WeightSource, make: () => M, ignore: RegExp): M {
-  const model = make();
-  try {
-    w.assertAllUsed(ignore);
-  } catch (e) {
-    model.dispose();
-    throw e;
-  }
-  return model;
-}
-
 function either(a: RegExp, b: RegExp): RegExp {
   return new RegExp(`(?:${a.source})|(?:${b.source})`);
 }
@@ -207,20 +196,20 @@ export function loadClipText(src: ClipSource, opts: ClipLoadOptions = {}): ClipT
   if (info.kind === "vision") throw wrongKind(configPath, "vision", "a text model");
   if (info.kind === "clip") {
     const cfg = info.config;
-    return build(
+    return loadModule(
       w,
       () =>
         new ClipTextModel(w.sub("text_model"), cfg.text, {
           source: w.sub("text_projection"),
           dim: cfg.projectionDim,
         }),
-      either(BUFFERS, VISION_KEYS),
+      { ignoreUnused: either(BUFFERS, VISION_KEYS) },
     );
   }
   const cfg = info.config;
   const projection = info.projection ?? w.has("text_projection.weight");
   const body = towerBody(w, "text_model", "embeddings.token_embedding.weight");
-  return build(
+  return loadModule(
     w,
     () =>
       new ClipTextModel(
@@ -228,7 +217,7 @@ export function loadClipText(src: ClipSource, opts: ClipLoadOptions = {}): ClipT
         cfg,
         projection ? { source: w.sub("text_projection"), dim: cfg.projectionDim } : null,
       ),
-    BUFFERS,
+    { ignoreUnused: BUFFERS },
   );
 }
 
@@ -246,20 +235,20 @@ export function loadClipVision(src: ClipSource, opts: ClipLoadOptions = {}): Cli
   if (info.kind === "text") throw wrongKind(configPath, "text", "a vision model");
   if (info.kind === "clip") {
     const cfg = info.config;
-    return build(
+    return loadModule(
       w,
       () =>
         new ClipVisionModel(w.sub("vision_model"), cfg.vision, {
           source: w.sub("visual_projection"),
           dim: cfg.projectionDim,
         }),
-      either(BUFFERS, TEXT_KEYS),
+      { ignoreUnused: either(BUFFERS, TEXT_KEYS) },
     );
   }
   const cfg = info.config;
   const projection = info.projection ?? w.has("visual_projection.weight");
   const body = towerBody(w, "vision_model", "embeddings.class_embedding");
-  return build(
+  return loadModule(
     w,
     () =>
       new ClipVisionModel(
@@ -267,7 +256,7 @@ export function loadClipVision(src: ClipSource, opts: ClipLoadOptions = {}): Cli
         cfg,
         projection ? { source: w.sub("visual_projection"), dim: cfg.projectionDim } : null,
       ),
-    BUFFERS,
+    { ignoreUnused: BUFFERS },
   );
 }
 
@@ -283,5 +272,5 @@ export function loadClipModel(src: ClipSource, opts: ClipLoadOptions = {}): Clip
   const { info, weights: w, configPath } = openFolder(src, opts);
   if (info.kind !== "clip") throw wrongKind(configPath, info.kind, "a full CLIPModel");
   const cfg = info.config;
-  return build(w, () => new ClipModel(w, cfg), BUFFERS);
+  return loadModule(w, () => new ClipModel(w, cfg), { ignoreUnused: BUFFERS });
 }

@@ -6,7 +6,7 @@
  * block), self-attention included, so cross-attention layer i is k = 2i + 1. Only safetensors
  * files are read: pickled `.bin` checkpoints are refused.
  */
-import { Module } from "../../core/nn.ts";
+import { loadModule, Module } from "../../core/nn.ts";
 import { RandomSource, SafetensorsSource, type WeightSource } from "../../core/weights.ts";
 import { SafetensorsFile, type Tensor } from "../../ffi/mod.ts";
 import {
@@ -17,7 +17,7 @@ import {
   PLUS_DIM_HEAD,
 } from "./ip_projection.ts";
 import type { LoadOptions, UNet2DConditionModel } from "./unet.ts";
-import { buildModel, IpAttnProjection } from "./unet_blocks.ts";
+import { IpAttnProjection } from "./unet_blocks.ts";
 
 export interface IpAdapterLoadOptions extends LoadOptions {
   /** Head width that splits the Plus resampler's attention (64 in every h94 checkpoint). */
@@ -68,7 +68,7 @@ export class IpAdapter extends Module {
     const src = new SafetensorsSource([file], opts.dtype ?? "f32", opts.device ?? "cpu");
     const hidden = unet.crossAttentions().map((a) => a.innerDim);
     try {
-      return buildModel(src, (w) => new IpAdapter(w, config, hidden));
+      return loadModule(src, (w) => new IpAdapter(w, config, hidden));
     } catch (e) {
       throw new Error(
         `IP-Adapter does not fit this UNet (${hidden.length} cross-attention layers, keys ` +

@@ -3,14 +3,13 @@
  * One call can mix conditionings: each sample has its own scale for each adapter, so DIPSY's four
  * predictions (unconditional, text, text + positive image, text + both images) run as one batch.
  */
-import { Conv2d, GroupNorm, Module } from "../../core/nn.ts";
+import { Conv2d, GroupNorm, loadModule, Module } from "../../core/nn.ts";
 import { RandomSource, SafetensorsSource, type WeightSource } from "../../core/weights.ts";
 import { type Device, type DType, ops, scope, type Tensor } from "../../ffi/mod.ts";
 import {
   activation,
   type Attention,
   type BlockOptions,
-  buildModel,
   type CrossCond,
   DownBlock,
   type IpAttnProjection,
@@ -166,7 +165,7 @@ export class UNet2DConditionModel extends Module {
       );
     }
     const src = SafetensorsSource.open(file, opts.dtype ?? "f32", opts.device ?? "cpu");
-    return buildModel(src, (w) => new UNet2DConditionModel(w, config));
+    return loadModule(src, (w) => new UNet2DConditionModel(w, config));
   }
 
   /** Random weights (seeded) for a config given as `config.json` content: tiny presets, tests. */

@@ -6,7 +6,7 @@
  * agree to rounding.
  */
 import { Conv2d, GroupNorm, LayerNorm, Linear, Module } from "../../core/nn.ts";
-import type { Init, WeightSource } from "../../core/weights.ts";
+import type { WeightSource } from "../../core/weights.ts";
 import { ops, type Tensor } from "../../ffi/mod.ts";
 import type { UNetActivation } from "./unet_config.ts";
 
@@ -504,50 +504,5 @@ export class UpBlock extends Module {
     if (!this.upsampler) return h;
     const next = skips[skips.length - 1];
     return this.upsampler.forward(h, next ? [next.size(2), next.size(3)] : undefined);
-  }
-}
-
-/** Passes every tensor it hands out to `loaded`, so a failed build can free them all. */
-class TrackingSource implements WeightSource {
-  constructor(readonly inner: WeightSource, readonly loaded: Tensor[]) {}
-  get dtype() {
-    return this.inner.dtype;
-  }
-  get device() {
-    return this.inner.device;
-  }
-  get(name: string, shape: readonly number[], init?: Init): Tensor {
-    const t = this.inner.get(name, shape, init);
-    this.loaded.push(t);
-    return t;
-  }
-  has(name: string): boolean {
-    return this.inner.has(name);
-  }
-  sub(prefix: string): WeightSource {
-    return new TrackingSource(this.inner.sub(prefix), this.loaded);
-  }
-  assertAllUsed(ignore?: RegExp): void {
-    this.inner.assertAllUsed(ignore);
-  }
-}
-
-/**
- * Builds a model from `source`; when the build or the final unused-key check throws, every weight
- * loaded so far is freed before the error propagates (a bad checkpoint leaks nothing).
- */
-export function buildModel<M extends Module>(
-  source: WeightSource,
-  build: (w: WeightSource) => M,
-  checkAllUsed = true,
-): M {
-  const loaded: Tensor[] = [];
-  try {
-    const m = build(new TrackingSource(source, loaded));
-    if (checkAllUsed) source.assertAllUsed();
-    return m;
-  } catch (e) {
-    for (const t of loaded) t.dispose();
-    throw e;
   }
 }

@@ -14,7 +14,7 @@ import {
   scope,
   type Tensor,
 } from "../../ffi/mod.ts";
-import { Conv2d, GroupNorm, Module } from "../../core/nn.ts";
+import { Conv2d, GroupNorm, loadModule, Module } from "../../core/nn.ts";
 import { RandomSource, SafetensorsSource, type WeightSource } from "../../core/weights.ts";
 import {
   activation,
@@ -43,42 +43,37 @@ export class VaeEncoder extends Module {
     super();
     const ch = cfg.blockOutChannels, groups = cfg.normNumGroups, act = cfg.actFn;
     const last = ch[ch.length - 1];
-    try {
-      this.convIn = this.child(
-        "conv_in",
-        new Conv2d(w.sub("conv_in"), cfg.inChannels, ch[0], 3, { padding: 1 }),
+    this.convIn = this.child(
+      "conv_in",
+      new Conv2d(w.sub("conv_in"), cfg.inChannels, ch[0], 3, { padding: 1 }),
+    );
+    for (let i = 0; i < ch.length; i++) {
+      const name = `down_blocks.${i}`;
+      const cin = i === 0 ? ch[0] : ch[i - 1];
+      const block = new DownEncoderBlock(
+        w.sub(name),
+        cin,
+        ch[i],
+        cfg.layersPerBlock,
+        groups,
+        act,
+        i < ch.length - 1,
       );
-      for (let i = 0; i < ch.length; i++) {
-        const name = `down_blocks.${i}`;
-        const cin = i === 0 ? ch[0] : ch[i - 1];
-        const block = new DownEncoderBlock(
-          w.sub(name),
-          cin,
-          ch[i],
-          cfg.layersPerBlock,
-          groups,
-          act,
-          i < ch.length - 1,
-        );
-        this.downBlocks.push(this.child(name, block));
-      }
-      this.midBlock = this.child(
-        "mid_block",
-        new VaeMidBlock(w.sub("mid_block"), last, groups, act, cfg.midBlockAddAttention),
-      );
-      this.convNormOut = this.child(
-        "conv_norm_out",
-        new GroupNorm(w.sub("conv_norm_out"), groups, last, VAE_NORM_EPS),
-      );
-      // Mean and log-variance for every latent channel.
-      this.convOut = this.child(
-        "conv_out",
-        new Conv2d(w.sub("conv_out"), last, 2 * cfg.latentChannels, 3, { padding: 1 }),
-      );
-    } catch (e) {
-      this.dispose();
-      throw e;
+      this.downBlocks.push(this.child(name, block));
     }
+    this.midBlock = this.child(
+      "mid_block",
+      new VaeMidBlock(w.sub("mid_block"), last, groups, act, cfg.midBlockAddAttention),
+    );
+    this.convNormOut = this.child(
+      "conv_norm_out",
+      new GroupNorm(w.sub("conv_norm_out"), groups, last, VAE_NORM_EPS),
+    );
+    // Mean and log-variance for every latent channel.
+    this.convOut = this.child(
+      "conv_out",
+      new Conv2d(w.sub("conv_out"), last, 2 * cfg.latentChannels, 3, { padding: 1 }),
+    );
   }
 
   forward(x: Tensor): Tensor {
@@ -103,43 +98,38 @@ export class VaeDecoder extends Module {
     super();
     const rev = [...cfg.blockOutChannels].reverse();
     const groups = cfg.normNumGroups, act = cfg.actFn;
-    try {
-      this.convIn = this.child(
-        "conv_in",
-        new Conv2d(w.sub("conv_in"), cfg.latentChannels, rev[0], 3, { padding: 1 }),
+    this.convIn = this.child(
+      "conv_in",
+      new Conv2d(w.sub("conv_in"), cfg.latentChannels, rev[0], 3, { padding: 1 }),
+    );
+    this.midBlock = this.child(
+      "mid_block",
+      new VaeMidBlock(w.sub("mid_block"), rev[0], groups, act, cfg.midBlockAddAttention),
+    );
+    for (let i = 0; i < rev.length; i++) {
+      const name = `up_blocks.${i}`;
+      const cin = i === 0 ? rev[0] : rev[i - 1];
+      // One resnet more than the encoder's blocks, as in the original LDM decoder.
+      const block = new UpDecoderBlock(
+        w.sub(name),
+        cin,
+        rev[i],
+        cfg.layersPerBlock + 1,
+        groups,
+        act,
+        i < rev.length - 1,
       );
-      this.midBlock = this.child(
-        "mid_block",
-        new VaeMidBlock(w.sub("mid_block"), rev[0], groups, act, cfg.midBlockAddAttention),
-      );
-      for (let i = 0; i < rev.length; i++) {
-        const name = `up_blocks.${i}`;
-        const cin = i === 0 ? rev[0] : rev[i - 1];
-        // One resnet more than the encoder's blocks, as in the original LDM decoder.
-        const block = new UpDecoderBlock(
-          w.sub(name),
-          cin,
-          rev[i],
-          cfg.layersPerBlock + 1,
-          groups,
-          act,
-          i < rev.length - 1,
-        );
-        this.upBlocks.push(this.child(name, block));
-      }
-      const first = rev[rev.length - 1];
-      this.convNormOut = this.child(
-        "conv_norm_out",
-        new GroupNorm(w.sub("conv_norm_out"), groups, first, VAE_NORM_EPS),
-      );
-      this.convOut = this.child(
-        "conv_out",
-        new Conv2d(w.sub("conv_out"), first, cfg.outChannels, 3, { padding: 1 }),
-      );
-    } catch (e) {
-      this.dispose();
-      throw e;
+      this.upBlocks.push(this.child(name, block));
     }
+    const first = rev[rev.length - 1];
+    this.convNormOut = this.child(
+      "conv_norm_out",
+      new GroupNorm(w.sub("conv_norm_out"), groups, first, VAE_NORM_EPS),
+    );
+    this.convOut = this.child(
+      "conv_out",
+      new Conv2d(w.sub("conv_out"), first, cfg.outChannels, 3, { padding: 1 }),
+    );
   }
 
   forward(z: Tensor): Tensor {
@@ -172,24 +162,19 @@ export class AutoencoderKL extends Module {
     this.dtype = w.dtype;
     this.device = w.device;
     const lat = config.latentChannels;
-    try {
-      this.encoder = this.child("encoder", new VaeEncoder(w.sub("encoder"), config));
-      this.decoder = this.child("decoder", new VaeDecoder(w.sub("decoder"), config));
-      if (config.useQuantConv) {
-        this.quantConv = this.child(
-          "quant_conv",
-          new Conv2d(w.sub("quant_conv"), 2 * lat, 2 * lat, 1),
-        );
-      }
-      if (config.usePostQuantConv) {
-        this.postQuantConv = this.child(
-          "post_quant_conv",
-          new Conv2d(w.sub("post_quant_conv"), lat, lat, 1),
-        );
-      }
-    } catch (e) {
-      this.dispose();
-      throw e;
+    this.encoder = this.child("encoder", new VaeEncoder(w.sub("encoder"), config));
+    this.decoder = this.child("decoder", new VaeDecoder(w.sub("decoder"), config));
+    if (config.useQuantConv) {
+      this.quantConv = this.child(
+        "quant_conv",
+        new Conv2d(w.sub("quant_conv"), 2 * lat, 2 * lat, 1),
+      );
+    }
+    if (config.usePostQuantConv) {
+      this.postQuantConv = this.child(
+        "post_quant_conv",
+        new Conv2d(w.sub("post_quant_conv"), lat, lat, 1),
+      );
     }
   }
 
@@ -210,14 +195,7 @@ export class AutoencoderKL extends Module {
       throw new Error(`${file}: VAE weights not found`);
     }
     const source = SafetensorsSource.open(file, opts.dtype ?? "f32", opts.device ?? "cpu");
-    const vae = new AutoencoderKL(source, config);
-    try {
-      source.assertAllUsed();
-    } catch (e) {
-      vae.dispose();
-      throw e;
-    }
-    return vae;
+    return loadModule(source, (w) => new AutoencoderKL(w, config));
   }
 
   /** Seeded random weights (tiny presets, benchmarks of the full-size shape). */
@@ -226,7 +204,8 @@ export class AutoencoderKL extends Module {
     seed = 0,
     opts: { dtype?: DType; device?: Device } = {},
   ): AutoencoderKL {
-    return new AutoencoderKL(new RandomSource(seed, opts.dtype, opts.device), config);
+    const source = new RandomSource(seed, opts.dtype, opts.device);
+    return loadModule(source, (w) => new AutoencoderKL(w, config), { checkUnused: false });
   }
 
   #input(x: Tensor, channels: number, what: string): Tensor {

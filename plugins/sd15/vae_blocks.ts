@@ -44,20 +44,15 @@ export class VaeResnetBlock extends Module {
     readonly act: VaeActivation,
   ) {
     super();
-    try {
-      this.norm1 = this.child("norm1", new GroupNorm(w.sub("norm1"), groups, cin, VAE_NORM_EPS));
-      this.conv1 = this.child("conv1", new Conv2d(w.sub("conv1"), cin, cout, 3, { padding: 1 }));
-      this.norm2 = this.child("norm2", new GroupNorm(w.sub("norm2"), groups, cout, VAE_NORM_EPS));
-      this.conv2 = this.child("conv2", new Conv2d(w.sub("conv2"), cout, cout, 3, { padding: 1 }));
-      if (cin !== cout) {
-        this.convShortcut = this.child(
-          "conv_shortcut",
-          new Conv2d(w.sub("conv_shortcut"), cin, cout, 1),
-        );
-      }
-    } catch (e) {
-      this.dispose(); // free what loaded before the failing key
-      throw e;
+    this.norm1 = this.child("norm1", new GroupNorm(w.sub("norm1"), groups, cin, VAE_NORM_EPS));
+    this.conv1 = this.child("conv1", new Conv2d(w.sub("conv1"), cin, cout, 3, { padding: 1 }));
+    this.norm2 = this.child("norm2", new GroupNorm(w.sub("norm2"), groups, cout, VAE_NORM_EPS));
+    this.conv2 = this.child("conv2", new Conv2d(w.sub("conv2"), cout, cout, 3, { padding: 1 }));
+    if (cin !== cout) {
+      this.convShortcut = this.child(
+        "conv_shortcut",
+        new Conv2d(w.sub("conv_shortcut"), cin, cout, 1),
+      );
     }
   }
 
@@ -127,20 +122,15 @@ export class VaeAttention extends Module {
     const names = legacy
       ? { q: "query", k: "key", v: "value", out: "proj_attn" }
       : { q: "to_q", k: "to_k", v: "to_v", out: "to_out.0" };
-    try {
-      this.groupNorm = this.child(
-        "group_norm",
-        new GroupNorm(w.sub("group_norm"), groups, channels, VAE_NORM_EPS),
-      );
-      const lin = (name: string) => this.child(name, new Linear(w.sub(name), channels, channels));
-      this.toQ = lin(names.q);
-      this.toK = lin(names.k);
-      this.toV = lin(names.v);
-      this.toOut = lin(names.out);
-    } catch (e) {
-      this.dispose(); // free what loaded before the failing key
-      throw e;
-    }
+    this.groupNorm = this.child(
+      "group_norm",
+      new GroupNorm(w.sub("group_norm"), groups, channels, VAE_NORM_EPS),
+    );
+    const lin = (name: string) => this.child(name, new Linear(w.sub(name), channels, channels));
+    this.toQ = lin(names.q);
+    this.toK = lin(names.k);
+    this.toV = lin(names.v);
+    this.toOut = lin(names.out);
   }
 
   forward(x: Tensor): Tensor {
@@ -172,22 +162,17 @@ export class VaeMidBlock extends Module {
     addAttention: boolean,
   ) {
     super();
-    try {
-      for (let i = 0; i < 2; i++) {
-        const name = `resnets.${i}`;
-        this.resnets.push(
-          this.child(name, new VaeResnetBlock(w.sub(name), channels, channels, groups, act)),
+    for (let i = 0; i < 2; i++) {
+      const name = `resnets.${i}`;
+      this.resnets.push(
+        this.child(name, new VaeResnetBlock(w.sub(name), channels, channels, groups, act)),
+      );
+      if (i === 0 && addAttention) {
+        this.attention = this.child(
+          "attentions.0",
+          new VaeAttention(w.sub("attentions.0"), channels, groups),
         );
-        if (i === 0 && addAttention) {
-          this.attention = this.child(
-            "attentions.0",
-            new VaeAttention(w.sub("attentions.0"), channels, groups),
-          );
-        }
       }
-    } catch (e) {
-      this.dispose(); // free what loaded before the failing key
-      throw e;
     }
   }
 
@@ -215,25 +200,20 @@ export class DownEncoderBlock extends Module {
     addDownsample: boolean,
   ) {
     super();
-    try {
-      for (let i = 0; i < layers; i++) {
-        const name = `resnets.${i}`;
-        this.resnets.push(
-          this.child(
-            name,
-            new VaeResnetBlock(w.sub(name), i === 0 ? cin : cout, cout, groups, act),
-          ),
-        );
-      }
-      if (addDownsample) {
-        this.downsampler = this.child(
-          "downsamplers.0",
-          new VaeDownsample(w.sub("downsamplers.0"), cout),
-        );
-      }
-    } catch (e) {
-      this.dispose(); // free what loaded before the failing key
-      throw e;
+    for (let i = 0; i < layers; i++) {
+      const name = `resnets.${i}`;
+      this.resnets.push(
+        this.child(
+          name,
+          new VaeResnetBlock(w.sub(name), i === 0 ? cin : cout, cout, groups, act),
+        ),
+      );
+    }
+    if (addDownsample) {
+      this.downsampler = this.child(
+        "downsamplers.0",
+        new VaeDownsample(w.sub("downsamplers.0"), cout),
+      );
     }
   }
 
@@ -261,22 +241,17 @@ export class UpDecoderBlock extends Module {
     addUpsample: boolean,
   ) {
     super();
-    try {
-      for (let i = 0; i < layers; i++) {
-        const name = `resnets.${i}`;
-        this.resnets.push(
-          this.child(
-            name,
-            new VaeResnetBlock(w.sub(name), i === 0 ? cin : cout, cout, groups, act),
-          ),
-        );
-      }
-      if (addUpsample) {
-        this.upsampler = this.child("upsamplers.0", new VaeUpsample(w.sub("upsamplers.0"), cout));
-      }
-    } catch (e) {
-      this.dispose(); // free what loaded before the failing key
-      throw e;
+    for (let i = 0; i < layers; i++) {
+      const name = `resnets.${i}`;
+      this.resnets.push(
+        this.child(
+          name,
+          new VaeResnetBlock(w.sub(name), i === 0 ? cin : cout, cout, groups, act),
+        ),
+      );
+    }
+    if (addUpsample) {
+      this.upsampler = this.child("upsamplers.0", new VaeUpsample(w.sub("upsamplers.0"), cout));
     }
   }
 
