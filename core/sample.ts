@@ -1,0 +1,180 @@
+/**
+ * One image from explicit inputs: a prompt, a seed, reference images and the guidance and sampler
+ * to use. `dipsy sample` and the HTTP endpoint both run this, so the same inputs give the same
+ * bytes through either.
+ *
+ * Checking is split from sampling so that callers can refuse bad input before loading a model or
+ * queueing work: `prepareSample` needs only the plugin registry, `sampleImage` the loaded model.
+ */
+import { scope, type Tensor } from "../ffi/mod.ts";
+import type { DiffusionBackbone } from "./backbone.ts";
+import { imageFromTensor, type RgbImage } from "./image.ts";
+import {
+  type Guidance,
+  type Registry,
+  registry as defaultRegistry,
+  type Sampler,
+  type SchedulerConfig,
+} from "./plugins.ts";
+import { sampleLatents } from "./sampling.ts";
+
+export interface SampleSpec {
+  prompt: string;
+  /** Initial-noise seed (as `torch.Generator().manual_seed(seed)` on the CPU). */
+  seed: number;
+  guidance: string;
+  guidanceOptions: Record<string, unknown>;
+  sampler: string;
+  steps: number;
+  /** Output size in pixels; null: the model's default. */
+  width: number | null;
+  height: number | null;
+}
+
+/**
+ * Input the caller has to fix. `field` names the offending input: a SampleSpec key, "positive",
+ * "negative", or `guidanceOptions.<option>`.
+ */
+export class SampleError extends Error {
+  constructor(readonly field: string, message: string) {
+    super(message);
+    this.name = "SampleError";
+  }
+}
+
+export interface PreparedSample {
+  spec: SampleSpec;
+  guidance: Guidance;
+  /** IP-Adapters the guidance needs: 2 with a negative image, 1 with a positive only, else 0. */
+  adapters: number;
+  /** Reference images that were given but that the guidance does not use. */
+  ignored: ("positive" | "negative")[];
+}
+
+export interface PrepareOptions {
+  registry?: Registry;
+  /** When known, the sampler is built once now so that its errors come before any model work. */
+  schedulerConfig?: SchedulerConfig;
+}
+
+function message(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+/**
+ * Checks the plugin names and options and which reference images are needed (`given`: which
+ * ones the caller has); builds the guidance.
+ */
+export function prepareSample(
+  spec: SampleSpec,
+  given: { positive: boolean; negative: boolean },
+  opts: PrepareOptions = {},
+): PreparedSample {
+  const reg = opts.registry ?? defaultRegistry;
+  const def = reg.list("guidance").find((d) => d.name === spec.guidance);
+  if (!def) {
+    const names = reg.list("guidance").map((d) => d.name).join(", ");
+    throw new SampleError("guidance", `unknown guidance "${spec.guidance}" (available: ${names})`);
+  }
+  for (const k of Object.keys(spec.guidanceOptions)) {
+    if (!def.options || !(k in def.options)) {
+      const known = Object.keys(def.options ?? {}).join(", ") || "none";
+      throw new SampleError(
+        `guidanceOptions.${k}`,
+        `guidance "${spec.guidance}" has no option "${k}" (options: ${known})`,
+      );
+    }
+  }
+  if (!reg.has("sampler", spec.sampler)) {
+    const names = reg.list("sampler").map((d) => d.name).join(", ");
+    throw new SampleError("sampler", `unknown sampler "${spec.sampler}" (available: ${names})`);
+  }
+  if (!Number.isSafeInteger(spec.steps) || spec.steps < 1) {
+    throw new SampleError("steps", `steps must be a positive integer, got ${spec.steps}`);
+  }
+  if (!Number.isSafeInteger(spec.seed) || spec.seed < 0) {
+    throw new SampleError("seed", `seed must be a non-negative integer, got ${spec.seed}`);
+  }
+  if (opts.schedulerConfig) createSampler(spec, opts.schedulerConfig, reg)[Symbol.dispose]();
+  let guidance: Guidance;
+  try {
+    guidance = reg.create<Guidance>("guidance", spec.guidance, spec.guidanceOptions);
+  } catch (e) {
+    throw new SampleError("guidanceOptions", message(e));
+  }
+  if (guidance.usesImages && !given.positive) {
+    throw new SampleError("positive", `guidance "${guidance.name}" needs a positive image`);
+  }
+  if (guidance.usesNegative && !given.negative) {
+    throw new SampleError("negative", `guidance "${guidance.name}" needs a negative image`);
+  }
+  const ignored: PreparedSample["ignored"] = [];
+  if (!guidance.usesImages && given.positive) ignored.push("positive");
+  if (!guidance.usesNegative && given.negative) ignored.push("negative");
+  const adapters = guidance.usesImages ? (guidance.usesNegative ? 2 : 1) : 0;
+  return { spec, guidance, adapters, ignored };
+}
+
+function createSampler(spec: SampleSpec, config: SchedulerConfig, reg: Registry): Sampler {
+  try {
+    return reg.create<Sampler>("sampler", spec.sampler, { steps: spec.steps, config });
+  } catch (e) {
+    throw new SampleError("sampler", message(e));
+  }
+}
+
+/** The output size: the requested one, or the model's default; checked against the VAE. */
+export function sampleSize(
+  bb: Pick<DiffusionBackbone, "defaultSize" | "vaeScaleFactor">,
+  spec: Pick<SampleSpec, "width" | "height">,
+): { width: number; height: number } {
+  const width = spec.width ?? bb.defaultSize, height = spec.height ?? bb.defaultSize;
+  const f = bb.vaeScaleFactor;
+  if (width % f || height % f) {
+    throw new SampleError(
+      width % f ? "width" : "height",
+      `the size ${width}x${height} must be a multiple of ${f} in both directions`,
+    );
+  }
+  return { width, height };
+}
+
+export interface SampleResult {
+  image: RgbImage;
+  /** The final latents [1, C, h, w] in the model's dtype and device; the caller disposes them. */
+  latents: Tensor;
+  width: number;
+  height: number;
+}
+
+/** Samples and decodes one image on a loaded model. */
+export function sampleImage(
+  bb: DiffusionBackbone,
+  prepared: PreparedSample,
+  refs: { positive: RgbImage | null; negative: RgbImage | null },
+  opts: { registry?: Registry; onStep?: (index: number, total: number) => void } = {},
+): SampleResult {
+  const { spec, guidance } = prepared;
+  if (bb.adapterCount < prepared.adapters) {
+    throw new SampleError(
+      "guidance",
+      `guidance "${guidance.name}" needs ${prepared.adapters} IP-Adapter(s); the model has ` +
+        `${bb.adapterCount}`,
+    );
+  }
+  const { width, height } = sampleSize(bb, spec);
+  using sampler = createSampler(spec, bb.schedulerConfig, opts.registry ?? defaultRegistry);
+  const latents = sampleLatents(bb, [{
+    prompt: spec.prompt,
+    seed: spec.seed,
+    positive: guidance.usesImages ? refs.positive : null,
+    negative: guidance.usesNegative ? refs.negative : null,
+  }], { width, height, guidance, sampler, onStep: opts.onStep });
+  try {
+    const image = scope(() => imageFromTensor(bb.decode(latents)) as RgbImage[])[0];
+    return { image, latents, width, height };
+  } catch (e) {
+    latents.dispose();
+    throw e;
+  }
+}
