@@ -10,6 +10,7 @@ const COMMANDS: Record<string, () => Promise<{ command: Command }>> = {
   similarity: () => import("./similarity.ts"),
   generate: () => import("./generate.ts"),
   sample: () => import("./sample.ts"),
+  serve: () => import("./serve.ts"),
 };
 
 function usage(): string {
@@ -22,6 +23,7 @@ function usage(): string {
     "  similarity  compute and save the class similarity matrix (reused by generate)",
     "  generate    generate the synthetic dataset (resumable, shardable, deterministic)",
     "  sample  generate one image from explicit reference images (for trying scales)",
+    "  serve   serve sample and generate over HTTP (models stay loaded)",
     "",
     "`deno task dipsy <command> --help` shows a command's options.",
   ].join("\n");

@@ -1,0 +1,321 @@
+/**
+ * The single engine: one model on one device, one piece of work at a time, in arrival order.
+ *
+ * `WorkQueue` is the policy: a FIFO with a bound on waiting work (a full queue is refused at once
+ * with a retry estimate), removal of waiting work whose AbortSignal fires (a client that went
+ * away), and a clean close. `Engine` puts it in front of the device worker (worker.ts).
+ */
+import type { RunConfig } from "../core/config.ts";
+import type { ProgressInfo, Shard } from "../core/generate.ts";
+import type { ImageFormat, RgbImage } from "../core/image.ts";
+import type { SampleSpec } from "../core/sample.ts";
+import type {
+  EngineInfo,
+  FromWorker,
+  GenerateSummary,
+  ModelSetup,
+  ToWorker,
+  WorkerError,
+} from "./worker.ts";
+
+export type { EngineInfo, GenerateSummary, ModelSetup } from "./worker.ts";
+
+/** The queue is at its bound: try again in `retryAfter` seconds. */
+export class QueueFullError extends Error {
+  constructor(readonly retryAfter: number) {
+    super(`the engine's queue is full; retry in ${retryAfter} s`);
+    this.name = "QueueFullError";
+  }
+}
+
+/** The server is shutting down and takes no more work. */
+export class ClosedError extends Error {
+  constructor() {
+    super("the server is shutting down");
+    this.name = "ClosedError";
+  }
+}
+
+/** Work that failed on the device; `user` when the input was at fault. */
+export class WorkError extends Error {
+  readonly user: boolean;
+  readonly field?: string;
+  constructor(e: WorkerError) {
+    super(e.message);
+    this.name = e.name;
+    this.user = e.user;
+    this.field = e.field;
+  }
+}
+
+interface Entry {
+  run: (signal: AbortSignal) => Promise<unknown>;
+  signal: AbortSignal;
+  onStart?: () => void;
+  resolve: (v: unknown) => void;
+  reject: (e: unknown) => void;
+  detach: () => void;
+}
+
+export interface SubmitOptions {
+  /** Aborting removes the work while it waits; running work sees it through `run`'s signal. */
+  signal?: AbortSignal;
+  /** Called when the work leaves the queue and starts. */
+  onStart?: () => void;
+}
+
+export class WorkQueue {
+  readonly #waiting: Entry[] = [];
+  #running: Entry | null = null;
+  #closed = false;
+  #idle: (() => void)[] = [];
+  /** Smoothed duration of finished work, seconds. */
+  #meanSeconds = 0;
+  #finished = 0;
+
+  /** `bound`: how much work may wait behind the running one. */
+  constructor(readonly bound: number) {
+    if (!Number.isInteger(bound) || bound < 0) {
+      throw new RangeError(`queue bound must be a non-negative integer, got ${bound}`);
+    }
+  }
+
+  get running(): boolean {
+    return this.#running !== null;
+  }
+
+  get waiting(): number {
+    return this.#waiting.length;
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Seconds until a slot is likely free: the waiting work plus the running one, at least 1. */
+  retryAfter(): number {
+    const mean = this.#finished ? this.#meanSeconds : 5;
+    return Math.max(1, Math.ceil(mean * (this.#waiting.length + 1)));
+  }
+
+  /**
+   * Queues `run`. Throws at once (not through the promise) when the work is refused: closed,
+   * full, or already aborted, so callers can answer before creating anything.
+   */
+  submit<T>(run: (signal: AbortSignal) => Promise<T>, opts: SubmitOptions = {}): Promise<T> {
+    if (this.#closed) throw new ClosedError();
+    const signal = opts.signal ?? new AbortController().signal;
+    if (signal.aborted) throw signal.reason;
+    if (this.#running && this.#waiting.length >= this.bound) {
+      throw new QueueFullError(this.retryAfter());
+    }
+    return new Promise<T>((resolve, reject) => {
+      const entry: Entry = {
+        run,
+        signal,
+        onStart: opts.onStart,
+        resolve: resolve as (v: unknown) => void,
+        reject,
+        detach: () => {},
+      };
+      const onAbort = () => {
+        const i = this.#waiting.indexOf(entry);
+        if (i < 0) return;
+        this.#waiting.splice(i, 1);
+        entry.detach();
+        reject(signal.reason);
+      };
+      signal.addEventListener("abort", onAbort);
+      entry.detach = () => signal.removeEventListener("abort", onAbort);
+      this.#waiting.push(entry);
+      this.#pump();
+    });
+  }
+
+  /** Refuses new work and fails the waiting work with ClosedError; running work goes on. */
+  close(): void {
+    this.#closed = true;
+    for (const e of this.#waiting.splice(0)) {
+      e.detach();
+      e.reject(new ClosedError());
+    }
+  }
+
+  /** Resolves once nothing runs (at once if nothing does). */
+  idle(): Promise<void> {
+    if (!this.#running && this.#waiting.length === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#idle.push(resolve));
+  }
+
+  #pump(): void {
+    if (this.#running) return;
+    const entry = this.#waiting.shift();
+    if (!entry) {
+      for (const f of this.#idle.splice(0)) f();
+      return;
+    }
+    entry.detach();
+    this.#running = entry;
+    const started = performance.now();
+    entry.onStart?.();
+    entry.run(entry.signal).then(entry.resolve, entry.reject).finally(() => {
+      const s = (performance.now() - started) / 1000;
+      this.#finished++;
+      this.#meanSeconds = this.#finished === 1 ? s : 0.8 * this.#meanSeconds + 0.2 * s;
+      this.#running = null;
+      this.#pump();
+    });
+  }
+}
+
+export interface GenerateHooks {
+  onProgress?: (p: ProgressInfo) => void;
+  onImage?: (file: string) => void;
+  onLog?: (message: string) => void;
+}
+
+interface Pending {
+  resolve: (v: unknown) => void;
+  reject: (e: unknown) => void;
+  hooks?: GenerateHooks;
+}
+
+/** The device worker behind a WorkQueue. */
+export class Engine {
+  readonly queue: WorkQueue;
+  readonly #worker: Worker;
+  readonly #pending = new Map<number, Pending>();
+  #nextId = 1;
+  #failure: Error | null = null;
+
+  private constructor(worker: Worker, readonly info: EngineInfo, bound: number) {
+    this.#worker = worker;
+    this.queue = new WorkQueue(bound);
+    worker.onmessage = (e: MessageEvent<FromWorker>) => this.#receive(e.data);
+    worker.onerror = (e) => {
+      e.preventDefault();
+      this.#fail(new Error(`the engine worker failed: ${e.message}`));
+    };
+  }
+
+  /** Starts the worker and loads the model in it. */
+  static start(setup: ModelSetup, opts: { queue: number }): Promise<Engine> {
+    const worker = new Worker(new URL("./worker.ts", import.meta.url), { type: "module" });
+    return new Promise((resolve, reject) => {
+      worker.onmessage = (e: MessageEvent<FromWorker>) => {
+        const m = e.data;
+        if (m.type === "ready") {
+          resolve(new Engine(worker, m.info, opts.queue));
+        } else if (m.type === "init-failed") {
+          worker.terminate();
+          reject(new WorkError(m.error));
+        }
+      };
+      worker.onerror = (e) => {
+        e.preventDefault();
+        worker.terminate();
+        reject(new Error(`the engine worker failed to start: ${e.message}`));
+      };
+      worker.postMessage({ type: "init", setup } satisfies ToWorker);
+    });
+  }
+
+  /** Null while the worker is healthy; the error that stopped it otherwise. */
+  get failure(): Error | null {
+    return this.#failure;
+  }
+
+  /** One image, encoded; queued behind earlier work. */
+  sample(
+    spec: SampleSpec,
+    refs: { positive: RgbImage | null; negative: RgbImage | null },
+    format: ImageFormat,
+    opts: SubmitOptions = {},
+  ): Promise<Uint8Array<ArrayBuffer>> {
+    return this.queue.submit(
+      () =>
+        this.#call<Uint8Array<ArrayBuffer>>((id) => ({
+          type: "sample",
+          id,
+          spec,
+          ...refs,
+          format,
+        })),
+      opts,
+    );
+  }
+
+  /**
+   * A dataset generation run. Aborting `opts.signal` removes it while queued; once it runs, the
+   * batch in flight is finished and written, then it stops (resumable like `dipsy generate`).
+   */
+  generate(
+    config: RunConfig,
+    shard: Shard,
+    only: string[],
+    hooks: GenerateHooks,
+    opts: SubmitOptions = {},
+  ): Promise<GenerateSummary> {
+    return this.queue.submit((signal) => {
+      let id = 0;
+      const promise = this.#call<GenerateSummary>((i) => {
+        id = i;
+        return { type: "generate", id, config, shard, only };
+      }, hooks);
+      const cancel = () => this.#worker.postMessage({ type: "cancel", id } satisfies ToWorker);
+      if (signal.aborted) cancel();
+      else signal.addEventListener("abort", cancel, { once: true });
+      return promise.finally(() => signal.removeEventListener("abort", cancel));
+    }, opts);
+  }
+
+  /** Refuses new work, fails waiting work, waits for the running work, stops the worker. */
+  async close(): Promise<void> {
+    this.queue.close();
+    await this.queue.idle();
+    this.#worker.terminate();
+    this.#fail(new Error("the engine was closed"));
+  }
+
+  #call<T>(message: (id: number) => ToWorker, hooks?: GenerateHooks): Promise<T> {
+    if (this.#failure) return Promise.reject(this.#failure);
+    const id = this.#nextId++;
+    return new Promise<T>((resolve, reject) => {
+      this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject, hooks });
+      this.#worker.postMessage(message(id));
+    });
+  }
+
+  #receive(m: FromWorker): void {
+    if (m.type === "ready" || m.type === "init-failed") return;
+    const p = this.#pending.get(m.id);
+    if (!p) return;
+    switch (m.type) {
+      case "done":
+        this.#pending.delete(m.id);
+        p.resolve(m.value);
+        break;
+      case "failed":
+        this.#pending.delete(m.id);
+        p.reject(new WorkError(m.error));
+        break;
+      case "progress":
+        p.hooks?.onProgress?.(m.progress);
+        break;
+      case "image":
+        p.hooks?.onImage?.(m.file);
+        break;
+      case "log":
+        p.hooks?.onLog?.(m.message);
+        break;
+    }
+  }
+
+  #fail(e: Error): void {
+    this.#failure ??= e;
+    for (const [id, p] of this.#pending) {
+      this.#pending.delete(id);
+      p.reject(e);
+    }
+  }
+}

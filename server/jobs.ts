@@ -1,0 +1,420 @@
+/**
+ * Dataset generation jobs over HTTP: a request becomes the same RunConfig `dipsy generate` builds
+ * from its flags (the server's model settings, then the request's), with every path confined to
+ * the configured roots. A job runs on the engine like any other work; its progress reaches
+ * listeners (server-sent events) as it happens, and cancelling it stops after the batch in
+ * flight, leaving a run folder that the same request resumes.
+ */
+import { dirname, isAbsolute, join, resolve, sep as SEPARATOR } from "node:path";
+import {
+  ConfigError,
+  type ConfigLayer,
+  parseConfigObject,
+  PRESETS,
+  resolveConfig,
+  type RunConfig,
+} from "../core/config.ts";
+import { type ProgressInfo, resolveShard, type Shard } from "../core/generate.ts";
+import type { Guidance, Registry, Sampler, SamplerPair, SchedulerConfig } from "../core/plugins.ts";
+import { ClosedError, type Engine, type GenerateSummary } from "./engine.ts";
+import * as s from "./schema.ts";
+
+// ---------------------------------------------------------------------------------------------
+// The request
+
+const plugin = (kind: string) =>
+  s.oneOf<unknown>([
+    s.string({ minLength: 1, maxLength: 100 }),
+    s.object({ name: s.optional(s.string({ minLength: 1, maxLength: 100 })) }, {
+      extra: (k) => /^[A-Za-z_][A-Za-z0-9_]{0,63}$/.test(k),
+    }),
+  ], {
+    expected: `a ${kind} plugin name or { name, ...options }`,
+    description: `${kind} plugin: a name, or an object with the name and its options`,
+  });
+
+const path = (description: string) => s.string({ minLength: 1, maxLength: 4096, description });
+
+/** The body of POST /v1/jobs: `dipsy generate`'s settings, without the server's model ones. */
+export const JOB_REQUEST = s.object({
+  data: s.required(path("few-shot images: DIR/<class>/*.jpg, or the DataDream layout")),
+  out: s.required(path("output folder: new, empty, or an earlier run of the same settings")),
+  dataset: s.optional(s.nullable(s.string({ maxLength: 100, description: "dataset name" }))),
+  fewshotSeed: s.optional(s.nullable(s.oneOf<unknown>([
+    s.string({ maxLength: 100 }),
+    s.integer({ min: 0 }),
+  ], { expected: "a string or an integer", description: "DataDream few-shot split" }))),
+  skipBad: s.optional(s.boolean({ description: "leave unreadable shots out" })),
+  similarity: s.optional(s.nullable(path("class similarity file"))),
+  preset: s.optional(s.string({ enum: Object.keys(PRESETS), description: "named settings" })),
+  perClass: s.optional(s.integer({ min: 1, max: 1_000_000, description: "images per class" })),
+  seed: s.optional(s.integer({ min: 0, description: "run seed" })),
+  steps: s.optional(s.integer({ min: 1, max: 1000, description: "denoising steps" })),
+  width: s.optional(s.nullable(s.integer({ min: 8, max: 4096, description: "pixels" }))),
+  height: s.optional(s.nullable(s.integer({ min: 8, max: 4096, description: "pixels" }))),
+  prompt: s.optional(s.nullable(s.string({
+    maxLength: 1000,
+    description: 'prompt template with {c} for the class name; "" for the empty prompt',
+  }))),
+  guidance: s.optional(plugin("guidance")),
+  sampler: s.optional(plugin("sampler")),
+  pairs: s.optional(plugin("pairs")),
+  batch: s.optional(s.integer({ min: 1, max: 256, description: "images per model call" })),
+  quality: s.optional(s.integer({ min: 1, max: 100, description: "JPEG quality" })),
+  shard: s.optional(s.string({
+    pattern: /^\d+\/\d+$/,
+    patternText: 'I/N, e.g. "0/4"',
+    description: "do shard I of N",
+  })),
+  only: s.optional(s.array(s.string({ maxLength: 300 }), {
+    maxItems: 10_000,
+    description: '(re)make just these images, "CLASS:INDEX"',
+  })),
+}, { description: "settings of `dipsy generate`; the model settings are the server's" });
+
+export type JobRequest = s.Infer<typeof JOB_REQUEST>;
+
+/** A request the server refuses; `status` is the HTTP status, `field` the offending input. */
+export class JobRequestError extends Error {
+  constructor(readonly status: number, readonly issues: s.Issue[]) {
+    super(issues.map((i) => (i.field ? `${i.field}: ` : "") + i.message).join("; "));
+    this.name = "JobRequestError";
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paths
+
+function inside(root: string, p: string): boolean {
+  return p === root || p.startsWith(root.endsWith(SEPARATOR) ? root : root + SEPARATOR);
+}
+
+/** The real path of `p`, following links, for the part of it that exists. */
+async function realish(p: string): Promise<string> {
+  const rest: string[] = [];
+  let cur = p;
+  for (;;) {
+    try {
+      return join(await Deno.realPath(cur), ...rest.reverse());
+    } catch (e) {
+      if (!(e instanceof Deno.errors.NotFound)) throw e;
+      const parent = dirname(cur);
+      if (parent === cur) throw e;
+      rest.push(cur.slice(parent.length).replace(/^[\\/]+/, ""));
+      cur = parent;
+    }
+  }
+}
+
+/** The real paths of the roots (they must exist and be folders). */
+export async function resolveRoots(roots: readonly string[]): Promise<string[]> {
+  const out: string[] = [];
+  for (const r of roots) {
+    let real: string;
+    try {
+      real = await Deno.realPath(r);
+    } catch {
+      throw new Error(`--roots: ${r} does not exist`);
+    }
+    if (!(await Deno.stat(real)).isDirectory) throw new Error(`--roots: ${r} is not a folder`);
+    out.push(real);
+  }
+  return out;
+}
+
+/**
+ * `p` (relative paths are taken from the first root) if it lies inside a root once `..` and
+ * links are resolved; a 403 otherwise.
+ */
+export async function confine(p: string, roots: readonly string[], field: string): Promise<string> {
+  const refuse = (why: string) => new JobRequestError(403, [{ field, message: why }]);
+  if (roots.length === 0) throw refuse("the server was started without --roots: no paths allowed");
+  if (p.includes("\0")) throw refuse("must not contain NUL characters");
+  const abs = isAbsolute(p) ? resolve(p) : resolve(roots[0], p);
+  let real: string;
+  try {
+    real = await realish(abs);
+  } catch {
+    throw refuse("cannot be resolved");
+  }
+  if (!roots.some((r) => inside(r, abs) && inside(r, real))) {
+    throw refuse(`${p} is outside the allowed roots`);
+  }
+  return real;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request to configuration
+
+export interface JobDefaults {
+  /** The server's settings: model references, device, dtype. */
+  base: ConfigLayer;
+  roots: readonly string[];
+  /** The model's output size, when the request gives none. */
+  defaultSize: number;
+  schedulerConfig: SchedulerConfig;
+  registry: Registry;
+}
+
+export interface JobPlan {
+  config: RunConfig;
+  shard: Shard;
+  only: string[];
+}
+
+/** The field a core configuration message is about ("request: \"steps\" must be ..."). */
+function configIssues(problems: readonly string[]): s.Issue[] {
+  const patterns: [RegExp, (m: RegExpExecArray) => string][] = [
+    [/^unknown (guidance|sampler|pairs) plugin/, (m) => m[1]],
+    [/^unknown setting "([^"]+)"/, (m) => m[1]],
+    [/^unknown preset/, () => "preset"],
+    [/^prompt /, () => "prompt"],
+    [/^set both width and height/, () => "width"],
+    [/^"([^"]+)"/, (m) => m[1]],
+  ];
+  return problems.map((p) => {
+    const text = p.replace(/^request: /, "");
+    for (const [re, field] of patterns) {
+      const m = re.exec(text);
+      if (m) return { field: field(m), message: text };
+    }
+    return { field: "", message: text };
+  });
+}
+
+function message(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+/**
+ * Checks a request as far as possible without the device (settings, plugins, paths, shard), so
+ * that a bad one is refused before it waits in the queue.
+ */
+export async function planJob(req: JobRequest, d: JobDefaults): Promise<JobPlan> {
+  const { shard: shardText, only, data, out, similarity, ...rest } = req;
+  const paths: Record<string, unknown> = {
+    data: await confine(data, d.roots, "data"),
+    out: await confine(out, d.roots, "out"),
+  };
+  if (similarity) paths.similarity = await confine(similarity, d.roots, "similarity");
+  let config: RunConfig;
+  try {
+    const layer = parseConfigObject({ ...rest, ...paths }, "request", { baseDir: d.roots[0] });
+    config = resolveConfig([d.base, layer], d.registry);
+  } catch (e) {
+    if (e instanceof ConfigError) {
+      throw new JobRequestError(400, configIssues(e.problems));
+    }
+    throw e;
+  }
+  let info: Deno.FileInfo | null = null;
+  try {
+    info = await Deno.stat(config.data!);
+  } catch { /* reported below */ }
+  if (!info?.isDirectory) {
+    throw new JobRequestError(400, [{ field: "data", message: `${data} is not a folder` }]);
+  }
+  config.width ??= d.defaultSize;
+  config.height ??= d.defaultSize;
+  const checks: [string, () => object][] = [
+    [
+      "guidance",
+      () => d.registry.create<Guidance>("guidance", config.guidance.name, config.guidance.options),
+    ],
+    [
+      "pairs",
+      () => d.registry.create<SamplerPair>("pairs", config.pairs.name, config.pairs.options),
+    ],
+    ["sampler", () =>
+      d.registry.create<Sampler>("sampler", config.sampler.name, {
+        ...config.sampler.options,
+        steps: config.steps,
+        config: d.schedulerConfig,
+      })],
+  ];
+  for (const [field, make] of checks) {
+    try {
+      const made = make() as Partial<Disposable>;
+      made[Symbol.dispose]?.();
+    } catch (e) {
+      throw new JobRequestError(400, [{ field, message: message(e) }]);
+    }
+  }
+  let shard: Shard;
+  try {
+    shard = resolveShard(shardText, undefined, {});
+  } catch (e) {
+    throw new JobRequestError(400, [{ field: "shard", message: message(e) }]);
+  }
+  return { config, shard, only: only ?? [] };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jobs
+
+export type JobStatus = "queued" | "running" | "cancelling" | "cancelled" | "succeeded" | "failed";
+
+const FINAL: readonly JobStatus[] = ["cancelled", "succeeded", "failed"];
+
+export interface JobView {
+  id: string;
+  status: JobStatus;
+  data: string;
+  out: string;
+  createdAt: string;
+  startedAt: string | null;
+  finishedAt: string | null;
+  /** Images written by this job, of `total` it has to write; the step of the batch in flight. */
+  progress: { done: number; total: number | null; step: { index: number; total: number } | null };
+  result: GenerateSummary | null;
+  error: string | null;
+  /** Notes and warnings from the run (the last few). */
+  messages: string[];
+}
+
+export type JobEvent =
+  | { event: "status"; data: JobView }
+  | { event: "progress"; data: JobView["progress"] }
+  | { event: "image"; data: { file: string } }
+  | { event: "message"; data: { message: string } };
+
+const MAX_MESSAGES = 50;
+
+export class Job {
+  readonly id = crypto.randomUUID();
+  readonly created = new Date();
+  started: Date | null = null;
+  finished: Date | null = null;
+  status: JobStatus = "queued";
+  progress: JobView["progress"] = { done: 0, total: null, step: null };
+  result: GenerateSummary | null = null;
+  error: string | null = null;
+  readonly messages: string[] = [];
+  readonly controller = new AbortController();
+  readonly #listeners = new Set<(e: JobEvent) => void>();
+  #done: Promise<void>;
+  #markDone!: () => void;
+
+  constructor(readonly plan: JobPlan) {
+    this.#done = new Promise((r) => this.#markDone = r);
+  }
+
+  get final(): boolean {
+    return FINAL.includes(this.status);
+  }
+
+  /** Resolves when the job has reached a final status. */
+  get done(): Promise<void> {
+    return this.#done;
+  }
+
+  view(): JobView {
+    return {
+      id: this.id,
+      status: this.status,
+      data: this.plan.config.data!,
+      out: this.plan.config.out!,
+      createdAt: this.created.toISOString(),
+      startedAt: this.started?.toISOString() ?? null,
+      finishedAt: this.finished?.toISOString() ?? null,
+      progress: structuredClone(this.progress),
+      result: this.result,
+      error: this.error,
+      messages: [...this.messages],
+    };
+  }
+
+  /** Listens to events until the returned function is called. */
+  subscribe(fn: (e: JobEvent) => void): () => void {
+    this.#listeners.add(fn);
+    return () => this.#listeners.delete(fn);
+  }
+
+  emit(e: JobEvent): void {
+    for (const fn of [...this.#listeners]) fn(e);
+  }
+
+  setStatus(status: JobStatus): void {
+    if (this.final) return;
+    this.status = status;
+    if (status === "running") this.started = new Date();
+    if (FINAL.includes(status)) this.finished = new Date();
+    this.emit({ event: "status", data: this.view() });
+    if (FINAL.includes(status)) this.#markDone();
+  }
+
+  note(message: string): void {
+    this.messages.push(message);
+    if (this.messages.length > MAX_MESSAGES) this.messages.shift();
+    this.emit({ event: "message", data: { message } });
+  }
+
+  onProgress(p: ProgressInfo): void {
+    this.progress = { done: p.done, total: p.total, step: p.step ?? null };
+    this.emit({ event: "progress", data: structuredClone(this.progress) });
+  }
+}
+
+/** Jobs by id; finished ones are forgotten oldest first beyond `keep`. */
+export class JobStore {
+  readonly #jobs = new Map<string, Job>();
+
+  constructor(readonly engine: Engine, readonly keep = 200) {}
+
+  get(id: string): Job | undefined {
+    return this.#jobs.get(id);
+  }
+
+  list(): Job[] {
+    return [...this.#jobs.values()];
+  }
+
+  /** Queues a job; throws (QueueFullError, ClosedError) without creating one when refused. */
+  start(plan: JobPlan): Job {
+    const job = new Job(plan);
+    const promise = this.engine.generate(plan.config, plan.shard, plan.only, {
+      onProgress: (p) => job.onProgress(p),
+      onImage: (file) => job.emit({ event: "image", data: { file } }),
+      onLog: (m) => job.note(m),
+    }, { signal: job.controller.signal, onStart: () => job.setStatus("running") });
+    this.#jobs.set(job.id, job);
+    this.#forgetOld();
+    promise.then((summary) => {
+      job.result = summary;
+      job.progress.step = null;
+      job.setStatus(summary.interrupted ? "cancelled" : "succeeded");
+    }, (e) => {
+      if (job.controller.signal.aborted && e === job.controller.signal.reason) {
+        job.setStatus("cancelled");
+        return;
+      }
+      job.error = message(e);
+      job.setStatus(e instanceof ClosedError ? "cancelled" : "failed");
+    });
+    return job;
+  }
+
+  /**
+   * Stops a job: a queued one never starts; a running one finishes and writes the batch in
+   * flight, then stops. Whatever it wrote stays, and the same request resumes it.
+   */
+  cancel(job: Job, reason = "cancelled"): void {
+    if (job.final || job.controller.signal.aborted) return;
+    job.note(reason);
+    if (job.status === "running") job.setStatus("cancelling");
+    job.controller.abort(new DOMException(reason, "AbortError"));
+  }
+
+  /** Stops every job (shutdown); resolves once none is running. */
+  async stopAll(reason: string): Promise<void> {
+    for (const job of this.#jobs.values()) this.cancel(job, reason);
+    await Promise.all([...this.#jobs.values()].map((j) => j.done));
+  }
+
+  #forgetOld(): void {
+    const finished = [...this.#jobs.values()].filter((j) => j.final);
+    for (const j of finished.slice(0, Math.max(0, finished.length - this.keep))) {
+      this.#jobs.delete(j.id);
+    }
+  }
+}

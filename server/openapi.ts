@@ -1,0 +1,232 @@
+/**
+ * The OpenAPI 3.1 document. Request bodies are the JSON Schema of the very schemas that check
+ * the requests (schema.ts), so the document cannot drift from what the server accepts.
+ */
+import type { JsonSchema } from "./schema.ts";
+
+export const API_VERSION = "1";
+
+export interface RouteDoc {
+  method: "get" | "post" | "delete";
+  /** OpenAPI form: /v1/jobs/{id}. */
+  path: string;
+  summary: string;
+  request?: { type: string; schema: JsonSchema };
+  responses: Record<number, { description: string; type?: string; schema?: JsonSchema }>;
+  public?: boolean;
+}
+
+const ERROR_SCHEMA: JsonSchema = {
+  type: "object",
+  properties: {
+    error: {
+      type: "object",
+      properties: {
+        status: { type: "integer" },
+        message: { type: "string" },
+        issues: {
+          type: "array",
+          items: {
+            type: "object",
+            properties: { field: { type: "string" }, message: { type: "string" } },
+            required: ["field", "message"],
+          },
+        },
+      },
+      required: ["status", "message"],
+    },
+  },
+  required: ["error"],
+};
+
+const JOB_SCHEMA: JsonSchema = {
+  type: "object",
+  properties: {
+    id: { type: "string" },
+    status: {
+      type: "string",
+      enum: ["queued", "running", "cancelling", "cancelled", "succeeded", "failed"],
+    },
+    data: { type: "string" },
+    out: { type: "string" },
+    createdAt: { type: "string", format: "date-time" },
+    startedAt: { type: ["string", "null"], format: "date-time" },
+    finishedAt: { type: ["string", "null"], format: "date-time" },
+    progress: {
+      type: "object",
+      properties: {
+        done: { type: "integer" },
+        total: { type: ["integer", "null"] },
+        step: {
+          type: ["object", "null"],
+          properties: { index: { type: "integer" }, total: { type: "integer" } },
+        },
+      },
+    },
+    result: {
+      type: ["object", "null"],
+      properties: {
+        out: { type: "string" },
+        written: { type: "integer" },
+        skipped: { type: "integer" },
+        remaining: { type: "integer" },
+        interrupted: { type: "boolean" },
+      },
+    },
+    error: { type: ["string", "null"] },
+    messages: { type: "array", items: { type: "string" } },
+  },
+};
+
+export function routeDocs(sampleSchema: JsonSchema, jobSchema: JsonSchema): RouteDoc[] {
+  const err = (description: string) => ({
+    description,
+    type: "application/json",
+    schema: ERROR_SCHEMA,
+  });
+  const common = { 401: err("missing or wrong bearer token"), 404: err("no such route") };
+  const job = { description: "the job", type: "application/json", schema: JOB_SCHEMA };
+  return [
+    {
+      method: "get",
+      path: "/healthz",
+      summary: "liveness: 200 while the engine works",
+      public: true,
+      responses: {
+        200: { description: "alive", type: "application/json" },
+        503: err("the engine failed"),
+      },
+    },
+    {
+      method: "get",
+      path: "/openapi.json",
+      summary: "this document",
+      responses: { 200: { description: "OpenAPI 3.1", type: "application/json" }, ...common },
+    },
+    {
+      method: "get",
+      path: "/v1/info",
+      summary: "models loaded, device, dtype, plugins, queue, limits and versions",
+      responses: {
+        200: { description: "server information", type: "application/json" },
+        ...common,
+      },
+    },
+    {
+      method: "post",
+      path: "/v1/sample",
+      summary: "one image from explicit reference images; the same bytes as `dipsy sample`",
+      request: { type: "multipart/form-data", schema: sampleSchema },
+      responses: {
+        200: {
+          description: "the image (image/png unless `format` says otherwise), or with " +
+            "response=json or Accept: application/json, { image: <base64>, mediaType, width, " +
+            "height, seed, ... }",
+          type: "image/png",
+          schema: { type: "string", format: "binary" },
+        },
+        400: err("malformed body or invalid fields (issues name each field)"),
+        413: err("body or image over the limits"),
+        415: err("not multipart/form-data"),
+        422: err("an image that does not decode"),
+        503: err("queue full (see Retry-After) or shutting down"),
+        ...common,
+      },
+    },
+    {
+      method: "post",
+      path: "/v1/jobs",
+      summary: "start a dataset generation job (the settings of `dipsy generate`)",
+      request: { type: "application/json", schema: jobSchema },
+      responses: {
+        202: job,
+        400: err("malformed JSON or invalid settings (issues name each field)"),
+        403: err("a path outside the allowed roots"),
+        413: err("body over the limit"),
+        415: err("not application/json"),
+        503: err("queue full (see Retry-After) or shutting down"),
+        ...common,
+      },
+    },
+    {
+      method: "get",
+      path: "/v1/jobs",
+      summary: "the jobs this server knows",
+      responses: {
+        200: {
+          description: "jobs, oldest first",
+          type: "application/json",
+          schema: { type: "object", properties: { jobs: { type: "array", items: JOB_SCHEMA } } },
+        },
+        ...common,
+      },
+    },
+    {
+      method: "get",
+      path: "/v1/jobs/{id}",
+      summary: "a job's status and progress",
+      responses: { 200: job, ...common },
+    },
+    {
+      method: "get",
+      path: "/v1/jobs/{id}/events",
+      summary: "a job's progress as server-sent events: status, progress, image, message; " +
+        "the stream ends after the final status",
+      responses: { 200: { description: "event stream", type: "text/event-stream" }, ...common },
+    },
+    {
+      method: "delete",
+      path: "/v1/jobs/{id}",
+      summary: "cancel: a queued job never starts; a running one stops after the batch in " +
+        "flight (its images are kept; the same request resumes it)",
+      responses: { 202: job, 409: err("the job has finished already"), ...common },
+    },
+  ];
+}
+
+export function openApi(docs: RouteDoc[], secured: boolean): Record<string, unknown> {
+  const paths: Record<string, Record<string, unknown>> = {};
+  for (const d of docs) {
+    const params = [...d.path.matchAll(/\{(\w+)\}/g)].map((m) => ({
+      name: m[1],
+      in: "path",
+      required: true,
+      schema: { type: "string" },
+    }));
+    (paths[d.path] ??= {})[d.method] = {
+      summary: d.summary,
+      ...(params.length ? { parameters: params } : {}),
+      ...(d.request
+        ? {
+          requestBody: {
+            required: true,
+            content: { [d.request.type]: { schema: d.request.schema } },
+          },
+        }
+        : {}),
+      responses: Object.fromEntries(
+        Object.entries(d.responses).map(([status, r]) => [status, {
+          description: r.description,
+          ...(r.type ? { content: { [r.type]: r.schema ? { schema: r.schema } : {} } } : {}),
+        }]),
+      ),
+      ...(secured && d.public ? { security: [] } : {}),
+    };
+  }
+  return {
+    openapi: "3.1.0",
+    info: {
+      title: "dipsy",
+      version: API_VERSION,
+      description: "DIPSY synthetic data generation over HTTP: one engine, one piece of work " +
+        "at a time, in arrival order.",
+    },
+    paths,
+    ...(secured
+      ? {
+        components: { securitySchemes: { bearer: { type: "http", scheme: "bearer" } } },
+        security: [{ bearer: [] }],
+      }
+      : {}),
+  };
+}

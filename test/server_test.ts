@@ -1,0 +1,1190 @@
+/**
+ * The HTTP service, started for real on a loopback port with the tiny models, spoken to over
+ * HTTP: a sample equals `dipsy sample` byte for byte; a job equals `dipsy generate` and reports
+ * progress as server-sent events; hundreds of malformed requests get the right 4xx while the
+ * server keeps serving; work beyond the queue bound gets 503; a client that goes away leaves the
+ * queue; cancel, shutdown (in process and by SIGTERM) and resume lose nothing.
+ */
+import assert from "node:assert/strict";
+import { Buffer } from "node:buffer";
+import { join } from "node:path";
+import { encodeImage, type RgbImage } from "../core/image.ts";
+import { setNumThreads } from "../ffi/mod.ts";
+import { command as sampleCommand } from "../cli/sample.ts";
+import { command as generateCommand } from "../cli/generate.ts";
+import { parseServeArgs, startFromSettings } from "../cli/serve.ts";
+import { saveSimilarityFile } from "../cli/similarity.ts";
+import { checkExposure, isLoopback } from "../server/auth.ts";
+import type { RunningServer } from "../server/app.ts";
+import { WorkQueue } from "../server/engine.ts";
+import { CliError } from "../cli/command.ts";
+
+// One thread: thread counts change float rounding, and the tiny models gain nothing from more.
+setNumThreads(1);
+
+const ROOT = await Deno.realPath(await Deno.makeTempDir({ prefix: "dipsy_server_test_" }));
+const SECRETS = await Deno.makeTempDir({ prefix: "dipsy_server_token_" });
+const DATA = join(ROOT, "data");
+const CLASSES = ["blue square", "red circle"];
+const TOKEN = "0123456789abcdef0123456789abcdef";
+const MAIN = new URL("../cli/main.ts", import.meta.url).pathname;
+
+function noise(width: number, height: number, seed: number): RgbImage {
+  const data = new Uint8Array(width * height * 3);
+  let s = seed;
+  for (let i = 0; i < data.length; i++) {
+    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
+    data[i] = s >>> 24;
+  }
+  return { width, height, data };
+}
+
+const POSITIVE = await encodeImage(noise(40, 36, 1), "png");
+const NEGATIVE = await encodeImage(noise(36, 40, 2), "png");
+for (const [k, name] of CLASSES.entries()) {
+  for (let i = 0; i < 2; i++) {
+    await Deno.mkdir(join(DATA, name), { recursive: true });
+    await Deno.writeFile(
+      join(DATA, name, `${i}.png`),
+      await encodeImage(noise(40 + 4 * i, 36, 10 * k + i), "png"),
+    );
+  }
+}
+await saveSimilarityFile(join(DATA, "similarity.json"), CLASSES, [[1, 0.5], [0.5, 1]], {});
+await Deno.writeTextFile(join(SECRETS, "token"), `${TOKEN}\n`);
+await Deno.writeTextFile(join(ROOT, "not-a-folder.txt"), "x");
+await Deno.symlink("/", join(ROOT, "escape"));
+
+const MODEL_FLAGS = ["--model", "tiny", "--device", "cpu", "--dtype", "f32"];
+const QUEUE = 2;
+const server: RunningServer = await startFromSettings(
+  parseServeArgs([
+    ...MODEL_FLAGS,
+    "--port",
+    "0",
+    "--token-file",
+    join(SECRETS, "token"),
+    "--roots",
+    ROOT,
+    "--queue",
+    String(QUEUE),
+    "--max-body-mb",
+    "1",
+    "--max-image-mb",
+    "1",
+  ])!,
+  () => {},
+);
+const BASE = server.url;
+const AUTH = { authorization: `Bearer ${TOKEN}` };
+
+// Server tests share one server and its worker across tests, which the per-test op and resource
+// sanitizers would count as leaks; every test closes what it opens itself.
+function serverTest(name: string, fn: () => Promise<void>) {
+  Deno.test({ name, fn, sanitizeOps: false, sanitizeResources: false });
+}
+
+interface Reply {
+  status: number;
+  headers: Headers;
+  bytes: Uint8Array;
+  // deno-lint-ignore no-explicit-any
+  json: any;
+}
+
+async function call(
+  method: string,
+  path: string,
+  opts: { body?: BodyInit; headers?: Record<string, string>; auth?: boolean } = {},
+): Promise<Reply> {
+  const res = await fetch(BASE + path, {
+    method,
+    body: opts.body,
+    headers: { ...(opts.auth === false ? {} : AUTH), ...opts.headers },
+  });
+  const bytes = new Uint8Array(await res.arrayBuffer());
+  let json = null;
+  if ((res.headers.get("content-type") ?? "").startsWith("application/json")) {
+    json = JSON.parse(new TextDecoder().decode(bytes));
+  }
+  return { status: res.status, headers: res.headers, bytes, json };
+}
+
+function form(fields: Record<string, string | Uint8Array>): FormData {
+  const f = new FormData();
+  for (const [k, v] of Object.entries(fields)) {
+    if (typeof v === "string") f.append(k, v);
+    else f.append(k, new Blob([v as Uint8Array<ArrayBuffer>], { type: "image/png" }), `${k}.png`);
+  }
+  return f;
+}
+
+const SAMPLE = {
+  prompt: "a photo of a red circle",
+  seed: "3",
+  steps: "2",
+  width: "32",
+  height: "32",
+  positive: POSITIVE,
+  negative: NEGATIVE,
+};
+
+function postJob(body: unknown): Promise<Reply> {
+  return call("POST", "/v1/jobs", {
+    body: JSON.stringify(body),
+    headers: { "content-type": "application/json" },
+  });
+}
+
+const JOB = { data: "data", perClass: 4, steps: 2, width: 32, height: 32, batch: 2, seed: 5 };
+
+interface SseEvent {
+  event: string;
+  // deno-lint-ignore no-explicit-any
+  data: any;
+}
+
+/** A job's server-sent events until the stream ends; `onEvent` may act on each as it comes. */
+async function jobEvents(
+  base: string,
+  id: string,
+  onEvent: (e: SseEvent) => void | Promise<void> = () => {},
+): Promise<SseEvent[]> {
+  const res = await fetch(`${base}/v1/jobs/${id}/events`, { headers: AUTH });
+  assert.equal(res.status, 200);
+  assert.match(res.headers.get("content-type")!, /^text\/event-stream/);
+  const events: SseEvent[] = [];
+  let buffer = "";
+  const decoder = new TextDecoder();
+  for await (const chunk of res.body!) {
+    buffer += decoder.decode(chunk, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const event = /^event: (.*)$/m.exec(block)?.[1];
+      const data = /^data: (.*)$/m.exec(block)?.[1];
+      if (!event || data === undefined) continue;
+      const e = { event, data: JSON.parse(data) };
+      events.push(e);
+      await onEvent(e);
+    }
+  }
+  return events;
+}
+
+/** Every file under `dir` (relative path -> bytes). */
+async function snapshot(dir: string): Promise<Map<string, Uint8Array>> {
+  const files = new Map<string, Uint8Array>();
+  const walk = async (d: string, rel: string) => {
+    for await (const e of Deno.readDir(d)) {
+      const r = rel ? `${rel}/${e.name}` : e.name;
+      if (e.isDirectory) await walk(join(d, e.name), r);
+      else files.set(r, await Deno.readFile(join(d, e.name)));
+    }
+  };
+  await walk(dir, "");
+  return files;
+}
+
+function manifestLines(files: Map<string, Uint8Array>): string[] {
+  return new TextDecoder().decode(files.get("manifest.jsonl")).split("\n").filter((l) => l).sort();
+}
+
+/** Same images, same manifest lines, no temporary files. */
+function assertSameRun(actual: Map<string, Uint8Array>, expected: Map<string, Uint8Array>) {
+  const jpgs = (m: Map<string, Uint8Array>) => [...m.keys()].filter((k) => k.endsWith(".jpg"));
+  assert.deepEqual(jpgs(actual).sort(), jpgs(expected).sort());
+  for (const k of jpgs(expected)) assert.deepEqual(actual.get(k), expected.get(k), `${k} differs`);
+  assert.deepEqual(manifestLines(actual), manifestLines(expected));
+  assert.deepEqual([...actual.keys()].filter((k) => k.endsWith(".tmp")), [], "temporary files");
+}
+
+async function quietly<T>(fn: () => Promise<T>): Promise<T> {
+  const log = console.log, err = console.error;
+  console.log = console.error = () => {};
+  try {
+    return await fn();
+  } finally {
+    console.log = log;
+    console.error = err;
+  }
+}
+
+async function waitFor(what: string, test: () => Promise<boolean>, ms = 20_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await test())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+async function queueState(): Promise<{ running: boolean; waiting: number }> {
+  return (await call("GET", "/v1/info")).json.queue;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+serverTest(
+  "server: liveness, info and the OpenAPI document of the validating schemas",
+  async () => {
+    const health = await call("GET", "/healthz", { auth: false });
+    assert.equal(health.status, 200);
+    assert.deepEqual(health.json, { status: "ok" });
+
+    const info = (await call("GET", "/v1/info")).json;
+    assert.equal(info.device, "cpu");
+    assert.equal(info.dtype, "f32");
+    assert.equal(info.adapters, 2);
+    assert.match(info.models.model, /^tiny/);
+    assert.equal(info.version.api, "1");
+    assert.ok(info.plugins.guidance.some((p: { name: string }) => p.name === "dipsy"));
+    assert.ok(info.plugins.sampler.some((p: { name: string }) => p.name === "dpm-solver++"));
+    assert.deepEqual(info.queue, { running: false, waiting: 0, bound: QUEUE });
+
+    const doc = (await call("GET", "/openapi.json")).json;
+    assert.equal(doc.openapi, "3.1.0");
+    assert.deepEqual(Object.keys(doc.paths).sort(), [
+      "/healthz",
+      "/openapi.json",
+      "/v1/info",
+      "/v1/jobs",
+      "/v1/jobs/{id}",
+      "/v1/jobs/{id}/events",
+      "/v1/sample",
+    ]);
+    const sample = doc.paths["/v1/sample"].post.requestBody.content["multipart/form-data"].schema;
+    assert.deepEqual(sample.required, ["prompt", "seed"]);
+    assert.equal(sample.properties.positive.format, "binary");
+    assert.deepEqual(
+      sample.properties.guidance.enum,
+      info.plugins.guidance.map((p: { name: string }) => p.name),
+    );
+    const job = doc.paths["/v1/jobs"].post.requestBody.content["application/json"].schema;
+    assert.deepEqual(job.required, ["data", "out"]);
+    assert.equal(job.additionalProperties, false);
+    assert.equal(job.properties.steps.maximum, 1000);
+    assert.deepEqual(doc.security, [{ bearer: [] }]);
+    assert.deepEqual(doc.paths["/healthz"].get.security, []);
+  },
+);
+
+serverTest(
+  "server: a sample equals `dipsy sample` byte for byte (PNG and base64 JSON)",
+  async () => {
+    const res = await call("POST", "/v1/sample", {
+      body: form({ ...SAMPLE, guidanceOptions: '{"negativeScale": 4}', "guidance.textScale": "5" }),
+    });
+    assert.equal(res.status, 200, JSON.stringify(res.json));
+    assert.equal(res.headers.get("content-type"), "image/png");
+
+    const dir = await Deno.makeTempDir({ prefix: "dipsy_server_sample_" });
+    await Deno.writeFile(join(dir, "p.png"), POSITIVE);
+    await Deno.writeFile(join(dir, "n.png"), NEGATIVE);
+    const out = join(dir, "cli.png");
+    const code = await quietly(() =>
+      sampleCommand.run([
+        ...MODEL_FLAGS,
+        "--prompt",
+        SAMPLE.prompt,
+        "--seed",
+        SAMPLE.seed,
+        "--steps",
+        SAMPLE.steps,
+        "--width",
+        SAMPLE.width,
+        "--height",
+        SAMPLE.height,
+        "--positive",
+        join(dir, "p.png"),
+        "--negative",
+        join(dir, "n.png"),
+        "--guidance-opt",
+        "negativeScale=4",
+        "--guidance-opt",
+        "textScale=5",
+        "--out",
+        out,
+      ])
+    );
+    assert.equal(code, 0);
+    assert.deepEqual(res.bytes, await Deno.readFile(out), "server and CLI images differ");
+
+    // Another seed gives another image; JSON carries the same bytes as base64.
+    const other = await call("POST", "/v1/sample", {
+      body: form({ ...SAMPLE, seed: "4", response: "json" }),
+    });
+    assert.equal(other.status, 200);
+    assert.equal(other.json.mediaType, "image/png");
+    assert.deepEqual([other.json.width, other.json.height, other.json.seed], [32, 32, 4]);
+    const png = new Uint8Array(Buffer.from(other.json.image, "base64"));
+    assert.notDeepEqual(png, res.bytes);
+    const again = await call("POST", "/v1/sample", {
+      body: form({ ...SAMPLE, seed: "4" }),
+      headers: { accept: "image/png" },
+    });
+    assert.deepEqual(again.bytes, png);
+    await Deno.remove(dir, { recursive: true });
+  },
+);
+
+serverTest("server: a job equals `dipsy generate` and reports progress as events", async () => {
+  const res = await postJob({ ...JOB, out: "out-full" });
+  assert.equal(res.status, 202, JSON.stringify(res.json));
+  assert.equal(res.headers.get("location"), `/v1/jobs/${res.json.id}`);
+  const events = await jobEvents(BASE, res.json.id);
+  const statuses = events.filter((e) => e.event === "status").map((e) => e.data.status);
+  assert.equal(statuses.at(-1), "succeeded");
+  assert.equal(events.at(-1)!.event, "end");
+  const images = events.filter((e) => e.event === "image").map((e) => e.data.file);
+  assert.equal(images.length, 8);
+  const done = events.filter((e) => e.event === "progress").map((e) => e.data.done);
+  assert.deepEqual(done, [...done].sort((a, b) => a - b), "progress never goes back");
+  assert.equal(done.at(-1), 8);
+  assert.ok(events.some((e) => e.event === "progress" && e.data.step), "denoising steps reported");
+  const view = (await call("GET", `/v1/jobs/${res.json.id}`)).json;
+  assert.equal(view.status, "succeeded");
+  assert.deepEqual(view.result, {
+    out: join(ROOT, "out-full"),
+    written: 8,
+    skipped: 0,
+    remaining: 0,
+    interrupted: false,
+  });
+
+  const cliOut = join(ROOT, "cli-full");
+  const code = await quietly(() =>
+    generateCommand.run([
+      ...MODEL_FLAGS,
+      "--data",
+      DATA,
+      "--out",
+      cliOut,
+      "--per-class",
+      "4",
+      "--steps",
+      "2",
+      "--size",
+      "32",
+      "--batch",
+      "2",
+      "--seed",
+      "5",
+    ])
+  );
+  assert.equal(code, 0);
+  const served = await snapshot(join(ROOT, "out-full"));
+  const cli = await snapshot(cliOut);
+  assertSameRun(served, cli);
+  assert.deepEqual(served.get("run.json"), cli.get("run.json"));
+});
+
+serverTest(
+  "server: cancel stops after the batch in flight; the same request resumes, losing nothing",
+  async () => {
+    const full = await snapshot(join(ROOT, "out-full"));
+    const res = await postJob({ ...JOB, out: "out-cancel" });
+    assert.equal(res.status, 202);
+    const id = res.json.id;
+    let cancelled: Reply | null = null;
+    const events = await jobEvents(BASE, id, async (e) => {
+      if (e.event === "image" && !cancelled) cancelled = await call("DELETE", `/v1/jobs/${id}`);
+    });
+    assert.equal(cancelled!.status, 202);
+    const last = events.at(-1)!.data;
+    assert.equal(last.status, "cancelled");
+    assert.ok(last.result.written >= 1 && last.result.written < 8, JSON.stringify(last.result));
+    assert.equal(last.result.interrupted, true);
+    assert.equal(
+      (await call("DELETE", `/v1/jobs/${id}`)).status,
+      409,
+      "finished jobs stay finished",
+    );
+    const partial = await snapshot(join(ROOT, "out-cancel"));
+    const written = [...partial.keys()].filter((k) => k.endsWith(".jpg"));
+    assert.equal(written.length, last.result.written);
+    assert.equal(manifestLines(partial).length, written.length, "every image has its line");
+
+    const again = await postJob({ ...JOB, out: "out-cancel" });
+    assert.equal(again.status, 202);
+    const resumed = (await jobEvents(BASE, again.json.id)).at(-1)!.data;
+    assert.equal(resumed.status, "succeeded");
+    assert.equal(resumed.result.skipped, last.result.written);
+    assert.equal(resumed.result.written, 8 - last.result.written);
+    assertSameRun(await snapshot(join(ROOT, "out-cancel")), full);
+  },
+);
+
+serverTest(
+  "server: work beyond the queue bound gets 503; a client that leaves drops out of the queue",
+  async () => {
+    // A long job holds the engine while the queue fills.
+    const hold = await postJob({ ...JOB, out: "out-hold", perClass: 200, steps: 5 });
+    assert.equal(hold.status, 202);
+    const id = hold.json.id;
+    await waitFor("the job to run", async () => (await queueState()).running);
+
+    const gone = new AbortController();
+    const leaving = fetch(BASE + "/v1/sample", {
+      method: "POST",
+      body: form(SAMPLE),
+      headers: AUTH,
+      signal: gone.signal,
+    }).catch((e) => e);
+    await waitFor("the sample to queue", async () => (await queueState()).waiting === 1);
+    gone.abort();
+    assert.equal((await leaving).name, "AbortError");
+    await waitFor("the queue to drop it", async () => (await queueState()).waiting === 0);
+
+    // The first QUEUE requests wait; the next ones, sent together, are refused at once.
+    const waiting: Promise<Reply>[] = [];
+    for (let k = 0; k < QUEUE; k++) {
+      waiting.push(call("POST", "/v1/sample", { body: form({ ...SAMPLE, seed: String(10 + k) }) }));
+      await waitFor("the sample to queue", async () => (await queueState()).waiting === k + 1);
+    }
+    const refused = await Promise.all(
+      [0, 1, 2].map((k) =>
+        call("POST", "/v1/sample", { body: form({ ...SAMPLE, seed: String(20 + k) }) })
+      ),
+    );
+    for (const r of refused) {
+      assert.equal(r.status, 503);
+      assert.ok(Number(r.headers.get("retry-after")) >= 1);
+      assert.match(r.json.error.message, /queue is full/);
+    }
+    const jobRefused = await postJob({ ...JOB, out: "out-refused" });
+    assert.equal(jobRefused.status, 503, "jobs share the queue");
+    assert.equal((await call("GET", "/healthz")).status, 200, "liveness answers while busy");
+
+    assert.equal((await call("DELETE", `/v1/jobs/${id}`)).status, 202);
+    for (const r of await Promise.all(waiting)) {
+      assert.equal(r.status, 200);
+      assert.equal(r.headers.get("content-type"), "image/png");
+    }
+    const view = (await call("GET", `/v1/jobs/${id}`)).json;
+    assert.ok(["cancelling", "cancelled"].includes(view.status), view.status);
+  },
+);
+
+function pngHeader(width: number, height: number): Uint8Array {
+  const crcTable = Array.from({ length: 256 }, (_, n) => {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    return c >>> 0;
+  });
+  const crc = (b: Uint8Array) => {
+    let c = 0xffffffff;
+    for (const x of b) c = crcTable[(c ^ x) & 0xff] ^ (c >>> 8);
+    return (c ^ 0xffffffff) >>> 0;
+  };
+  const chunk = (type: string, data: Uint8Array) => {
+    const out = new Uint8Array(12 + data.length);
+    const view = new DataView(out.buffer);
+    view.setUint32(0, data.length);
+    out.set(new TextEncoder().encode(type), 4);
+    out.set(data, 8);
+    view.setUint32(8 + data.length, crc(out.subarray(4, 8 + data.length)));
+    return out;
+  };
+  const ihdr = new Uint8Array(13);
+  new DataView(ihdr.buffer).setUint32(0, width);
+  new DataView(ihdr.buffer).setUint32(4, height);
+  ihdr.set([8, 2, 0, 0, 0], 8);
+  const parts = [
+    new Uint8Array([137, 80, 78, 71, 13, 10, 26, 10]),
+    chunk("IHDR", ihdr),
+    chunk("IDAT", new Uint8Array([0x78, 0x9c, 0x03, 0x00])),
+    chunk("IEND", new Uint8Array(0)),
+  ];
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let off = 0;
+  for (const p of parts) {
+    out.set(p, off);
+    off += p.length;
+  }
+  return out;
+}
+
+/** A raw HTTP/1.1 exchange, for bodies fetch will not send: returns the status code. */
+/**
+ * A raw HTTP/1.1 exchange, for bodies fetch will not send: the status code, or 0 when the
+ * connection ends without an answer. `hangUp`: close the connection after sending, as a client
+ * that gives up mid-upload does (nobody is left to answer).
+ */
+async function rawStatus(head: string, body: Uint8Array | string, hangUp = false): Promise<number> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+  const bytes = typeof body === "string" ? new TextEncoder().encode(body) : body;
+  try {
+    await conn.write(new TextEncoder().encode(head.replaceAll("\n", "\r\n") + "\r\n"));
+    await conn.write(bytes);
+    if (hangUp) return 0;
+    let text = "";
+    const buf = new Uint8Array(4096);
+    for (;;) {
+      const n = await conn.read(buf);
+      if (n === null) break;
+      text += new TextDecoder().decode(buf.subarray(0, n));
+      if (text.includes("\r\n")) break;
+    }
+    const m = /^HTTP\/1\.1 (\d{3})/.exec(text);
+    return m ? Number(m[1]) : 0;
+  } finally {
+    conn.close();
+  }
+}
+
+interface BadCase {
+  name: string;
+  status: number;
+  /** The field the first issue must name. */
+  field?: string;
+  send: () => Promise<Reply | number>;
+}
+
+function sampleCase(
+  name: string,
+  status: number,
+  fields: Record<string, string | Uint8Array | null>,
+  field?: string,
+): BadCase {
+  const merged = Object.fromEntries(
+    Object.entries({ ...SAMPLE, ...fields }).filter(([, v]) => v !== null),
+  ) as Record<string, string | Uint8Array>;
+  return { name, status, field, send: () => call("POST", "/v1/sample", { body: form(merged) }) };
+}
+
+function jobCase(name: string, status: number, body: unknown, field?: string): BadCase {
+  return { name, status, field, send: () => postJob(body) };
+}
+
+function rawJobCase(
+  name: string,
+  status: number,
+  body: string,
+  type = "application/json",
+): BadCase {
+  return {
+    name,
+    status,
+    send: () => call("POST", "/v1/jobs", { body, headers: { "content-type": type } }),
+  };
+}
+
+function badCases(): BadCase[] {
+  const cases: BadCase[] = [];
+  const id = crypto.randomUUID();
+  const routes: [string, string][] = [
+    ["GET", "/v1/info"],
+    ["GET", "/openapi.json"],
+    ["POST", "/v1/sample"],
+    ["POST", "/v1/jobs"],
+    ["GET", "/v1/jobs"],
+    ["GET", `/v1/jobs/${id}`],
+    ["GET", `/v1/jobs/${id}/events`],
+    ["DELETE", `/v1/jobs/${id}`],
+  ];
+  const wrongAuth: Record<string, string>[] = [
+    {},
+    { authorization: "" },
+    { authorization: "Bearer" },
+    { authorization: `Bearer ${TOKEN}x` },
+    { authorization: `Bearer ${TOKEN.slice(1)}` },
+    { authorization: `Basic ${btoa(`user:${TOKEN}`)}` },
+    { authorization: TOKEN },
+  ];
+  for (const [method, path] of routes) {
+    for (const [k, headers] of wrongAuth.entries()) {
+      cases.push({
+        name: `${method} ${path} token ${k}`,
+        status: 401,
+        send: () => call(method, path, { headers, auth: false }),
+      });
+    }
+  }
+  for (
+    const [method, path] of [
+      ["GET", "/"],
+      ["GET", "/v2/info"],
+      ["GET", "/v1/infos"],
+      ["POST", "/v1/samples"],
+      ["GET", "/v1/jobs/x/y/z"],
+      ["GET", "/healthz/x"],
+      ["GET", "/v1/jobs/not-a-uuid"],
+      ["GET", `/v1/jobs/${id}`],
+      ["GET", `/v1/jobs/${id}/events`],
+      ["DELETE", `/v1/jobs/${id}`],
+      ["DELETE", "/v1/jobs/../../etc"],
+      ["GET", "/%2e%2e/%2e%2e/etc/passwd"],
+    ]
+  ) {
+    cases.push({ name: `${method} ${path}`, status: 404, send: () => call(method, path) });
+  }
+  for (
+    const [method, path] of [
+      ["GET", "/v1/sample"],
+      ["PUT", "/v1/sample"],
+      ["DELETE", "/v1/sample"],
+      ["PUT", "/v1/jobs"],
+      ["DELETE", "/v1/jobs"],
+      ["POST", "/v1/info"],
+      ["POST", "/healthz"],
+      ["PATCH", `/v1/jobs/${id}`],
+      ["POST", `/v1/jobs/${id}/events`],
+    ]
+  ) {
+    cases.push({ name: `${method} ${path}`, status: 405, send: () => call(method, path) });
+  }
+
+  // POST /v1/sample: media types, sizes and framing.
+  for (
+    const [type, body] of [
+      ["application/json", JSON.stringify({ prompt: "x", seed: 1 })],
+      ["text/plain", "prompt=x&seed=1"],
+      ["application/x-www-form-urlencoded", "prompt=x&seed=1"],
+      ["image/png", "x"],
+      ["multipart/mixed; boundary=b", "--b--"],
+    ]
+  ) {
+    cases.push({
+      name: `sample as ${type}`,
+      status: 415,
+      send: () => call("POST", "/v1/sample", { body, headers: { "content-type": type } }),
+    });
+  }
+  cases.push({
+    name: "sample without a content type",
+    status: 415,
+    send: () => call("POST", "/v1/sample", { body: new Uint8Array([1, 2, 3]) }),
+  });
+  const multipart = (boundary: string, body: string, extra = "", hangUp = false) => () =>
+    rawStatus(
+      `POST /v1/sample HTTP/1.1\nHost: x\nAuthorization: Bearer ${TOKEN}\nConnection: close\n` +
+        `Content-Type: multipart/form-data; boundary=${boundary}\n` +
+        `Content-Length: ${extra || new TextEncoder().encode(body).length}\n`,
+      body,
+      hangUp,
+    );
+  const part = (name: string, value: string) =>
+    `--b\r\nContent-Disposition: form-data; name="${name}"\r\n\r\n${value}\r\n`;
+  const whole = part("prompt", "x") + part("seed", "1") + "--b--\r\n";
+  cases.push(
+    {
+      name: "multipart without a boundary",
+      status: 400,
+      send: () =>
+        call("POST", "/v1/sample", {
+          body: whole,
+          headers: { "content-type": "multipart/form-data" },
+        }),
+    },
+    { name: "multipart truncated mid-part", status: 400, send: multipart("b", whole.slice(0, 30)) },
+    {
+      name: "multipart without the closing boundary",
+      status: 400,
+      send: multipart("b", part("prompt", "x")),
+    },
+    { name: "multipart with another boundary", status: 400, send: multipart("zzz", whole) },
+    { name: "multipart of garbage", status: 400, send: multipart("b", "\x00\x01garbage\r\n\r\n") },
+    { name: "multipart empty", status: 400, send: multipart("b", "") },
+    {
+      name: "client hangs up mid-body (no answer; the server goes on)",
+      status: 0,
+      send: multipart("b", whole, "5000", true),
+    },
+    {
+      name: "Content-Length over the limit",
+      status: 413,
+      send: multipart("b", whole, String(5 << 20)),
+    },
+    {
+      name: "body over the limit",
+      status: 413,
+      send: () =>
+        call("POST", "/v1/sample", { body: form({ ...SAMPLE, prompt: "x".repeat(2 << 20) }) }),
+    },
+    {
+      name: "streamed body over the limit",
+      status: 413,
+      send: () =>
+        call("POST", "/v1/sample", {
+          body: ReadableStream.from([new Uint8Array(700_000), new Uint8Array(700_000)]),
+          headers: { "content-type": "multipart/form-data; boundary=b" },
+        }),
+    },
+  );
+
+  // POST /v1/sample: fields.
+  const seeds = ["-1", "1.5", "abc", "", "1e400", "9007199254740993", "0x10", " "];
+  for (const v of seeds) {
+    cases.push(sampleCase(`seed ${JSON.stringify(v)}`, 400, { seed: v }, "seed"));
+  }
+  for (const v of ["0", "-2", "1001", "two", "2.5", "[2]"]) {
+    cases.push(sampleCase(`steps ${v}`, 400, { steps: v }, "steps"));
+  }
+  for (const k of ["width", "height"]) {
+    for (const v of ["0", "7", "4096", "abc", "-32", "33.5"]) {
+      cases.push(sampleCase(`${k} ${v}`, 400, { [k]: v }, k));
+    }
+    // The tiny VAE halves the size: odd sizes do not fit it.
+    cases.push(sampleCase(`${k} not a multiple of the VAE factor`, 400, { [k]: "33" }, k));
+  }
+  cases.push(
+    sampleCase("no prompt", 400, { prompt: null }, "prompt"),
+    sampleCase("no seed", 400, { seed: null }, "seed"),
+    sampleCase("huge prompt", 400, { prompt: "x".repeat(5000) }, "prompt"),
+    sampleCase("prompt as a file", 400, { prompt: POSITIVE }, "prompt"),
+    sampleCase("seed as a file", 400, { seed: POSITIVE }, "seed"),
+    sampleCase("positive as text", 400, { positive: "a.png" }, "positive"),
+    sampleCase("negative as text", 400, { negative: "b.png" }, "negative"),
+    sampleCase("no positive", 400, { positive: null }, "positive"),
+    sampleCase("no negative", 400, { negative: null }, "negative"),
+    sampleCase("no negative for single-ip is fine but bad sampler", 400, {
+      negative: null,
+      guidance: "single-ip",
+      sampler: "heun",
+    }, "sampler"),
+    sampleCase("unknown guidance", 400, { guidance: "dipsy2" }, "guidance"),
+    sampleCase("unknown sampler", 400, { sampler: "plms" }, "sampler"),
+    sampleCase("empty guidance", 400, { guidance: "" }, "guidance"),
+    sampleCase("unknown format", 400, { format: "gif" }, "format"),
+    sampleCase("unknown response", 400, { response: "xml" }, "response"),
+    sampleCase("unknown field", 400, { colour: "red" }, "colour"),
+    sampleCase("field with a bad name", 400, { "guidance.": "1" }, "guidance."),
+    sampleCase(
+      "guidanceOptions not JSON",
+      400,
+      { guidanceOptions: "{textScale:" },
+      "guidanceOptions",
+    ),
+    sampleCase("guidanceOptions a list", 400, { guidanceOptions: "[1,2]" }, "guidanceOptions"),
+    sampleCase("guidanceOptions a number", 400, { guidanceOptions: "7" }, "guidanceOptions"),
+    sampleCase(
+      "guidanceOptions unknown option",
+      400,
+      { guidanceOptions: '{"scale": 2}' },
+      "guidanceOptions.scale",
+    ),
+    sampleCase("guidanceOptions huge value", 400, {
+      guidanceOptions: `{"textScale": "${"9".repeat(2000)}"}`,
+    }, "guidanceOptions.textScale"),
+    sampleCase(
+      "guidanceOptions too many keys",
+      400,
+      {
+        guidanceOptions: JSON.stringify(
+          Object.fromEntries(Array.from({ length: 40 }, (_, i) => [`k${i}`, i])),
+        ),
+      },
+      "guidanceOptions",
+    ),
+    sampleCase(
+      "guidance option of the wrong type",
+      400,
+      { "guidance.textScale": "high" },
+      "guidanceOptions",
+    ),
+    sampleCase(
+      "guidance weight a list",
+      400,
+      { "guidance.adapterScale": "[1]" },
+      "guidanceOptions",
+    ),
+    sampleCase("bad interval", 400, { "guidance.interval": "[0.9, 0.1]" }, "guidanceOptions"),
+    sampleCase(
+      "unknown dotted option",
+      400,
+      { "guidance.strength": "1" },
+      "guidanceOptions.strength",
+    ),
+    sampleCase("option given twice", 400, {
+      "guidance.textScale": "2",
+      guidanceOptions: '{"textScale": 3}',
+    }, "guidance.textScale"),
+    sampleCase(
+      "dotted option as a file",
+      400,
+      { "guidance.textScale": POSITIVE },
+      "guidance.textScale",
+    ),
+    sampleCase(
+      "positive not an image",
+      422,
+      { positive: new TextEncoder().encode("hello, world") },
+      "positive",
+    ),
+    sampleCase(
+      "negative not an image",
+      422,
+      { negative: new TextEncoder().encode("<svg") },
+      "negative",
+    ),
+    sampleCase("positive empty", 422, { positive: new Uint8Array(0) }, "positive"),
+    sampleCase(
+      "positive truncated",
+      422,
+      { positive: POSITIVE.slice(0, POSITIVE.length >> 1) },
+      "positive",
+    ),
+    sampleCase("negative header only", 422, { negative: POSITIVE.slice(0, 40) }, "negative"),
+    sampleCase("positive of random bytes", 422, { positive: noise(30, 30, 9).data }, "positive"),
+    sampleCase("positive a pixel bomb", 413, { positive: pngHeader(30_000, 30_000) }, "positive"),
+    sampleCase("negative a pixel bomb", 413, { negative: pngHeader(100_000, 1_000) }, "negative"),
+  );
+  cases.push({
+    name: "a field given twice",
+    status: 400,
+    field: "seed",
+    send: () => {
+      const f = form(SAMPLE);
+      f.append("seed", "4");
+      return call("POST", "/v1/sample", { body: f });
+    },
+  });
+
+  // POST /v1/jobs: media types and JSON.
+  for (const type of ["text/plain", "multipart/form-data; boundary=b", "application/xml", ""]) {
+    cases.push(
+      rawJobCase(`job as ${type || "no type"}`, 415, JSON.stringify({ ...JOB, out: "o" }), type),
+    );
+  }
+  for (
+    const body of [
+      "",
+      "{",
+      '{"data": "data",}',
+      "{'data': 'data'}",
+      '{"data": NaN}',
+      '{"data": "data"} x',
+      "undefined",
+      "\u00ff\u00fe",
+      '{"data": "\\x"}',
+    ]
+  ) {
+    cases.push(rawJobCase(`job JSON ${JSON.stringify(body)}`, 400, body));
+  }
+  cases.push({
+    name: "job JSON not UTF-8",
+    status: 400,
+    send: () =>
+      call("POST", "/v1/jobs", {
+        body: new Uint8Array([0x7b, 0x22, 0xff, 0xfe, 0x22, 0x7d]),
+        headers: { "content-type": "application/json" },
+      }),
+  });
+  cases.push(
+    rawJobCase(
+      "job JSON over the limit",
+      413,
+      JSON.stringify({ ...JOB, out: "o", prompt: "x".repeat(2 << 20) }),
+    ),
+  );
+  for (const body of [null, [], "data", 42, true]) {
+    cases.push(jobCase(`job body ${JSON.stringify(body)}`, 400, body, ""));
+  }
+  // POST /v1/jobs: fields.
+  const bad: [string, unknown][] = [
+    ["data", 5],
+    ["data", ""],
+    ["data", "x".repeat(5000)],
+    ["out", null],
+    ["out", ["a"]],
+    ["perClass", "10"],
+    ["perClass", 0],
+    ["perClass", 2.5],
+    ["perClass", 1e12],
+    ["seed", -1],
+    ["seed", "7"],
+    ["seed", 1.5],
+    ["steps", 0],
+    ["steps", 5000],
+    ["steps", null],
+    ["width", 4],
+    ["width", 100_000],
+    ["height", "32"],
+    ["batch", 0],
+    ["batch", 1000],
+    ["quality", 0],
+    ["quality", 101],
+    ["skipBad", "yes"],
+    ["skipBad", 1],
+    ["prompt", 5],
+    ["prompt", "x".repeat(5000)],
+    ["dataset", 3],
+    ["fewshotSeed", true],
+    ["preset", "best"],
+    ["guidance", 5],
+    ["guidance", ""],
+    ["guidance", { name: 5 }],
+    ["guidance", { name: "dipsy", "bad key!": 1 }],
+    ["sampler", []],
+    ["pairs", true],
+    ["shard", "1"],
+    ["shard", "a/b"],
+    ["shard", 1],
+    ["only", "cat:1"],
+    ["only", Array.from({ length: 20_000 }, () => "a:1")],
+    ["model", "tiny"],
+    ["device", "cuda"],
+    ["plugins", ["/tmp/evil.ts"]],
+    ["ipAdapter", "x"],
+    ["nonsense", 1],
+  ];
+  for (const [field, value] of bad) {
+    cases.push(jobCase(`job ${field} = ${JSON.stringify(value)?.slice(0, 30)}`, 400, {
+      ...JOB,
+      out: "o",
+      [field]: value,
+    }, field));
+  }
+  const { data: _, ...noData } = JOB;
+  cases.push(
+    jobCase("job only of numbers", 400, { ...JOB, out: "o", only: [1] }, "only[0]"),
+    jobCase("job without data", 400, { out: "o", ...noData }, "data"),
+    jobCase("job without out", 400, JOB, "out"),
+    jobCase("job prompt without {c}", 400, { ...JOB, out: "o", prompt: "a photo" }, "prompt"),
+    jobCase("job with width but no height", 400, { ...JOB, out: "o", height: null }, "width"),
+    jobCase(
+      "job unknown guidance plugin",
+      400,
+      { ...JOB, out: "o", guidance: "dipsy3" },
+      "guidance",
+    ),
+    jobCase("job unknown sampler plugin", 400, { ...JOB, out: "o", sampler: "plms" }, "sampler"),
+    jobCase(
+      "job unknown pairs plugin",
+      400,
+      { ...JOB, out: "o", pairs: { name: "nearest" } },
+      "pairs",
+    ),
+    jobCase(
+      "job bad guidance option",
+      400,
+      { ...JOB, out: "o", guidance: { textScale: "x" } },
+      "guidance",
+    ),
+    jobCase("job bad sampler option", 400, {
+      ...JOB,
+      out: "o",
+      sampler: { name: "ddim", eta: "x" },
+    }, "sampler"),
+    jobCase("job shard past its count", 400, { ...JOB, out: "o", shard: "2/2" }, "shard"),
+    jobCase("job shard of zero", 400, { ...JOB, out: "o", shard: "0/0" }, "shard"),
+    jobCase("job data is a file", 400, { ...JOB, out: "o", data: "not-a-folder.txt" }, "data"),
+    jobCase("job data missing", 400, { ...JOB, out: "o", data: "missing" }, "data"),
+    jobCase("job data ~ is inside the first root", 400, { ...JOB, out: "o", data: "~/" }, "data"),
+  );
+  // POST /v1/jobs: paths outside the roots.
+  const escapes: [string, string][] = [
+    ["data", "../"],
+    ["data", ".."],
+    ["data", "data/../../"],
+    ["data", "/etc"],
+    ["data", "/"],
+    ["data", "escape/etc"],
+    ["data", "escape"],
+    ["data", `${ROOT}/../x`],
+    ["data", `${ROOT}x`],
+    ["data", "data\u0000/x"],
+    ["out", "../out"],
+    ["out", "/tmp/dipsy-escape"],
+    ["out", "escape/tmp/x"],
+    ["out", "a/../../b"],
+    ["similarity", "/etc/passwd"],
+    ["similarity", "../similarity.json"],
+  ];
+  for (const [field, p] of escapes) {
+    cases.push(
+      jobCase(`job ${field} ${JSON.stringify(p)}`, 403, { ...JOB, out: "o", [field]: p }, field),
+    );
+  }
+  cases.push(
+    {
+      name: "job list with a token of another case",
+      status: 401,
+      send: () =>
+        call("GET", "/v1/jobs", {
+          headers: { authorization: `bearer ${TOKEN.toUpperCase()}` },
+          auth: false,
+        }),
+    },
+  );
+  return cases;
+}
+
+serverTest(
+  "server: 200+ malformed requests get the right 4xx and the server keeps serving",
+  async () => {
+    const cases = badCases();
+    assert.ok(cases.length >= 200, `only ${cases.length} cases`);
+    const wrong: string[] = [];
+    for (const c of cases) {
+      const r = await c.send();
+      const status = typeof r === "number" ? r : r.status;
+      if (status !== c.status) {
+        wrong.push(
+          `${c.name}: ${status} (want ${c.status}) ${
+            typeof r === "number" ? "" : JSON.stringify(r.json)
+          }`,
+        );
+        continue;
+      }
+      if (typeof r === "number") continue;
+      assert.equal(r.json?.error?.status, c.status, `${c.name}: JSON error body`);
+      if (c.field !== undefined && c.status !== 401) {
+        const fields = (r.json.error.issues ?? []).map((i: { field: string }) => i.field);
+        if (!fields.includes(c.field)) {
+          wrong.push(
+            `${c.name}: issues name ${fields} (want ${c.field})`,
+          );
+        }
+      }
+    }
+    assert.deepEqual(wrong, [], `${wrong.length} of ${cases.length} wrong:\n${wrong.join("\n")}`);
+    assert.equal((await call("GET", "/healthz")).status, 200);
+    assert.deepEqual(await queueState(), { running: false, waiting: 0, bound: QUEUE });
+    const ok = await call("POST", "/v1/sample", { body: form(SAMPLE) });
+    assert.equal(ok.status, 200);
+    const entries = await Array.fromAsync(Deno.readDir(ROOT));
+    assert.ok(!entries.some((e) => e.name === "o"), "no refused job wrote anything");
+  },
+);
+
+serverTest(
+  "server: a WorkQueue runs in order, bounds the waiting work and drops aborted work",
+  async () => {
+    const q = new WorkQueue(1);
+    const order: number[] = [];
+    let release!: () => void;
+    const gate = new Promise<void>((r) => release = r);
+    const first = q.submit(async () => {
+      await gate;
+      order.push(1);
+    });
+    const gone = new AbortController();
+    const dropped = q.submit(() => Promise.resolve(order.push(99)), { signal: gone.signal });
+    assert.throws(() => q.submit(() => Promise.resolve()), { name: "QueueFullError" });
+    gone.abort(new Error("client left"));
+    await assert.rejects(dropped, /client left/);
+    const second = q.submit(() => Promise.resolve(order.push(2)));
+    release();
+    await Promise.all([first, second]);
+    assert.deepEqual(order, [1, 2]);
+    q.close();
+    assert.throws(() => q.submit(() => Promise.resolve()), { name: "ClosedError" });
+  },
+);
+
+serverTest("server: exposure beyond loopback needs a token", async () => {
+  assert.ok(isLoopback("127.0.0.1") && isLoopback("::1") && isLoopback("localhost"));
+  assert.ok(!isLoopback("0.0.0.0") && !isLoopback("192.168.1.2") && !isLoopback("::"));
+  assert.throws(() => checkExposure("0.0.0.0", null), /token/);
+  checkExposure("0.0.0.0", TOKEN);
+  checkExposure("127.0.0.1", null);
+  const env = Deno.env.get("DIPSY_TOKEN");
+  Deno.env.delete("DIPSY_TOKEN");
+  try {
+    await assert.rejects(
+      () => startFromSettings(parseServeArgs([...MODEL_FLAGS, "--host", "0.0.0.0"])!, () => {}),
+      CliError,
+    );
+    await Deno.writeTextFile(join(SECRETS, "short"), "abc");
+    await assert.rejects(
+      () =>
+        startFromSettings(
+          parseServeArgs([...MODEL_FLAGS, "--token-file", join(SECRETS, "short")])!,
+          () => {},
+        ),
+      /at least 16/,
+    );
+  } finally {
+    if (env !== undefined) Deno.env.set("DIPSY_TOKEN", env);
+  }
+  assert.throws(() => parseServeArgs(["--queue", "-1"]), CliError);
+  assert.throws(() => parseServeArgs(["--port", "70000"]), CliError);
+  assert.throws(() => parseServeArgs(["--model", "tiny", "--ip-adapter", "x"]), CliError);
+});
+
+serverTest(
+  "server: SIGTERM stops after the batch in flight; the run resumes to the same result",
+  async () => {
+    const out = join(ROOT, "out-sigterm");
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", MAIN, "serve", ...MODEL_FLAGS, "--port", "0", "--roots", ROOT],
+      env: { DIPSY_TOKEN: TOKEN, OMP_NUM_THREADS: "1" },
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const stderr = new Response(child.stderr).text();
+    const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    let head = "";
+    while (!/listening on (\S+)/.test(head)) {
+      const { value, done } = await lines.read();
+      if (done) throw new Error(`serve ended early: ${head}\n${await stderr}`);
+      head += value;
+    }
+    const url = /listening on (\S+)/.exec(head)![1];
+    const res = await fetch(`${url}/v1/jobs`, {
+      method: "POST",
+      headers: { ...AUTH, "content-type": "application/json" },
+      body: JSON.stringify({ ...JOB, out: "out-sigterm" }),
+    });
+    assert.equal(res.status, 202);
+    const { id } = await res.json();
+    let signalled = false;
+    const events = await jobEvents(url, id, (e) => {
+      if (e.event === "image" && !signalled) {
+        signalled = true;
+        child.kill("SIGTERM");
+      }
+    });
+    const status = await child.status;
+    lines.releaseLock();
+    await child.stdout.cancel().catch(() => {});
+    assert.equal(status.code, 0, await stderr);
+    const last = events.at(-1)!.data;
+    assert.equal(last.status, "cancelled");
+    assert.ok(last.result.written >= 1 && last.result.written < 8, JSON.stringify(last.result));
+    assert.match(await stderr, /SIGTERM: shutting down/);
+    await assert.rejects(() => fetch(`${url}/healthz`), "no longer listening");
+
+    const partial = await snapshot(out);
+    const jpgs = [...partial.keys()].filter((k) => k.endsWith(".jpg"));
+    assert.equal(jpgs.length, last.result.written);
+    assert.equal(manifestLines(partial).length, jpgs.length);
+    const again = await postJob({ ...JOB, out: "out-sigterm" });
+    const resumed = (await jobEvents(BASE, again.json.id)).at(-1)!.data;
+    assert.equal(resumed.status, "succeeded");
+    assert.equal(resumed.result.skipped, last.result.written);
+    assertSameRun(await snapshot(out), await snapshot(join(ROOT, "out-full")));
+  },
+);
+
+serverTest(
+  "server: shutdown refuses queued work, checkpoints the running job, stops listening",
+  async () => {
+    const hold = await postJob({ ...JOB, out: "out-shutdown", perClass: 200 });
+    assert.equal(hold.status, 202);
+    await waitFor(
+      "the first image",
+      async () => (await call("GET", `/v1/jobs/${hold.json.id}`)).json.progress.done >= 1,
+    );
+    const queued = call("POST", "/v1/sample", { body: form(SAMPLE) });
+    await waitFor("the sample to queue", async () => (await queueState()).waiting === 1);
+    const stopping = server.shutdown();
+    const refused = await queued;
+    assert.equal(refused.status, 503);
+    assert.match(refused.json.error.message, /shutting down/);
+    await stopping;
+    await server.finished;
+    const job = server.jobs.get(hold.json.id)!;
+    assert.equal(job.status, "cancelled");
+    assert.ok(job.result!.written >= 1 && job.result!.remaining > 0);
+    const files = await snapshot(join(ROOT, "out-shutdown"));
+    const jpgs = [...files.keys()].filter((k) => k.endsWith(".jpg"));
+    assert.equal(jpgs.length, job.result!.written);
+    assert.equal(manifestLines(files).length, jpgs.length);
+    await assert.rejects(() => fetch(`${BASE}/healthz`));
+    await Deno.remove(ROOT, { recursive: true });
+    await Deno.remove(SECRETS, { recursive: true });
+  },
+);
