@@ -135,10 +135,11 @@ export const command: Command = {
     );
 
     const { validateDataset } = await import("../core/dataset.ts");
-    const { resolvePlacement } = await import("./models.ts");
+    const { resolvePlacement } = await import("../app/models.ts");
     const { computeSimilarity, describeSimilarity, saveSimilarityFile, SIMILARITY_FILE } =
-      await import("./similarity.ts");
-    const { loadDefaultPlugins, runGenerate } = await import("./generate.ts");
+      await import("../app/similarity.ts");
+    const { runGenerate } = await import("./generate.ts");
+    const { loadDefaultPlugins } = await import("../app/plugins.ts");
     const cfg = await import("../core/config.ts");
 
     await loadDefaultPlugins();
@@ -180,7 +181,7 @@ export const command: Command = {
     try {
       code = await runGenerate(config, { signal: controller.signal });
     } catch (e) {
-      const { isUserError } = await import("./models.ts");
+      const { isUserError } = await import("../app/errors.ts");
       if (!(await isUserError(e))) throw e;
       console.error(`dipsy demo: ${(e as Error).message}`);
       console.error(`(an earlier demo with other options used ${images}: delete it or use --out)`);

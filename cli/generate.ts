@@ -8,6 +8,7 @@ import type { DiffusionBackbone } from "../core/backbone.ts";
 import type { ConfigLayer, RunConfig } from "../core/config.ts";
 import type { Guidance, Sampler } from "../core/plugins.ts";
 import type { Progress } from "../core/progress.ts";
+import { loadDefaultPlugins } from "../app/plugins.ts";
 import { CliError, type Command } from "./command.ts";
 
 const USAGE = `usage: deno task dipsy generate --data DIR --out DIR [options]
@@ -161,13 +162,6 @@ async function listPlugins(): Promise<void> {
   }
 }
 
-/** Registers the built-in plugins (core only reaches plugins through the registry). */
-export async function loadDefaultPlugins(): Promise<void> {
-  await import("../plugins/guidance/mod.ts");
-  await import("../plugins/samplers/mod.ts");
-  await import("../plugins/pairs/mod.ts");
-}
-
 /** Reads the configuration from --config and the flags, loading plugin files on the way. */
 export async function configFromFlags(flags: Flags): Promise<RunConfig> {
   const cfg = await import("../core/config.ts");
@@ -197,8 +191,8 @@ export async function runGenerate(config: RunConfig, opts: RunOptions = {}): Pro
   const log = opts.log ?? ((m: string) => console.error(m));
   const { registry } = await import("../core/plugins.ts");
   const gen = await import("../core/generate.ts");
-  const models = await import("./models.ts");
-  const { similaritySource } = await import("./similarity.ts");
+  const models = await import("../app/models.ts");
+  const { similaritySource } = await import("../app/similarity.ts");
   const progressModule = await import("../core/progress.ts");
 
   if (!config.data) throw new CliError("--data is required (or `data:` in the config file)");
@@ -347,7 +341,7 @@ export const command: Command = {
       });
     } catch (e) {
       if (e instanceof CliError) throw e;
-      const { isUserError } = await import("./models.ts");
+      const { isUserError } = await import("../app/errors.ts");
       if (await isUserError(e)) {
         console.error(`dipsy generate: ${(e as Error).message}`);
         return 1;

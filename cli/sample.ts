@@ -210,11 +210,11 @@ function exists(path: string): boolean {
   }
 }
 
-// References resolve as in `dipsy generate` (cli/models.ts): a local path, a Hub id, or a path
+// References resolve as in `dipsy generate` (app/models.ts): a local path, a Hub id, or a path
 // inside a Hub repo, `org/name/path` or `org/name@revision:path`.
 
 async function resolveSd15(ref: string): Promise<string> {
-  const { resolveFolderRef } = await import("./models.ts");
+  const { resolveFolderRef } = await import("../app/models.ts");
   return await resolveFolderRef(ref, SD15_FILES);
 }
 
@@ -225,12 +225,12 @@ async function resolveAdapterFile(ref: string): Promise<string> {
         "checkpoints can run code when unpickled)",
     );
   }
-  const { resolveFileRef } = await import("./models.ts");
+  const { resolveFileRef } = await import("../app/models.ts");
   return await resolveFileRef(ref);
 }
 
 async function resolveEncoderDir(ref: string): Promise<string> {
-  const { resolveFolderRef } = await import("./models.ts");
+  const { resolveFolderRef } = await import("../app/models.ts");
   return await resolveFolderRef(ref, ["config.json", "model.safetensors"]);
 }
 

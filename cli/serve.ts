@@ -123,8 +123,8 @@ export async function startFromSettings(
 ) {
   const { AuthConfigError, checkExposure, loadToken } = await import("../server/auth.ts");
   const cfg = await import("../core/config.ts");
-  const models = await import("./models.ts");
-  const { loadDefaultPlugins } = await import("./generate.ts");
+  const models = await import("../app/models.ts");
+  const { loadDefaultPlugins } = await import("../app/plugins.ts");
   const { registry } = await import("../core/plugins.ts");
   const { startServer } = await import("../server/app.ts");
 
@@ -188,7 +188,7 @@ export const command: Command = {
       server = await startFromSettings(a);
     } catch (e) {
       if (e instanceof CliError) throw e;
-      const { isUserError } = await import("./models.ts");
+      const { isUserError } = await import("../app/errors.ts");
       const { WorkError } = await import("../server/engine.ts");
       if (
         await isUserError(e) || (e instanceof WorkError && e.user) ||

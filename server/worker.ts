@@ -11,7 +11,7 @@ import type { RunConfig } from "../core/config.ts";
 import type { ProgressInfo, Shard } from "../core/generate.ts";
 import type { ImageFormat, RgbImage } from "../core/image.ts";
 import type { SampleSpec } from "../core/sample.ts";
-import type { ModelPaths, Placement } from "../cli/models.ts";
+import type { ModelPaths, Placement } from "../app/models.ts";
 
 export interface ModelSetup {
   /** The server's configuration: model references, device and dtype (concrete). */
@@ -83,7 +83,7 @@ let setup: ModelSetup | null = null;
 const cancels = new Map<number, AbortController>();
 
 async function describe(e: unknown): Promise<WorkerError> {
-  const { isUserError } = await import("../cli/models.ts");
+  const { isUserError } = await import("../app/errors.ts");
   const { SampleError } = await import("../core/sample.ts");
   const err = e instanceof Error ? e : new Error(String(e));
   const user = err instanceof SampleError || await isUserError(err);
@@ -97,9 +97,9 @@ async function describe(e: unknown): Promise<WorkerError> {
 }
 
 async function init(s: ModelSetup): Promise<EngineInfo> {
-  const { loadDefaultPlugins } = await import("../cli/generate.ts");
+  const { loadDefaultPlugins } = await import("../app/plugins.ts");
   const { loadPluginFile } = await import("../core/config.ts");
-  const { loadBackbone } = await import("../cli/models.ts");
+  const { loadBackbone } = await import("../app/models.ts");
   const { runtimeInfo } = await import("../ffi/mod.ts");
   await loadDefaultPlugins();
   for (const p of s.plugins) await loadPluginFile(p);
@@ -133,7 +133,7 @@ async function generate(
   signal: AbortSignal,
 ): Promise<GenerateSummary> {
   const gen = await import("../core/generate.ts");
-  const { similaritySource } = await import("../cli/similarity.ts");
+  const { similaritySource } = await import("../app/similarity.ts");
   const log = (message: string) => port.postMessage({ type: "log", id: m.id, message });
   const result = await gen.generate({
     config: m.config,

@@ -22,7 +22,7 @@ import { encodeImage, type RgbImage } from "../core/image.ts";
 import { imageSeed } from "../core/rng.ts";
 import { setNumThreads } from "../ffi/mod.ts";
 import { Sd15Backbone } from "../plugins/sd15/backbone.ts";
-import { saveSimilarityFile, similaritySource } from "../cli/similarity.ts";
+import { saveSimilarityFile, similaritySource } from "../app/similarity.ts";
 import "../plugins/guidance/mod.ts";
 import "../plugins/samplers/mod.ts";
 import "../plugins/pairs/mod.ts";

@@ -13,7 +13,7 @@ import { setNumThreads } from "../ffi/mod.ts";
 import { command as sampleCommand } from "../cli/sample.ts";
 import { command as generateCommand } from "../cli/generate.ts";
 import { parseServeArgs, startFromSettings } from "../cli/serve.ts";
-import { saveSimilarityFile } from "../cli/similarity.ts";
+import { saveSimilarityFile } from "../app/similarity.ts";
 import { checkExposure, isLoopback } from "../server/auth.ts";
 import type { RunningServer } from "../server/app.ts";
 import { WorkQueue } from "../server/engine.ts";

@@ -155,14 +155,3 @@ export async function schedulerConfigOf(paths: ModelPaths): Promise<SchedulerCon
   const { SD15_SCHEDULER_CONFIG } = await import("../plugins/samplers/mod.ts");
   return paths.model === TINY ? SD15_SCHEDULER_CONFIG : modelSchedulerConfig(paths.model);
 }
-
-/** Errors that are the user's to fix (bad input, settings, folders, missing models). */
-export async function isUserError(e: unknown): Promise<boolean> {
-  const { ConfigError } = await import("../core/config.ts");
-  const { DatasetError } = await import("../core/dataset.ts");
-  const { ModelNotFoundError } = await import("../core/hub.ts");
-  const { ImageDecodeError } = await import("../core/image.ts");
-  const { PluginError } = await import("../core/plugins.ts");
-  return [ConfigError, DatasetError, RunError, ModelNotFoundError, ImageDecodeError, PluginError]
-    .some((c) => e instanceof c);
-}
