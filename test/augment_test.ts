@@ -16,6 +16,7 @@ import type { RgbImage } from "../core/image.ts";
 import type { AugmentParams } from "../core/plugins.ts";
 import { augmentParams } from "../plugins/pairs/augment.ts";
 import { derive } from "../core/rng.ts";
+import { fixture } from "./util.ts";
 
 const FIXTURES = fileURLToPath(new URL("./fixtures/augment/", import.meta.url));
 
@@ -32,17 +33,10 @@ interface Cases {
 }
 
 function load(): { cases: Cases; blob: Uint8Array } {
-  let text: string;
-  try {
-    text = Deno.readTextFileSync(`${FIXTURES}cases.json`);
-  } catch (e) {
-    if (!(e instanceof Deno.errors.NotFound)) throw e;
-    throw new Error(
-      `augment fixtures missing (${FIXTURES}cases.json): run \`deno task test\`, which generates ` +
-        "them, or `.venv/bin/python test/reference/augment_ref.py test/fixtures/augment/`",
-    );
-  }
-  return { cases: JSON.parse(text), blob: Deno.readFileSync(`${FIXTURES}data.bin`) };
+  return {
+    cases: JSON.parse(Deno.readTextFileSync(fixture("augment/cases.json"))),
+    blob: Deno.readFileSync(`${FIXTURES}data.bin`),
+  };
 }
 
 function image(blob: Uint8Array, e: Entry): RgbImage {

@@ -4,75 +4,18 @@
  * (the first image of the "dipsy" case).
  */
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { ops, SafetensorsFile, scope } from "../ffi/mod.ts";
 import { readImage } from "../core/image.ts";
 import { CliError } from "../cli/command.ts";
 import { command, parseSampleArgs } from "../cli/sample.ts";
+import { assertClose, dipsyCase, dipsyFixture, quietly, withTempDir } from "./util.ts";
 
-const FIXTURES = join(import.meta.dirname!, "fixtures", "dipsy");
 const TOL = 1e-4;
 
-interface RefCase {
-  name: string;
-  guidance: string;
-  options: Record<string, number>;
-  sampler: string;
-  ip_adapter: string;
-  steps: number;
-  width: number;
-  height: number;
-  requests: { prompt: string; seed: number; positive: string; negative: string }[];
-}
-
-function fixture(): { model: string; imageEncoder: string; dipsy: RefCase } {
-  for (const f of ["cases.json", "io.safetensors"]) {
-    if (!existsSync(join(FIXTURES, f))) {
-      throw new Error(
-        `missing fixture ${join(FIXTURES, f)}: run \`deno task test\` (it generates fixtures ` +
-          "with test/reference/dipsy_ref.py)",
-      );
-    }
-  }
-  const raw = JSON.parse(readFileSync(join(FIXTURES, "cases.json"), "utf8"));
-  return {
-    model: join(FIXTURES, raw.model),
-    imageEncoder: join(FIXTURES, raw.image_encoder),
-    dipsy: raw.cases.find((c: RefCase) => c.name === "dipsy"),
-  };
-}
-
-async function withTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "dipsy-cli-sample-" });
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
-
-async function quietly<T>(fn: () => Promise<T>): Promise<T> {
-  const log = console.log, err = console.error;
-  const lines: string[] = [];
-  console.log = console.error = (...a: unknown[]) => lines.push(a.join(" "));
-  try {
-    return await fn();
-  } finally {
-    console.log = log;
-    console.error = err;
-    for (const l of lines) log(`  | ${l}`);
-  }
-}
-
 Deno.test("cli sample: argument errors are CliErrors, --help needs nothing", async () => {
-  const log = console.log;
-  console.log = () => {};
-  try {
-    assert.equal(await command.run(["--help"]), 0);
-  } finally {
-    console.log = log;
-  }
+  assert.equal(await quietly(() => command.run(["--help"])), 0);
   const base = ["--prompt", "a cat", "--seed", "1", "--out", "x.png"];
   assert.ok(parseSampleArgs(base));
   const bad: string[][] = [
@@ -96,8 +39,8 @@ Deno.test("cli sample: argument errors are CliErrors, --help needs nothing", asy
 });
 
 Deno.test("cli sample: tiny model writes the PNG and the latents, never overwrites", async () => {
-  const fx = fixture();
-  const img = (k: string) => join(FIXTURES, fx.dipsy.requests[0][k as "positive"]);
+  const fx = dipsyFixture();
+  const r = dipsyCase(fx, "dipsy").requests[0];
   await withTempDir(async (dir) => {
     const out = join(dir, "x.png"), lat = join(dir, "x.safetensors");
     const args = [
@@ -108,9 +51,9 @@ Deno.test("cli sample: tiny model writes the PNG and the latents, never overwrit
       "--seed",
       "3",
       "--positive",
-      img("positive"),
+      join(fx.dir, r.positive!),
       "--negative",
-      img("negative"),
+      join(fx.dir, r.negative!),
       "--steps",
       "3",
       "--device",
@@ -120,7 +63,7 @@ Deno.test("cli sample: tiny model writes the PNG and the latents, never overwrit
       "--latents-out",
       lat,
     ];
-    assert.equal(await quietly(() => command.run(args)), 0);
+    assert.equal(await quietly(() => command.run(args), { echo: true }), 0);
     const image = await readImage(out);
     assert.deepEqual([image.width, image.height], [16, 16]);
     const file = SafetensorsFile.open(lat);
@@ -137,14 +80,14 @@ Deno.test("cli sample: tiny model writes the PNG and the latents, never overwrit
     assert.deepEqual(await Deno.readFile(out), before, "existing output left untouched");
     // --force replaces both outputs.
     const forced = args.map((a) => a === "3" ? "2" : a);
-    assert.equal(await quietly(() => command.run([...forced, "--force"])), 0);
+    assert.equal(await quietly(() => command.run([...forced, "--force"]), { echo: true }), 0);
     assert.ok(existsSync(out) && existsSync(lat));
   });
 });
 
 Deno.test("cli sample: fixture models give the official-structure reference latents", async () => {
-  const fx = fixture();
-  const c = fx.dipsy;
+  const fx = dipsyFixture();
+  const c = dipsyCase(fx, "dipsy");
   const r = c.requests[0];
   await withTempDir(async (dir) => {
     const out = join(dir, "dipsy.png"), lat = join(dir, "dipsy.safetensors");
@@ -153,7 +96,7 @@ Deno.test("cli sample: fixture models give the official-structure reference late
       "--model",
       fx.model,
       "--ip-adapter",
-      join(FIXTURES, c.ip_adapter),
+      join(fx.dir, c.ip_adapter!),
       "--image-encoder",
       fx.imageEncoder,
       "--prompt",
@@ -161,9 +104,9 @@ Deno.test("cli sample: fixture models give the official-structure reference late
       "--seed",
       String(r.seed),
       "--positive",
-      join(FIXTURES, r.positive),
+      join(fx.dir, r.positive!),
       "--negative",
-      join(FIXTURES, r.negative),
+      join(fx.dir, r.negative!),
       "--guidance",
       c.guidance,
       ...opts,
@@ -184,20 +127,13 @@ Deno.test("cli sample: fixture models give the official-structure reference late
       "--latents-out",
       lat,
     ];
-    assert.equal(await quietly(() => command.run(args)), 0);
+    assert.equal(await quietly(() => command.run(args), { echo: true }), 0);
     const image = await readImage(out);
     assert.deepEqual([image.width, image.height], [c.width, c.height]);
     using got = SafetensorsFile.open(lat).load("latents");
-    using all = SafetensorsFile.open(join(FIXTURES, "io.safetensors")).load("dipsy.latents", {
+    using all = SafetensorsFile.open(join(fx.dir, "io.safetensors")).load("dipsy.latents", {
       dtype: "f32",
     });
-    const [err, scale] = scope(() => {
-      const want = ops.narrow(all, 0, 0, 1);
-      return [ops.maxAll(ops.abs(ops.sub(got, want))).item(), ops.maxAll(ops.abs(want)).item()];
-    });
-    console.log(
-      `  sample latents: max abs err ${err.toExponential(2)} (scale ${scale.toFixed(3)})`,
-    );
-    assert.ok(err <= TOL * Math.max(1, scale), `max abs err ${err} > ${TOL} x scale`);
+    scope(() => assertClose("sample latents", got, ops.narrow(all, 0, 0, 1), TOL));
   });
 });

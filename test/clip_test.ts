@@ -3,28 +3,9 @@
  * config parsing, checkpoint errors, presets, LoRA hook points and handle leaks.
  */
 import assert from "node:assert/strict";
-import {
-  copyFileSync,
-  existsSync,
-  mkdtempSync,
-  readFileSync,
-  rmSync,
-  writeFileSync,
-} from "node:fs";
-import { tmpdir } from "node:os";
+import { readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
-import {
-  enableGrad,
-  fromHost,
-  Generator,
-  memory,
-  noGrad,
-  ops,
-  SafetensorsFile,
-  saveSafetensors,
-  scope,
-  type Tensor,
-} from "../ffi/mod.ts";
+import { enableGrad, fromHost, Generator, noGrad, ops, scope, type Tensor } from "../ffi/mod.ts";
 import { WeightError } from "../core/weights.ts";
 import {
   ClipConfigError,
@@ -34,59 +15,28 @@ import {
 } from "../plugins/clip/config.ts";
 import { loadClipModel, loadClipText, loadClipVision } from "../plugins/clip/model.ts";
 import type { Projection } from "../plugins/clip/encoder.ts";
+import { assertClose, disposeAll, fixture, loadIO, noLeak, scratchModel } from "./util.ts";
 
-const FIXTURES = new URL("./fixtures/clip/", import.meta.url).pathname;
 const TOL = 1e-4;
 
-function fixture(name: string): string {
-  const dir = join(FIXTURES, name);
-  if (!existsSync(dir)) {
-    throw new Error(
-      `missing fixture ${dir}: run \`deno task test\` (it runs test/reference/clip_ref.py first)`,
-    );
-  }
-  return dir;
+function clipFixture(name: string): string {
+  return fixture(`clip/${name}`);
 }
 
 /** The reference inputs and outputs of one fixture model; the caller disposes them. */
 function io(name: string): Map<string, Tensor> {
-  return SafetensorsFile.open(join(fixture(name), "io.safetensors")).loadAll();
-}
-
-/** Max abs error relative to the reference's scale (at least 1). */
-function relErr(got: Tensor, want: Tensor): number {
-  assert.deepEqual([...got.shape], [...want.shape], "shape");
-  const a = got.toFloat64(), b = want.toFloat64();
-  let err = 0, scale = 1;
-  for (let i = 0; i < a.length; i++) {
-    err = Math.max(err, Math.abs(a[i] - b[i]));
-    scale = Math.max(scale, Math.abs(b[i]));
-  }
-  return err / scale;
+  return loadIO(clipFixture(name));
 }
 
 function expectClose(label: string, got: Tensor, want: Tensor): void {
-  const e = relErr(got, want);
-  console.log(`  ${label}: max err ${e.toExponential(2)}`);
-  assert.ok(e <= TOL, `${label}: error ${e} exceeds ${TOL}`);
-}
-
-/** Runs `fn` and asserts that it leaves no native handle behind. */
-function noLeak(label: string, fn: () => void): void {
-  const before = memory().handles;
-  fn();
-  assert.equal(memory().handles, before, `${label}: tensor handles leaked`);
-}
-
-function disposeMap(m: Map<string, Tensor>): void {
-  for (const t of m.values()) t.dispose();
+  assertClose(label, got, want, TOL);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Configs
 
 Deno.test("clip config: real config.json files resolve like transformers", () => {
-  const dir = fixture("configs");
+  const dir = clipFixture("configs");
   const cases: [string, (j: Record<string, unknown>, f: string) => unknown][] = [
     ["sd15_text_encoder", parseClipTextConfig],
     ["text_minimal", parseClipTextConfig],
@@ -133,7 +83,7 @@ Deno.test("clip config: unsupported values name the file and key", () => {
 
 Deno.test("clip text: SD-like CLIPTextModel matches transformers", () => {
   const ref = io("text");
-  using model = loadClipText(fixture("text"));
+  using model = loadClipText(clipFixture("text"));
   assert.equal(model.textProjection, null);
   noGrad(() =>
     noLeak("text forward", () =>
@@ -155,19 +105,19 @@ Deno.test("clip text: SD-like CLIPTextModel matches transformers", () => {
   );
 
   // The SD1.5 file layout (`text_model.` prefix, position_ids buffer) loads to the same model.
-  using legacy = loadClipText(fixture("text_legacy"));
+  using legacy = loadClipText(clipFixture("text_legacy"));
   noGrad(() =>
     scope(() => {
       const out = legacy.forward(ref.get("input_ids")!);
-      assert.equal(relErr(out.lastHiddenState, ref.get("last_hidden_state")!) <= TOL, true);
+      expectClose("legacy last_hidden_state", out.lastHiddenState, ref.get("last_hidden_state")!);
     })
   );
-  disposeMap(ref);
+  disposeAll(ref);
 });
 
 Deno.test("clip vision: IP-Adapter-like CLIPVisionModelWithProjection matches transformers", () => {
   const ref = io("vision");
-  using model = loadClipVision(fixture("vision"));
+  using model = loadClipVision(clipFixture("vision"));
   noGrad(() =>
     noLeak("vision forward", () =>
       scope(() => {
@@ -193,12 +143,12 @@ Deno.test("clip vision: IP-Adapter-like CLIPVisionModelWithProjection matches tr
         }
       }))
   );
-  disposeMap(ref);
+  disposeAll(ref);
 });
 
 Deno.test("clip model: CLIPModel logits and features match transformers", () => {
   const ref = io("clip");
-  using model = loadClipModel(fixture("clip"));
+  using model = loadClipModel(clipFixture("clip"));
   noGrad(() =>
     noLeak("clip forward", () =>
       scope(() => {
@@ -213,8 +163,8 @@ Deno.test("clip model: CLIPModel logits and features match transformers", () => 
       }))
   );
   // Either tower alone from the same CLIPModel folder (pair sampling needs the image side only).
-  using vision = loadClipVision(fixture("clip"));
-  using text = loadClipText(fixture("clip"));
+  using vision = loadClipVision(clipFixture("clip"));
+  using text = loadClipText(clipFixture("clip"));
   noGrad(() =>
     scope(() => {
       const img = vision.forward(ref.get("pixel_values")!).imageEmbeds!;
@@ -223,12 +173,12 @@ Deno.test("clip model: CLIPModel logits and features match transformers", () => 
       expectClose("text tower alone", txt, ref.get("text_features")!);
     })
   );
-  disposeMap(ref);
+  disposeAll(ref);
 });
 
 Deno.test("clip mid-size: sharded 256-wide towers with 77 tokens and 257 patches", () => {
   const ref = io("mid_text");
-  using text = loadClipText(fixture("mid_text"));
+  using text = loadClipText(clipFixture("mid_text"));
   noGrad(() =>
     noLeak("mid text", () =>
       scope(() => {
@@ -237,10 +187,10 @@ Deno.test("clip mid-size: sharded 256-wide towers with 77 tokens and 257 patches
         expectClose("mid text_embeds", out.textEmbeds!, ref.get("text_embeds")!);
       }))
   );
-  disposeMap(ref);
+  disposeAll(ref);
 
   const vref = io("mid_vision");
-  using vision = loadClipVision(fixture("mid_vision"));
+  using vision = loadClipVision(clipFixture("mid_vision"));
   noGrad(() =>
     noLeak("mid vision", () =>
       scope(() => {
@@ -254,7 +204,7 @@ Deno.test("clip mid-size: sharded 256-wide towers with 77 tokens and 257 patches
         );
       }))
   );
-  disposeMap(vref);
+  disposeAll(vref);
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -262,13 +212,7 @@ Deno.test("clip mid-size: sharded 256-wide towers with 77 tokens and 257 patches
 
 /** A copy of the `vision` fixture with its weights edited by `edit`. */
 function editedVision(edit: (m: Map<string, Tensor>) => void): string {
-  const dir = mkdtempSync(join(tmpdir(), "clip-test-"));
-  copyFileSync(join(fixture("vision"), "config.json"), join(dir, "config.json"));
-  const weights = SafetensorsFile.open(join(fixture("vision"), "model.safetensors")).loadAll();
-  edit(weights);
-  saveSafetensors(join(dir, "model.safetensors"), weights);
-  disposeMap(weights);
-  return dir;
+  return scratchModel(clipFixture("vision"), "model.safetensors", { weights: edit });
 }
 
 Deno.test("clip loading: missing, mis-shaped and unexpected keys fail loudly", () => {
@@ -299,18 +243,17 @@ Deno.test("clip loading: missing, mis-shaped and unexpected keys fail loudly", (
         e.message.includes(key) && e.message.includes("[64, 31]") && e.message.includes("[64, 32]"),
     );
     assert.throws(() => loadClipVision(extra), /layers\.9\.mlp\.fc1\.weight/);
-    assert.throws(() => loadClipText(fixture("vision")), /describes a CLIP vision model/);
+    assert.throws(() => loadClipText(clipFixture("vision")), /describes a CLIP vision model/);
   } finally {
     for (const d of [missing, reshaped, extra]) rmSync(d, { recursive: true });
   }
 });
 
 Deno.test("clip loading: unsupported hidden_act in a folder names config.json", () => {
-  const dir = mkdtempSync(join(tmpdir(), "clip-test-"));
+  const dir = scratchModel(clipFixture("text"), "model.safetensors", {
+    config: (c) => (c.hidden_act = "swish_glu"),
+  });
   try {
-    const cfg = JSON.parse(readFileSync(join(fixture("text"), "config.json"), "utf8"));
-    writeFileSync(join(dir, "config.json"), JSON.stringify({ ...cfg, hidden_act: "swish_glu" }));
-    copyFileSync(join(fixture("text"), "model.safetensors"), join(dir, "model.safetensors"));
     assert.throws(
       () => loadClipText(dir),
       (e: Error) =>

@@ -23,6 +23,7 @@ import { NO_SHARD, planChunks, resolveShard, RunError, shardChunks } from "../co
 import "../plugins/guidance/mod.ts";
 import "../plugins/samplers/mod.ts";
 import "../plugins/pairs/mod.ts";
+import { withTempDir } from "./util.ts";
 
 const flags = (raw: Record<string, unknown>) =>
   parseConfigObject(raw, "command line", { textual: true });
@@ -138,8 +139,7 @@ Deno.test("problems are reported together, with hints", () => {
 });
 
 Deno.test("JSON and YAML files, paths relative to the file", async () => {
-  const dir = await Deno.makeTempDir();
-  try {
+  await withTempDir(async (dir) => {
     await Deno.writeTextFile(
       join(dir, "run.yaml"),
       [
@@ -175,15 +175,12 @@ Deno.test("JSON and YAML files, paths relative to the file", async () => {
     await Deno.writeTextFile(join(dir, "printed.yaml"), formatConfig(y));
     const again = resolveConfig([await readConfigFile(join(dir, "printed.yaml"))]);
     assert.deepEqual(again, y);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
 Deno.test("plugin files: exported or self-registered plugins; clear errors", async () => {
-  const dir = await Deno.makeTempDir();
   const reg = new Registry();
-  try {
+  await withTempDir(async (dir) => {
     const exported = join(dir, "exported.ts");
     await Deno.writeTextFile(
       exported,
@@ -203,9 +200,7 @@ Deno.test("plugin files: exported or self-registered plugins; clear errors", asy
     const broken = join(dir, "broken.ts");
     await Deno.writeTextFile(broken, "export const plugins = [{ kind: 'x' }];\n");
     await assert.rejects(() => loadPluginFile(broken, reg), /every entry of "plugins"/);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
 Deno.test("shards: flag, Slurm arrays, Kubernetes indexed jobs", () => {

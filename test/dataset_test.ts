@@ -16,26 +16,16 @@ import {
   promptTemplate,
   validateDataset,
 } from "../core/dataset.ts";
-import { encodeImage, type ImageFormat, type RgbImage } from "../core/image.ts";
+import { encodeImage, type ImageFormat } from "../core/image.ts";
+import { noiseImage, withTempDir, writeNoiseImage } from "./util.ts";
 
-function noise(width: number, height: number, seed = 1): RgbImage {
-  const data = new Uint8Array(width * height * 3);
-  let s = seed;
-  for (let i = 0; i < data.length; i++) {
-    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
-    data[i] = s >>> 24;
-  }
-  return { width, height, data };
-}
-
-async function writeRgb(path: string, width: number, height: number, format: ImageFormat = "png") {
-  await Deno.mkdir(join(path, ".."), { recursive: true });
-  await Deno.writeFile(path, await encodeImage(noise(width, height, width * 31 + height), format));
+function writeRgb(path: string, width: number, height: number, format: ImageFormat = "png") {
+  return writeNoiseImage(path, width, height, width * 31 + height, format);
 }
 
 /** Images in other modes, which decode but are converted to RGB. */
 async function writeOddModes(dir: string) {
-  const raw = noise(24, 20);
+  const raw = noiseImage(24, 20);
   const base = () => sharp(raw.data, { raw: { width: 24, height: 20, channels: 3 } });
   await Deno.writeFile(join(dir, "gray.png"), await base().toColourspace("b-w").png().toBuffer());
   await Deno.writeFile(join(dir, "cmyk.jpg"), await base().toColourspace("cmyk").jpeg().toBuffer());
@@ -58,7 +48,7 @@ async function badDataset(root: string) {
     join(plane, "corrupt.jpg"),
     new Uint8Array(300).map((_, i) => (i * 7) % 251),
   );
-  const png = await encodeImage(noise(40, 40), "png");
+  const png = await encodeImage(noiseImage(40, 40), "png");
   await Deno.writeFile(join(plane, "trunc.png"), png.subarray(0, Math.floor(png.length * 0.6)));
   await Deno.writeFile(join(plane, "empty.jpg"), new Uint8Array());
   await writeRgb(join(plane, "tiny.png"), 8, 30);
@@ -79,15 +69,6 @@ async function badDataset(root: string) {
 
 function byName(problems: DatasetProblem[]): Map<string, DatasetProblem> {
   return new Map(problems.map((p) => [p.path.slice(p.path.lastIndexOf("/") + 1), p]));
-}
-
-async function withTempDir(fn: (dir: string) => Promise<void>) {
-  const dir = await Deno.makeTempDir({ prefix: "dipsy-dataset-" });
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
 }
 
 Deno.test("every bad input is reported at once, with file names", async () => {

@@ -6,93 +6,26 @@
  * go through the real loaders and each case runs as ONE batch through `sampleLatents`.
  */
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { keep, memory, ops, SafetensorsFile, scope, type Tensor } from "../ffi/mod.ts";
+import { keep, memory, SafetensorsFile, type Tensor } from "../ffi/mod.ts";
 import { readImage, type RgbImage } from "../core/image.ts";
 import { type Guidance, registry, type Sampler } from "../core/plugins.ts";
 import { sampleLatents, type SampleRequest } from "../core/sampling.ts";
 import { Sd15Backbone } from "../plugins/sd15/backbone.ts";
 import "../plugins/guidance/mod.ts";
 import "../plugins/samplers/mod.ts";
+import { assertClose, type DipsyCase, dipsyCase, type DipsyFixture, dipsyFixture } from "./util.ts";
 
-const DIPSY_FIXTURES = join(import.meta.dirname!, "fixtures", "dipsy");
 const TOL = 1e-4;
 
-interface RefRequest {
-  prompt: string;
-  seed: number;
-  positive?: string;
-  negative?: string;
-}
-
-interface RefCase {
-  name: string;
-  guidance: string;
-  options: Record<string, number>;
-  sampler: string;
-  ip_adapter: string | null;
-  /** IP-Adapters the reference attached (2 for DIPSY, 1 for Eq. 8, 0 for text CFG). */
-  adapters: number;
-  steps: number;
-  width: number;
-  height: number;
-  requests: RefRequest[];
-}
-
-interface RefFixture {
-  dir: string;
-  model: string;
-  imageEncoder: string;
-  cases: RefCase[];
-}
-
-/** The fixture's description; fails (never skips) when the fixture was not generated. */
-function dipsyFixture(): RefFixture {
-  const dir = DIPSY_FIXTURES;
-  for (const f of ["cases.json", "io.safetensors"]) {
-    if (!existsSync(join(dir, f))) {
-      throw new Error(
-        `missing fixture ${join(dir, f)}: run \`deno task test\` (it generates fixtures with ` +
-          "test/reference/dipsy_ref.py)",
-      );
-    }
-  }
-  const raw = JSON.parse(readFileSync(join(dir, "cases.json"), "utf8"));
-  return {
-    dir,
-    model: join(dir, raw.model),
-    imageEncoder: join(dir, raw.image_encoder),
-    cases: raw.cases,
-  };
-}
-
-function refCase(fx: RefFixture, name: string): RefCase {
-  const c = fx.cases.find((x) => x.name === name);
-  if (!c) throw new Error(`fixture ${fx.dir} has no case "${name}"`);
-  return c;
-}
-
 /** Reference tensors `<case>.<key>` as float32 CPU tensors (caller disposes). */
-function refTensor(fx: RefFixture, key: string): Tensor {
+function refTensor(fx: DipsyFixture, key: string): Tensor {
   const file = SafetensorsFile.open(join(fx.dir, "io.safetensors"));
   if (!file.has(key)) throw new Error(`${fx.dir}/io.safetensors has no tensor "${key}"`);
   return file.load(key, { dtype: "f32" });
 }
 
-/** Max abs difference, checked against TOL relative to the reference's scale (at least 1). */
-function assertClose(label: string, got: Tensor, want: Tensor): number {
-  assert.deepEqual(got.shape, want.shape, `${label}: shape`);
-  const [err, scale] = scope(() => {
-    const g = ops.to(got, "f32", "cpu");
-    return [ops.maxAll(ops.abs(ops.sub(g, want))).item(), ops.maxAll(ops.abs(want)).item()];
-  });
-  console.log(`  ${label}: max abs err ${err.toExponential(2)} (output scale ${scale.toFixed(3)})`);
-  assert.ok(err <= TOL * Math.max(1, scale), `${label}: max abs err ${err} > ${TOL} x scale`);
-  return err;
-}
-
-async function requests(fx: RefFixture, c: RefCase): Promise<SampleRequest[]> {
+async function requests(fx: DipsyFixture, c: DipsyCase): Promise<SampleRequest[]> {
   const cache = new Map<string, Promise<RgbImage>>();
   const image = (rel?: string) => {
     if (!rel) return null;
@@ -132,7 +65,7 @@ function recordingFirstStep(inner: Sampler): Sampler & { first: Tensor | null } 
 
 const backbones = new Map<string, Promise<Sd15Backbone>>();
 
-function backbone(fx: RefFixture, ipAdapter: string | null, adapters: number) {
+function backbone(fx: DipsyFixture, ipAdapter: string | null, adapters: number) {
   const key = `${ipAdapter}:${adapters}`;
   if (!backbones.has(key)) {
     backbones.set(
@@ -155,7 +88,7 @@ interface RunResult {
 }
 
 /** Runs a case as one batch; the caller disposes the tensors. */
-async function runCase(bb: Sd15Backbone, fx: RefFixture, c: RefCase): Promise<RunResult> {
+async function runCase(bb: Sd15Backbone, fx: DipsyFixture, c: DipsyCase): Promise<RunResult> {
   const reqs = await requests(fx, c);
   const guidance = registry.create<Guidance>("guidance", c.guidance, c.options);
   using sampler = recordingFirstStep(
@@ -179,7 +112,7 @@ async function runCase(bb: Sd15Backbone, fx: RefFixture, c: RefCase): Promise<Ru
 
 async function checkCase(name: string, adapters?: number): Promise<void> {
   const fx = dipsyFixture();
-  const c = refCase(fx, name);
+  const c = dipsyCase(fx, name);
   const n = adapters ?? c.adapters;
   const bb = await backbone(fx, c.ip_adapter, n);
   console.log(
@@ -204,10 +137,10 @@ async function checkCase(name: string, adapters?: number): Promise<void> {
   using wantFirst = refTensor(fx, `${name}.latents_step1`);
   using want = refTensor(fx, `${name}.latents`);
   using wantImage = refTensor(fx, `${name}.image`);
-  assertClose(`${name} latents after step 1`, first, wantFirst);
-  assertClose(`${name} final latents`, latents, want);
+  assertClose(`${name} latents after step 1`, first, wantFirst, TOL);
+  assertClose(`${name} final latents`, latents, want, TOL);
   using image = bb.decode(latents);
-  assertClose(`${name} decoded image`, image, wantImage);
+  assertClose(`${name} decoded image`, image, wantImage, TOL);
 }
 
 Deno.test("dipsy e2e: Eq. 9, two images with different prompts/seeds/references as one batch", async () => {
@@ -243,7 +176,7 @@ Deno.test("dipsy e2e: no tensor handle growth across a full run or a denoising s
   // Eq. 8 on the dual-adapter model: one image through DPM-Solver++ (which keeps a history), on a
   // backbone the tests above have already run, so nothing cached on first use is counted.
   const fx = dipsyFixture();
-  const c = refCase(fx, "single-ip");
+  const c = dipsyCase(fx, "single-ip");
   const bb = await backbone(fx, c.ip_adapter, 2);
   const before = memory().handles;
   const run = await runCase(bb, fx, c);

@@ -18,14 +18,14 @@ import {
   RunError,
   type Shard,
 } from "../core/generate.ts";
-import { encodeImage, type RgbImage } from "../core/image.ts";
 import { imageSeed } from "../core/rng.ts";
 import { setNumThreads } from "../ffi/mod.ts";
 import { Sd15Backbone } from "../plugins/sd15/backbone.ts";
-import { saveSimilarityFile, similaritySource } from "../app/similarity.ts";
+import { similaritySource } from "../app/similarity.ts";
 import "../plugins/guidance/mod.ts";
 import "../plugins/samplers/mod.ts";
 import "../plugins/pairs/mod.ts";
+import { readTree, TINY_DATASET_CLASSES, writeNoiseImage, writeTinyDataset } from "./util.ts";
 
 // The tiny models gain nothing from threads, and busy-waiting OpenMP threads slow everything
 // down many times over when other processes share the cores (as parallel test files do). The CLI
@@ -34,33 +34,11 @@ setNumThreads(1);
 
 const ROOT = await Deno.makeTempDir({ prefix: "dipsy_generate_test_" });
 const DATA = join(ROOT, "data");
-const CLASSES = ["blue square", "red circle"];
+const CLASSES = TINY_DATASET_CLASSES;
 const PER_CLASS = 3;
 const MAIN = new URL("../cli/main.ts", import.meta.url).pathname;
 
-function shot(width: number, height: number, seed: number): RgbImage {
-  const data = new Uint8Array(width * height * 3);
-  let s = seed;
-  for (let i = 0; i < data.length; i++) {
-    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
-    data[i] = s >>> 24;
-  }
-  return { width, height, data };
-}
-
-async function writeShot(path: string, width: number, height: number, seed: number) {
-  await Deno.mkdir(join(path, ".."), { recursive: true });
-  await Deno.writeFile(path, await encodeImage(shot(width, height, seed), "png"));
-}
-
-// Two classes of two shots, non-square, so crops are drawn; a fixed similarity file, so runs in
-// this process and CLI subprocesses use the same matrix without computing one.
-for (const [k, name] of CLASSES.entries()) {
-  for (let i = 0; i < 2; i++) {
-    await writeShot(join(DATA, name, `${i}.png`), 40 + 4 * i, 36, 10 * k + i);
-  }
-}
-await saveSimilarityFile(join(DATA, "similarity.json"), CLASSES, [[1, 0.5], [0.5, 1]], {});
+await writeTinyDataset(DATA);
 
 let shared: DiffusionBackbone | null = null;
 const backbone = () => (shared ??= Sd15Backbone.tiny({ adapters: 2 }));
@@ -101,15 +79,7 @@ function run(
 
 /** Every file under `out` (relative path -> bytes), and the manifest lines. */
 async function snapshot(out: string) {
-  const files = new Map<string, Uint8Array>();
-  const walk = async (dir: string, rel: string) => {
-    for await (const e of Deno.readDir(dir)) {
-      const r = rel ? `${rel}/${e.name}` : e.name;
-      if (e.isDirectory) await walk(join(dir, e.name), r);
-      else files.set(r, await Deno.readFile(join(dir, e.name)));
-    }
-  };
-  await walk(out, "");
+  const files = await readTree(out);
   const text = new TextDecoder().decode(files.get("manifest.jsonl") ?? new Uint8Array());
   const lines = text.split("\n").filter((l) => l);
   return { files, lines };
@@ -357,10 +327,10 @@ Deno.test("killed with SIGKILL, then stopped with Ctrl-C, then resumed: same as 
 
 Deno.test("bad input: every problem listed with file names, nothing written", async () => {
   const data = join(ROOT, "bad");
-  await writeShot(join(data, "cat", "good.png"), 32, 32, 1);
+  await writeNoiseImage(join(data, "cat", "good.png"), 32, 32, 1);
   await Deno.writeFile(join(data, "cat", "broken.jpg"), new Uint8Array(200).fill(7));
-  await writeShot(join(data, "dog", "good.png"), 32, 32, 2);
-  await writeShot(join(data, "dog", "tiny.png"), 8, 8, 3);
+  await writeNoiseImage(join(data, "dog", "good.png"), 32, 32, 2);
+  await writeNoiseImage(join(data, "dog", "tiny.png"), 8, 8, 3);
   await Deno.writeFile(join(data, "dog", "empty.png"), new Uint8Array());
   const out = join(ROOT, "bad_out");
   await assert.rejects(

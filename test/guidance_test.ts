@@ -1,31 +1,18 @@
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
-import { memory, SafetensorsFile, type Tensor } from "../ffi/mod.ts";
+import { SafetensorsFile, type Tensor } from "../ffi/mod.ts";
 import { parseConditioning, registry } from "../core/plugins.ts";
 import type { Guidance } from "../core/plugins.ts";
 import "../plugins/guidance/mod.ts";
+import { assertClose, disposeAll, fixture, noLeak } from "./util.ts";
 
-const FIXTURE = new URL("./fixtures/guidance/guidance.safetensors", import.meta.url).pathname;
-
-function fixture(): Map<string, Tensor> {
-  if (!existsSync(FIXTURE)) {
-    throw new Error(`missing ${FIXTURE}: run \`deno task test\`, which generates the fixtures`);
-  }
-  return SafetensorsFile.open(FIXTURE).loadAll();
-}
-
-function maxAbsDiff(a: Tensor, b: Tensor): number {
-  assert.deepEqual(a.shape, b.shape);
-  const x = a.toFloat64(), y = b.toFloat64();
-  let m = 0;
-  for (let i = 0; i < x.length; i++) m = Math.max(m, Math.abs(x[i] - y[i]));
-  return m;
+function references(): Map<string, Tensor> {
+  return SafetensorsFile.open(fixture("guidance/guidance.safetensors")).loadAll();
 }
 
 const STEP = { index: 10, total: 50 };
 
 Deno.test("guidance formulas match the reference combinations", () => {
-  const t = fixture();
+  const t = references();
   const cases: [string, object, string][] = [
     ["dipsy", {}, "out.dipsy"],
     ["single-ip", {}, "out.single-ip"],
@@ -34,17 +21,16 @@ Deno.test("guidance formulas match the reference combinations", () => {
     ["diffusers-style", {}, "out.diffusers-style"],
     ["dipsy", { textScale: 3, positiveScale: 2, negativeScale: 1.5 }, "out.dipsy.custom"],
   ];
-  const before = memory().handles;
-  for (const [name, opts, key] of cases) {
-    const g = registry.create<Guidance>("guidance", name, opts);
-    const needs = g.needs(STEP);
-    const preds = new Map(needs.map((c) => [c, t.get(c)!]));
-    using out = g.combine(preds, STEP);
-    const err = maxAbsDiff(out, t.get(key)!);
-    assert.ok(err <= 1e-5, `${name} ${JSON.stringify(opts)}: max abs error ${err}`);
-  }
-  assert.equal(memory().handles, before, "combine leaked tensors");
-  for (const x of t.values()) x.dispose();
+  noLeak("combine", () => {
+    for (const [name, opts, key] of cases) {
+      const g = registry.create<Guidance>("guidance", name, opts);
+      const needs = g.needs(STEP);
+      const preds = new Map(needs.map((c) => [c, t.get(c)!]));
+      using out = g.combine(preds, STEP);
+      assertClose(`${name} ${JSON.stringify(opts)}`, out, t.get(key)!, 1e-5, { absolute: true });
+    }
+  });
+  disposeAll(t);
 });
 
 Deno.test("dipsy needs the four predictions of Eq. 9 and defaults to the paper's weights", () => {
@@ -62,11 +48,13 @@ Deno.test("a guidance interval drops the image predictions outside it", () => {
   assert.deepEqual([...g.needs({ index: 0, total: 10 })].sort(), ["text", "uncond"]);
   assert.equal(g.needs({ index: 5, total: 10 }).length, 4);
   assert.deepEqual([...g.needs({ index: 8, total: 10 })].sort(), ["text", "uncond"]);
-  const t = fixture();
+  const t = references();
   const preds = new Map(["uncond", "text"].map((c) => [c, t.get(c)!]));
   using out = g.combine(preds, { index: 9, total: 10 });
-  assert.ok(maxAbsDiff(out, t.get("out.cfg")!) <= 1e-5, "outside the interval it is text CFG");
-  for (const x of t.values()) x.dispose();
+  assertClose("outside the interval it is text CFG", out, t.get("out.cfg")!, 1e-5, {
+    absolute: true,
+  });
+  disposeAll(t);
 });
 
 Deno.test("bad guidance options and names give clear errors", () => {

@@ -13,6 +13,7 @@ import {
   resolveModelDir,
   resolveModelFile,
 } from "../core/hub.ts";
+import { withTempDir } from "./util.ts";
 
 const MAIN = "a".repeat(8) + "0123456789abcdef0123456789abcdef";
 const PR = "b".repeat(8) + "fedcba9876543210fedcba9876543210";
@@ -21,7 +22,6 @@ const OLD = "c".repeat(40);
 interface Fake {
   cache: string;
   local: string;
-  cleanup(): Promise<void>;
 }
 
 function write(path: string, text: string): void {
@@ -29,9 +29,11 @@ function write(path: string, text: string): void {
   Deno.writeTextFileSync(path, text);
 }
 
-/** A cache holding org/tiny (main, refs/pr/10, an old commit) and a pickle-only org/legacy. */
-async function makeFake(): Promise<Fake> {
-  const root = await Deno.makeTempDir({ prefix: "dipsy-hub-" });
+/**
+ * Fills `root` with a cache holding org/tiny (main, refs/pr/10, an old commit) and a pickle-only
+ * org/legacy, and a local model folder.
+ */
+function makeFake(root: string): Fake {
   const cache = join(root, "hub");
   const repo = join(cache, "models--org--tiny");
   write(join(repo, "refs", "main"), MAIN);
@@ -54,7 +56,12 @@ async function makeFake(): Promise<Fake> {
   const local = join(root, "my model");
   write(join(local, "config.json"), "{}");
   write(join(local, "vae", "diffusion_pytorch_model.bin"), "pickle");
-  return { cache, local, cleanup: () => Deno.remove(root, { recursive: true }) };
+  return { cache, local };
+}
+
+/** Runs `fn` on a fresh fake cache, removed afterwards. */
+function withFakeCache(fn: (fake: Fake) => void | Promise<void>): Promise<void> {
+  return withTempDir(async (root) => await fn(makeFake(root)));
 }
 
 const offline = (cache: string) => ({ cacheDir: cache, offline: true });
@@ -85,8 +92,7 @@ Deno.test("cache location follows HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME, then ~/
 });
 
 Deno.test("model references parse into local folders and Hub ids with revisions", async () => {
-  const fake = await makeFake();
-  try {
+  await withFakeCache((fake) => {
     assert.deepEqual(parseModelRef("openai/clip-vit-base-patch16"), {
       kind: "hub",
       repo: "openai/clip-vit-base-patch16",
@@ -102,15 +108,12 @@ Deno.test("model references parse into local folders and Hub ids with revisions"
     for (const bad of ["a/b/c", "org/na--me", "org/name@", "org/name@../x", "", "bad name/x"]) {
       assert.throws(() => parseModelRef(bad), ModelNotFoundError, bad);
     }
-  } finally {
-    await fake.cleanup();
-  }
+  });
 });
 
 Deno.test("Hub ids resolve through refs/ to snapshot files", async () => {
-  const fake = await makeFake();
-  const o = offline(fake.cache);
-  try {
+  await withFakeCache(async (fake) => {
+    const o = offline(fake.cache);
     const snap = join(fake.cache, "models--org--tiny", "snapshots");
     const config = await resolveModelFile("org/tiny", "config.json", o);
     assert.equal(config, join(snap, MAIN, "config.json"));
@@ -129,14 +132,11 @@ Deno.test("Hub ids resolve through refs/ to snapshot files", async () => {
     );
     assert.equal(await resolveModelDir("org/tiny", o), join(snap, MAIN));
     assert.equal(await resolveModelDir("org/tiny@refs/pr/10", o), join(snap, PR));
-  } finally {
-    await fake.cleanup();
-  }
+  });
 });
 
 Deno.test("local folders pass through", async () => {
-  const fake = await makeFake();
-  try {
+  await withFakeCache(async (fake) => {
     assert.equal(await resolveModelDir(fake.local), fake.local);
     assert.equal(
       await resolveModelFile(fake.local, "config.json"),
@@ -147,15 +147,12 @@ Deno.test("local folders pass through", async () => {
       /has no file "model.safetensors"/,
     );
     await assert.rejects(resolveModelFile(fake.local, "../escape.json"), /inside the model folder/);
-  } finally {
-    await fake.cleanup();
-  }
+  });
 });
 
 Deno.test("pickles are refused, and a pickle-only model says safetensors are required", async () => {
-  const fake = await makeFake();
-  const o = offline(fake.cache);
-  try {
+  await withFakeCache(async (fake) => {
+    const o = offline(fake.cache);
     await rejectsWith(resolveModelFile("org/legacy", "pytorch_model.bin", o), /pickle checkpoint/);
     await rejectsWith(
       resolveModelFile("org/legacy", "model.safetensors", o),
@@ -174,15 +171,12 @@ Deno.test("pickles are refused, and a pickle-only model says safetensors are req
       resolveModelFile(fake.local, "diffusion_pytorch_model.safetensors", { subfolder: "vae" }),
       /safetensors are required/,
     );
-  } finally {
-    await fake.cleanup();
-  }
+  });
 });
 
 Deno.test("offline misses name the repo, revision, file and how to get it", async () => {
-  const fake = await makeFake();
-  const o = offline(fake.cache);
-  try {
+  await withFakeCache(async (fake) => {
+    const o = offline(fake.cache);
     const msg = await rejectsWith(
       resolveModelFile("org/tiny", "model.safetensors", o),
       /org\/tiny@main/,
@@ -201,9 +195,7 @@ Deno.test("offline misses name the repo, revision, file and how to get it", asyn
     );
     await rejectsWith(resolveModelDir("nobody/missing", o), /hf download nobody\/missing/);
     await rejectsWith(resolveModelDir("org/tiny@dev", o), /org\/tiny@dev/);
-  } finally {
-    await fake.cleanup();
-  }
+  });
 });
 
 function closedPort(): number {
@@ -214,8 +206,7 @@ function closedPort(): number {
 }
 
 Deno.test("a failed download ends quickly in an error that says what to do", async () => {
-  const fake = await makeFake();
-  try {
+  await withFakeCache(async (fake) => {
     const start = performance.now();
     await rejectsWith(
       resolveModelFile("nobody/missing", "config.json", {
@@ -241,9 +232,7 @@ Deno.test("a failed download ends quickly in an error that says what to do", asy
     );
     const seconds = (performance.now() - start) / 1000;
     assert.ok(seconds < 10, `download attempts took ${seconds.toFixed(1)} s`);
-  } finally {
-    await fake.cleanup();
-  }
+  });
 });
 
 /** Runs a resolveModelFile call in a child process with exactly the given HF variables. */
@@ -273,8 +262,7 @@ catch (e) { console.log("ERR " + e.message); }`;
 }
 
 Deno.test("HF_HUB_CACHE, HF_HUB_OFFLINE and HF_ENDPOINT are read from the environment", async () => {
-  const fake = await makeFake();
-  try {
+  await withFakeCache(async (fake) => {
     const off = await resolveInChild({ HF_HUB_CACHE: fake.cache, HF_HUB_OFFLINE: "1" });
     assert.match(
       off,
@@ -287,9 +275,7 @@ Deno.test("HF_HUB_CACHE, HF_HUB_OFFLINE and HF_ENDPOINT are read from the enviro
     });
     assert.match(on, /OK .*snapshots/);
     assert.match(on, /ERR .*downloading it failed/);
-  } finally {
-    await fake.cleanup();
-  }
+  });
 });
 
 /** Just enough of the Hub's HTTP API for @huggingface/hub to download plain (non-LFS) files. */
@@ -335,28 +321,31 @@ function mockHub(files: Record<string, string>, sha: string) {
 }
 
 Deno.test("downloads land where huggingface_hub puts them (mock Hub on localhost)", async () => {
-  const fake = await makeFake();
-  const sha = "d".repeat(40);
-  const hub = mockHub({ "config.json": '{"fresh": true}', "unet/config.json": "{}" }, sha);
-  try {
-    const opts = { cacheDir: fake.cache, offline: false, endpoint: hub.url, timeoutMs: 5000 };
-    const path = await resolveModelFile("org/fresh", "config.json", opts);
-    const repo = join(fake.cache, "models--org--fresh");
-    assert.equal(path, join(repo, "snapshots", sha, "config.json"));
-    assert.equal(Deno.readTextFileSync(path), '{"fresh": true}');
-    assert.equal(Deno.readTextFileSync(join(repo, "refs", "main")), sha);
-    assert.ok(Deno.lstatSync(path).isSymlink, "snapshot entries point into blobs/");
-    // Now cached: resolves offline, and a second file reuses the recorded commit.
-    assert.equal(await resolveModelFile("org/fresh", "config.json", offline(fake.cache)), path);
-    const unet = await resolveModelFile("org/fresh", "config.json", { ...opts, subfolder: "unet" });
-    assert.equal(unet, join(repo, "snapshots", sha, "unet", "config.json"));
-    assert.equal(hub.requests.filter((r) => r.includes("/revision/")).length, 1);
-    await rejectsWith(
-      resolveModelFile("org/fresh", "model.safetensors", opts),
-      /downloading it failed/,
-    );
-  } finally {
-    await hub.server.shutdown();
-    await fake.cleanup();
-  }
+  await withFakeCache(async (fake) => {
+    const sha = "d".repeat(40);
+    const hub = mockHub({ "config.json": '{"fresh": true}', "unet/config.json": "{}" }, sha);
+    try {
+      const opts = { cacheDir: fake.cache, offline: false, endpoint: hub.url, timeoutMs: 5000 };
+      const path = await resolveModelFile("org/fresh", "config.json", opts);
+      const repo = join(fake.cache, "models--org--fresh");
+      assert.equal(path, join(repo, "snapshots", sha, "config.json"));
+      assert.equal(Deno.readTextFileSync(path), '{"fresh": true}');
+      assert.equal(Deno.readTextFileSync(join(repo, "refs", "main")), sha);
+      assert.ok(Deno.lstatSync(path).isSymlink, "snapshot entries point into blobs/");
+      // Now cached: resolves offline, and a second file reuses the recorded commit.
+      assert.equal(await resolveModelFile("org/fresh", "config.json", offline(fake.cache)), path);
+      const unet = await resolveModelFile("org/fresh", "config.json", {
+        ...opts,
+        subfolder: "unet",
+      });
+      assert.equal(unet, join(repo, "snapshots", sha, "unet", "config.json"));
+      assert.equal(hub.requests.filter((r) => r.includes("/revision/")).length, 1);
+      await rejectsWith(
+        resolveModelFile("org/fresh", "model.safetensors", opts),
+        /downloading it failed/,
+      );
+    } finally {
+      await hub.server.shutdown();
+    }
+  });
 });

@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
-import { memory, SafetensorsFile } from "../ffi/mod.ts";
+import { SafetensorsFile } from "../ffi/mod.ts";
 import {
   centerCrop,
   clipPreprocess,
@@ -22,6 +22,7 @@ import {
   writeImage,
 } from "../core/image.ts";
 import { resample, type ResampleFilter } from "../core/resample.ts";
+import { fixture, noLeak, withTempDir } from "./util.ts";
 
 const FIXTURES = fileURLToPath(new URL("./fixtures/image/", import.meta.url));
 
@@ -40,24 +41,14 @@ interface Cases {
   from_tensor: { input: string; key: string };
 }
 
-let fixture: { cases: Cases; file: SafetensorsFile } | undefined;
+let loaded: { cases: Cases; file: SafetensorsFile } | undefined;
 function load(): { cases: Cases; file: SafetensorsFile } {
-  if (fixture) return fixture;
-  let text: string;
-  try {
-    text = Deno.readTextFileSync(`${FIXTURES}cases.json`);
-  } catch (e) {
-    if (!(e instanceof Deno.errors.NotFound)) throw e;
-    throw new Error(
-      `image fixtures missing (${FIXTURES}cases.json): run \`deno task test\`, which generates ` +
-        "them, or `.venv/bin/python test/reference/image_ref.py test/fixtures/image/`",
-    );
-  }
-  fixture = {
-    cases: JSON.parse(text),
+  if (loaded) return loaded;
+  loaded = {
+    cases: JSON.parse(Deno.readTextFileSync(fixture("image/cases.json"))),
     file: SafetensorsFile.open(`${FIXTURES}expected.safetensors`),
   };
-  return fixture;
+  return loaded;
 }
 
 function expectedArray(key: string): Uint8Array | Float32Array {
@@ -177,16 +168,14 @@ Deno.test("centre crop pads small images with black like transformers", () => {
 Deno.test("clipPreprocess batches into a [B, 3, 224, 224] f32 tensor without leaking", async () => {
   const a = await input("photo500x333");
   const b = await input("tiny1x1");
-  const before = memory().handles;
-  {
+  noLeak("clipPreprocess", () => {
     using t = clipPreprocess([a, b]);
     assert.deepEqual(t.shape, [2, 3, 224, 224]);
     assert.equal(t.dtype, "f32");
     const host = t.toHost() as Float32Array;
     assert.deepEqual(host.subarray(0, 3 * 224 * 224), clipPreprocessHost(a));
     assert.deepEqual(host.subarray(3 * 224 * 224), clipPreprocessHost(b));
-  }
-  assert.equal(memory().handles, before);
+  });
 });
 
 Deno.test("decoding matches PIL's convert('RGB') for every mode and format", async () => {
@@ -229,8 +218,7 @@ Deno.test("broken and non-image files raise an error naming the file", async () 
 
 Deno.test("imageFromTensor rounds like diffusers' numpy_to_pil; imageToTensor inverts it", () => {
   const { cases, file } = load();
-  const before = memory().handles;
-  {
+  noLeak("imageFromTensor", () => {
     using x = file.load(cases.from_tensor.input);
     const got = imageFromTensor(x) as RgbImage[];
     const want = expectedArray(cases.from_tensor.key);
@@ -251,8 +239,7 @@ Deno.test("imageFromTensor rounds like diffusers' numpy_to_pil; imageToTensor in
     using one = imageToTensor(got[0]);
     assert.deepEqual(one.shape, [3, 5, 7]);
     assert.deepEqual((imageFromTensor(one) as RgbImage).data, got[0].data);
-  }
-  assert.equal(memory().handles, before);
+  });
 });
 
 Deno.test("encoding: PNG and lossless WebP round-trip exactly, JPEG closely", async () => {
@@ -268,12 +255,9 @@ Deno.test("encoding: PNG and lossless WebP round-trip exactly, JPEG closely", as
   assert.ok(err / smooth.data.length < 6, `JPEG mean abs err ${err / smooth.data.length}`);
   await assert.rejects(encodeImage(img, "jpeg", { quality: 0 }), /quality/);
 
-  const dir = await Deno.makeTempDir();
-  try {
+  await withTempDir(async (dir) => {
     await writeImage(`${dir}/a.PNG`, img);
     assert.deepEqual((await readImage(`${dir}/a.PNG`)).data, img.data);
     await assert.rejects(writeImage(`${dir}/a.bmp`, img), /extension/);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });

@@ -8,7 +8,7 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { existsSync, readFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { OPS } from "../native/ops_spec.ts";
@@ -33,10 +33,9 @@ import {
   Tensor,
   TorchError,
 } from "../ffi/mod.ts";
+import { fixture, howToGenerate, noLeak, withTempDirSync } from "./util.ts";
 
-const FIXTURE_DIR = fileURLToPath(new URL("./fixtures/ops/", import.meta.url));
 const REF_SCRIPT = fileURLToPath(new URL("./reference/ops_ref.py", import.meta.url));
-const HOW_TO_FIX = "run `deno task test` (it generates the fixtures with test/reference/*_ref.py)";
 
 /** Ops whose behaviour needs state across calls, so hand-written tests below cover them. */
 const HAND_WRITTEN = ["requires_grad_", "backward", "grad", "zero_grad", "adamw_step"];
@@ -75,27 +74,25 @@ interface Fixture {
   file: SafetensorsFile;
 }
 
-let fixture: Fixture | undefined;
+let loaded: Fixture | undefined;
 
 function loadFixture(): Fixture {
-  if (fixture) return fixture;
-  const casesPath = join(FIXTURE_DIR, "cases.json");
-  const metaPath = join(FIXTURE_DIR, "meta.json");
-  for (const p of [casesPath, metaPath, join(FIXTURE_DIR, "cases.safetensors")]) {
-    if (!existsSync(p)) throw new Error(`op fixture ${p} is missing: ${HOW_TO_FIX}`);
-  }
-  const meta: Meta = JSON.parse(readFileSync(metaPath, "utf8"));
+  if (loaded) return loaded;
+  const dir = fixture("ops", "cases.json", "meta.json", "cases.safetensors");
+  const meta: Meta = JSON.parse(readFileSync(join(dir, "meta.json"), "utf8"));
   // Fixtures from an older generator would test yesterday's cases while looking green.
   const sha = createHash("sha256").update(readFileSync(REF_SCRIPT)).digest("hex");
   if (sha !== meta.script_sha256) {
-    throw new Error(`op fixtures in ${FIXTURE_DIR} were made by another ops_ref.py: ${HOW_TO_FIX}`);
+    throw new Error(
+      `op fixtures in ${dir} were made by another ops_ref.py: ${howToGenerate("ops")}`,
+    );
   }
-  fixture = {
-    cases: JSON.parse(readFileSync(casesPath, "utf8")),
+  loaded = {
+    cases: JSON.parse(readFileSync(join(dir, "cases.json"), "utf8")),
     meta,
-    file: SafetensorsFile.open(join(FIXTURE_DIR, "cases.safetensors")),
+    file: SafetensorsFile.open(join(dir, "cases.safetensors")),
   };
-  return fixture;
+  return loaded;
 }
 
 function load(key: string): Tensor {
@@ -474,20 +471,19 @@ Deno.test("disposed tensors throw DisposedTensorError; dispose is idempotent", (
 });
 
 Deno.test("scopes: 10,000 ops leave no handles behind", () => {
-  const before = memory();
-  scope(() => {
-    using g = new Generator(1);
-    const x = ops.randn([16, 16], "f32", "cpu", g);
-    for (let i = 0; i < 1000; i++) {
-      scope(() => {
-        let y = x;
-        for (let j = 0; j < 10; j++) y = j % 2 ? ops.tanh(y) : ops.addScalar(y, 0.01);
-        return y; // escapes to the outer scope, which must free it in turn
-      });
-    }
-  });
   // Handles, not bytes: the byte count is process-wide and parallel test modules share it.
-  assert.equal(memory().handles, before.handles);
+  noLeak("10,000 scoped ops", () =>
+    scope(() => {
+      using g = new Generator(1);
+      const x = ops.randn([16, 16], "f32", "cpu", g);
+      for (let i = 0; i < 1000; i++) {
+        scope(() => {
+          let y = x;
+          for (let j = 0; j < 10; j++) y = j % 2 ? ops.tanh(y) : ops.addScalar(y, 0.01);
+          return y; // escapes to the outer scope, which must free it in turn
+        });
+      }
+    }));
 });
 
 Deno.test("scopes: results escape, keep() survives, nesting and throwing free the rest", () => {
@@ -550,8 +546,7 @@ function bytesOf(t: Tensor): Uint8Array {
 }
 
 Deno.test("safetensors: save and reload f32/f16/bf16/i64/bool bit for bit", () => {
-  const dir = Deno.makeTempDirSync({ prefix: "dipsy-ops-test-" });
-  try {
+  withTempDirSync((dir) => {
     scope(() => {
       const f32 = Float32Array.from([0, -0, 1.5, -1e-40, 3.4e38, Infinity, -Infinity, NaN, 1 / 3]);
       // Every 16-bit pattern, NaN payloads and subnormals included.
@@ -586,14 +581,11 @@ Deno.test("safetensors: save and reload f32/f16/bf16/i64/bool bit for bit", () =
         );
       }
     });
-  } finally {
-    Deno.removeSync(dir, { recursive: true });
-  }
+  });
 });
 
 Deno.test("safetensors: reads a file written by Python's safetensors", () => {
-  const path = join(FIXTURE_DIR, "py_written.safetensors");
-  if (!existsSync(path)) throw new Error(`${path} is missing: ${HOW_TO_FIX}`);
+  const path = fixture("ops/py_written.safetensors");
   scope(() => {
     const f = SafetensorsFile.open(path);
     assert.deepEqual(f.metadata, { format: "pt" });
@@ -629,8 +621,7 @@ function writeRaw(path: string, header: string, data: Uint8Array, headerLen?: nu
 }
 
 Deno.test("safetensors: corrupt files fail with a SafetensorsError naming file and problem", () => {
-  const dir = Deno.makeTempDirSync({ prefix: "dipsy-ops-test-" });
-  try {
+  withTempDirSync((dir) => {
     const f32x = (shape: number[], offs: [number, number]) => ({
       dtype: "F32",
       shape,
@@ -683,9 +674,7 @@ Deno.test("safetensors: corrupt files fail with a SafetensorsError naming file a
     assert.match(e2.message, /pickle/);
     // Nothing above took the process down.
     scope(() => assert.equal(ops.item(ops.sumAll(ops.ones([3], "f32", "cpu"))), 3));
-  } finally {
-    Deno.removeSync(dir, { recursive: true });
-  }
+  });
 });
 
 // ---------------------------------------------------------------------------------------------

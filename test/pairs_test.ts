@@ -5,8 +5,7 @@
  * call order, empirical frequencies, and the uniform and none plugins.
  */
 import assert from "node:assert/strict";
-import { fileURLToPath } from "node:url";
-import { fromHost, memory } from "../ffi/mod.ts";
+import { fromHost } from "../ffi/mod.ts";
 import { type PairChoice, type PairContext, registry, type SamplerPair } from "../core/plugins.ts";
 import {
   classSimilarity,
@@ -14,8 +13,7 @@ import {
   negativeProbabilities,
   saveSimilarity,
 } from "../plugins/pairs/mod.ts";
-
-const FIXTURES = fileURLToPath(new URL("./fixtures/pairs/", import.meta.url));
+import { fixture, noLeak, withTempDir } from "./util.ts";
 
 interface Cases {
   similarity: { name: string; tau: number; similarity: number[][]; expected: number[][] }[];
@@ -23,15 +21,7 @@ interface Cases {
 }
 
 function load(): Cases {
-  try {
-    return JSON.parse(Deno.readTextFileSync(`${FIXTURES}cases.json`));
-  } catch (e) {
-    if (!(e instanceof Deno.errors.NotFound)) throw e;
-    throw new Error(
-      `pairs fixtures missing (${FIXTURES}cases.json): run \`deno task test\`, which generates ` +
-        "them, or `.venv/bin/python test/reference/pairs_ref.py test/fixtures/pairs/`",
-    );
-  }
+  return JSON.parse(Deno.readTextFileSync(fixture("pairs/cases.json")));
 }
 
 const S3 = [[1.0, 0.5, 0.1], [0.5, 1.0, 0.3], [0.1, 0.3, 1.0]];
@@ -99,30 +89,29 @@ Deno.test("negativeProbabilities by other routes: closed form and masked softmax
 
 Deno.test("classSimilarity: cosine of unnormalised class means, as numpy", () => {
   const { embeddings, expected } = load().embeddings;
-  const before = memory().handles;
-  for (const dtype of ["f64", "f32"] as const) {
-    const tensors = embeddings.map((e) =>
-      fromHost(new Float64Array(e.flat()), [e.length, e[0].length], "f64")
-    );
-    const inputs = dtype === "f64" ? tensors : tensors.map((t) => t.to("f32"));
-    const s = classSimilarity(inputs);
-    let worst = 0;
-    s.forEach((row, i) =>
-      row.forEach((v, j) => (worst = Math.max(worst, Math.abs(v - expected[i][j]))))
-    );
-    console.log(`${dtype} inputs: max abs error vs numpy ${worst.toExponential(2)}`);
-    // The fixture values are float32 numbers, so the f32 copy is exact too.
-    assert.ok(worst <= 1e-12, `max abs error ${worst}`);
-    for (const t of new Set([...tensors, ...inputs])) t.dispose();
-  }
-  assert.equal(memory().handles, before, "classSimilarity leaked tensor handles");
+  noLeak("classSimilarity", () => {
+    for (const dtype of ["f64", "f32"] as const) {
+      const tensors = embeddings.map((e) =>
+        fromHost(new Float64Array(e.flat()), [e.length, e[0].length], "f64")
+      );
+      const inputs = dtype === "f64" ? tensors : tensors.map((t) => t.to("f32"));
+      const s = classSimilarity(inputs);
+      let worst = 0;
+      s.forEach((row, i) =>
+        row.forEach((v, j) => (worst = Math.max(worst, Math.abs(v - expected[i][j]))))
+      );
+      console.log(`${dtype} inputs: max abs error vs numpy ${worst.toExponential(2)}`);
+      // The fixture values are float32 numbers, so the f32 copy is exact too.
+      assert.ok(worst <= 1e-12, `max abs error ${worst}`);
+      for (const t of new Set([...tensors, ...inputs])) t.dispose();
+    }
+  });
   using bad = fromHost(new Float32Array(6), [2, 3], "f32");
   assert.throws(() => classSimilarity([bad]), /norm 0/);
 });
 
 Deno.test("similarity files: exact round trip, reordering, class-list mismatch", async () => {
-  const dir = await Deno.makeTempDir();
-  try {
+  await withTempDir(async (dir) => {
     const file = `${dir}/similarity.json`;
     const s = load().similarity[8].similarity;
     const names = s.map((_, i) => `c${i}`);
@@ -142,9 +131,7 @@ Deno.test("similarity files: exact round trip, reordering, class-list mismatch",
     );
     await Deno.writeTextFile(file, '{"format": "something else"}');
     await assert.rejects(() => loadSimilarity(file), /not a "dipsy-class-similarity"/);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
 function chooseAll(

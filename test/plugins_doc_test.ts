@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { fromHost, memory, setNumThreads, type Tensor } from "../ffi/mod.ts";
+import { fromHost, setNumThreads, type Tensor } from "../ffi/mod.ts";
 import { type Guidance, type PairContext, registry, type SamplerPair } from "../core/plugins.ts";
 import type { ManifestEntry } from "../core/generate.ts";
 import { main } from "../cli/main.ts";
@@ -12,6 +12,7 @@ import { drawDataset } from "../cli/demo.ts";
 import { rampedNegative } from "../docs/examples/my_guidance.ts";
 import { hardestNegative } from "../docs/examples/my_pairs.ts";
 import "../plugins/guidance/mod.ts";
+import { noLeak, withTempDir } from "./util.ts";
 
 setNumThreads(1);
 
@@ -42,7 +43,6 @@ Deno.test("the example guidance ramps Eq. 9's negative weight over the steps", (
     ["text+pos", t([-0.4, 0.2])],
     ["text+pos+neg", t([0.7, -0.1])],
   ]);
-  const before = memory().handles;
   const same = (a: Tensor, b: Tensor) => {
     const x = a.toFloat64(), y = b.toFloat64();
     x.forEach((v, i) => assert.ok(Math.abs(v - y[i]) < 1e-6, `${v} vs ${y[i]}`));
@@ -50,9 +50,10 @@ Deno.test("the example guidance ramps Eq. 9's negative weight over the steps", (
     b.dispose();
   };
   const last = { index: 9, total: 10 }, first = { index: 0, total: 10 };
-  same(g.combine(preds, last), dipsy.combine(preds, last));
-  same(g.combine(preds, first), single.combine(preds, first));
-  assert.equal(memory().handles, before, "combine leaked tensors");
+  noLeak("combine", () => {
+    same(g.combine(preds, last), dipsy.combine(preds, last));
+    same(g.combine(preds, first), single.combine(preds, first));
+  });
   for (const x of preds.values()) x.dispose();
   assert.throws(() => rampedNegative.create({ textScale: -1 }), /textScale/);
 });
@@ -86,8 +87,7 @@ Deno.test("the example pair sampler takes the most similar class, deterministica
 });
 
 Deno.test("generate --plugin loads both examples and uses them", async () => {
-  const root = await Deno.makeTempDir({ prefix: "dipsy_plugins_doc_" });
-  try {
+  await withTempDir(async (root) => {
     const data = join(root, "data"), out = join(root, "out");
     await drawDataset(data, 2);
     const code = await main([
@@ -131,7 +131,5 @@ Deno.test("generate --plugin loads both examples and uses them", async () => {
       const best = row.reduce((b, v, j) => j !== e.classIndex && (b < 0 || v > row[b]) ? j : b, -1);
       assert.equal(e.negative!.class, sim.classNames[best]);
     }
-  } finally {
-    await Deno.remove(root, { recursive: true });
-  }
+  });
 });

@@ -5,8 +5,7 @@
  * diffusers' order, add_noise, the from_config resolution of the SD1.5 config, and config errors.
  */
 import assert from "node:assert/strict";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { registry, type Sampler, type SchedulerConfig } from "../core/plugins.ts";
 import { Generator, memory, ops, SafetensorsFile, scope, type Tensor } from "../ffi/mod.ts";
@@ -25,8 +24,8 @@ import {
   resolveConfig,
   type ScheduleConfig,
 } from "../plugins/samplers/schedule.ts";
+import { fixture, maxAbsError, noLeak, withTempDirSync } from "./util.ts";
 
-const FIXTURES = join(import.meta.dirname!, "fixtures", "samplers");
 const TOL = 1e-5;
 const PLUGIN = { ddim: "ddim", euler: "euler", dpm: "dpm-solver++" } as const;
 type Family = keyof typeof PLUGIN;
@@ -67,22 +66,17 @@ interface Cases {
   add_noise: { sampler: Family; steps: number; index: number }[];
 }
 
-let fixture: { cases: Cases; file: SafetensorsFile; config: SchedulerConfig } | undefined;
+let loaded: { cases: Cases; file: SafetensorsFile; config: SchedulerConfig } | undefined;
 function load() {
-  if (fixture) return fixture;
-  if (!existsSync(join(FIXTURES, "cases.json"))) {
-    throw new Error(
-      `missing fixture ${FIXTURES}: run \`deno task test\` (it generates fixtures with ` +
-        "test/reference/samplers_ref.py)",
-    );
-  }
-  fixture = {
-    cases: JSON.parse(Deno.readTextFileSync(join(FIXTURES, "cases.json"))),
-    file: SafetensorsFile.open(join(FIXTURES, "tensors.safetensors")),
+  if (loaded) return loaded;
+  const dir = fixture("samplers", "cases.json");
+  loaded = {
+    cases: JSON.parse(Deno.readTextFileSync(join(dir, "cases.json"))),
+    file: SafetensorsFile.open(join(dir, "tensors.safetensors")),
     // The real on-disk layout: a model folder holding scheduler/scheduler_config.json.
-    config: readSchedulerConfig(join(FIXTURES, "sd15")),
+    config: readSchedulerConfig(join(dir, "sd15")),
   };
-  return fixture;
+  return loaded;
 }
 
 function create(family: Family, steps: number, extra: Record<string, unknown> = {}): Sampler {
@@ -98,17 +92,10 @@ function host(key: string): Float32Array {
   return t.toHost() as Float32Array;
 }
 
-/** Max abs difference and the reference's max magnitude. */
+/** Max abs difference and the reference's max magnitude (same dtype and shape). */
 function diff(got: Tensor, want: Tensor): { err: number; scale: number } {
-  assert.deepEqual(got.shape, want.shape);
   assert.equal(got.dtype, want.dtype);
-  return scope(() => {
-    const w = want.to("f32");
-    return {
-      err: ops.maxAll(ops.abs(ops.sub(got.to("f32"), w))).item(),
-      scale: ops.maxAll(ops.abs(w)).item(),
-    };
-  });
+  return maxAbsError(got, want);
 }
 
 class Worst {
@@ -255,11 +242,11 @@ for (const name of TRAJECTORIES) {
     if (!c) throw new Error(`no trajectory ${name} in the fixture: rerun samplers_ref.py`);
     // Warm-up outside the leak check: first calls may create lasting library state.
     runTrajectory(c, false, new Worst());
-    const before = memory().handles;
     const fed = new Worst(), chained = new Worst();
-    runTrajectory(c, false, fed);
-    runTrajectory(c, true, chained);
-    assert.equal(memory().handles, before, "tensor handles leaked");
+    noLeak(name, () => {
+      runTrajectory(c, false, fed);
+      runTrajectory(c, true, chained);
+    });
     fed.check(`${name} fed diffusers' inputs`);
     chained.check(`${name} chained`);
   });
@@ -351,8 +338,7 @@ Deno.test("samplers: unsupported configs and options fail with the key named", (
 });
 
 Deno.test("samplers: readSchedulerConfig takes a file or folder, Python's -Infinity, and names errors", () => {
-  const dir = mkdtempSync(join(tmpdir(), "sched-"));
-  try {
+  withTempDirSync((dir) => {
     const file = join(dir, "scheduler_config.json");
     writeFileSync(
       file,
@@ -374,7 +360,5 @@ Deno.test("samplers: readSchedulerConfig takes a file or folder, Python's -Infin
     writeFileSync(file, '{"beta_schedule": ');
     assert.throws(() => readSchedulerConfig(file), /scheduler_config\.json: not valid JSON/);
     assert.throws(() => readSchedulerConfig(join(dir, "nope")), /cannot read the scheduler config/);
-  } finally {
-    rmSync(dir, { recursive: true });
-  }
+  });
 });

@@ -8,16 +8,16 @@
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { join } from "node:path";
-import { encodeImage, type RgbImage } from "../core/image.ts";
+import { encodeImage } from "../core/image.ts";
 import { setNumThreads } from "../ffi/mod.ts";
 import { command as sampleCommand } from "../cli/sample.ts";
 import { command as generateCommand } from "../cli/generate.ts";
 import { parseServeArgs, startFromSettings } from "../cli/serve.ts";
-import { saveSimilarityFile } from "../app/similarity.ts";
 import { checkExposure, isLoopback } from "../server/auth.ts";
 import type { RunningServer } from "../server/app.ts";
 import { WorkQueue } from "../server/engine.ts";
 import { CliError } from "../cli/command.ts";
+import { noiseImage, quietly, readTree, withTempDir, writeTinyDataset } from "./util.ts";
 
 // One thread: thread counts change float rounding, and the tiny models gain nothing from more.
 setNumThreads(1);
@@ -25,32 +25,12 @@ setNumThreads(1);
 const ROOT = await Deno.realPath(await Deno.makeTempDir({ prefix: "dipsy_server_test_" }));
 const SECRETS = await Deno.makeTempDir({ prefix: "dipsy_server_token_" });
 const DATA = join(ROOT, "data");
-const CLASSES = ["blue square", "red circle"];
 const TOKEN = "0123456789abcdef0123456789abcdef";
 const MAIN = new URL("../cli/main.ts", import.meta.url).pathname;
 
-function noise(width: number, height: number, seed: number): RgbImage {
-  const data = new Uint8Array(width * height * 3);
-  let s = seed;
-  for (let i = 0; i < data.length; i++) {
-    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
-    data[i] = s >>> 24;
-  }
-  return { width, height, data };
-}
-
-const POSITIVE = await encodeImage(noise(40, 36, 1), "png");
-const NEGATIVE = await encodeImage(noise(36, 40, 2), "png");
-for (const [k, name] of CLASSES.entries()) {
-  for (let i = 0; i < 2; i++) {
-    await Deno.mkdir(join(DATA, name), { recursive: true });
-    await Deno.writeFile(
-      join(DATA, name, `${i}.png`),
-      await encodeImage(noise(40 + 4 * i, 36, 10 * k + i), "png"),
-    );
-  }
-}
-await saveSimilarityFile(join(DATA, "similarity.json"), CLASSES, [[1, 0.5], [0.5, 1]], {});
+const POSITIVE = await encodeImage(noiseImage(40, 36, 1), "png");
+const NEGATIVE = await encodeImage(noiseImage(36, 40, 2), "png");
+await writeTinyDataset(DATA);
 await Deno.writeTextFile(join(SECRETS, "token"), `${TOKEN}\n`);
 await Deno.writeTextFile(join(ROOT, "not-a-folder.txt"), "x");
 await Deno.symlink("/", join(ROOT, "escape"));
@@ -173,20 +153,6 @@ async function jobEvents(
   return events;
 }
 
-/** Every file under `dir` (relative path -> bytes). */
-async function snapshot(dir: string): Promise<Map<string, Uint8Array>> {
-  const files = new Map<string, Uint8Array>();
-  const walk = async (d: string, rel: string) => {
-    for await (const e of Deno.readDir(d)) {
-      const r = rel ? `${rel}/${e.name}` : e.name;
-      if (e.isDirectory) await walk(join(d, e.name), r);
-      else files.set(r, await Deno.readFile(join(d, e.name)));
-    }
-  };
-  await walk(dir, "");
-  return files;
-}
-
 function manifestLines(files: Map<string, Uint8Array>): string[] {
   return new TextDecoder().decode(files.get("manifest.jsonl")).split("\n").filter((l) => l).sort();
 }
@@ -198,17 +164,6 @@ function assertSameRun(actual: Map<string, Uint8Array>, expected: Map<string, Ui
   for (const k of jpgs(expected)) assert.deepEqual(actual.get(k), expected.get(k), `${k} differs`);
   assert.deepEqual(manifestLines(actual), manifestLines(expected));
   assert.deepEqual([...actual.keys()].filter((k) => k.endsWith(".tmp")), [], "temporary files");
-}
-
-async function quietly<T>(fn: () => Promise<T>): Promise<T> {
-  const log = console.log, err = console.error;
-  console.log = console.error = () => {};
-  try {
-    return await fn();
-  } finally {
-    console.log = log;
-    console.error = err;
-  }
 }
 
 async function waitFor(what: string, test: () => Promise<boolean>, ms = 20_000): Promise<void> {
@@ -278,53 +233,53 @@ serverTest(
     assert.equal(res.status, 200, JSON.stringify(res.json));
     assert.equal(res.headers.get("content-type"), "image/png");
 
-    const dir = await Deno.makeTempDir({ prefix: "dipsy_server_sample_" });
-    await Deno.writeFile(join(dir, "p.png"), POSITIVE);
-    await Deno.writeFile(join(dir, "n.png"), NEGATIVE);
-    const out = join(dir, "cli.png");
-    const code = await quietly(() =>
-      sampleCommand.run([
-        ...MODEL_FLAGS,
-        "--prompt",
-        SAMPLE.prompt,
-        "--seed",
-        SAMPLE.seed,
-        "--steps",
-        SAMPLE.steps,
-        "--width",
-        SAMPLE.width,
-        "--height",
-        SAMPLE.height,
-        "--positive",
-        join(dir, "p.png"),
-        "--negative",
-        join(dir, "n.png"),
-        "--guidance-opt",
-        "negativeScale=4",
-        "--guidance-opt",
-        "textScale=5",
-        "--out",
-        out,
-      ])
-    );
-    assert.equal(code, 0);
-    assert.deepEqual(res.bytes, await Deno.readFile(out), "server and CLI images differ");
+    await withTempDir(async (dir) => {
+      await Deno.writeFile(join(dir, "p.png"), POSITIVE);
+      await Deno.writeFile(join(dir, "n.png"), NEGATIVE);
+      const out = join(dir, "cli.png");
+      const code = await quietly(() =>
+        sampleCommand.run([
+          ...MODEL_FLAGS,
+          "--prompt",
+          SAMPLE.prompt,
+          "--seed",
+          SAMPLE.seed,
+          "--steps",
+          SAMPLE.steps,
+          "--width",
+          SAMPLE.width,
+          "--height",
+          SAMPLE.height,
+          "--positive",
+          join(dir, "p.png"),
+          "--negative",
+          join(dir, "n.png"),
+          "--guidance-opt",
+          "negativeScale=4",
+          "--guidance-opt",
+          "textScale=5",
+          "--out",
+          out,
+        ])
+      );
+      assert.equal(code, 0);
+      assert.deepEqual(res.bytes, await Deno.readFile(out), "server and CLI images differ");
 
-    // Another seed gives another image; JSON carries the same bytes as base64.
-    const other = await call("POST", "/v1/sample", {
-      body: form({ ...SAMPLE, seed: "4", response: "json" }),
+      // Another seed gives another image; JSON carries the same bytes as base64.
+      const other = await call("POST", "/v1/sample", {
+        body: form({ ...SAMPLE, seed: "4", response: "json" }),
+      });
+      assert.equal(other.status, 200);
+      assert.equal(other.json.mediaType, "image/png");
+      assert.deepEqual([other.json.width, other.json.height, other.json.seed], [32, 32, 4]);
+      const png = new Uint8Array(Buffer.from(other.json.image, "base64"));
+      assert.notDeepEqual(png, res.bytes);
+      const again = await call("POST", "/v1/sample", {
+        body: form({ ...SAMPLE, seed: "4" }),
+        headers: { accept: "image/png" },
+      });
+      assert.deepEqual(again.bytes, png);
     });
-    assert.equal(other.status, 200);
-    assert.equal(other.json.mediaType, "image/png");
-    assert.deepEqual([other.json.width, other.json.height, other.json.seed], [32, 32, 4]);
-    const png = new Uint8Array(Buffer.from(other.json.image, "base64"));
-    assert.notDeepEqual(png, res.bytes);
-    const again = await call("POST", "/v1/sample", {
-      body: form({ ...SAMPLE, seed: "4" }),
-      headers: { accept: "image/png" },
-    });
-    assert.deepEqual(again.bytes, png);
-    await Deno.remove(dir, { recursive: true });
   },
 );
 
@@ -373,8 +328,8 @@ serverTest("server: a job equals `dipsy generate` and reports progress as events
     ])
   );
   assert.equal(code, 0);
-  const served = await snapshot(join(ROOT, "out-full"));
-  const cli = await snapshot(cliOut);
+  const served = await readTree(join(ROOT, "out-full"));
+  const cli = await readTree(cliOut);
   assertSameRun(served, cli);
   assert.deepEqual(served.get("run.json"), cli.get("run.json"));
 });
@@ -382,7 +337,7 @@ serverTest("server: a job equals `dipsy generate` and reports progress as events
 serverTest(
   "server: cancel stops after the batch in flight; the same request resumes, losing nothing",
   async () => {
-    const full = await snapshot(join(ROOT, "out-full"));
+    const full = await readTree(join(ROOT, "out-full"));
     const res = await postJob({ ...JOB, out: "out-cancel" });
     assert.equal(res.status, 202);
     const id = res.json.id;
@@ -400,7 +355,7 @@ serverTest(
       409,
       "finished jobs stay finished",
     );
-    const partial = await snapshot(join(ROOT, "out-cancel"));
+    const partial = await readTree(join(ROOT, "out-cancel"));
     const written = [...partial.keys()].filter((k) => k.endsWith(".jpg"));
     assert.equal(written.length, last.result.written);
     assert.equal(manifestLines(partial).length, written.length, "every image has its line");
@@ -411,7 +366,7 @@ serverTest(
     assert.equal(resumed.status, "succeeded");
     assert.equal(resumed.result.skipped, last.result.written);
     assert.equal(resumed.result.written, 8 - last.result.written);
-    assertSameRun(await snapshot(join(ROOT, "out-cancel")), full);
+    assertSameRun(await readTree(join(ROOT, "out-cancel")), full);
   },
 );
 
@@ -826,7 +781,12 @@ function badCases(): BadCase[] {
       "positive",
     ),
     sampleCase("negative header only", 422, { negative: POSITIVE.slice(0, 40) }, "negative"),
-    sampleCase("positive of random bytes", 422, { positive: noise(30, 30, 9).data }, "positive"),
+    sampleCase(
+      "positive of random bytes",
+      422,
+      { positive: noiseImage(30, 30, 9).data },
+      "positive",
+    ),
     sampleCase("positive a pixel bomb", 413, { positive: pngHeader(30_000, 30_000) }, "positive"),
     sampleCase("negative a pixel bomb", 413, { negative: pngHeader(100_000, 1_000) }, "negative"),
   );
@@ -1147,7 +1107,7 @@ serverTest(
     assert.match(await stderr, /SIGTERM: shutting down/);
     await assert.rejects(() => fetch(`${url}/healthz`), "no longer listening");
 
-    const partial = await snapshot(out);
+    const partial = await readTree(out);
     const jpgs = [...partial.keys()].filter((k) => k.endsWith(".jpg"));
     assert.equal(jpgs.length, last.result.written);
     assert.equal(manifestLines(partial).length, jpgs.length);
@@ -1155,7 +1115,7 @@ serverTest(
     const resumed = (await jobEvents(BASE, again.json.id)).at(-1)!.data;
     assert.equal(resumed.status, "succeeded");
     assert.equal(resumed.result.skipped, last.result.written);
-    assertSameRun(await snapshot(out), await snapshot(join(ROOT, "out-full")));
+    assertSameRun(await readTree(out), await readTree(join(ROOT, "out-full")));
   },
 );
 
@@ -1179,7 +1139,7 @@ serverTest(
     const job = server.jobs.get(hold.json.id)!;
     assert.equal(job.status, "cancelled");
     assert.ok(job.result!.written >= 1 && job.result!.remaining > 0);
-    const files = await snapshot(join(ROOT, "out-shutdown"));
+    const files = await readTree(join(ROOT, "out-shutdown"));
     const jpgs = [...files.keys()].filter((k) => k.endsWith(".jpg"));
     assert.equal(jpgs.length, job.result!.written);
     assert.equal(manifestLines(files).length, jpgs.length);

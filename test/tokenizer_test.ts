@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import { ClipTokenizer } from "../plugins/clip/tokenizer.ts";
+import { fixture, withTempDir } from "./util.ts";
 
 const FIXTURES = fileURLToPath(new URL("./fixtures/tokenizer/", import.meta.url));
 
@@ -32,18 +33,8 @@ function show(s: string): string {
 
 let casesPromise: Promise<Cases> | null = null;
 function loadCases(): Promise<Cases> {
-  casesPromise ??= (async () => {
-    try {
-      return JSON.parse(await Deno.readTextFile(`${FIXTURES}cases.json`)) as Cases;
-    } catch (e) {
-      if (!(e instanceof Deno.errors.NotFound)) throw e;
-      throw new Error(
-        `tokenizer fixtures missing (${FIXTURES}cases.json): run \`deno task test\`, which ` +
-          "generates them, or `.venv/bin/python test/reference/tokenizer_ref.py " +
-          "test/fixtures/tokenizer`",
-      );
-    }
-  })();
+  casesPromise ??=
+    (async () => JSON.parse(await Deno.readTextFile(fixture("tokenizer/cases.json"))) as Cases)();
   return casesPromise;
 }
 
@@ -215,8 +206,7 @@ Deno.test("tokenizer: encodeBatch shapes and options", () => {
 });
 
 Deno.test("tokenizer: missing files name the folder and the files", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "cliptok_" });
-  try {
+  await withTempDir(async (dir) => {
     await assert.rejects(
       ClipTokenizer.fromFolder(dir),
       (e: Error) =>
@@ -228,15 +218,12 @@ Deno.test("tokenizer: missing files name the folder and the files", async () => 
       ClipTokenizer.fromFolder(dir),
       (e: Error) => e.message.includes(dir) && /no vocab\.json;/.test(e.message),
     );
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
 Deno.test("tokenizer: malformed merges and vocabularies are rejected", async () => {
   const { vocab } = ClipTokenizer.byteLevelFiles();
-  const dir = await Deno.makeTempDir({ prefix: "cliptok_" });
-  try {
+  await withTempDir(async (dir) => {
     await Deno.writeTextFile(`${dir}/vocab.json`, JSON.stringify(vocab));
     await Deno.writeTextFile(`${dir}/merges.txt`, "#version: 0.2\nt h\nth e</w> x\n");
     await assert.rejects(
@@ -254,9 +241,7 @@ Deno.test("tokenizer: malformed merges and vocabularies are rejected", async () 
     );
     await Deno.writeTextFile(`${dir}/vocab.json`, "{not json");
     await assert.rejects(ClipTokenizer.fromFolder(dir), /vocab\.json is not valid JSON/);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
   assert.throws(() => ClipTokenizer.fromVocabMerges(vocab, ["t h x"]), /merge #0/);
   assert.throws(() => ClipTokenizer.fromVocabMerges(vocab, ["zz h"]), /"zz"/);
   assert.throws(

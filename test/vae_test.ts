@@ -3,103 +3,73 @@
  * `deno task test`): random VAEs saved with save_pretrained, fixed inputs, diffusers' outputs.
  */
 import assert from "node:assert/strict";
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import {
-  Generator,
-  memory,
-  noGrad,
-  ops,
-  SafetensorsFile,
-  saveSafetensors,
-  scope,
-  type Tensor,
-} from "../ffi/mod.ts";
+import { Generator, noGrad, ops, SafetensorsFile, scope, type Tensor } from "../ffi/mod.ts";
 import { MapSource } from "../core/weights.ts";
 import { AutoencoderKL } from "../plugins/sd15/vae.ts";
 import { readVaeConfig, TINY_VAE_CONFIG, vaeScaleFactor } from "../plugins/sd15/vae_config.ts";
+import { assertClose, disposeAll, fixture, loadIO, noLeak, scratchModel } from "./util.ts";
 
-const FIXTURES = join(import.meta.dirname!, "fixtures", "vae");
 const TOL = 1e-4;
 
 function caseDir(name: string): string {
-  const dir = join(FIXTURES, name);
-  if (!existsSync(join(dir, "io.safetensors"))) {
-    throw new Error(
-      `missing fixture ${dir}: run \`deno task test\` (it generates fixtures with ` +
-        "test/reference/vae_ref.py)",
-    );
-  }
-  return dir;
-}
-
-function loadIO(dir: string): Map<string, Tensor> {
-  return SafetensorsFile.open(join(dir, "io.safetensors")).loadAll({ dtype: "f32" });
-}
-
-/** Max abs difference, checked against TOL relative to the reference's scale (at least 1). */
-function assertClose(label: string, got: Tensor, want: Tensor): void {
-  assert.deepEqual(got.shape, want.shape, `${label}: shape`);
-  const [err, scale] = scope(() => [
-    ops.maxAll(ops.abs(ops.sub(got, want))).item(),
-    ops.maxAll(ops.abs(want)).item(),
-  ]);
-  console.log(`  ${label}: max abs err ${err.toExponential(2)} (output scale ${scale.toFixed(3)})`);
-  assert.ok(err <= TOL * Math.max(1, scale), `${label}: max abs err ${err} > ${TOL}`);
+  return fixture(`vae/${name}`, "io.safetensors");
 }
 
 for (const name of ["tiny", "mid", "bare"]) {
   Deno.test(`vae ${name}: encode/decode match diffusers, no handle leaks`, () => {
     const dir = caseDir(name);
     const meta = JSON.parse(readFileSync(join(dir, "meta.json"), "utf8"));
-    const io = loadIO(dir);
+    const io = loadIO(dir, { dtype: "f32" });
     using vae = AutoencoderKL.fromPretrained(join(dir, "vae"));
     const cfg = vae.config;
     noGrad(() => {
       // Warm-up outside the leak check: first calls may create lasting library state.
       scope(() => vae.decode(io.get("latents")!));
-      const before = memory().handles;
-      scope(() => {
-        const { mean, logvar } = vae.encode(io.get("image")!);
-        assertClose(`${name} mean`, mean, io.get("mean")!);
-        assertClose(`${name} logvar`, logvar, io.get("logvar")!);
+      noLeak("encode/decode", () =>
+        scope(() => {
+          const { mean, logvar } = vae.encode(io.get("image")!);
+          assertClose(`${name} mean`, mean, io.get("mean")!, TOL);
+          assertClose(`${name} logvar`, logvar, io.get("logvar")!, TOL);
 
-        const gen = new Generator(meta.sample_seed);
-        const sampled = vae.encodeLatents(io.get("image")!, gen);
-        gen.dispose();
-        let want = io.get("sample")!;
-        if (cfg.shiftFactor !== null) want = ops.subScalar(want, cfg.shiftFactor);
-        assertClose(`${name} sampled latents`, sampled, ops.mulScalar(want, cfg.scalingFactor));
+          const gen = new Generator(meta.sample_seed);
+          const sampled = vae.encodeLatents(io.get("image")!, gen);
+          gen.dispose();
+          let want = io.get("sample")!;
+          if (cfg.shiftFactor !== null) want = ops.subScalar(want, cfg.shiftFactor);
+          const scaled = ops.mulScalar(want, cfg.scalingFactor);
+          assertClose(`${name} sampled latents`, sampled, scaled, TOL);
 
-        assertClose(`${name} decode`, vae.decode(io.get("latents")!), io.get("decoded")!);
-        assertClose(
-          `${name} decodeToImage`,
-          vae.decodeToImage(io.get("latents")!),
-          io.get("decoded_image")!,
-        );
-      });
-      assert.equal(memory().handles, before, "tensor handles leaked across encode/decode");
+          assertClose(`${name} decode`, vae.decode(io.get("latents")!), io.get("decoded")!, TOL);
+          assertClose(
+            `${name} decodeToImage`,
+            vae.decodeToImage(io.get("latents")!),
+            io.get("decoded_image")!,
+            TOL,
+          );
+        }));
     });
-    for (const t of io.values()) t.dispose();
+    disposeAll(io);
   });
 }
 
 Deno.test("vae: mean latents are the scaled posterior mean", () => {
   const dir = caseDir("tiny");
-  const io = loadIO(dir);
+  const io = loadIO(dir, { dtype: "f32" });
   using vae = AutoencoderKL.fromPretrained(join(dir, "vae"));
   noGrad(() =>
     scope(() => {
       const latents = vae.encodeLatents(io.get("image")!);
-      assertClose("tiny mean latents", latents, ops.mulScalar(io.get("mean")!, 0.18215));
+      assertClose("tiny mean latents", latents, ops.mulScalar(io.get("mean")!, 0.18215), TOL);
     })
   );
-  for (const t of io.values()) t.dispose();
+  disposeAll(io);
 });
 
 Deno.test("vae: old diffusers attention names (query/key/value/proj_attn) load too", () => {
   const dir = caseDir("tiny");
-  const io = loadIO(dir);
+  const io = loadIO(dir, { dtype: "f32" });
   const weights = SafetensorsFile.open(join(dir, "vae", "diffusion_pytorch_model.safetensors"))
     .loadAll();
   const legacy = new Map<string, Tensor>();
@@ -118,9 +88,11 @@ Deno.test("vae: old diffusers attention names (query/key/value/proj_attn) load t
   using vae = new AutoencoderKL(source, readVaeConfig(join(dir, "vae", "config.json")));
   source.assertAllUsed();
   noGrad(() =>
-    scope(() => assertClose("legacy decode", vae.decode(io.get("latents")!), io.get("decoded")!))
+    scope(() =>
+      assertClose("legacy decode", vae.decode(io.get("latents")!), io.get("decoded")!, TOL)
+    )
   );
-  for (const t of [...weights.values(), ...io.values()]) t.dispose();
+  disposeAll(weights, io);
 });
 
 Deno.test("vae: tiny preset has the diffusers layout and runs", () => {
@@ -128,8 +100,7 @@ Deno.test("vae: tiny preset has the diffusers layout and runs", () => {
   const file = SafetensorsFile.open(
     join(caseDir("tiny"), "vae", "diffusion_pytorch_model.safetensors"),
   );
-  const before = memory().handles;
-  {
+  noLeak("disposing the model frees every weight", () => {
     using vae = AutoencoderKL.random(TINY_VAE_CONFIG, 7);
     const params = vae.namedParameters();
     assert.deepEqual([...params.keys()].sort(), file.keys().sort());
@@ -144,8 +115,7 @@ Deno.test("vae: tiny preset has the diffusers layout and runs", () => {
         assert.deepEqual(lat.shape, [1, 4, 16, 16]);
       })
     );
-  }
-  assert.equal(memory().handles, before, "disposing the model frees every weight");
+  });
 });
 
 /** A scratch vae/ folder: the tiny fixture's files, with the config and/or weights edited. */
@@ -153,21 +123,10 @@ function scratchVae(
   editConfig?: (c: Record<string, unknown>) => void,
   editWeights?: (w: Map<string, Tensor>) => void,
 ): string {
-  const src = join(caseDir("tiny"), "vae");
-  const dir = Deno.makeTempDirSync({ prefix: "dipsy-vae-" });
-  const config = JSON.parse(readFileSync(join(src, "config.json"), "utf8"));
-  editConfig?.(config);
-  writeFileSync(join(dir, "config.json"), JSON.stringify(config, null, 2));
-  const weightsPath = join(dir, "diffusion_pytorch_model.safetensors");
-  if (editWeights) {
-    const w = SafetensorsFile.open(join(src, "diffusion_pytorch_model.safetensors")).loadAll();
-    editWeights(w);
-    saveSafetensors(weightsPath, w);
-    for (const t of w.values()) t.dispose();
-  } else {
-    Deno.copyFileSync(join(src, "diffusion_pytorch_model.safetensors"), weightsPath);
-  }
-  return dir;
+  return scratchModel(join(caseDir("tiny"), "vae"), "diffusion_pytorch_model.safetensors", {
+    config: editConfig,
+    weights: editWeights,
+  });
 }
 
 Deno.test("vae: unsupported config values name the file and key", () => {
@@ -184,14 +143,13 @@ Deno.test("vae: unsupported config values name the file and key", () => {
   for (const [key, edit] of cases) {
     const dir = scratchVae(edit);
     try {
-      const before = memory().handles;
-      assert.throws(
-        () => AutoencoderKL.fromPretrained(dir),
-        (e: Error) =>
-          e.message.includes(join(dir, "config.json")) && e.message.includes(`"${key}"`),
-        key,
-      );
-      assert.equal(memory().handles, before);
+      noLeak(key, () =>
+        assert.throws(
+          () => AutoencoderKL.fromPretrained(dir),
+          (e: Error) =>
+            e.message.includes(join(dir, "config.json")) && e.message.includes(`"${key}"`),
+          key,
+        ));
     } finally {
       Deno.removeSync(dir, { recursive: true });
     }
@@ -210,17 +168,16 @@ Deno.test("vae: a wrong-shape or unexpected weight names the file and key", () =
   );
   try {
     const file = join(dir, "diffusion_pytorch_model.safetensors");
-    const before = memory().handles;
-    assert.throws(
-      () => AutoencoderKL.fromPretrained(dir),
-      (e: Error) => e.message.includes(file) && e.message.includes(`"${bad}"`),
-    );
-    assert.equal(memory().handles, before, "a failed load frees the weights it had loaded");
-    assert.throws(
-      () => AutoencoderKL.fromPretrained(extra),
-      (e: Error) => e.message.includes("decoder.extra.weight"),
-    );
-    assert.equal(memory().handles, before);
+    noLeak("a failed load frees the weights it had loaded", () =>
+      assert.throws(
+        () => AutoencoderKL.fromPretrained(dir),
+        (e: Error) => e.message.includes(file) && e.message.includes(`"${bad}"`),
+      ));
+    noLeak("unexpected weight", () =>
+      assert.throws(
+        () => AutoencoderKL.fromPretrained(extra),
+        (e: Error) => e.message.includes("decoder.extra.weight"),
+      ));
   } finally {
     Deno.removeSync(dir, { recursive: true });
     Deno.removeSync(extra, { recursive: true });

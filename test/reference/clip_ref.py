@@ -34,39 +34,12 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from common import build, save_model, write_io
+
 torch.set_grad_enabled(False)
 
 VOCAB = 600
 BOS, EOS = VOCAB - 2, VOCAB - 1
-
-
-def perturb(model, seed):
-    """transformers initialises norms to 1/0 and biases to 0; random values test them too."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        if "norm" in name and name.endswith("weight"):
-            p.copy_(1 + 0.1 * noise)
-        elif name.endswith("bias"):
-            p.copy_(0.1 * noise)
-
-
-def build(cls, config, seed):
-    torch.manual_seed(seed)
-    model = cls(config).eval()
-    perturb(model, seed + 1)
-    return model
-
-
-def save(model, path, shard=None):
-    kwargs = {"safe_serialization": True}
-    if shard:
-        kwargs["max_shard_size"] = shard
-    model.save_pretrained(path, **kwargs)
-
-
-def write_io(path, tensors):
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "io.safetensors"))
 
 
 def token_ids(length, rows, vocab_hi=520, seed=0):
@@ -104,9 +77,9 @@ def text_fixture(out):
         eos_token_id=2,  # as SD1.5's text_encoder/config.json: pooled at the largest id
         pad_token_id=1,
     )
-    model = build(CLIPTextModel, cfg, 10)
+    model = build(lambda: CLIPTextModel(cfg), 10)
     path = os.path.join(out, "text")
-    save(model, path)
+    save_model(model, path)
     ids, mask = token_ids(77, [5, 11], seed=1)
     res = model(input_ids=ids, output_hidden_states=True)
     masked = model(input_ids=ids, attention_mask=mask)
@@ -155,9 +128,9 @@ def vision_fixture(out):
         hidden_act="gelu",
         projection_dim=24,
     )
-    model = build(CLIPVisionModelWithProjection, cfg, 20)
+    model = build(lambda: CLIPVisionModelWithProjection(cfg), 20)
     path = os.path.join(out, "vision")
-    save(model, path)
+    save_model(model, path)
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     res = model(pixel_values=pixels, output_hidden_states=True)
     inner = model.vision_model(pixel_values=pixels)
@@ -194,9 +167,9 @@ def clip_fixture(out):
         patch_size=8,
     )
     cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=20)
-    model = build(CLIPModel, cfg, 30)
+    model = build(lambda: CLIPModel(cfg), 30)
     path = os.path.join(out, "clip")
-    save(model, path)
+    save_model(model, path)
     add_buffers(path, [("text_model.", 16), ("vision_model.", 10)])
     again = CLIPModel.from_pretrained(path).eval()
     ids, _ = token_ids(16, [3, 9, 14], seed=3)
@@ -230,9 +203,9 @@ def mid_fixtures(out):
         eos_token_id=999,
         pad_token_id=0,
     )
-    model = build(CLIPTextModelWithProjection, text_cfg, 40)
+    model = build(lambda: CLIPTextModelWithProjection(text_cfg), 40)
     path = os.path.join(out, "mid_text")
-    save(model, path, shard="4MB")
+    save_model(model, path, shard="4MB")
     g = torch.Generator().manual_seed(5)
     ids = torch.zeros((2, 77), dtype=torch.int64)  # padded with 0, so only the explicit EOS rule works
     for i, n in enumerate([20, 75]):
@@ -255,9 +228,9 @@ def mid_fixtures(out):
         hidden_act="gelu",
         projection_dim=128,
     )
-    model = build(CLIPVisionModelWithProjection, vision_cfg, 50)
+    model = build(lambda: CLIPVisionModelWithProjection(vision_cfg), 50)
     path = os.path.join(out, "mid_vision")
-    save(model, path, shard="4MB")
+    save_model(model, path, shard="4MB")
     pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(6))
     res = model(pixel_values=pixels, output_hidden_states=True)
     write_io(

@@ -28,7 +28,6 @@ OUTDIR/io.safetensors holds per case `<case>.timesteps` (the scheduler's), `<cas
 OUTDIR/out/<case>_<i>.png are the decoded images.
 """
 
-import json
 import os
 import sys
 
@@ -43,7 +42,6 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from PIL import Image
-from safetensors.torch import save_file
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -51,6 +49,19 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from common import (
+    SD15_SCHEDULER,
+    TINY_MERGES,
+    TINY_VAE,
+    bpe_vocab,
+    build,
+    save_model,
+    save_tensors,
+    write_io,
+    write_json,
+    write_sd_layout,
+)
 
 # Honour OMP_NUM_THREADS (the fixture runner sets it): oversubscribed OpenMP threads spin-wait.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
@@ -72,20 +83,6 @@ UNET = dict(
     norm_num_groups=8,
     sample_size=8,
 )
-
-VAE = dict(
-    block_out_channels=[32, 64],
-    down_block_types=["DownEncoderBlock2D"] * 2,
-    up_block_types=["UpDecoderBlock2D"] * 2,
-    layers_per_block=1,
-    norm_num_groups=8,
-    latent_channels=4,
-    sample_size=32,
-)
-
-# The byte-level tokenizer of plugins/clip/tokenizer.ts (ClipTokenizer.byteLevelFiles()).
-SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-TINY_MERGES = ["t h", "th e</w>", "a t</w>", "c at</w>", "o f</w>", "\u00c3 \u00a9"]
 
 TEXT = dict(
     vocab_size=520,
@@ -115,22 +112,6 @@ VISION = dict(
 # IP-Adapter projections for cross_attention_dim 32 (plugins/sd15/ip_adapter.ts TINY_IP_*).
 PLUS = dict(input=48, width=128, heads=2, queries=6, depth=4, cross=32)
 BASE = dict(embed=16, tokens=4, cross=32)
-
-# SD1.5's scheduler/scheduler_config.json as the Hub ships it (no timestep_spacing key: each
-# scheduler class falls back to its own default through from_config).
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
@@ -217,92 +198,11 @@ SCHEDULERS = {
 # Models
 
 
-def perturb(model, seed):
-    """Norm affines start at 1/0 and biases at 0; move them so that a dropped term shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.05 * noise)
-
-
-def bytes_to_unicode():
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
-        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
-    )
-    chars = {b: chr(b) for b in printable}
-    n = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + n)
-            n += 1
-    return chars
-
-
 def byte_level_vocab():
-    """256 byte tokens, 256 byte+</w> tokens (both in code point order), merges, BOS, EOS."""
-    chars = sorted(bytes_to_unicode().values(), key=ord)
-    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in TINY_MERGES]
-    tokens += [SOT, EOT]
-    assert len(set(tokens)) == len(tokens) == TEXT["vocab_size"]
-    return {t: i for i, t in enumerate(tokens)}
-
-
-def write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-
-
-def added_token(content, with_type):
-    tok = {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
-    return {"__type": "AddedToken", **tok} if with_type else tok
-
-
-def write_tokenizer(folder):
-    """SD1.5's tokenizer/ files around the byte-level vocabulary."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(byte_level_vocab(), f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(m + "\n" for m in TINY_MERGES))
-    write_json(
-        os.path.join(folder, "tokenizer_config.json"),
-        {
-            "add_prefix_space": False,
-            "bos_token": added_token(SOT, True),
-            "do_lower_case": True,
-            "eos_token": added_token(EOT, True),
-            "errors": "replace",
-            "model_max_length": 77,
-            "name_or_path": "openai/clip-vit-large-patch14",
-            "pad_token": EOT,
-            "special_tokens_map_file": "./special_tokens_map.json",
-            "tokenizer_class": "CLIPTokenizer",
-            "unk_token": added_token(EOT, True),
-        },
-    )
-    write_json(
-        os.path.join(folder, "special_tokens_map.json"),
-        {
-            "bos_token": added_token(SOT, False),
-            "eos_token": added_token(EOT, False),
-            "pad_token": EOT,
-            "unk_token": added_token(EOT, False),
-        },
-    )
-
-
-def build(make, seed):
-    torch.manual_seed(seed)
-    model = make().eval()
-    perturb(model, seed + 1)
-    return model
+    """The vocabulary of the byte-level tokenizer (plugins/clip/tokenizer.ts byteLevelFiles())."""
+    vocab = bpe_vocab(TINY_MERGES)
+    assert len(vocab) == TEXT["vocab_size"]
+    return vocab
 
 
 def cross_layers(unet):
@@ -353,7 +253,7 @@ def ip_state_dict(kind, dims, layers, seed):
     for key_id, hidden in layers:
         sd[f"ip_adapter.{key_id}.to_k_ip.weight"] = w(hidden, cross, std=0.5 * cross**-0.5)
         sd[f"ip_adapter.{key_id}.to_v_ip.weight"] = w(hidden, cross, std=2 * cross**-0.5)
-    return {k: v.contiguous() for k, v in sd.items()}
+    return sd
 
 
 def reference_image(size, seed):
@@ -374,24 +274,23 @@ def write_models(out):
     os.makedirs(model, exist_ok=True)
     write_json(os.path.join(model, "model_index.json"), MODEL_INDEX)
 
-    unet = build(lambda: UNet2DConditionModel(**UNET), 100)
-    unet.save_pretrained(os.path.join(model, "unet"), safe_serialization=True)
-    build(lambda: AutoencoderKL(**VAE), 200).save_pretrained(
-        os.path.join(model, "vae"), safe_serialization=True
-    )
-    build(lambda: CLIPTextModel(CLIPTextConfig(**TEXT)), 300).save_pretrained(
-        os.path.join(model, "text_encoder"), safe_serialization=True
-    )
-    write_tokenizer(os.path.join(model, "tokenizer"))
+    # Norm affines start at 1/0 and biases at 0: build() moves them so that a dropped term shows.
+    unet = build(lambda: UNet2DConditionModel(**UNET), 100, bias_std=0.05)
+    save_model(unet, os.path.join(model, "unet"))
+    vae = build(lambda: AutoencoderKL(**TINY_VAE), 200, bias_std=0.05)
+    save_model(vae, os.path.join(model, "vae"))
+    text = build(lambda: CLIPTextModel(CLIPTextConfig(**TEXT)), 300, bias_std=0.05)
+    save_model(text, os.path.join(model, "text_encoder"))
+    # SD1.5's tokenizer/ files around the byte-level vocabulary.
+    write_sd_layout(os.path.join(model, "tokenizer"), byte_level_vocab(), TINY_MERGES)
     os.makedirs(os.path.join(model, "scheduler"), exist_ok=True)
     write_json(os.path.join(model, "scheduler", "scheduler_config.json"), SD15_SCHEDULER)
 
-    build(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION)), 400).save_pretrained(
-        os.path.join(out, "image_encoder"), safe_serialization=True
-    )
+    encoder = build(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION)), 400, bias_std=0.05)
+    save_model(encoder, os.path.join(out, "image_encoder"))
     layers = cross_layers(unet)
-    save_file(ip_state_dict("plus", PLUS, layers, 500), os.path.join(out, PLUS_FILE))
-    save_file(ip_state_dict("base", BASE, layers, 600), os.path.join(out, BASE_FILE))
+    save_tensors(os.path.join(out, PLUS_FILE), ip_state_dict("plus", PLUS, layers, 500))
+    save_tensors(os.path.join(out, BASE_FILE), ip_state_dict("base", BASE, layers, 600))
 
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     for i, (name, size) in enumerate(IMAGES.items()):
@@ -534,7 +433,7 @@ def main():
                     ],
                 }
             )
-    save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(out, "io.safetensors"))
+    write_io(out, io)
     write_json(os.path.join(out, "cases.json"), {"model": "model", "image_encoder": "image_encoder", "cases": meta})
     print(f"wrote DIPSY fixtures to {out}")
 

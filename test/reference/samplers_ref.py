@@ -42,22 +42,8 @@ from diffusers import (
     EulerDiscreteScheduler,
     PNDMScheduler,
 )
-from safetensors.torch import save_file
 
-SD15_CONFIG_TEXT = """{
-  "_class_name": "PNDMScheduler",
-  "_diffusers_version": "0.6.0",
-  "beta_end": 0.012,
-  "beta_schedule": "scaled_linear",
-  "beta_start": 0.00085,
-  "num_train_timesteps": 1000,
-  "set_alpha_to_one": false,
-  "skip_prk_steps": true,
-  "steps_offset": 1,
-  "trained_betas": null,
-  "clip_sample": false
-}
-"""
+from common import SD15_SCHEDULER, save_tensors, write_json
 
 CLASSES = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}
 SHAPE = (2, 4, 8, 8)
@@ -65,9 +51,8 @@ SHAPE = (2, 4, 8, 8)
 out_dir = sys.argv[1]
 sched_dir = os.path.join(out_dir, "sd15", "scheduler")
 os.makedirs(sched_dir, exist_ok=True)
-with open(os.path.join(sched_dir, "scheduler_config.json"), "w") as f:
-    f.write(SD15_CONFIG_TEXT)
-SD15 = json.loads(SD15_CONFIG_TEXT)
+write_json(os.path.join(sched_dir, "scheduler_config.json"), SD15_SCHEDULER)
+SD15 = SD15_SCHEDULER
 
 tensors: dict[str, torch.Tensor] = {}
 cases: dict = {
@@ -238,7 +223,7 @@ for sampler in CLASSES:
     tensors[f"add_noise.{sampler}.noisy"] = sched.add_noise(original, noise, t)
     cases["add_noise"].append({"sampler": sampler, "steps": 25, "index": index})
 
-save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "tensors.safetensors"))
+save_tensors(os.path.join(out_dir, "tensors.safetensors"), tensors)
 with open(os.path.join(out_dir, "cases.json"), "w") as f:
     json.dump(cases, f)
 print(f"samplers fixtures: {len(cases['trajectories'])} trajectories, "

@@ -29,38 +29,19 @@ import shutil
 import sys
 import unicodedata
 
+from common import (
+    EOT,
+    MAX_LENGTH,
+    SOT,
+    TINY_MERGES,
+    added_token,
+    bpe_vocab,
+    write_json,
+    write_sd_layout,
+    write_vocab_merges,
+)
+
 OPEN_CLIP_PIN = "open_clip_torch==3.3.0"
-MAX_LENGTH = 77
-SOT = "<|startoftext|>"
-EOT = "<|endoftext|>"
-
-# Mirrored in plugins/clip/tokenizer.ts (TINY_MERGES); the test checks both agree.
-TINY_MERGES = [
-    "t h",
-    "th e</w>",
-    "a t</w>",
-    "c at</w>",
-    "o f</w>",
-    "\u00c3 \u00a9",
-]
-
-
-def bytes_to_unicode():
-    # Same table as OpenAI's simple_tokenizer.py / GPT-2: printable bytes map to themselves,
-    # the rest to U+0100 onwards, so every byte is a visible, non-whitespace character.
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
-        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
 
 
 def openai_merges():
@@ -77,68 +58,6 @@ def openai_merges():
     merges = lines[1 : 49152 - 256 - 2 + 1]
     assert len(merges) == 48894, len(merges)
     return merges
-
-
-def build_vocab(merges):
-    byte_chars = list(bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars]
-    vocab += ["".join(m.split(" ")) for m in merges]
-    vocab += [SOT, EOT]
-    assert len(set(vocab)) == len(vocab), "duplicate vocab entries"
-    return {tok: i for i, tok in enumerate(vocab)}
-
-
-def write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2 if len(obj) < 64 else None)
-        f.write("\n")
-
-
-def write_vocab_merges(folder, vocab, merges):
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
-
-
-def added_token(content, with_type):
-    tok = {"content": content, "lstrip": False, "normalized": True, "rstrip": False}
-    tok["single_word"] = False
-    if with_type:
-        tok = {"__type": "AddedToken", **tok}
-    return tok
-
-
-def sd15_configs(pad="<|endoftext|>", name="openai/clip-vit-large-patch14"):
-    # Field-for-field what runwayml/stable-diffusion-v1-5 tokenizer/ ships (SD2 differs in pad).
-    config = {
-        "add_prefix_space": False,
-        "bos_token": added_token(SOT, True),
-        "do_lower_case": True,
-        "eos_token": added_token(EOT, True),
-        "errors": "replace",
-        "model_max_length": MAX_LENGTH,
-        "name_or_path": name,
-        "pad_token": pad,
-        "special_tokens_map_file": "./special_tokens_map.json",
-        "tokenizer_class": "CLIPTokenizer",
-        "unk_token": added_token(EOT, True),
-    }
-    special = {
-        "bos_token": added_token(SOT, False),
-        "eos_token": added_token(EOT, False),
-        "pad_token": pad,
-        "unk_token": added_token(EOT, False),
-    }
-    return config, special
-
-
-def write_sd_layout(folder, vocab, merges, pad):
-    write_vocab_merges(folder, vocab, merges)
-    config, special = sd15_configs(pad)
-    write_json(os.path.join(folder, "tokenizer_config.json"), config)
-    write_json(os.path.join(folder, "special_tokens_map.json"), special)
 
 
 def write_hub_b16_layout(folder, vocab, merges):
@@ -226,15 +145,6 @@ def write_hub_b16_layout(folder, vocab, merges):
     }
     write_json(os.path.join(folder, "tokenizer_config.json"), config)
     write_json(os.path.join(folder, "special_tokens_map.json"), special)
-
-
-def build_tiny_vocab():
-    byte_chars = list(bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars]
-    vocab += ["".join(m.split(" ")) for m in TINY_MERGES]
-    vocab += [SOT, EOT]
-    assert len(set(vocab)) == len(vocab)
-    return {tok: i for i, tok in enumerate(vocab)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,7 +578,7 @@ def main():
     logging.set_verbosity_error()
 
     merges = openai_merges()
-    vocab = build_vocab(merges)
+    vocab = bpe_vocab(merges)
     assert len(vocab) == 49408, len(vocab)
     assert vocab[SOT] == 49406 and vocab[EOT] == 49407
 
@@ -678,7 +588,7 @@ def main():
     write_sd_layout(out, vocab, merges, EOT)
     write_sd_layout(os.path.join(out, "sd2"), vocab, merges, "!")
     write_hub_b16_layout(os.path.join(out, "clip-vit-base-patch16"), vocab, merges)
-    tiny_vocab = build_tiny_vocab()
+    tiny_vocab = bpe_vocab(TINY_MERGES)
     write_vocab_merges(os.path.join(out, "tiny"), tiny_vocab, TINY_MERGES)
 
     sd = AutoTokenizer.from_pretrained(out)

@@ -19,24 +19,14 @@ import sys
 
 import torch
 from diffusers import AutoencoderKL
-from safetensors.torch import save_file
+
+from common import TINY_VAE, write_io
 
 SAMPLE_SEED = 1234
 
 CASES = {
     # 2 blocks, groups 8: the shape of the Deno tiny preset.
-    "tiny": dict(
-        config=dict(
-            block_out_channels=[32, 64],
-            down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2,
-            layers_per_block=1,
-            norm_num_groups=8,
-            latent_channels=4,
-            sample_size=32,
-        ),
-        image=(2, 3, 32, 32),
-    ),
+    "tiny": dict(config=TINY_VAE, image=(2, 3, 32, 32)),
     # 3 blocks, 2 resnets per block, groups 32, shortcut convs in both directions.
     "mid": dict(
         config=dict(
@@ -113,7 +103,7 @@ def build_case(outdir: str, name: str, spec: dict, seed: int) -> None:
         "decoded": decoded,
         "decoded_image": decoded_image,
     }
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(case_dir, "io.safetensors"))
+    write_io(case_dir, tensors)
     with open(os.path.join(case_dir, "meta.json"), "w") as f:
         json.dump({"sample_seed": SAMPLE_SEED}, f)
 
