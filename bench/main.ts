@@ -4,11 +4,17 @@
  * `--only NAME` runs the benchmarks whose name starts with NAME.
  */
 import { parseArgs } from "node:util";
+import { benchDipsy } from "./dipsy_bench.ts";
+import { benchModels } from "./models_bench.ts";
 import { benchOps } from "./ops_bench.ts";
+import { benchTrain } from "./train_bench.ts";
 import { type BenchResult, report } from "./harness.ts";
 
 const SUITES: Record<string, () => Promise<BenchResult[]>> = {
   op: benchOps,
+  model: benchModels,
+  train: benchTrain,
+  dipsy: benchDipsy,
 };
 
 const { values } = parseArgs({ args: Deno.args, options: { only: { type: "string" } } });

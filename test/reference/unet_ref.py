@@ -1,7 +1,7 @@
 """Reference fixtures for the SD1.5 UNet with IP-Adapters (diffusers UNet2DConditionModel).
 
 Usage: python test/reference/unet_ref.py OUTDIR
-       DIPSY_UNET_FULL=1 python test/reference/unet_ref.py OUTDIR   (adds the real 860M-param UNet)
+       DIPSY_UNET_FULL=0 python test/reference/unet_ref.py OUTDIR   (skips the real 860M-param UNet)
 
 Models (each OUTDIR/<model>/unet/ is exactly what save_pretrained writes):
   tiny      the shape of the Deno tiny preset: CrossAttnDown, Down, mid, Up, CrossAttnUp
@@ -11,7 +11,10 @@ Models (each OUTDIR/<model>/unet/ is exactly what save_pretrained writes):
   sd15arch  SD1.5's block structure (3 CrossAttnDown + Down, 8 heads, 2 layers, cross 768,
             groups 32) at reduced widths [64, 128, 256, 256]; with two base adapters sized like
             the real ones, so ip_adapter keys run 1..31 exactly as in ip-adapter_sd15
-  sd15full  (only with DIPSY_UNET_FULL=1) the real widths [320, 640, 1280, 1280]
+  sd15full  the real widths [320, 640, 1280, 1280] (3.4 GB; DIPSY_UNET_FULL=0 leaves it out on
+            small machines). Built once per fingerprint (config, seed, shapes, library versions)
+            into .cache/fixtures/ and hard-linked into OUTDIR, so editing this script does not
+            rebuild and rewrite 3.4 GB each time the fixtures are regenerated.
 
 IP-Adapter files are written in h94's flat layout (image_proj.* + ip_adapter.{k}.*) and loaded into
 diffusers with unet._load_ip_adapter_weights, so diffusers' own key mapping is the reference.
@@ -22,10 +25,13 @@ OUTDIR/<model>/io.safetensors holds inputs and outputs; OUTDIR/<model>/meta.json
 """
 
 import copy
+import hashlib
 import json
 import os
+import shutil
 import sys
 
+import diffusers
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
@@ -152,7 +158,7 @@ def run_ip_case(unet0, io, meta, case, adapters, rows, sample, t, text, g):
     meta["ip_cases"].append({"name": case, "files": [f for (f, _, _, _) in adapters]})
 
 
-def write_model(outdir, name, config, seed, batch, latent, text_len, ip=None):
+def write_model(outdir, name, config, seed, batch, latent, text_len, ip=None, scalar_t=True):
     d = os.path.join(outdir, name)
     os.makedirs(d, exist_ok=True)
     unet = build_unet(config, seed)
@@ -166,7 +172,8 @@ def write_model(outdir, name, config, seed, batch, latent, text_len, ip=None):
     meta = {"ip_cases": [], "scalar_timestep": 412.5}
     with torch.no_grad():
         io["out"] = unet(sample, t, text).sample
-        io["out_scalar_t"] = unet(sample, 412.5, text).sample
+        if scalar_t:
+            io["out_scalar_t"] = unet(sample, 412.5, text).sample
     if ip:
         layers = cross_layers(unet)
         meta["cross_layers"] = [k for k, _ in layers]
@@ -180,6 +187,59 @@ def write_model(outdir, name, config, seed, batch, latent, text_len, ip=None):
     save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(d, "io.safetensors"))
     with open(os.path.join(d, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FULL_CACHE = os.path.join(ROOT, ".cache", "fixtures")
+
+
+def write_full(outdir):
+    """The full-size model through a cache keyed by everything its files depend on: built (one
+    copy of the weights in memory, ~3.8 GB peak) only when the key is new, then hard-linked."""
+    args = dict(config=SD15, seed=3, batch=1, latent=(8, 8), text_len=77)
+    stamp = json.dumps(
+        {
+            "fixture_version": FULL_FIXTURE_VERSION,
+            "args": args,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+        },
+        sort_keys=True,
+    )
+    key = "sd15full-" + hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    cache = FULL_CACHE
+    built = os.path.join(cache, key)
+    if not os.path.isdir(built):
+        tmp = os.path.join(cache, f".tmp-{key}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_model(tmp, "sd15full", **args, scalar_t=False)
+        os.makedirs(cache, exist_ok=True)
+        # the rename publishes a complete model; a concurrent run may have published it first
+        try:
+            os.rename(os.path.join(tmp, "sd15full"), built)
+        except OSError:
+            if not os.path.isdir(built):
+                raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    for entry in os.listdir(cache):
+        if entry.startswith("sd15full-") and entry != key:
+            shutil.rmtree(os.path.join(cache, entry), ignore_errors=True)
+    link_tree(built, os.path.join(outdir, "sd15full"))
+
+
+def link_tree(src, dst):
+    """Hard links (no bytes copied, no extra disk); copies where the filesystem refuses links."""
+    for root, _, files in os.walk(src):
+        target = os.path.join(dst, os.path.relpath(root, src))
+        os.makedirs(target, exist_ok=True)
+        for f in files:
+            out = os.path.join(target, f)
+            if os.path.exists(out):
+                os.remove(out)
+            try:
+                os.link(os.path.join(root, f), out)
+            except OSError:
+                shutil.copyfile(os.path.join(root, f), out)
 
 
 TINY = dict(
@@ -244,6 +304,9 @@ TINY_BASE = dict(embed=16, tokens=4, cross=32)
 TINY_PLUS = dict(input=48, seq=17, width=128, heads=2, queries=6, cross=32)
 SD15_BASE = dict(embed=1024, tokens=4, cross=768)
 
+# Bump when write_model changes what it writes: the cached sd15full model is then rebuilt.
+FULL_FIXTURE_VERSION = 1
+
 
 def main():
     if len(sys.argv) != 2:
@@ -282,8 +345,8 @@ def main():
         outdir, "sd15arch", {**SD15, "block_out_channels": [64, 128, 256, 256]},
         seed=2, batch=2, latent=(8, 8), text_len=77, ip=sd15_ip,
     )
-    if os.environ.get("DIPSY_UNET_FULL") == "1":
-        write_model(outdir, "sd15full", SD15, seed=3, batch=1, latent=(8, 8), text_len=77)
+    if os.environ.get("DIPSY_UNET_FULL", "1") != "0":
+        write_full(outdir)
     print(f"wrote UNet fixtures to {outdir}")
 
 
