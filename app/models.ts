@@ -15,7 +15,7 @@ import { resolveModelFile } from "../core/hub.ts";
 import type { SchedulerConfig } from "../core/plugins.ts";
 
 /** The files SD1.5 loading reads, per diffusers subfolder. */
-const SD15_FILES = [
+export const SD15_FILES = [
   "unet/config.json",
   "unet/diffusion_pytorch_model.safetensors",
   "vae/config.json",
@@ -26,7 +26,7 @@ const SD15_FILES = [
   "tokenizer/merges.txt",
   "scheduler/scheduler_config.json",
 ];
-const HF_MODEL_FILES = ["config.json", "model.safetensors"];
+export const HF_MODEL_FILES = ["config.json", "model.safetensors"];
 
 function isDir(p: string): boolean {
   return existsSync(p) && statSync(p).isDirectory();

@@ -3,6 +3,7 @@
  * adapter scales by hand. Everything the main job chooses at random (references, augmentation,
  * seed) is given on the command line instead.
  */
+import { existsSync } from "node:fs";
 import { basename, dirname, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import type { Device } from "../ffi/mod.ts";
@@ -49,19 +50,6 @@ const IMAGE_FORMATS: Record<string, "png" | "jpeg" | "webp"> = {
   jpeg: "jpeg",
   webp: "webp",
 };
-
-/** The files SD1.5 loading reads (fetched one by one into the Hub cache when missing). */
-const SD15_FILES = [
-  "unet/config.json",
-  "unet/diffusion_pytorch_model.safetensors",
-  "vae/config.json",
-  "vae/diffusion_pytorch_model.safetensors",
-  "text_encoder/config.json",
-  "text_encoder/model.safetensors",
-  "tokenizer/vocab.json",
-  "tokenizer/merges.txt",
-  "scheduler/scheduler_config.json",
-];
 
 export interface SampleArgs {
   prompt: string;
@@ -201,25 +189,16 @@ export function parseSampleArgs(args: string[]): SampleArgs | null {
 // ---------------------------------------------------------------------------------------------
 // Model references
 
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 // References resolve as in `dipsy generate` (app/models.ts): a local path, a Hub id, or a path
 // inside a Hub repo, `org/name/path` or `org/name@revision:path`.
 
 async function resolveSd15(ref: string): Promise<string> {
-  const { resolveFolderRef } = await import("../app/models.ts");
+  const { resolveFolderRef, SD15_FILES } = await import("../app/models.ts");
   return await resolveFolderRef(ref, SD15_FILES);
 }
 
 async function resolveAdapterFile(ref: string): Promise<string> {
-  if (exists(ref) && !ref.endsWith(".safetensors")) {
+  if (existsSync(ref) && !ref.endsWith(".safetensors")) {
     throw new CliError(
       `--ip-adapter ${ref}: only .safetensors IP-Adapter files are loaded (pickled .bin ` +
         "checkpoints can run code when unpickled)",
@@ -230,8 +209,8 @@ async function resolveAdapterFile(ref: string): Promise<string> {
 }
 
 async function resolveEncoderDir(ref: string): Promise<string> {
-  const { resolveFolderRef } = await import("../app/models.ts");
-  return await resolveFolderRef(ref, ["config.json", "model.safetensors"]);
+  const { resolveFolderRef, HF_MODEL_FILES } = await import("../app/models.ts");
+  return await resolveFolderRef(ref, HF_MODEL_FILES);
 }
 
 /** A missing model or unreadable input is the user's to fix: report it without a stack trace. */
@@ -286,11 +265,11 @@ async function writeAtomic(
 }
 
 function checkWritable(path: string, force: boolean, flag: string): void {
-  if (!force && exists(path)) {
+  if (!force && existsSync(path)) {
     throw new CliError(`--${flag} ${path} exists (pass --force to overwrite it)`);
   }
   const dir = dirname(resolve(path));
-  if (!exists(dir)) throw new CliError(`--${flag} ${path}: folder ${dir} does not exist`);
+  if (!existsSync(dir)) throw new CliError(`--${flag} ${path}: folder ${dir} does not exist`);
 }
 
 // ---------------------------------------------------------------------------------------------

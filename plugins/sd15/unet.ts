@@ -3,6 +3,7 @@
  * One call can mix conditionings: each sample has its own scale for each adapter, so DIPSY's four
  * predictions (unconditional, text, text + positive image, text + both images) run as one batch.
  */
+import { existsSync } from "node:fs";
 import { Conv2d, GroupNorm, loadModule, Module } from "../../core/nn.ts";
 import { RandomSource, SafetensorsSource, type WeightSource } from "../../core/weights.ts";
 import { type Device, type DType, ops, scope, type Tensor } from "../../ffi/mod.ts";
@@ -156,10 +157,10 @@ export class UNet2DConditionModel extends Module {
   static fromPretrained(dir: string, opts: LoadOptions = {}): UNet2DConditionModel {
     const config = loadUNetConfig(dir);
     const file = `${dir}/diffusion_pytorch_model.safetensors`;
-    if (!exists(file)) {
+    if (!existsSync(file)) {
       const bin = `${dir}/diffusion_pytorch_model.bin`;
       throw new Error(
-        exists(bin)
+        existsSync(bin)
           ? `${bin}: pickle checkpoints are not supported; convert the UNet to .safetensors`
           : `${file}: not found (expected a diffusers unet/ folder)`,
       );
@@ -304,14 +305,5 @@ export class UNet2DConditionModel extends Module {
       }),
       scales: Array.from({ length: n }, (_, a) => ops.reshape(ops.select(scales, 1, a), [b, 1, 1])),
     };
-  }
-}
-
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
   }
 }
