@@ -4,11 +4,11 @@
  * per-sample adapter scales, and an adapter at scale 0 contributes exactly nothing. DIPSY's four
  * predictions thus cost one batch-4 call per image instead of the official three batch-2 calls.
  */
-import { Generator, ops, scope, type Tensor } from "../ffi/mod.ts";
+import { disposeAll, Generator, keep, ops, scope, type Tensor } from "../ffi/mod.ts";
 import { fromHost } from "../ffi/tensor.ts";
 import type { DiffusionBackbone, ImagePrompt } from "./backbone.ts";
 import type { RgbImage } from "./image.ts";
-import { type Guidance, parseConditioning, type Sampler } from "./plugins.ts";
+import { type Conditioning, type Guidance, parseConditioning, type Sampler } from "./plugins.ts";
 
 export interface SampleRequest {
   prompt: string;
@@ -89,39 +89,47 @@ export function sampleLatents(
     return { text, empty, pos, neg, latents };
   });
 
+  // The batched text states and image prompts depend only on which conditionings a step needs,
+  // which changes at most at a guidance interval's edges: build each set once, not every step.
+  const batches = new Map<string, { text: Tensor; ip: ImagePrompt | null }>();
+  const conditioningBatch = (needs: readonly Conditioning[]) => {
+    const key = needs.join(",");
+    let batch = batches.get(key);
+    if (!batch) {
+      batch = scope(() => {
+        const parsed = needs.map(parseConditioning);
+        const text = ops.cat(parsed.map((p) => p.text === "empty" ? cond.empty : cond.text), 0);
+        if (!cond.pos || bb.adapterCount === 0) return { text, ip: null };
+        const lambda = guidance.adapterScale;
+        const scales: number[] = [];
+        for (const p of parsed) {
+          for (let r = 0; r < b; r++) {
+            scales.push(p.positive ? lambda : 0);
+            if (bb.adapterCount > 1) scales.push(p.negative ? lambda : 0);
+          }
+        }
+        const tokens = [ops.cat(needs.map(() => cond.pos!), 0)];
+        if (bb.adapterCount > 1) tokens.push(ops.cat(needs.map(() => cond.neg!), 0));
+        const scaleRows = fromHost(scales, [needs.length * b, bb.adapterCount]);
+        return { text, ip: { tokens, scales: ops.to(scaleRows, bb.dtype, bb.device) } };
+      });
+      keep([batch.text, ...(batch.ip ? [...batch.ip.tokens, batch.ip.scales] : [])]);
+      batches.set(key, batch);
+    }
+    return batch;
+  };
+
   let latents = cond.latents;
   let done = false;
   try {
     const total = sampler.timesteps.length;
     for (let i = 0; i < total; i++) {
       const step = { index: i, total };
+      const needs = guidance.needs(step);
+      const { text, ip } = conditioningBatch(needs);
       const next = scope(() => {
-        const needs = guidance.needs(step);
-        const parsed = needs.map(parseConditioning);
         const x = sampler.scaleModelInput(latents, i);
         const batchLatents = ops.cat(needs.map(() => x), 0);
-        const text = ops.cat(parsed.map((p) => p.text === "empty" ? cond.empty : cond.text), 0);
-        let ip: ImagePrompt | null = null;
-        if (cond.pos && bb.adapterCount > 0) {
-          const lambda = guidance.adapterScale;
-          const scales: number[] = [];
-          for (const p of parsed) {
-            for (let r = 0; r < b; r++) {
-              scales.push(p.positive ? lambda : 0);
-              if (bb.adapterCount > 1) scales.push(p.negative ? lambda : 0);
-            }
-          }
-          const tokens = [ops.cat(needs.map(() => cond.pos!), 0)];
-          if (bb.adapterCount > 1) tokens.push(ops.cat(needs.map(() => cond.neg!), 0));
-          ip = {
-            tokens,
-            scales: ops.to(
-              fromHost(scales, [needs.length * b, bb.adapterCount]),
-              bb.dtype,
-              bb.device,
-            ),
-          };
-        }
         const eps = bb.predictNoise(batchLatents, sampler.timesteps[i], text, ip);
         const parts = ops.chunk(eps, needs.length, 0);
         const guided = guidance.combine(new Map(needs.map((c, k) => [c, parts[k]])), step);
@@ -134,6 +142,7 @@ export function sampleLatents(
     done = true;
     return latents;
   } finally {
+    for (const { text, ip } of batches.values()) disposeAll([text, ip?.tokens, ip?.scales]);
     for (const t of [cond.text, cond.empty, cond.pos, cond.neg, cond.latents]) {
       if (t && t !== latents) t.dispose();
     }
