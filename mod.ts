@@ -15,4 +15,18 @@ export * from "./core/hub.ts";
 export * from "./core/dataset.ts";
 export * from "./core/rng.ts";
 export { Sd15Backbone } from "./plugins/sd15/backbone.ts";
+export {
+  type EvalResult,
+  evaluate,
+  formatEvalTable,
+  labelImages,
+  loadTrainedRun,
+  readImageFolder,
+  readTrainRecord,
+  TRAIN_DEFAULTS,
+  type TrainRecord,
+  trainRun,
+  type TrainSettings,
+} from "./plugins/classifiers/mod.ts";
+export { ClipLoraClassifier, loadClipLoraClassifier } from "./plugins/classifiers/clip_lora.ts";
 import "./plugins/mod.ts";

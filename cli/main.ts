@@ -10,6 +10,9 @@ const COMMANDS: Record<string, () => Promise<{ command: Command }>> = {
   similarity: () => import("./similarity.ts"),
   generate: () => import("./generate.ts"),
   sample: () => import("./sample.ts"),
+  train: () => import("./train.ts"),
+  eval: () => import("./eval.ts"),
+  run: () => import("./run.ts"),
   serve: () => import("./serve.ts"),
 };
 
@@ -22,6 +25,9 @@ function usage(): string {
     "  demo    run the main job end to end on the embedded tiny models",
     "  similarity  compute and save the class similarity matrix (reused by generate)",
     "  generate    generate the synthetic dataset (resumable, shardable, deterministic)",
+    "  train   fine-tune the classifier (CLIP + LoRA) on real + synthetic images (resumable)",
+    "  eval    top-1 and per-class accuracy of a trained classifier on a test folder",
+    "  run     similarity -> generate -> train -> eval in one command, with a report",
     "  sample  generate one image from explicit reference images (for trying scales)",
     "  serve   serve sample and generate over HTTP (models stay loaded)",
     "",

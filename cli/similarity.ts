@@ -3,7 +3,6 @@
  * beside the class folders, where `generate` finds it.
  */
 import { dirname, join, resolve } from "node:path";
-import { parseArgs } from "node:util";
 import { DEFAULT_CLIP, type RunConfig, TINY } from "../core/config.ts";
 import type { Dataset } from "../core/dataset.ts";
 import {
@@ -13,7 +12,7 @@ import {
   saveSimilarityFile,
   SIMILARITY_FILE,
 } from "../app/similarity.ts";
-import { CliError, type Command } from "./command.ts";
+import { CliError, type Command, parseFlags, reportUserErrors } from "./command.ts";
 
 const USAGE = `usage: deno task dipsy similarity --data DIR [options]
 
@@ -37,42 +36,25 @@ options:
 export const command: Command = {
   summary: "compute and save the class similarity matrix",
   async run(args) {
-    let values;
-    try {
-      ({ values } = parseArgs({
-        args,
-        options: {
-          help: { type: "boolean", short: "h" },
-          data: { type: "string" },
-          out: { type: "string" },
-          clip: { type: "string" },
-          dataset: { type: "string" },
-          "fewshot-seed": { type: "string" },
-          "skip-bad": { type: "boolean" },
-          top: { type: "string" },
-          force: { type: "boolean" },
-          device: { type: "string" },
-          dtype: { type: "string" },
-          seed: { type: "string" },
-        },
-      }));
-    } catch (e) {
-      throw new CliError(`${e instanceof Error ? e.message : e}\n\n${USAGE}`);
-    }
+    const values = parseFlags(args, {
+      help: { type: "boolean", short: "h" },
+      data: { type: "string" },
+      out: { type: "string" },
+      clip: { type: "string" },
+      dataset: { type: "string" },
+      "fewshot-seed": { type: "string" },
+      "skip-bad": { type: "boolean" },
+      top: { type: "string" },
+      force: { type: "boolean" },
+      device: { type: "string" },
+      dtype: { type: "string" },
+      seed: { type: "string" },
+    }, USAGE);
     if (values.help) {
       console.log(USAGE);
       return 0;
     }
-    try {
-      return await similarityCommand(values);
-    } catch (e) {
-      const { isUserError } = await import("../app/errors.ts");
-      if (!(e instanceof CliError) && await isUserError(e)) {
-        console.error(`dipsy similarity: ${(e as Error).message}`);
-        return 1;
-      }
-      throw e;
-    }
+    return await reportUserErrors("similarity", () => similarityCommand(values));
   },
 };
 

@@ -84,8 +84,11 @@ export function rotateNearest(image: RgbImage, angleDegrees: number): RgbImage {
   return affineNearest(image, a);
 }
 
-/** Pillow's ImagingTransformAffine with NEAREST into a same-size, black-filled output. */
-function affineNearest(image: RgbImage, a: number[]): RgbImage {
+/**
+ * Pillow's ImagingTransformAffine with NEAREST into a same-size, black-filled output. `a` is the
+ * inverse map (output -> input), as `Image.transform(size, AFFINE, a)` takes it.
+ */
+export function affineNearest(image: RgbImage, a: readonly number[]): RgbImage {
   const { width: w, height: h, data } = image;
   const out = new Uint8Array(w * h * 3);
   const copy = (o: number, xin: number, yin: number) => {

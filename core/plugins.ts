@@ -3,7 +3,7 @@
  * factory from one options object and registered by name, so that configuration files and CLI
  * flags choose every part of an experiment (each ablation is a configuration, not a code edit).
  */
-import type { Generator, Tensor } from "../ffi/mod.ts";
+import type { Device, Generator, Tensor } from "../ffi/mod.ts";
 
 export type PluginKind = "sampler" | "guidance" | "pairs" | "classifier";
 
@@ -217,14 +217,51 @@ export interface LabeledImage {
 
 export interface TrainedClassifier extends Disposable {
   readonly classNames: readonly string[];
-  /** Class scores [B, K] for preprocessed images [B, 3, H, W]. */
+  /** Side of the square images `predict` takes. */
+  readonly inputSize: number;
+  /** Class scores [B, K] for preprocessed images [B, 3, inputSize, inputSize] (f32, any device). */
   predict(pixels: Tensor): Tensor;
+}
+
+export interface ClassifierTrainData {
+  classNames: readonly string[];
+  real: readonly LabeledImage[];
+  synthetic: readonly LabeledImage[];
+}
+
+export interface ClassifierJob {
+  /** Run folder: checkpoints, the final model and its record; a second call resumes. */
+  out: string;
+  /** The resolved `model` reference: a local folder or a preset name. */
+  modelSource: string;
+  device: Device;
+  /** Image preparation threads (default: cores - 1, 1..4). */
+  workers?: number;
+  signal?: AbortSignal;
+  onProgress?: (
+    p: {
+      epoch: number;
+      epochs: number;
+      images: number;
+      totalImages: number;
+      loss: number;
+      lr: number;
+    },
+  ) => void;
+  log?: (line: string) => void;
 }
 
 export interface Classifier extends Plugin {
   readonly kind: "classifier";
+  /** Model reference to resolve into `ClassifierJob.modelSource` (a folder, Hub id or preset). */
+  readonly model: string;
+  /** Options as resolved (defaults filled in), for records and reports. */
+  readonly settings: Readonly<Record<string, unknown>>;
+  /** Trains into `job.out`, resuming what an earlier call left there. */
   train(
-    data: { real: LabeledImage[]; synthetic: LabeledImage[]; classNames: readonly string[] },
-    onProgress?: (p: { step: number; total: number; loss: number }) => void,
-  ): Promise<TrainedClassifier>;
+    data: ClassifierTrainData,
+    job: ClassifierJob,
+  ): Promise<{ complete: boolean; epochsDone: number }>;
+  /** The trained classifier of a complete run folder. */
+  load(out: string, opts?: { modelSource?: string; device?: Device }): Promise<TrainedClassifier>;
 }

@@ -214,6 +214,11 @@ export function resample(
     throw new RangeError(`resample: ${data.length} bytes do not hold a ${w}x${h}x${ch} image`);
   }
   if (w === width && h === height) return { width, height, channels: ch, data: data.slice() };
+  // Pillow 13 runs the vertical pass first when the image loses rows, and more than twice as many
+  // rows as columns (seen in its ImagingResample). Each pass rounds to 8 bits, so the order shows.
+  if (width !== w && h - height > 0 && h - height > 2 * (w - width)) {
+    return resample(resample(src, w, height, filter), width, height, filter);
+  }
 
   const vertical = coefficients(h, height, kernel);
   // The horizontal pass only needs the input rows that some output row reads.

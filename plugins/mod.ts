@@ -5,5 +5,6 @@
 import "./samplers/mod.ts";
 import "./guidance/mod.ts";
 import "./pairs/mod.ts";
+import "./classifiers/mod.ts";
 
 export { registry } from "../core/plugins.ts";

@@ -448,10 +448,27 @@ export class ClipLoraClassifier implements TrainedClassifier {
     return loss;
   }
 
-  /** Class scores [B, classes] (f32) for preprocessed images, dropout off, no autograd. */
+  /** Side of the square images the vision tower takes. */
+  get inputSize(): number {
+    return this.model.vision.config.imageSize;
+  }
+
+  /**
+   * Class scores [B, classes] (f32) for preprocessed images (any device and float dtype: they are
+   * moved to the model's), dropout off, no autograd.
+   */
   predict(pixels: Tensor): Tensor {
     this.adapter.train(false);
-    return noGrad(() => this.logits(pixels));
+    const { device, dtype } = this.model.logitScale;
+    return noGrad(() =>
+      scope(() =>
+        this.logits(
+          pixels.device === device && pixels.dtype === dtype
+            ? pixels
+            : pixels.to({ device, dtype }),
+        )
+      )
+    );
   }
 
   /** Predicted class index per image. */

@@ -1,0 +1,560 @@
+/**
+ * The training job of the DataDream recipe around `ClipLoraClassifier`: epochs over the real +
+ * synthetic list, batches prepared ahead by the image loader, a checkpoint after every epoch and
+ * resumption from the last one.
+ *
+ * A run folder holds:
+ *   train.json                   settings, classes, data fingerprint, per-epoch history, status
+ *   checkpoints/epoch-NNN/       the peft adapter of that epoch, plus optimizer.safetensors and
+ *                                state.json (what resuming needs)
+ *   adapter/                     the final adapter (peft layout), once training is complete
+ *
+ * Every random draw depends only on (seed, epoch, position): the shuffle, each image's
+ * augmentation and the LoRA dropout (libtorch's generator is reseeded per epoch). A run killed and
+ * resumed therefore ends with the same weights as one that was never interrupted.
+ */
+import {
+  cpSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+} from "node:fs";
+import { createHash } from "node:crypto";
+import { join } from "node:path";
+import {
+  type Device,
+  type DType,
+  fromHost,
+  keep,
+  manualSeed,
+  SafetensorsFile,
+  saveSafetensors,
+  scope,
+  type Tensor,
+} from "../../ffi/mod.ts";
+import type { LabeledImage } from "../../core/plugins.ts";
+import { RunError } from "../../core/output.ts";
+import { deriveSeed } from "../../core/rng.ts";
+import {
+  type ClipLoraClassifier,
+  type ClipTower,
+  loadClipLoraClassifier,
+  type TrainMode,
+} from "./clip_lora.ts";
+import { DEFAULT_LORA, type LoraConfig } from "./lora.ts";
+import { batchesOf, epochItems, epochOrder, realRepeats } from "./data.ts";
+import { ImageLoader, type LoaderOptions } from "./loader.ts";
+import type { PrepareJob } from "./prepare.ts";
+
+export const TRAIN_RECORD = "train.json";
+export const TRAIN_FORMAT = "dipsy-train-run";
+export const CHECKPOINTS = "checkpoints";
+export const FINAL_ADAPTER = "adapter";
+
+/** Everything that decides the trained weights (a resumed run must match it). */
+export interface TrainSettings {
+  /** CLIP reference as given ("tiny", a folder or a Hub id). */
+  clip: string;
+  /** Seed of a preset's random weights. */
+  modelSeed: number;
+  epochs: number;
+  warmupEpochs: number;
+  batch: number;
+  lr: number;
+  /** Start of the warm-up and end of the cosine. */
+  minLr: number;
+  weightDecay: number;
+  lambda: number;
+  mode: TrainMode;
+  lora: LoraConfig;
+  targetModules: string[];
+  towers: ClipTower[];
+  /** Prompt template (`{class}`, `{word}`); null: DataDream's. */
+  classPrompt: string | null;
+  /** Dataset name, for the prompt word. */
+  dataset: string | null;
+  /** Repeats of the real shots per epoch; null: DataDream's floor(synthetic / real). */
+  repeatReal: number | null;
+  seed: number;
+  /** The recipe's training augmentation; false: the test transform only. */
+  augment: boolean;
+  dtype: DType;
+}
+
+export const TRAIN_DEFAULTS: Readonly<TrainSettings> = Object.freeze({
+  clip: "openai/clip-vit-base-patch16@refs/pr/10",
+  modelSeed: 0,
+  epochs: 10,
+  warmupEpochs: 3,
+  batch: 64,
+  lr: 1e-4,
+  minLr: 1e-8,
+  weightDecay: 1e-4,
+  lambda: 0.8,
+  mode: "mixed",
+  lora: { ...DEFAULT_LORA },
+  targetModules: ["q_proj", "v_proj"],
+  towers: ["text", "vision"],
+  classPrompt: null,
+  dataset: null,
+  repeatReal: null,
+  seed: 0,
+  augment: true,
+  dtype: "f32",
+}) as TrainSettings;
+
+export interface EpochRecord {
+  epoch: number;
+  /** Mean batch loss. */
+  loss: number;
+  seconds: number;
+  imagesPerSecond: number;
+  /** Rate of the epoch's last step. */
+  lr: number;
+  /** Optimizer steps skipped by loss scaling (inf/NaN gradients). */
+  skippedSteps: number;
+}
+
+export interface TrainRecord {
+  format: typeof TRAIN_FORMAT;
+  version: 1;
+  status: "running" | "complete";
+  settings: TrainSettings;
+  classNames: string[];
+  prompts: string[];
+  data: {
+    real: number;
+    synthetic: number;
+    repeatReal: number;
+    perEpoch: number;
+    itersPerEpoch: number;
+    /** sha256 of the (label, kind, file) list: a resumed run must train on the same images. */
+    fingerprint: string;
+  };
+  /** The resolved model folder (or preset) the run loaded. */
+  modelSource: string;
+  device: string;
+  epochsDone: number;
+  history: EpochRecord[];
+  seconds: number;
+}
+
+export interface TrainData {
+  classNames: readonly string[];
+  real: readonly LabeledImage[];
+  synthetic: readonly LabeledImage[];
+}
+
+export interface TrainProgress {
+  epoch: number;
+  epochs: number;
+  /** Images trained on so far in this session, and in total for the remaining epochs. */
+  images: number;
+  totalImages: number;
+  loss: number;
+  lr: number;
+}
+
+export interface TrainJobOptions {
+  /** Run folder. */
+  out: string;
+  /** Where the CLIP folder is (resolved from `settings.clip`), or the preset name. */
+  modelSource: string;
+  device: Device;
+  loader?: LoaderOptions;
+  signal?: AbortSignal;
+  onProgress?: (p: TrainProgress) => void;
+  /** Lines for the user (resumption, checkpoints). */
+  log?: (line: string) => void;
+}
+
+export interface TrainResult {
+  record: TrainRecord;
+  /** Whether anything was trained in this call (false: the run was complete already). */
+  trained: boolean;
+  /** Whether the signal stopped it before the last epoch. */
+  interrupted: boolean;
+}
+
+export function checkSettings(s: TrainSettings): void {
+  const posInt = (v: number, name: string) => {
+    if (!Number.isInteger(v) || v < 1) {
+      throw new RunError(`${name} must be a positive integer, got ${v}`);
+    }
+  };
+  posInt(s.epochs, "epochs");
+  posInt(s.batch, "batch");
+  if (!Number.isInteger(s.warmupEpochs) || s.warmupEpochs < 0 || s.warmupEpochs > s.epochs) {
+    throw new RunError(`warmupEpochs must be an integer in [0, epochs], got ${s.warmupEpochs}`);
+  }
+  if (!(s.lr > 0) || !(s.minLr >= 0) || s.minLr > s.lr) {
+    throw new RunError(`need 0 <= minLr <= lr and lr > 0, got lr ${s.lr}, minLr ${s.minLr}`);
+  }
+  if (!(s.weightDecay >= 0)) throw new RunError(`weightDecay must be >= 0, got ${s.weightDecay}`);
+  if (!(s.lambda >= 0 && s.lambda <= 1)) {
+    throw new RunError(`lambda must be in [0, 1], got ${s.lambda}`);
+  }
+  if (s.repeatReal !== null) posInt(s.repeatReal, "repeatReal");
+  if (!["f32", "bf16", "f16"].includes(s.dtype)) {
+    throw new RunError(`dtype must be f32, bf16 or f16, got ${JSON.stringify(s.dtype)}`);
+  }
+}
+
+export function fingerprint(items: readonly LabeledImage[]): string {
+  const h = createHash("sha256");
+  for (const im of items) h.update(`${im.label}\t${im.synthetic ? "s" : "r"}\t${im.path}\n`);
+  return h.digest("hex");
+}
+
+const epochDir = (out: string, epoch: number) =>
+  join(out, CHECKPOINTS, `epoch-${String(epoch).padStart(3, "0")}`);
+
+export function readTrainRecord(out: string): TrainRecord | null {
+  const path = join(out, TRAIN_RECORD);
+  if (!existsSync(path)) return null;
+  let record: TrainRecord;
+  try {
+    record = JSON.parse(readFileSync(path, "utf8"));
+  } catch (e) {
+    throw new RunError(`${path} is not valid JSON (${(e as Error).message})`);
+  }
+  if (record?.format !== TRAIN_FORMAT) {
+    throw new RunError(`${path} is not a dipsy training record (format "${record?.format}")`);
+  }
+  return record;
+}
+
+function writeJsonAtomic(path: string, value: unknown): void {
+  const tmp = `${path}.${crypto.randomUUID().slice(0, 8)}.tmp`;
+  Deno.writeTextFileSync(tmp, JSON.stringify(value, null, 2) + "\n");
+  renameSync(tmp, path);
+}
+
+function differences(a: unknown, b: unknown, prefix = ""): string[] {
+  if (a !== null && b !== null && typeof a === "object" && typeof b === "object") {
+    const keys = [...new Set([...Object.keys(a), ...Object.keys(b)])].sort();
+    return keys.flatMap((k) =>
+      differences(
+        (a as Record<string, unknown>)[k],
+        (b as Record<string, unknown>)[k],
+        prefix ? `${prefix}.${k}` : k,
+      )
+    );
+  }
+  return JSON.stringify(a) === JSON.stringify(b)
+    ? []
+    : [`${prefix}: ${JSON.stringify(a)} before, ${JSON.stringify(b)} now`];
+}
+
+/** The last epoch whose checkpoint is complete (its state.json is written last), or 0. */
+function lastCheckpoint(out: string): number {
+  const dir = join(out, CHECKPOINTS);
+  if (!existsSync(dir)) return 0;
+  let last = 0;
+  for (const name of readdirSync(dir)) {
+    const m = /^epoch-(\d+)$/.exec(name);
+    if (m && existsSync(join(dir, name, "state.json"))) last = Math.max(last, Number(m[1]));
+  }
+  return last;
+}
+
+interface CheckpointState {
+  epoch: number;
+  iteration: number;
+  optimizerSteps: number[];
+  scaler: { scale: number; growthTracker: number } | null;
+}
+
+function saveCheckpoint(clf: ClipLoraClassifier, out: string, epoch: number): void {
+  const final = epochDir(out, epoch);
+  const tmp = `${final}.tmp`;
+  rmSync(tmp, { recursive: true, force: true });
+  clf.saveAdapter(tmp);
+  const tensors = new Map<string, Tensor>();
+  const steps: number[] = [];
+  clf.optimizer.state.forEach((s, i) => {
+    steps.push(s?.step ?? 0);
+    if (s) {
+      tensors.set(`${i}.exp_avg`, s.expAvg);
+      tensors.set(`${i}.exp_avg_sq`, s.expAvgSq);
+    }
+  });
+  saveSafetensors(join(tmp, "optimizer.safetensors"), tensors, { format: "pt" });
+  const state: CheckpointState = {
+    epoch,
+    iteration: clf.iteration,
+    optimizerSteps: steps,
+    scaler: clf.scaler
+      ? { scale: clf.scaler.scale, growthTracker: clf.scaler.growthTracker }
+      : null,
+  };
+  writeJsonAtomic(join(tmp, "state.json"), state);
+  rmSync(final, { recursive: true, force: true });
+  renameSync(tmp, final);
+}
+
+function loadCheckpoint(clf: ClipLoraClassifier, out: string, epoch: number): void {
+  const dir = epochDir(out, epoch);
+  const state: CheckpointState = JSON.parse(readFileSync(join(dir, "state.json"), "utf8"));
+  clf.loadAdapter(dir);
+  const file = SafetensorsFile.open(join(dir, "optimizer.safetensors"));
+  const device = clf.optimizer.params[0].device;
+  if (state.optimizerSteps.length !== clf.optimizer.params.length) {
+    throw new RunError(
+      `${dir}: optimizer state for ${state.optimizerSteps.length} tensors, the model has ${clf.optimizer.params.length}`,
+    );
+  }
+  state.optimizerSteps.forEach((step, i) => {
+    if (step === 0) return;
+    clf.optimizer.state[i]?.expAvg.dispose();
+    clf.optimizer.state[i]?.expAvgSq.dispose();
+    clf.optimizer.state[i] = {
+      step,
+      expAvg: keep(file.load(`${i}.exp_avg`, { dtype: "f32", device })),
+      expAvgSq: keep(file.load(`${i}.exp_avg_sq`, { dtype: "f32", device })),
+    };
+  });
+  clf.iteration = state.iteration;
+  if (clf.scaler && state.scaler) {
+    clf.scaler.scale = state.scaler.scale;
+    clf.scaler.growthTracker = state.scaler.growthTracker;
+  }
+}
+
+/** The classifier a run trains (fresh LoRA) or trained (with `adapter`). */
+export async function openClassifier(
+  settings: TrainSettings,
+  classNames: readonly string[],
+  modelSource: string,
+  device: Device,
+  opts: { adapter?: string; itersPerEpoch?: number } = {},
+): Promise<ClipLoraClassifier> {
+  return await loadClipLoraClassifier(modelSource, {
+    classNames,
+    dataset: settings.dataset ?? undefined,
+    classPrompt: settings.classPrompt ?? undefined,
+    lora: settings.lora,
+    targetModules: settings.targetModules,
+    towers: settings.towers,
+    adapter: opts.adapter,
+    lambda: settings.lambda,
+    mode: settings.mode,
+    weightDecay: settings.weightDecay,
+    schedule: {
+      baseLr: settings.lr,
+      finalLr: settings.minLr,
+      warmupStartLr: settings.minLr,
+      epochs: settings.epochs,
+      warmupEpochs: settings.warmupEpochs,
+      itersPerEpoch: opts.itersPerEpoch,
+    },
+    seed: settings.seed,
+    load: { dtype: settings.dtype, device, seed: settings.modelSeed },
+  });
+}
+
+/** Image side the model takes (its vision config). */
+export function inputSize(clf: ClipLoraClassifier): number {
+  return clf.model.vision.config.imageSize;
+}
+
+/**
+ * Trains (or resumes, or finds complete) the run in `opts.out`. Stops between steps when the
+ * signal aborts; the epochs already checkpointed are kept.
+ */
+export async function trainRun(
+  data: TrainData,
+  settings: TrainSettings,
+  opts: TrainJobOptions,
+): Promise<TrainResult> {
+  checkSettings(settings);
+  const { out } = opts;
+  const log = opts.log ?? (() => {});
+  if (settings.mode !== "synthetic" && data.real.length === 0) {
+    throw new RunError(`${settings.mode} training needs real images`);
+  }
+  if (settings.mode !== "real" && data.synthetic.length === 0) {
+    throw new RunError(`${settings.mode} training needs synthetic images`);
+  }
+  const real = settings.mode === "synthetic" ? [] : data.real;
+  const synthetic = settings.mode === "real" ? [] : data.synthetic;
+  const repeats = real.length === 0
+    ? 0
+    : settings.repeatReal ?? realRepeats(real.length, synthetic.length);
+  const items = epochItems(real, synthetic, repeats);
+  const batches = batchesOf(items.length, settings.batch);
+  const fp = fingerprint([...real, ...synthetic]);
+
+  mkdirSync(out, { recursive: true });
+  const previous = readTrainRecord(out);
+  if (previous) {
+    const diff = [
+      ...differences(previous.settings, settings, "settings"),
+      ...differences(previous.classNames, data.classNames, "classes"),
+      ...(previous.data.fingerprint !== fp
+        ? [
+          `the training images differ (${previous.data.real} real + ${previous.data.synthetic} synthetic before, ${real.length} + ${synthetic.length} now)`,
+        ]
+        : []),
+    ];
+    if (diff.length) {
+      throw new RunError(
+        `${out} holds a training run with other settings or data; resuming would mix them:\n` +
+          diff.map((d) => `  - ${d}`).join("\n") +
+          "\nUse a new --out folder, or the previous settings (see its train.json).",
+      );
+    }
+    if (previous.status === "complete") {
+      log(`${out}: training is complete (${previous.epochsDone} epochs); nothing to do`);
+      return { record: previous, trained: false, interrupted: false };
+    }
+  }
+
+  const clf = await openClassifier(settings, data.classNames, opts.modelSource, opts.device, {
+    itersPerEpoch: batches.length,
+  });
+  using loader = new ImageLoader({
+    kind: "train",
+    size: inputSize(clf),
+    augment: settings.augment ? {} : false,
+  }, opts.loader);
+  try {
+    const done = previous ? Math.min(lastCheckpoint(out), settings.epochs) : 0;
+    const record: TrainRecord = {
+      format: TRAIN_FORMAT,
+      version: 1,
+      status: "running",
+      settings,
+      classNames: [...data.classNames],
+      prompts: [...clf.prompts],
+      data: {
+        real: real.length,
+        synthetic: synthetic.length,
+        repeatReal: repeats,
+        perEpoch: items.length,
+        itersPerEpoch: batches.length,
+        fingerprint: fp,
+      },
+      modelSource: opts.modelSource,
+      device: opts.device,
+      epochsDone: done,
+      history: (previous?.history ?? []).filter((h) => h.epoch <= done),
+      seconds: previous?.seconds ?? 0,
+    };
+    if (done > 0) {
+      loadCheckpoint(clf, out, done);
+      log(`resuming ${out} after epoch ${done}/${settings.epochs}`);
+    }
+    writeJsonAtomic(join(out, TRAIN_RECORD), record);
+
+    const size = inputSize(clf);
+    const device = clf.model.logitScale.device;
+    const dtype = clf.model.logitScale.dtype;
+    const totalImages = (settings.epochs - done) * items.length;
+    let imagesDone = 0;
+    opts.onProgress?.({
+      epoch: done + 1,
+      epochs: settings.epochs,
+      images: 0,
+      totalImages,
+      loss: NaN,
+      lr: NaN,
+    });
+    for (let epoch = done + 1; epoch <= settings.epochs; epoch++) {
+      const started = performance.now();
+      manualSeed(deriveSeed(settings.seed, "dropout", epoch));
+      const order = epochOrder(items.length, settings.seed, epoch);
+      const jobs: PrepareJob[][] = batches.map(([a, b]) =>
+        Array.from(order.subarray(a, b), (pos) => ({
+          path: items[pos].path,
+          seed: deriveSeed(settings.seed, "augment", epoch, pos).toString(),
+        }))
+      );
+      let lossSum = 0, steps = 0, skipped = 0;
+      for await (const batch of loader.batches(jobs, opts.signal)) {
+        const [a, b] = batches[batch.index];
+        const picked = Array.from(order.subarray(a, b), (pos) => items[pos]);
+        const loss = scope(() => {
+          const pixels = fromHost(batch.pixels, [batch.count, 3, size, size], "f32")
+            .to({ device, dtype });
+          return clf.trainStep(pixels, picked.map((p) => p.label), picked.map((p) => p.synthetic));
+        });
+        if (!clf.lastStepApplied) skipped++;
+        lossSum += loss;
+        steps++;
+        imagesDone += batch.count;
+        opts.onProgress?.({
+          epoch,
+          epochs: settings.epochs,
+          images: imagesDone,
+          totalImages,
+          loss,
+          lr: clf.lastLr,
+        });
+        if (opts.signal?.aborted) break;
+      }
+      if (steps < batches.length) {
+        record.seconds += (performance.now() - started) / 1000;
+        writeJsonAtomic(join(out, TRAIN_RECORD), record);
+        log(`stopped during epoch ${epoch}; the next run resumes after epoch ${epoch - 1}`);
+        return { record, trained: true, interrupted: true };
+      }
+      saveCheckpoint(clf, out, epoch);
+      const seconds = (performance.now() - started) / 1000;
+      record.history.push({
+        epoch,
+        loss: lossSum / steps,
+        seconds,
+        imagesPerSecond: items.length / seconds,
+        lr: clf.lastLr,
+        skippedSteps: skipped,
+      });
+      record.epochsDone = epoch;
+      record.seconds += seconds;
+      writeJsonAtomic(join(out, TRAIN_RECORD), record);
+      log(
+        `epoch ${epoch}/${settings.epochs}: loss ${(lossSum / steps).toFixed(4)}, checkpoint ${
+          epochDir(out, epoch)
+        }`,
+      );
+    }
+    const finalDir = join(out, FINAL_ADAPTER);
+    const tmp = `${finalDir}.tmp`;
+    rmSync(tmp, { recursive: true, force: true });
+    cpSync(epochDir(out, settings.epochs), tmp, { recursive: true });
+    for (const f of ["optimizer.safetensors", "state.json"]) rmSync(join(tmp, f), { force: true });
+    rmSync(finalDir, { recursive: true, force: true });
+    renameSync(tmp, finalDir);
+    record.status = "complete";
+    writeJsonAtomic(join(out, TRAIN_RECORD), record);
+    return { record, trained: true, interrupted: false };
+  } finally {
+    clf.dispose();
+  }
+}
+
+/** Loads a complete run's classifier (final adapter) for prediction. */
+export async function loadTrainedRun(
+  out: string,
+  opts: { modelSource?: string; device?: Device } = {},
+): Promise<{ record: TrainRecord; classifier: ClipLoraClassifier }> {
+  const record = readTrainRecord(out);
+  if (!record) throw new RunError(`${out}: no ${TRAIN_RECORD} (not a training run folder)`);
+  if (record.status !== "complete") {
+    throw new RunError(
+      `${out}: training is not complete (${record.epochsDone}/${record.settings.epochs} epochs); ` +
+        "run train again to finish it",
+    );
+  }
+  const classifier = await openClassifier(
+    record.settings,
+    record.classNames,
+    opts.modelSource ?? record.modelSource,
+    opts.device ?? (record.device as Device),
+    { adapter: join(out, FINAL_ADAPTER) },
+  );
+  return { record, classifier };
+}
