@@ -14,7 +14,7 @@ options:
   --dataset NAME   dataset name (DataDream layout)
   --batch N        images per forward (default 64)
   --device D       auto, cpu, cuda, cuda:N (default: the training device)
-  --workers N      image preparation threads (default: cores - 1, at most 4)`;
+  --workers N      image preparation threads (default: cores - 1, at most 16)`;
 
 export const command: Command = {
   summary: "evaluate a trained classifier on a test folder",

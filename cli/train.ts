@@ -21,7 +21,7 @@ input:
   --fewshot-seed S     DataDream few-shot split when there are several
   --skip-bad           leave unreadable or broken images out instead of stopping
   --device D           auto, cpu, cuda, cuda:N (default auto)
-  --workers N          image preparation threads (default: cores - 1, at most 4)
+  --workers N          image preparation threads (default: cores - 1, at most 16)
 
 ${CLASSIFIER_USAGE}`;
 

@@ -235,7 +235,7 @@ export interface ClassifierJob {
   /** The resolved `model` reference: a local folder or a preset name. */
   modelSource: string;
   device: Device;
-  /** Image preparation threads (default: cores - 1, 1..4). */
+  /** Image preparation threads (default: cores - 1, 1..16). */
   workers?: number;
   signal?: AbortSignal;
   onProgress?: (

@@ -8,6 +8,7 @@
 import assert from "node:assert/strict";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { memory } from "../ffi/mod.ts";
 import { drawDataset } from "../cli/demo.ts";
 import { main } from "../cli/main.ts";
@@ -396,5 +397,85 @@ Deno.test("cli: train, eval and run on the tiny models; bad input fails early an
     const usage = await run(["train", "--real", join(dir, "data")]);
     assert.equal(usage.code, 2);
     assert.match(usage.text, /--out is required/);
+  });
+});
+
+Deno.test("cli: train killed (SIGKILL) and then stopped (SIGINT) resumes to the uninterrupted weights", async () => {
+  await withTempDir(async (dir) => {
+    await drawDataset(join(dir, "data"), 4, 0);
+    await drawDataset(join(dir, "syn"), 2, 7);
+    const trainArgs = (out: string) => [
+      "run",
+      "-A",
+      fileURLToPath(new URL("../cli/main.ts", import.meta.url)),
+      "train",
+      "--real",
+      join(dir, "data"),
+      "--synthetic",
+      join(dir, "syn"),
+      "--out",
+      out,
+      "--clip",
+      "tiny",
+      "--epochs",
+      "4",
+      "--warmup-epochs",
+      "1",
+      "--batch",
+      "16",
+      "--repeat-real",
+      "24",
+      "--workers",
+      "1",
+      "--device",
+      "cpu",
+    ];
+    const spawn = (out: string) =>
+      new Deno.Command(Deno.execPath(), {
+        args: trainArgs(out),
+        stdout: "piped",
+        stderr: "piped",
+        env: { OMP_NUM_THREADS: "1" },
+      }).spawn();
+    const waitFor = async (path: string, child: Deno.ChildProcess) => {
+      let exited = false;
+      child.status.then(() => (exited = true));
+      while (!existsSync(path)) {
+        if (exited) throw new Error(`the run ended before ${path} appeared`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    };
+    const whole = spawn(join(dir, "whole"));
+    assert.equal((await whole.output()).code, 0);
+
+    const out = join(dir, "cut");
+    const epoch = (n: number) => join(out, "checkpoints", `epoch-00${n}`, "state.json");
+    const killed = spawn(out);
+    await waitFor(epoch(1), killed);
+    killed.kill("SIGKILL");
+    await killed.output();
+    assert.ok(!existsSync(join(out, "adapter")), "the kill came too late to test anything");
+
+    const stopped = spawn(out);
+    await waitFor(epoch(2), stopped);
+    stopped.kill("SIGINT");
+    const res = await stopped.output();
+    const stderr = new TextDecoder().decode(res.stderr);
+    if (!existsSync(join(out, "adapter"))) {
+      assert.equal(res.code, 130, stderr);
+      assert.match(stderr, /run the same command to resume/);
+    }
+    const last = spawn(out);
+    const done = await last.output();
+    assert.equal(done.code, 0, new TextDecoder().decode(done.stderr));
+    assert.deepEqual(adapterBytes(out), adapterBytes(join(dir, "whole")));
+    const record = JSON.parse(readFileSync(join(out, "train.json"), "utf8"));
+    assert.equal(record.status, "complete");
+    assert.deepEqual(record.history.map((h: { epoch: number }) => h.epoch), [1, 2, 3, 4]);
+    // Nothing half-written is left behind by the stops.
+    const names = [out, join(out, "checkpoints")].flatMap((d) =>
+      [...Deno.readDirSync(d)].map((e) => e.name)
+    );
+    assert.deepEqual(names.filter((n) => n.endsWith(".tmp")), []);
   });
 });

@@ -8,7 +8,8 @@ import { prepareImage, type PrepareJob, type PrepareSpec } from "./prepare.ts";
 
 export interface LoaderOptions {
   /** Worker threads; 0 prepares on the calling thread (tests, debugging). Default: cores - 1,
-   * at least 1, at most 4. */
+   * at least 1, at most 16: one worker prepares ~30 augmented 224 px images/s, and a GPU trains
+   * ViT-B/16 with LoRA far faster than that. */
   workers?: number;
   /** Batches prepared ahead of the one being consumed (default 2). */
   prefetch?: number;
@@ -23,7 +24,7 @@ export interface PreparedBatch {
 }
 
 export function defaultWorkers(): number {
-  return Math.max(1, Math.min(4, (navigator.hardwareConcurrency ?? 2) - 1));
+  return Math.max(1, Math.min(16, (navigator.hardwareConcurrency ?? 2) - 1));
 }
 
 interface Pending {

@@ -227,8 +227,9 @@ export function readTrainRecord(out: string): TrainRecord | null {
   return record;
 }
 
+/** One fixed temporary name per file, so a write cut by a kill is overwritten by the next. */
 function writeJsonAtomic(path: string, value: unknown): void {
-  const tmp = `${path}.${crypto.randomUUID().slice(0, 8)}.tmp`;
+  const tmp = `${path}.tmp`;
   Deno.writeTextFileSync(tmp, JSON.stringify(value, null, 2) + "\n");
   renameSync(tmp, path);
 }
