@@ -64,12 +64,18 @@ export function int32List(values: readonly number[], slot: number): Int32Array {
   return view;
 }
 
-export function ptrList(tensors: readonly Tensor[]): BigUint64Array {
-  const out = new BigUint64Array(tensors.length);
-  for (let i = 0; i < tensors.length; i++) {
-    out[i] = BigInt(Deno.UnsafePointer.value(tensors[i].ptr));
-  }
-  return out;
+// Tensor-list arguments: handle addresses in per-argument regions of one scratch buffer, so a call
+// allocates nothing (a fresh array per call cost about as much as the op it fed).
+const PTR_SLOTS = 2;
+const PTR_SLOT_LEN = 64;
+const PTR_SCRATCH = new BigUint64Array(PTR_SLOTS * PTR_SLOT_LEN);
+
+export function ptrList(tensors: readonly Tensor[], slot = 0): BigUint64Array {
+  const view = tensors.length > PTR_SLOT_LEN || slot >= PTR_SLOTS
+    ? new BigUint64Array(tensors.length)
+    : PTR_SCRATCH.subarray(slot * PTR_SLOT_LEN, slot * PTR_SLOT_LEN + tensors.length);
+  for (let i = 0; i < tensors.length; i++) view[i] = tensors[i].address;
+  return view;
 }
 
 /** Where list-returning and scalar-returning ops write their results. */

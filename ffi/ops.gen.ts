@@ -630,11 +630,11 @@ export function gather(x: Tensor, dim: number, index: Tensor): Tensor {
 }
 
 export function cat(xs: readonly Tensor[], dim: number): Tensor {
-  return wrapTensor(S.dt_op_cat(ptrList(xs), xs.length, dim, GRAD.on, ERR), "cat");
+  return wrapTensor(S.dt_op_cat(ptrList(xs, 0), xs.length, dim, GRAD.on, ERR), "cat");
 }
 
 export function stack(xs: readonly Tensor[], dim: number): Tensor {
-  return wrapTensor(S.dt_op_stack(ptrList(xs), xs.length, dim, GRAD.on, ERR), "stack");
+  return wrapTensor(S.dt_op_stack(ptrList(xs, 0), xs.length, dim, GRAD.on, ERR), "stack");
 }
 
 export function chunk(x: Tensor, chunks: number, dim: number): Tensor[] {

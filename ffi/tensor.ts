@@ -50,6 +50,7 @@ const scopes: Scope[] = [];
 
 export class Tensor implements Disposable {
   #ptr: Deno.PointerObject | null;
+  #address: bigint | undefined;
   #meta: Meta | undefined;
   /** The scope that will free this tensor, if any. */
   _scope: Scope | null = null;
@@ -75,6 +76,11 @@ export class Tensor implements Disposable {
     return this.#ptr;
   }
 
+  /** The handle as a number, for tensor-list arguments (computed once: BigInt is not free). */
+  get address(): bigint {
+    return this.#address ??= BigInt(Deno.UnsafePointer.value(this.ptr));
+  }
+
   get disposed(): boolean {
     return this.#ptr === null;
   }
@@ -84,7 +90,11 @@ export class Tensor implements Disposable {
     const p = this.#ptr;
     if (p === null) return;
     this.#ptr = null;
-    if (this._scope === null) finalizer.unregister(this);
+    const scope = this._scope;
+    if (scope === null) finalizer.unregister(this);
+    // Made and freed at once is the common pattern: leave the scope's list as it was, so a long
+    // scope does not accumulate dead tensors.
+    else if (scope.tensors[scope.tensors.length - 1] === this) scope.tensors.pop();
     this._scope = null;
     liveHandles--;
     S.dt_tensor_free(p);

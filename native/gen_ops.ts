@@ -156,6 +156,7 @@ const TS_RET: Record<RetKind, string> = {
 
 function tsArgs(args: Arg[]): string[] {
   let slot = 0;
+  let listSlot = 0;
   return args.flatMap((a) => {
     switch (a.kind) {
       case "T":
@@ -163,7 +164,7 @@ function tsArgs(args: Arg[]): string[] {
       case "T?":
         return [`${a.name} ? ${a.name}.ptr : null`];
       case "T[]":
-        return [`ptrList(${a.name})`, `${a.name}.length`];
+        return [`ptrList(${a.name}, ${listSlot++})`, `${a.name}.length`];
       case "int[]":
         return [`int32List(${a.name}, ${slot++})`, `${a.name}.length`];
       case "f64?":

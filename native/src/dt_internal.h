@@ -1,6 +1,7 @@
 // Internal helpers shared by the hand-written shim and the generated op wrappers.
 #pragma once
 
+#include <ATen/ScalarOps.h>
 #include <torch/torch.h>
 
 #include <atomic>
@@ -76,7 +77,9 @@ inline std::optional<at::Generator> generator(void* h) {
 // A double as PyTorch passes Python numbers to ops: a 0-dim "wrapped number" tensor, which keeps
 // full precision in in-place ops on 16-bit tensors where a c10::Scalar is rounded first.
 inline at::Tensor wrapped_scalar(double v) {
-  at::Tensor t = at::scalar_tensor(v, at::TensorOptions().dtype(at::kDouble));
+  // scalar_to_tensor builds a CPU double tensor without a dispatcher round trip, as PyTorch's own
+  // wrapped_scalar_tensor does.
+  at::Tensor t = at::scalar_to_tensor(c10::Scalar(v));
   t.unsafeGetTensorImpl()->set_wrapped_number(true);
   return t;
 }
