@@ -36,7 +36,7 @@ import { SD15_SCHEDULER_CONFIG } from "../plugins/samplers/mod.ts";
 import { IpAdapter, SD15_IP_PLUS } from "../plugins/sd15/ip_adapter.ts";
 import { UNet2DConditionModel } from "../plugins/sd15/unet.ts";
 import { SD15_UNET_CONFIG_JSON } from "../plugins/sd15/unet_config.ts";
-import { type BenchResult, referencePython } from "./harness.ts";
+import { type BenchResult, ReferenceProcess } from "./harness.ts";
 
 const CACHE = join(ROOT, ".cache", "bench", "dipsy");
 const SCRIPT = join(ROOT, "bench", "reference", "dipsy_bench.py");
@@ -61,54 +61,6 @@ interface Ready {
   threads: number;
   guidance: Record<string, number>;
   cases: Record<string, CaseInfo>;
-}
-
-/** The reference process: one JSON request per line in, one JSON answer per line out. */
-class Reference implements AsyncDisposable {
-  readonly #child: Deno.ChildProcess;
-  readonly #text: ReadableStreamDefaultReader<string>;
-  readonly #stderr: Promise<string>;
-  #buffered = "";
-
-  constructor(threads: number) {
-    this.#child = new Deno.Command(referencePython(), {
-      args: [SCRIPT, CACHE, String(threads)],
-      stdin: "piped",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    this.#text = this.#child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-    // drained all along so that library warnings can never fill the pipe and stall the child
-    this.#stderr = new Response(this.#child.stderr).text();
-  }
-
-  async answer<T>(): Promise<T> {
-    let end: number;
-    while ((end = this.#buffered.indexOf("\n")) < 0) {
-      const { value, done } = await this.#text.read();
-      if (done) {
-        const status = await this.#child.status;
-        throw new Error(`${SCRIPT} exited (${status.code}):\n${await this.#stderr}`);
-      }
-      this.#buffered += value;
-    }
-    const line = this.#buffered.slice(0, end);
-    this.#buffered = this.#buffered.slice(end + 1);
-    return JSON.parse(line);
-  }
-
-  async request<T>(req: Record<string, unknown>): Promise<T> {
-    const w = this.#child.stdin.getWriter();
-    await w.write(new TextEncoder().encode(JSON.stringify(req) + "\n"));
-    w.releaseLock();
-    return await this.answer<T>();
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    await this.#child.stdin.close();
-    await this.#child.status;
-    await this.#stderr;
-  }
 }
 
 const PROMPT = "a photo of a cat";
@@ -237,7 +189,7 @@ interface StepTimes {
   tokensCpu: number;
 }
 
-async function benchCase(ref: Reference, ready: Ready, name: string): Promise<StepTimes> {
+async function benchCase(ref: ReferenceProcess, ready: Ready, name: string): Promise<StepTimes> {
   const info = ready.cases[name];
   const dir = join(CACHE, name);
   const unet = UNet2DConditionModel.fromPretrained(join(dir, "unet"));
@@ -362,7 +314,7 @@ function printFullSize(mid: StepTimes, flops: Flops, threads: number): void {
 
 export async function benchDipsy(): Promise<BenchResult[]> {
   const threads = runtimeInfo().num_threads;
-  await using ref = new Reference(threads);
+  await using ref = new ReferenceProcess(SCRIPT, [CACHE, String(threads)]);
   const ready = await ref.answer<Ready>();
   if (ready.threads !== threads) {
     throw new Error(`thread counts differ: reference ${ready.threads}, ours ${threads}`);

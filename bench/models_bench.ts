@@ -16,7 +16,7 @@ import { UNet2DConditionModel } from "../plugins/sd15/unet.ts";
 import { loadClipVision } from "../plugins/clip/model.ts";
 import { noGrad, ops, runtimeInfo, SafetensorsFile, scope, type Tensor } from "../ffi/mod.ts";
 import { ROOT } from "../ffi/lib.ts";
-import { type BenchResult, referencePython } from "./harness.ts";
+import { type BenchResult, ReferenceProcess } from "./harness.ts";
 
 const CACHE = join(ROOT, ".cache", "bench", "models");
 const SCRIPT = join(ROOT, "bench", "reference", "models_bench.py");
@@ -41,59 +41,6 @@ const PLAN: Record<string, Plan> = {
   clip_vision_mid: MID,
 };
 
-/** The reference process: one JSON request per line in, one JSON answer per line out. */
-class Reference implements AsyncDisposable {
-  readonly #child: Deno.ChildProcess;
-  readonly #text: ReadableStreamDefaultReader<string>;
-  #buffered = "";
-  readonly #stderr: Promise<string>;
-
-  constructor() {
-    this.#child = new Deno.Command(referencePython(), {
-      args: [SCRIPT, CACHE],
-      stdin: "piped",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    this.#text = this.#child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-    // drained all along so that library warnings can never fill the pipe and stall the child
-    this.#stderr = new Response(this.#child.stderr).text();
-  }
-
-  async #answer(): Promise<Record<string, unknown>> {
-    let end: number;
-    while ((end = this.#buffered.indexOf("\n")) < 0) {
-      const { value, done } = await this.#text.read();
-      if (done) {
-        const status = await this.#child.status;
-        throw new Error(`${SCRIPT} exited (${status.code}):\n${await this.#stderr}`);
-      }
-      this.#buffered += value;
-    }
-    const line = this.#buffered.slice(0, end);
-    this.#buffered = this.#buffered.slice(end + 1);
-    return JSON.parse(line);
-  }
-
-  /** The first answer, once the cached models exist: the reference's thread count. */
-  async ready(): Promise<number> {
-    return (await this.#answer()).threads as number;
-  }
-
-  async request(req: Record<string, unknown>): Promise<Record<string, unknown>> {
-    const w = this.#child.stdin.getWriter();
-    await w.write(new TextEncoder().encode(JSON.stringify(req) + "\n"));
-    w.releaseLock();
-    return await this.#answer();
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    await this.#child.stdin.close();
-    await this.#child.status;
-    await this.#stderr;
-  }
-}
-
 function secondsPerCall(calls: number, fn: () => void): number {
   const t0 = performance.now();
   for (let i = 0; i < calls; i++) fn();
@@ -103,7 +50,11 @@ function secondsPerCall(calls: number, fn: () => void): number {
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
 /** Warms both sides up, then alternates their rounds; medians of the seconds per call. */
-async function race(ref: Reference, name: string, forward: () => unknown): Promise<BenchResult> {
+async function race(
+  ref: ReferenceProcess,
+  name: string,
+  forward: () => unknown,
+): Promise<BenchResult> {
   const { warmup, rounds, calls } = PLAN[name];
   const ours = () => scope(() => void forward());
   await ref.request({ op: "run", case: name, calls: warmup });
@@ -145,7 +96,10 @@ function checkSame(label: string, got: Tensor, want: Tensor): void {
   }
 }
 
-async function benchUnet(ref: Reference, name: "unet_tiny" | "unet_mid"): Promise<BenchResult[]> {
+async function benchUnet(
+  ref: ReferenceProcess,
+  name: "unet_tiny" | "unet_mid",
+): Promise<BenchResult[]> {
   const dir = join(CACHE, name);
   const io = loadIO(dir);
   const get = (k: string) => io.get(k)!;
@@ -173,7 +127,7 @@ async function benchUnet(ref: Reference, name: "unet_tiny" | "unet_mid"): Promis
 }
 
 async function benchClip(
-  ref: Reference,
+  ref: ReferenceProcess,
   name: "clip_vision_tiny" | "clip_vision_mid",
 ): Promise<BenchResult> {
   const dir = join(CACHE, name);
@@ -194,9 +148,10 @@ async function benchClip(
 }
 
 export async function benchModels(): Promise<BenchResult[]> {
-  await using ref = new Reference();
+  await using ref = new ReferenceProcess(SCRIPT, [CACHE]);
   const threads = runtimeInfo().num_threads;
-  const theirs = await ref.ready();
+  // The first answer, once the cached models exist: the reference's thread count.
+  const theirs = (await ref.answer()).threads as number;
   if (theirs !== threads) {
     throw new Error(`thread counts differ: reference ${theirs}, ours ${threads}`);
   }

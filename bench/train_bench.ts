@@ -23,7 +23,7 @@ import { ROOT } from "../ffi/lib.ts";
 import { loadClipModel } from "../plugins/clip/model.ts";
 import { ClipTokenizer } from "../plugins/clip/tokenizer.ts";
 import { classPrompt, ClipLoraClassifier } from "../plugins/classifiers/clip_lora.ts";
-import { type BenchResult, referencePython } from "./harness.ts";
+import { type BenchResult, ReferenceProcess } from "./harness.ts";
 
 const DIR = join(ROOT, ".cache", "bench", "train_clip_b16");
 const SCRIPT = join(ROOT, "bench", "reference", "train_bench.py");
@@ -44,58 +44,6 @@ const CLASSES = [
 const LABELS = [0, 3, 5, 9, 2, 7, 1, 4];
 const SYNTHETIC = [false, true, true, false, true, true, true, false];
 
-/** The reference process: one JSON request per line in, one JSON answer per line out. */
-class Reference implements AsyncDisposable {
-  readonly #child: Deno.ChildProcess;
-  readonly #lines: ReadableStreamDefaultReader<string>;
-  readonly #stderr: Promise<string>;
-  #buffer = "";
-
-  constructor(plan: unknown) {
-    this.#child = new Deno.Command(referencePython(), {
-      args: [SCRIPT, DIR, JSON.stringify(plan)],
-      stdin: "piped",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    this.#lines = this.#child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-    // Drained all along, so warnings can never fill the pipe and stall the child.
-    this.#stderr = new Response(this.#child.stderr).text();
-  }
-
-  async answer(): Promise<Record<string, unknown>> {
-    let end: number;
-    while ((end = this.#buffer.indexOf("\n")) < 0) {
-      const { value, done } = await this.#lines.read();
-      if (done) {
-        const status = await this.#child.status;
-        throw new Error(`${SCRIPT} exited (${status.code}):\n${await this.#stderr}`);
-      }
-      this.#buffer += value;
-    }
-    const line = this.#buffer.slice(0, end);
-    this.#buffer = this.#buffer.slice(end + 1);
-    return JSON.parse(line);
-  }
-
-  async request(req: Record<string, unknown>): Promise<Record<string, unknown>> {
-    const w = this.#child.stdin.getWriter();
-    await w.write(new TextEncoder().encode(JSON.stringify(req) + "\n"));
-    w.releaseLock();
-    return await this.answer();
-  }
-
-  async step(calls: number): Promise<number> {
-    return (await this.request({ op: "step", calls })).s as number;
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    await this.#child.stdin.close();
-    await this.#child.status;
-    await this.#stderr;
-  }
-}
-
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
 export async function benchTrain(): Promise<BenchResult[]> {
@@ -108,7 +56,10 @@ export async function benchTrain(): Promise<BenchResult[]> {
     { length: rows },
     (_, r) => Array.from(enc.ids.subarray(r * len, (r + 1) * len)),
   );
-  await using ref = new Reference({ ids, labels: LABELS, synthetic: SYNTHETIC.map(Number) });
+  await using ref = new ReferenceProcess(SCRIPT, [
+    DIR,
+    JSON.stringify({ ids, labels: LABELS, synthetic: SYNTHETIC.map(Number) }),
+  ]);
   const ready = await ref.answer();
   const threads = runtimeInfo().num_threads;
   if (ready.threads !== threads) {
@@ -136,11 +87,11 @@ export async function benchTrain(): Promise<BenchResult[]> {
     });
     const ours = () => clf.trainStep(pixels, LABELS, SYNTHETIC);
     const race = async (bench: string): Promise<BenchResult> => {
-      await ref.step(1);
+      (await ref.request({ op: "step", calls: 1 })).s as number;
       ours();
       const theirs: number[] = [], mine: number[] = [];
       for (let r = 0; r < rounds; r++) {
-        theirs.push(await ref.step(1));
+        theirs.push((await ref.request({ op: "step", calls: 1 })).s as number);
         const t0 = performance.now();
         ours();
         mine.push((performance.now() - t0) / 1000);
