@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { memory } from "../ffi/mod.ts";
+import { memory, SafetensorsFile } from "../ffi/mod.ts";
 import { drawDataset } from "../cli/demo.ts";
 import { main } from "../cli/main.ts";
 import { appendLine, imageFileName, MANIFEST } from "../core/output.ts";
@@ -477,5 +477,33 @@ Deno.test("cli: train killed (SIGKILL) and then stopped (SIGINT) resumes to the 
       [...Deno.readDirSync(d)].map((e) => e.name)
     );
     assert.deepEqual(names.filter((n) => n.endsWith(".tmp")), []);
+  });
+});
+
+Deno.test("trainer: bf16 and f16 weights train with f32 LoRA weights (f16 with loss scaling)", async () => {
+  await withTempDir(async (dir) => {
+    const data = await shapes(dir);
+    for (const dtype of ["bf16", "f16"] as const) {
+      const out = join(dir, dtype);
+      const { record } = await trainRun(data, { ...TINY, epochs: 2, dtype }, {
+        out,
+        modelSource: "tiny",
+        device: "cpu",
+        loader: { workers: 0 },
+      });
+      assert.equal(record.status, "complete");
+      assert.ok(
+        record.history.every((h) => Number.isFinite(h.loss)),
+        JSON.stringify(record.history),
+      );
+      const saved = SafetensorsFile.open(join(out, "adapter", "adapter_model.safetensors"));
+      assert.ok(saved.keys().length > 0);
+      for (const k of saved.keys()) assert.equal(saved.info(k).dtype, "f32", k);
+      const state = JSON.parse(
+        readFileSync(join(out, "checkpoints", "epoch-002", "state.json"), "utf8"),
+      );
+      // Loss scaling is GradScaler's, and on only for half-precision weights.
+      assert.equal(state.scaler === null, dtype === "bf16");
+    }
   });
 });
