@@ -19,6 +19,14 @@ export const CLIP_CLASSIFIER_FILES = [
 ];
 
 export const EVAL_RECORD = "eval.json";
+/** Which classifier plugin, with which options, trained a run folder (read back by eval). */
+export const CLASSIFIER_RECORD = "classifier.json";
+
+interface ClassifierRecord {
+  name: string;
+  settings: Record<string, unknown>;
+  classNames: string[];
+}
 
 export async function resolveClipSource(ref: string): Promise<string> {
   if (ref === TINY) return TINY;
@@ -96,9 +104,10 @@ export async function trainStage(
   let bar: Progress | null = null;
   const show = opts.progress ?? true;
   const log = (line: string) => (bar ? bar.log(line) : show && console.error(line));
+  const out = resolve(opts.out);
   try {
-    return await classifier.train(data, {
-      out: resolve(opts.out),
+    const result = await classifier.train(data, {
+      out,
       modelSource,
       device,
       workers: opts.workers,
@@ -115,9 +124,37 @@ export async function trainStage(
         );
       },
     });
+    // Written once the plugin has accepted the folder (it refuses one holding another run).
+    const record: ClassifierRecord = {
+      name: classifier.name,
+      settings: { ...classifier.settings },
+      classNames: [...data.classNames],
+    };
+    await writeAtomic(
+      join(out, CLASSIFIER_RECORD),
+      new TextEncoder().encode(JSON.stringify(record, null, 2) + "\n"),
+    );
+    return result;
   } finally {
     (bar as Progress | null)?.finish();
   }
+}
+
+function readClassifierRecord(run: string): ClassifierRecord {
+  const path = join(run, CLASSIFIER_RECORD);
+  let record: ClassifierRecord;
+  try {
+    record = JSON.parse(Deno.readTextFileSync(path));
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) {
+      throw new RunError(`${run}: not a training run folder (no ${CLASSIFIER_RECORD})`);
+    }
+    throw new RunError(`${path}: ${(e as Error).message}`);
+  }
+  if (typeof record?.name !== "string" || !Array.isArray(record.classNames)) {
+    throw new RunError(`${path}: not a classifier record (needs name, settings, classNames)`);
+  }
+  return record;
 }
 
 export interface EvalStageOptions {
@@ -138,20 +175,16 @@ export interface EvalStageOptions {
 /** Evaluates a trained run on a test folder; writes the JSON record. */
 export async function evalStage(opts: EvalStageOptions): Promise<EvalResult & { file: string }> {
   const { labelImages, readImageFolder } = await import("../plugins/classifiers/data.ts");
-  const { evaluate, readTrainRecord } = await import("../plugins/classifiers/mod.ts");
+  const { evaluate } = await import("../plugins/classifiers/evaluate.ts");
   const run = resolve(opts.model);
-  const record = readTrainRecord(run);
-  if (!record) throw new RunError(`${run}: not a training run folder (no train.json)`);
+  const record = readClassifierRecord(run);
   // The test set is checked before the model loads.
   const folder = await readImageFolder(opts.test, { dataset: opts.dataset });
   const images = labelImages(folder, record.classNames, false, `the model in ${run}`);
   if (images.length === 0) throw new RunError(`${opts.test}: no test images`);
-  const classifier = await makeClassifier(
-    "clip-lora",
-    record.settings as unknown as Record<string, unknown>,
-  );
+  const classifier = await makeClassifier(record.name, record.settings);
   const device = opts.device ? await resolveDevice(opts.device) : undefined;
-  const modelSource = await resolveClipSource(record.settings.clip);
+  const modelSource = await resolveClipSource(classifier.model);
   using trained = await classifier.load(run, { modelSource, device });
   const show = opts.progress ?? true;
   const bar = show ? new Progress(images.length, { unit: "images", label: "eval" }) : null;

@@ -66,7 +66,7 @@ running:
 
 Ctrl-C finishes and writes the batch in flight, then stops; run the same command to resume.`;
 
-const OPTIONS = {
+export const GENERATE_FLAGS = {
   help: { type: "boolean", short: "h" },
   data: { type: "string" },
   out: { type: "string" },
@@ -102,11 +102,13 @@ const OPTIONS = {
   list: { type: "boolean" },
 } as const;
 
-type Flags = ReturnType<typeof parseArgs<{ options: typeof OPTIONS }>>["values"];
+export type GenerateFlags = ReturnType<
+  typeof parseArgs<{ options: typeof GENERATE_FLAGS }>
+>["values"];
 
 /** Flags as a configuration layer (values are text, parsed per setting). */
 function flagsLayer(
-  flags: Flags,
+  flags: GenerateFlags,
   parse: typeof import("../core/config.ts").parseConfigObject,
 ): ConfigLayer {
   const raw: Record<string, unknown> = {
@@ -163,7 +165,7 @@ async function listPlugins(): Promise<void> {
 }
 
 /** Reads the configuration from --config and the flags, loading plugin files on the way. */
-export async function configFromFlags(flags: Flags): Promise<RunConfig> {
+export async function configFromFlags(flags: GenerateFlags): Promise<RunConfig> {
   const cfg = await import("../core/config.ts");
   const layers: ConfigLayer[] = [];
   if (flags.config) layers.push(await cfg.readConfigFile(flags.config));
@@ -290,9 +292,9 @@ export async function runGenerate(config: RunConfig, opts: RunOptions = {}): Pro
 export const command: Command = {
   summary: "generate the synthetic dataset (resumable, shardable)",
   async run(args) {
-    let flags: Flags;
+    let flags: GenerateFlags;
     try {
-      flags = parseArgs({ args, options: OPTIONS, strict: true }).values;
+      flags = parseArgs({ args, options: GENERATE_FLAGS, strict: true }).values;
     } catch (e) {
       throw new CliError(`${e instanceof Error ? e.message : e}\n\n${USAGE}`);
     }

@@ -6,6 +6,8 @@
 import { existsSync, readFileSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { RunConfig } from "../core/config.ts";
+import { RunError } from "../core/output.ts";
+import { GENERATE_FLAGS, type GenerateFlags } from "./generate.ts";
 import { CliError, type Command, parseFlags, reportUserErrors } from "./command.ts";
 import { CLASSIFIER_FLAGS, CLASSIFIER_USAGE, classifierOptions, intFlag } from "./train_flags.ts";
 
@@ -41,26 +43,34 @@ classifier: the train command's options, except that its seed is --train-seed, i
   CLASSIFIER_USAGE.split("\n").slice(1).join("\n").replace(/^ {2}--clip[^\n]*\n/m, "")
 }`;
 
+/** The generate command's flags that `run` takes as they are. */
+const GEN_KEYS = [
+  "config",
+  "preset",
+  "per-class",
+  "steps",
+  "size",
+  "prompt",
+  "guidance",
+  "sampler",
+  "pairs",
+  "seed",
+  "set",
+  "model",
+  "ip-adapter",
+  "image-encoder",
+  "tiny",
+  "dtype",
+  "plugin",
+  "clip",
+] as const;
+
 const GEN_FLAGS = {
-  config: { type: "string" },
-  preset: { type: "string" },
-  "per-class": { type: "string" },
-  steps: { type: "string" },
-  size: { type: "string" },
-  prompt: { type: "string" },
-  guidance: { type: "string" },
-  sampler: { type: "string" },
-  pairs: { type: "string" },
-  seed: { type: "string" },
+  ...Object.fromEntries(GEN_KEYS.map((k) => [k, GENERATE_FLAGS[k]])) as Pick<
+    typeof GENERATE_FLAGS,
+    (typeof GEN_KEYS)[number]
+  >,
   "gen-batch": { type: "string" },
-  set: { type: "string", multiple: true },
-  model: { type: "string" },
-  "ip-adapter": { type: "string" },
-  "image-encoder": { type: "string" },
-  tiny: { type: "boolean" },
-  dtype: { type: "string" },
-  plugin: { type: "string", multiple: true },
-  clip: { type: "string" },
 } as const;
 
 /** The train command's classifier flags, with the ones generation also has renamed. */
@@ -122,36 +132,18 @@ type Values = Record<string, string | boolean | string[] | undefined>;
 async function generationConfig(v: Values, out: string): Promise<RunConfig> {
   const { configFromFlags } = await import("./generate.ts");
   return await configFromFlags({
-    data: v.data as string,
+    ...Object.fromEntries(GEN_KEYS.map((k) => [k, v[k]])),
+    data: v.data,
     out: join(out, "synthetic"),
-    dataset: v.dataset as string | undefined,
-    "fewshot-seed": v["fewshot-seed"] as string | undefined,
-    config: v.config as string | undefined,
-    preset: v.preset as string | undefined,
-    "per-class": v["per-class"] as string | undefined,
-    steps: v.steps as string | undefined,
-    size: v.size as string | undefined,
-    prompt: v.prompt as string | undefined,
-    guidance: v.guidance as string | undefined,
-    sampler: v.sampler as string | undefined,
-    pairs: v.pairs as string | undefined,
-    seed: v.seed as string | undefined,
-    batch: v["gen-batch"] as string | undefined,
-    set: v.set as string[] | undefined,
-    plugin: v.plugin as string[] | undefined,
-    model: v.model as string | undefined,
-    tiny: v.tiny as boolean | undefined,
-    "ip-adapter": v["ip-adapter"] as string | undefined,
-    "image-encoder": v["image-encoder"] as string | undefined,
-    clip: v.clip as string | undefined,
-    device: v.device as string | undefined,
-    dtype: v.dtype as string | undefined,
-  });
+    dataset: v.dataset,
+    "fewshot-seed": v["fewshot-seed"],
+    device: v.device,
+    batch: v["gen-batch"],
+  } as GenerateFlags);
 }
 
 async function runExperiment(v: Values, signal: AbortSignal): Promise<number> {
   const out = resolve(v.out as string);
-  await Deno.mkdir(out, { recursive: true });
   const stages: StageReport[] = [];
   const workers = intFlag(v.workers as string | undefined, "--workers");
   const timed = async <T>(stage: string, fn: () => Promise<[StageReport["status"], T]>) => {
@@ -174,7 +166,7 @@ async function runExperiment(v: Values, signal: AbortSignal): Promise<number> {
   const realNames = new Set(dataset.classes.map((c) => c.name));
   const unknown = test.classNames.filter((c) => !realNames.has(c));
   if (unknown.length) {
-    throw new CliError(
+    throw new RunError(
       `${test.path}: test class(es) not in ${dataset.root}: ${
         unknown.map((c) => `"${c}"`).join(", ")
       }`,
@@ -192,6 +184,8 @@ async function runExperiment(v: Values, signal: AbortSignal): Promise<number> {
     { dataset: config.dataset ?? dataset.dataset, device },
   );
   const classifier = await app.makeClassifier(train.name, train.options);
+
+  await Deno.mkdir(out, { recursive: true });
 
   // 1. Class similarity, when the pair sampler draws negatives by it.
   const simPath = join(out, "similarity.json");

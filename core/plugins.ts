@@ -229,6 +229,17 @@ export interface ClassifierTrainData {
   synthetic: readonly LabeledImage[];
 }
 
+export interface ClassifierProgress {
+  epoch: number;
+  epochs: number;
+  /** Images trained on so far in this call, and in total for the epochs it has left. */
+  images: number;
+  totalImages: number;
+  /** The last batch's loss and learning rate (NaN before the first step). */
+  loss: number;
+  lr: number;
+}
+
 export interface ClassifierJob {
   /** Run folder: checkpoints, the final model and its record; a second call resumes. */
   out: string;
@@ -238,16 +249,7 @@ export interface ClassifierJob {
   /** Image preparation threads (default: cores - 1, 1..16). */
   workers?: number;
   signal?: AbortSignal;
-  onProgress?: (
-    p: {
-      epoch: number;
-      epochs: number;
-      images: number;
-      totalImages: number;
-      loss: number;
-      lr: number;
-    },
-  ) => void;
+  onProgress?: (p: ClassifierProgress) => void;
   log?: (line: string) => void;
 }
 

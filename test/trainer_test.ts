@@ -372,6 +372,19 @@ Deno.test("cli: train, eval and run on the tiny models; bad input fails early an
     assert.equal(mismatch.code, 1);
     assert.match(mismatch.text, /different classes/);
     assert.ok(!existsSync(join(dir, "t2")), "a refused run must not create its folder");
+    const badRun = await run([
+      "run",
+      "--data",
+      join(dir, "data"),
+      "--test",
+      join(dir, "odd"),
+      "--out",
+      join(dir, "exp2"),
+      "--tiny",
+    ]);
+    assert.equal(badRun.code, 1, badRun.text);
+    assert.match(badRun.text, /test class\(es\) not in .*"purple star"/);
+    assert.ok(!existsSync(join(dir, "exp2")), "a refused run must not create its folder");
     await Deno.mkdir(join(dir, "data", "grey blob"));
     const empty = await run([
       "train",

@@ -35,7 +35,7 @@ import {
   scope,
   type Tensor,
 } from "../../ffi/mod.ts";
-import type { LabeledImage } from "../../core/plugins.ts";
+import type { ClassifierProgress, ClassifierTrainData, LabeledImage } from "../../core/plugins.ts";
 import { RunError } from "../../core/output.ts";
 import { deriveSeed } from "../../core/rng.ts";
 import {
@@ -142,21 +142,8 @@ export interface TrainRecord {
   seconds: number;
 }
 
-export interface TrainData {
-  classNames: readonly string[];
-  real: readonly LabeledImage[];
-  synthetic: readonly LabeledImage[];
-}
-
-export interface TrainProgress {
-  epoch: number;
-  epochs: number;
-  /** Images trained on so far in this session, and in total for the remaining epochs. */
-  images: number;
-  totalImages: number;
-  loss: number;
-  lr: number;
-}
+export type TrainData = ClassifierTrainData;
+export type TrainProgress = ClassifierProgress;
 
 export interface TrainJobOptions {
   /** Run folder. */
