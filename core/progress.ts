@@ -126,7 +126,8 @@ export class Progress {
       this.#write(`\r\x1b[2K${this.line()}`);
       return;
     }
-    if (!force && now - this.#lastDraw < this.#interval) return;
+    // The final count is finish()'s line; printing it here too would repeat it in logs.
+    if (!force && (now - this.#lastDraw < this.#interval || this.#done >= this.#total)) return;
     this.#lastDraw = now;
     this.#write(`${this.line()}\n`);
   }

@@ -274,6 +274,13 @@ Deno.test("progress: counts, rate and ETA; plain lines when not a terminal", () 
   assert.equal(formatDuration(3725), "1h02m");
   assert.equal(formatDuration(65), "1m05s");
   assert.equal(formatRate(0.05, "images"), "20.0 s/image");
+  // Reaching the total prints nothing more: finish() prints the last line once.
+  const last: string[] = [];
+  const r = new Progress(2, { tty: false, write: (t) => last.push(t), now: () => now });
+  r.update(2);
+  r.finish();
+  assert.equal(last.length, 1);
+  assert.match(last[0], /^2\/2 items .* took/);
   const tty: string[] = [];
   const q = new Progress(2, { tty: true, write: (t) => tty.push(t), now: () => now });
   q.update(1);

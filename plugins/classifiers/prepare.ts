@@ -10,7 +10,7 @@ import {
   readImage,
 } from "../../core/image.ts";
 import { Rng } from "../../core/rng.ts";
-import type { TrainTransformOptions } from "./transforms.ts";
+import { toNormalizedFloat, trainTransform, type TrainTransformOptions } from "./transforms.ts";
 
 export interface PrepareSpec {
   /** "train": the recipe's random augmentation; "test": resize, centre crop. */
@@ -36,7 +36,6 @@ export async function prepareImage(job: PrepareJob, spec: PrepareSpec): Promise<
   const mean = spec.mean ?? OPENAI_CLIP_MEAN, std = spec.std ?? OPENAI_CLIP_STD;
   if (spec.kind === "train" && spec.augment !== false) {
     if (job.seed === undefined) throw new Error(`${job.path}: a training image needs a seed`);
-    const { toNormalizedFloat, trainTransform } = await import("./transforms.ts");
     const rng = new Rng(BigInt(job.seed));
     const out = trainTransform(image, rng, { ...spec.augment, size: spec.size });
     return toNormalizedFloat(out, mean, std);

@@ -36,6 +36,7 @@ import {
   type Tensor,
 } from "../../ffi/mod.ts";
 import type { ClassifierProgress, ClassifierTrainData, LabeledImage } from "../../core/plugins.ts";
+import { DEFAULT_CLIP } from "../../core/config.ts";
 import { RunError } from "../../core/output.ts";
 import { deriveSeed } from "../../core/rng.ts";
 import {
@@ -85,7 +86,7 @@ export interface TrainSettings {
 }
 
 export const TRAIN_DEFAULTS: Readonly<TrainSettings> = Object.freeze({
-  clip: "openai/clip-vit-base-patch16@refs/pr/10",
+  clip: DEFAULT_CLIP,
   modelSeed: 0,
   epochs: 10,
   warmupEpochs: 3,
@@ -251,12 +252,15 @@ function lastCheckpoint(out: string): number {
 
 interface CheckpointState {
   epoch: number;
+  /** The epoch's history entry: a kill between the checkpoint and train.json must not lose it. */
+  record: EpochRecord;
   iteration: number;
   optimizerSteps: number[];
   scaler: { scale: number; growthTracker: number } | null;
 }
 
-function saveCheckpoint(clf: ClipLoraClassifier, out: string, epoch: number): void {
+function saveCheckpoint(clf: ClipLoraClassifier, out: string, record: EpochRecord): void {
+  const epoch = record.epoch;
   const final = epochDir(out, epoch);
   const tmp = `${final}.tmp`;
   rmSync(tmp, { recursive: true, force: true });
@@ -273,6 +277,7 @@ function saveCheckpoint(clf: ClipLoraClassifier, out: string, epoch: number): vo
   saveSafetensors(join(tmp, "optimizer.safetensors"), tensors, { format: "pt" });
   const state: CheckpointState = {
     epoch,
+    record,
     iteration: clf.iteration,
     optimizerSteps: steps,
     scaler: clf.scaler
@@ -282,6 +287,18 @@ function saveCheckpoint(clf: ClipLoraClassifier, out: string, epoch: number): vo
   writeJsonAtomic(join(tmp, "state.json"), state);
   rmSync(final, { recursive: true, force: true });
   renameSync(tmp, final);
+}
+
+/** The history of epochs 1..done, from their checkpoints. */
+function checkpointHistory(out: string, done: number): EpochRecord[] {
+  const history: EpochRecord[] = [];
+  for (let e = 1; e <= done; e++) {
+    const path = join(epochDir(out, e), "state.json");
+    if (existsSync(path)) {
+      history.push((JSON.parse(readFileSync(path, "utf8")) as CheckpointState).record);
+    }
+  }
+  return history;
 }
 
 function loadCheckpoint(clf: ClipLoraClassifier, out: string, epoch: number): void {
@@ -429,7 +446,7 @@ export async function trainRun(
       modelSource: opts.modelSource,
       device: opts.device,
       epochsDone: done,
-      history: (previous?.history ?? []).filter((h) => h.epoch <= done),
+      history: checkpointHistory(out, done),
       seconds: previous?.seconds ?? 0,
     };
     if (done > 0) {
@@ -490,16 +507,17 @@ export async function trainRun(
         log(`stopped during epoch ${epoch}; the next run resumes after epoch ${epoch - 1}`);
         return { record, trained: true, interrupted: true };
       }
-      saveCheckpoint(clf, out, epoch);
       const seconds = (performance.now() - started) / 1000;
-      record.history.push({
+      const epochRecord: EpochRecord = {
         epoch,
         loss: lossSum / steps,
         seconds,
         imagesPerSecond: items.length / seconds,
         lr: clf.lastLr,
         skippedSteps: skipped,
-      });
+      };
+      saveCheckpoint(clf, out, epochRecord);
+      record.history.push(epochRecord);
       record.epochsDone = epoch;
       record.seconds += seconds;
       writeJsonAtomic(join(out, TRAIN_RECORD), record);
