@@ -9,17 +9,15 @@ import { Conv2d, GroupNorm, LayerNorm, Linear, Module } from "../../core/nn.ts";
 import type { WeightSource } from "../../core/weights.ts";
 import { ops, type Tensor } from "../../ffi/mod.ts";
 import type { UNetActivation } from "./unet_config.ts";
+import {
+  activation,
+  Downsample2D,
+  ResnetBlock2D,
+  type ResnetOptions,
+  Upsample2D,
+} from "./layers.ts";
 
-export function activation(x: Tensor, fn: UNetActivation): Tensor {
-  switch (fn) {
-    case "silu":
-      return ops.silu(x);
-    case "gelu":
-      return ops.gelu(x, false);
-    case "relu":
-      return ops.relu(x);
-  }
-}
+export { activation, Downsample2D, ResnetBlock2D, type ResnetOptions, Upsample2D };
 
 /**
  * Sinusoidal timestep features as diffusers' `get_timestep_embedding` (max period 10000):
@@ -58,54 +56,6 @@ export class TimestepEmbedding extends Module {
 
   forward(x: Tensor): Tensor {
     return this.linear_2.forward(activation(this.linear_1.forward(x), this.act));
-  }
-}
-
-/** What every resnet needs from the UNet config. */
-export interface ResnetOptions {
-  groups: number;
-  eps: number;
-  act: UNetActivation;
-  tembChannels: number;
-  outputScaleFactor?: number;
-}
-
-/** `ResnetBlock2D` with "default" time conditioning (time embedding added after conv1). */
-export class ResnetBlock2D extends Module {
-  readonly norm1: GroupNorm;
-  readonly conv1: Conv2d;
-  readonly time_emb_proj: Linear;
-  readonly norm2: GroupNorm;
-  readonly conv2: Conv2d;
-  readonly conv_shortcut: Conv2d | null;
-  readonly act: UNetActivation;
-  readonly outputScaleFactor: number;
-
-  constructor(w: WeightSource, cin: number, cout: number, o: ResnetOptions) {
-    super();
-    this.act = o.act;
-    this.outputScaleFactor = o.outputScaleFactor ?? 1;
-    this.norm1 = this.child("norm1", new GroupNorm(w.sub("norm1"), o.groups, cin, o.eps));
-    this.conv1 = this.child("conv1", new Conv2d(w.sub("conv1"), cin, cout, 3, { padding: 1 }));
-    this.time_emb_proj = this.child(
-      "time_emb_proj",
-      new Linear(w.sub("time_emb_proj"), o.tembChannels, cout),
-    );
-    this.norm2 = this.child("norm2", new GroupNorm(w.sub("norm2"), o.groups, cout, o.eps));
-    this.conv2 = this.child("conv2", new Conv2d(w.sub("conv2"), cout, cout, 3, { padding: 1 }));
-    this.conv_shortcut = cin === cout
-      ? null
-      : this.child("conv_shortcut", new Conv2d(w.sub("conv_shortcut"), cin, cout, 1));
-  }
-
-  forward(x: Tensor, temb: Tensor): Tensor {
-    let h = this.conv1.forward(activation(this.norm1.forward(x), this.act));
-    const t = this.time_emb_proj.forward(activation(temb, this.act));
-    h = h.add(ops.unsqueeze(ops.unsqueeze(t, -1), -1));
-    h = this.conv2.forward(activation(this.norm2.forward(h), this.act));
-    const skip = this.conv_shortcut ? this.conv_shortcut.forward(x) : x;
-    const out = skip.add(h);
-    return this.outputScaleFactor === 1 ? out : out.div(this.outputScaleFactor);
   }
 }
 
@@ -318,41 +268,6 @@ export class Transformer2DModel extends Module {
       ? toImage(this.proj_out.forward(h))
       : this.proj_out.forward(toImage(h));
     return h.add(x);
-  }
-}
-
-/** `Downsample2D` with a conv: stride 2, and diffusers' asymmetric pad when padding is 0. */
-export class Downsample2D extends Module {
-  readonly conv: Conv2d;
-
-  constructor(w: WeightSource, channels: number, readonly padding: number) {
-    super();
-    this.conv = this.child(
-      "conv",
-      new Conv2d(w.sub("conv"), channels, channels, 3, { stride: 2, padding }),
-    );
-  }
-
-  forward(x: Tensor): Tensor {
-    return this.conv.forward(this.padding === 0 ? ops.pad(x, [0, 1, 0, 1], 0, 0) : x);
-  }
-}
-
-/** `Upsample2D` with a conv: nearest 2x (or to the skip's size), then 3x3 conv. */
-export class Upsample2D extends Module {
-  readonly conv: Conv2d;
-
-  constructor(w: WeightSource, channels: number) {
-    super();
-    this.conv = this.child(
-      "conv",
-      new Conv2d(w.sub("conv"), channels, channels, 3, { padding: 1 }),
-    );
-  }
-
-  forward(x: Tensor, size?: readonly [number, number]): Tensor {
-    const [h, w] = size ?? [x.size(2) * 2, x.size(3) * 2];
-    return this.conv.forward(ops.upsampleNearest2d(x, h, w));
   }
 }
 

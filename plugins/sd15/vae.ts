@@ -16,13 +16,8 @@ import {
 } from "../../ffi/mod.ts";
 import { Conv2d, GroupNorm, loadModule, Module } from "../../core/nn.ts";
 import { RandomSource, SafetensorsSource, type WeightSource } from "../../core/weights.ts";
-import {
-  activation,
-  DownEncoderBlock,
-  UpDecoderBlock,
-  VAE_NORM_EPS,
-  VaeMidBlock,
-} from "./vae_blocks.ts";
+import { activation } from "./layers.ts";
+import { DownEncoderBlock, UpDecoderBlock, VAE_NORM_EPS, VaeMidBlock } from "./vae_blocks.ts";
 import { readVaeConfig, type VaeConfig } from "./vae_config.ts";
 
 /** The encoder's Gaussian over latents, in unscaled latent units. */

@@ -1,7 +1,8 @@
 /**
  * The building blocks of diffusers' VAE Encoder/Decoder, named like their state-dict keys:
- * ResnetBlock2D (no time embedding), Downsample2D, Upsample2D, the mid-block attention and the
- * DownEncoderBlock2D / UpDecoderBlock2D / UNetMidBlock2D containers.
+ * the mid-block attention and the DownEncoderBlock2D / UpDecoderBlock2D / UNetMidBlock2D containers
+ * around the layers shared with the UNet (layers.ts: ResnetBlock2D without time embedding,
+ * Downsample2D with padding 0, Upsample2D).
  *
  * Every forward runs in its own memory scope, so a block's temporaries are freed as soon as it
  * returns: at 512 px the decoder's activations are hundreds of MB each, and holding them until
@@ -9,98 +10,23 @@
  * shape), constructors free the layers they had already built before rethrowing.
  */
 import { ops, scope, type Tensor } from "../../ffi/mod.ts";
-import { Conv2d, GroupNorm, Linear, Module } from "../../core/nn.ts";
+import { GroupNorm, Linear, Module } from "../../core/nn.ts";
 import type { WeightSource } from "../../core/weights.ts";
 import type { VaeActivation } from "./vae_config.ts";
+import { Downsample2D, ResnetBlock2D, Upsample2D } from "./layers.ts";
 
 /** diffusers builds every VAE norm with this eps (resnets, attention and the output norms). */
 export const VAE_NORM_EPS = 1e-6;
 
-export function activation(x: Tensor, fn: VaeActivation): Tensor {
-  switch (fn) {
-    case "silu":
-    case "swish":
-      return ops.silu(x);
-    case "gelu":
-      return ops.gelu(x, false);
-    case "relu":
-      return ops.relu(x);
-  }
-}
-
-/** ResnetBlock2D without time embedding: pre-norm, two 3x3 convs, 1x1 shortcut when widths differ. */
-export class VaeResnetBlock extends Module {
-  readonly norm1: GroupNorm;
-  readonly conv1: Conv2d;
-  readonly norm2: GroupNorm;
-  readonly conv2: Conv2d;
-  readonly convShortcut: Conv2d | null = null;
-
-  constructor(
-    w: WeightSource,
-    cin: number,
-    cout: number,
-    groups: number,
-    readonly act: VaeActivation,
-  ) {
-    super();
-    this.norm1 = this.child("norm1", new GroupNorm(w.sub("norm1"), groups, cin, VAE_NORM_EPS));
-    this.conv1 = this.child("conv1", new Conv2d(w.sub("conv1"), cin, cout, 3, { padding: 1 }));
-    this.norm2 = this.child("norm2", new GroupNorm(w.sub("norm2"), groups, cout, VAE_NORM_EPS));
-    this.conv2 = this.child("conv2", new Conv2d(w.sub("conv2"), cout, cout, 3, { padding: 1 }));
-    if (cin !== cout) {
-      this.convShortcut = this.child(
-        "conv_shortcut",
-        new Conv2d(w.sub("conv_shortcut"), cin, cout, 1),
-      );
-    }
-  }
-
-  forward(x: Tensor): Tensor {
-    return scope(() => {
-      let h = this.conv1.forward(activation(this.norm1.forward(x), this.act));
-      h = this.conv2.forward(activation(this.norm2.forward(h), this.act));
-      const shortcut = this.convShortcut ? this.convShortcut.forward(x) : x;
-      return ops.add(shortcut, h);
-    });
-  }
-}
-
-/**
- * The VAE's Downsample2D (built with padding 0): pads one zero row/column at the bottom/right,
- * then a stride-2 3x3 conv, so odd sizes round up the way the original LDM code did.
- */
-export class VaeDownsample extends Module {
-  readonly conv: Conv2d;
-
-  constructor(w: WeightSource, channels: number) {
-    super();
-    this.conv = this.child("conv", new Conv2d(w.sub("conv"), channels, channels, 3, { stride: 2 }));
-  }
-
-  forward(x: Tensor): Tensor {
-    return scope(() => this.conv.forward(ops.pad(x, [0, 1, 0, 1], 0, 0)));
-  }
-}
-
-/** Upsample2D with a conv: nearest-neighbour 2x, then a 3x3 conv. */
-export class VaeUpsample extends Module {
-  readonly conv: Conv2d;
-
-  constructor(w: WeightSource, channels: number) {
-    super();
-    this.conv = this.child(
-      "conv",
-      new Conv2d(w.sub("conv"), channels, channels, 3, { padding: 1 }),
-    );
-  }
-
-  forward(x: Tensor): Tensor {
-    return scope(() => {
-      const [, , h, wd] = x.shape;
-      return this.conv.forward(ops.upsampleNearest2d(x, 2 * h, 2 * wd));
-    });
-  }
+/** The VAE's resnets: no time embedding. */
+function resnet(
+  w: WeightSource,
+  cin: number,
+  cout: number,
+  groups: number,
+  act: VaeActivation,
+): ResnetBlock2D {
+  return new ResnetBlock2D(w, cin, cout, { groups, eps: VAE_NORM_EPS, act, tembChannels: null });
 }
 
 /**
@@ -151,7 +77,7 @@ export class VaeAttention extends Module {
 
 /** UNetMidBlock2D as the VAE builds it: resnet, (attention), resnet. */
 export class VaeMidBlock extends Module {
-  readonly resnets: VaeResnetBlock[] = [];
+  readonly resnets: ResnetBlock2D[] = [];
   readonly attention: VaeAttention | null = null;
 
   constructor(
@@ -165,7 +91,7 @@ export class VaeMidBlock extends Module {
     for (let i = 0; i < 2; i++) {
       const name = `resnets.${i}`;
       this.resnets.push(
-        this.child(name, new VaeResnetBlock(w.sub(name), channels, channels, groups, act)),
+        this.child(name, resnet(w.sub(name), channels, channels, groups, act)),
       );
       if (i === 0 && addAttention) {
         this.attention = this.child(
@@ -187,8 +113,8 @@ export class VaeMidBlock extends Module {
 
 /** DownEncoderBlock2D: `layers` resnets, then an optional stride-2 downsampler. */
 export class DownEncoderBlock extends Module {
-  readonly resnets: VaeResnetBlock[] = [];
-  readonly downsampler: VaeDownsample | null = null;
+  readonly resnets: ResnetBlock2D[] = [];
+  readonly downsampler: Downsample2D | null = null;
 
   constructor(
     w: WeightSource,
@@ -205,14 +131,14 @@ export class DownEncoderBlock extends Module {
       this.resnets.push(
         this.child(
           name,
-          new VaeResnetBlock(w.sub(name), i === 0 ? cin : cout, cout, groups, act),
+          resnet(w.sub(name), i === 0 ? cin : cout, cout, groups, act),
         ),
       );
     }
     if (addDownsample) {
       this.downsampler = this.child(
         "downsamplers.0",
-        new VaeDownsample(w.sub("downsamplers.0"), cout),
+        new Downsample2D(w.sub("downsamplers.0"), cout, 0),
       );
     }
   }
@@ -228,8 +154,8 @@ export class DownEncoderBlock extends Module {
 
 /** UpDecoderBlock2D: `layers` resnets, then an optional 2x upsampler. */
 export class UpDecoderBlock extends Module {
-  readonly resnets: VaeResnetBlock[] = [];
-  readonly upsampler: VaeUpsample | null = null;
+  readonly resnets: ResnetBlock2D[] = [];
+  readonly upsampler: Upsample2D | null = null;
 
   constructor(
     w: WeightSource,
@@ -246,12 +172,12 @@ export class UpDecoderBlock extends Module {
       this.resnets.push(
         this.child(
           name,
-          new VaeResnetBlock(w.sub(name), i === 0 ? cin : cout, cout, groups, act),
+          resnet(w.sub(name), i === 0 ? cin : cout, cout, groups, act),
         ),
       );
     }
     if (addUpsample) {
-      this.upsampler = this.child("upsamplers.0", new VaeUpsample(w.sub("upsamplers.0"), cout));
+      this.upsampler = this.child("upsamplers.0", new Upsample2D(w.sub("upsamplers.0"), cout));
     }
   }
 
