@@ -25,7 +25,6 @@ models (meta tensors, nothing allocated) that turn a mid-size step time into a f
 
 import json
 import os
-import shutil
 import sys
 import time
 from types import SimpleNamespace
@@ -38,6 +37,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
+from cache import ensure_cache  # also puts test/reference on sys.path
+from common import SD15_SCHEDULER, TINY_UNET
 from models_bench import PrecomputedTokens, cross_layers, plus_state_dict, split_h94
 
 # Bump when a model, an input or the layout changes: a stale cache is rebuilt, never reused.
@@ -47,20 +48,6 @@ PROTOCOL = sys.stdout
 # The dipsy guidance plugin's defaults (the paper's settings): the TypeScript side builds its
 # guidance from these values.
 GUIDANCE = dict(textScale=7.5, positiveScale=6.0, negativeScale=6.0, adapterScale=0.6)
-
-# SD1.5's scheduler/scheduler_config.json, as the Hub ships it.
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
 
 SD15_UNET = dict(
     act_fn="silu",
@@ -79,19 +66,7 @@ SD15_UNET = dict(
 CASES = {
     # plugins/sd15/unet_config.ts TINY_UNET_CONFIG_JSON with TINY_IP_PLUS: overhead bound
     "tiny": dict(
-        config=dict(
-            act_fn="silu",
-            attention_head_dim=2,
-            block_out_channels=[32, 64],
-            cross_attention_dim=32,
-            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=8,
-        ),
+        config=TINY_UNET,
         latent=16,
         # the tiny CLIP vision tower: 32 px in patches of 4 -> 65 states of width 48
         plus=dict(input=48, seq=65, width=128, heads=2, queries=6),
@@ -201,22 +176,10 @@ def write_case(d, spec):
 
 
 def ensure_models(cache):
-    """Writes the models once; a partial or stale cache is replaced as a whole."""
-    stamp = os.path.join(cache, "version.json")
-    if os.path.exists(stamp):
-        with open(stamp) as f:
-            if json.load(f).get("version") == VERSION:
-                return
-    tmp = f"{cache}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name, spec in CASES.items():
-        write_case(os.path.join(tmp, name), spec)
-    with open(os.path.join(tmp, "version.json"), "w") as f:
-        json.dump({"version": VERSION}, f)
-    shutil.rmtree(cache, ignore_errors=True)
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    os.rename(tmp, cache)
+    def write(tmp):
+        for name, spec in CASES.items():
+            write_case(os.path.join(tmp, name), spec)
+    ensure_cache(cache, VERSION, write)
 
 
 def load_case(cache, name):

@@ -12,7 +12,6 @@ rounds of calls on request (see main), so that the two sides' rounds can alterna
 
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -21,6 +20,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from cache import ensure_cache  # also puts test/reference on sys.path
+from common import TINY_UNET
 
 # Bump when a model, an input or the layout changes: a stale cache is rebuilt, never reused.
 VERSION = "1"
@@ -31,19 +33,7 @@ PROTOCOL = sys.stdout
 UNETS = {
     # the Deno tiny preset (TINY_UNET_CONFIG_JSON): a forward is a few hundred small ops
     "unet_tiny": dict(
-        config=dict(
-            act_fn="silu",
-            attention_head_dim=2,
-            block_out_channels=[32, 64],
-            cross_attention_dim=32,
-            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=8,
-        ),
+        config=TINY_UNET,
         batch=4,
         latent=8,
         text_len=77,
@@ -224,24 +214,12 @@ def write_clip(d, spec):
 
 
 def ensure_models(cache):
-    """Writes the models once; a partial or stale cache is replaced as a whole."""
-    stamp = os.path.join(cache, "version.json")
-    if os.path.exists(stamp):
-        with open(stamp) as f:
-            if json.load(f).get("version") == VERSION:
-                return
-    tmp = f"{cache}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name, spec in UNETS.items():
-        write_unet(os.path.join(tmp, name), spec)
-    for name, spec in CLIPS.items():
-        write_clip(os.path.join(tmp, name), spec)
-    with open(os.path.join(tmp, "version.json"), "w") as f:
-        json.dump({"version": VERSION}, f)
-    shutil.rmtree(cache, ignore_errors=True)
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    os.rename(tmp, cache)
+    def write(tmp):
+        for name, spec in UNETS.items():
+            write_unet(os.path.join(tmp, name), spec)
+        for name, spec in CLIPS.items():
+            write_clip(os.path.join(tmp, name), spec)
+    ensure_cache(cache, VERSION, write)
 
 
 def load_group(cache, group):

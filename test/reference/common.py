@@ -67,6 +67,21 @@ TINY_VAE = dict(
     sample_size=32,
 )
 
+# plugins/sd15/unet_config.ts TINY_UNET_CONFIG_JSON: the Deno tiny preset's UNet.
+TINY_UNET = dict(
+    act_fn="silu",
+    attention_head_dim=2,
+    block_out_channels=[32, 64],
+    cross_attention_dim=32,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=8,
+)
+
 # SD1.5's scheduler/scheduler_config.json as the Hub ships it (no timestep_spacing key: each
 # scheduler class falls back to its own default through from_config); write_json writes it byte for
 # byte as runwayml/stable-diffusion-v1-5 has it.

@@ -53,6 +53,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from common import (
     SD15_SCHEDULER,
     TINY_MERGES,
+    TINY_UNET,
     TINY_VAE,
     bpe_vocab,
     build,
@@ -69,20 +70,7 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.
 SIZE = 32  # pixels; the tiny VAE halves it
 STEPS = 10  # < 15: DPM-Solver++ takes its lower-order final steps
 
-# plugins/sd15/unet_config.ts TINY_UNET_CONFIG_JSON
-UNET = dict(
-    act_fn="silu",
-    attention_head_dim=2,
-    block_out_channels=[32, 64],
-    cross_attention_dim=32,
-    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
-    norm_num_groups=8,
-    sample_size=8,
-)
+UNET = TINY_UNET
 
 TEXT = dict(
     vocab_size=520,

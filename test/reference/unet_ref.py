@@ -37,6 +37,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from safetensors.torch import save_file
 
+from common import TINY_UNET
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -242,19 +244,8 @@ def link_tree(src, dst):
                 shutil.copyfile(os.path.join(root, f), out)
 
 
-TINY = dict(
-    act_fn="silu",
-    attention_head_dim=2,
-    block_out_channels=[32, 64],
-    cross_attention_dim=32,
-    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
-    norm_num_groups=8,
-    sample_size=8,
-)
+
+TINY = TINY_UNET
 
 VARIANT = dict(
     act_fn="gelu",
