@@ -4,6 +4,7 @@
  * `--only NAME` runs the benchmarks whose name starts with NAME.
  */
 import { parseArgs } from "node:util";
+import { benchAugment } from "./augment_bench.ts";
 import { benchDipsy } from "./dipsy_bench.ts";
 import { benchModels } from "./models_bench.ts";
 import { benchOps } from "./ops_bench.ts";
@@ -15,6 +16,7 @@ const SUITES: Record<string, () => Promise<BenchResult[]>> = {
   model: benchModels,
   train: benchTrain,
   dipsy: benchDipsy,
+  augment: benchAugment,
 };
 
 const { values } = parseArgs({ args: Deno.args, options: { only: { type: "string" } } });

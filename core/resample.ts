@@ -149,6 +149,27 @@ function horizontalPass(
   for (let y = 0; y < rows; y++) {
     const inRow = (y + rowStart) * width * ch;
     const outRow = y * outWidth * ch;
+    if (ch === 3) {
+      // RGB, the common case: the three channels share each tap's weight and address.
+      for (let xx = 0; xx < outWidth; xx++) {
+        let p = inRow + first[xx] * 3;
+        const n = count[xx];
+        const k0 = xx * ksize;
+        let r = HALF, g = HALF, b = HALF;
+        // int32 wrap-around arithmetic, as Pillow's C int accumulators.
+        for (let x = 0; x < n; x++, p += 3) {
+          const w = weights[k0 + x];
+          r = (r + Math.imul(data[p], w)) | 0;
+          g = (g + Math.imul(data[p + 1], w)) | 0;
+          b = (b + Math.imul(data[p + 2], w)) | 0;
+        }
+        const o = outRow + xx * 3;
+        out[o] = clip8(r);
+        out[o + 1] = clip8(g);
+        out[o + 2] = clip8(b);
+      }
+      continue;
+    }
     for (let xx = 0; xx < outWidth; xx++) {
       const base = inRow + first[xx] * ch;
       const n = count[xx];
@@ -174,16 +195,21 @@ function verticalPass(
   const stride = width * ch;
   const out = new Uint8Array(outHeight * stride);
   const { ksize, first, count, weights } = co;
+  // Whole input rows at a time, so memory is read in order; int32 wrap-around arithmetic, as
+  // Pillow's C int accumulators.
+  const acc = new Int32Array(stride);
   for (let yy = 0; yy < outHeight; yy++) {
     const base = (first[yy] - rowOffset) * stride;
     const n = count[yy];
     const k0 = yy * ksize;
-    const outRow = yy * stride;
-    for (let i = 0; i < stride; i++) {
-      let acc = HALF;
-      for (let y = 0; y < n; y++) acc += src[base + y * stride + i] * weights[k0 + y];
-      out[outRow + i] = clip8(acc);
+    acc.fill(HALF);
+    for (let y = 0; y < n; y++) {
+      const w = weights[k0 + y];
+      const row = base + y * stride;
+      for (let i = 0; i < stride; i++) acc[i] = (acc[i] + Math.imul(src[row + i], w)) | 0;
     }
+    const outRow = yy * stride;
+    for (let i = 0; i < stride; i++) out[outRow + i] = clip8(acc[i]);
   }
   return out;
 }

@@ -68,26 +68,36 @@ function histograms(image: RgbImage): Float64Array[] {
 /**
  * `Image.blend(degenerate, image, factor)` (ImagingBlend): the factor is a C float, and
  * `in1 + alpha * (in2 - in1)` is evaluated in float32, truncated; outside [0, 1] it is clipped.
- * `degenerate` gives the first image's value at byte index i.
+ * `degenerate` is the first image: one grey value, or one byte per pixel (an "L" image) or per
+ * byte.
  */
-function blend(image: RgbImage, degenerate: (i: number) => number, factor: number): RgbImage {
+function blend(image: RgbImage, degenerate: number | Uint8Array, factor: number): RgbImage {
   const alpha = f32(factor);
   const { data } = image;
   const out = new Uint8Array(data.length);
-  if (alpha === 0) {
-    for (let i = 0; i < data.length; i++) out[i] = degenerate(i);
-  } else if (alpha === 1) {
+  if (alpha === 1) {
     out.set(data);
-  } else if (alpha >= 0 && alpha <= 1) {
-    for (let i = 0; i < data.length; i++) {
-      const a = degenerate(i);
-      out[i] = Math.trunc(f32(a + f32(alpha * (data[i] - a))));
-    }
+    return { width: image.width, height: image.height, data: out };
+  }
+  // The result depends only on the (degenerate, pixel) byte pair: a table of the 256 (constant
+  // degenerate) or 65536 pairs, filled once, then one lookup per byte.
+  const blended = (a: number, v: number) => {
+    if (alpha === 0) return a;
+    const t = f32(a + f32(alpha * (v - a)));
+    return alpha > 0 && alpha < 1 ? Math.trunc(t) : t <= 0 ? 0 : t >= 255 ? 255 : Math.trunc(t);
+  };
+  if (typeof degenerate === "number") {
+    const table = new Uint8Array(256);
+    for (let v = 0; v < 256; v++) table[v] = blended(degenerate, v);
+    for (let i = 0; i < data.length; i++) out[i] = table[data[i]];
   } else {
+    const table = new Uint8Array(65536);
+    for (let a = 0; a < 256; a++) {
+      for (let v = 0; v < 256; v++) table[(a << 8) | v] = blended(a, v);
+    }
+    const step = degenerate.length === data.length ? 1 : 3;
     for (let i = 0; i < data.length; i++) {
-      const a = degenerate(i);
-      const t = f32(a + f32(alpha * (data[i] - a)));
-      out[i] = t <= 0 ? 0 : t >= 255 ? 255 : Math.trunc(t);
+      out[i] = table[(degenerate[(i / step) | 0] << 8) | data[i]];
     }
   }
   return { width: image.width, height: image.height, data: out };
@@ -107,7 +117,7 @@ function luma(image: RgbImage): Uint8Array {
 export function adjustBrightness(image: RgbImage, factor: number): RgbImage {
   assertRgbImage(image);
   nonNegative("adjustBrightness factor", factor);
-  return blend(image, () => 0, factor);
+  return blend(image, 0, factor);
 }
 
 /** torchvision `adjust_contrast` on PIL: ImageEnhance.Contrast (blend with the mean grey). */
@@ -119,7 +129,7 @@ export function adjustContrast(image: RgbImage, factor: number): RgbImage {
   let sum = 0;
   for (let i = 0; i < l.length; i++) sum += l[i];
   const mean = Math.trunc(sum / l.length + 0.5);
-  return blend(image, () => mean, factor);
+  return blend(image, mean, factor);
 }
 
 /** torchvision `adjust_saturation` on PIL: ImageEnhance.Color (blend with the "L" image). */
@@ -127,7 +137,7 @@ export function adjustSaturation(image: RgbImage, factor: number): RgbImage {
   assertRgbImage(image);
   nonNegative("adjustSaturation factor", factor);
   const l = luma(image);
-  return blend(image, (i) => l[(i / 3) | 0], factor);
+  return blend(image, l, factor);
 }
 
 /**
@@ -164,7 +174,7 @@ export function adjustSharpness(image: RgbImage, factor: number): RgbImage {
   assertRgbImage(image);
   nonNegative("adjustSharpness factor", factor);
   const soft = smooth(image);
-  return blend(image, (i) => soft[i], factor);
+  return blend(image, soft, factor);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -224,29 +234,29 @@ export function adjustHue(image: RgbImage, factor: number): RgbImage {
     const p = clip8(cRound(v * (1.0 - fs)));
     const q = clip8(cRound(v * (1.0 - f32(fs * f))));
     const t = clip8(cRound(v * (1.0 - fs * (1.0 - f))));
-    let rgb: [number, number, number];
+    let r2: number, g2: number, b2: number;
     switch (hi % 6) {
       case 0:
-        rgb = [v, t, p];
+        r2 = v, g2 = t, b2 = p;
         break;
       case 1:
-        rgb = [q, v, p];
+        r2 = q, g2 = v, b2 = p;
         break;
       case 2:
-        rgb = [p, v, t];
+        r2 = p, g2 = v, b2 = t;
         break;
       case 3:
-        rgb = [p, q, v];
+        r2 = p, g2 = q, b2 = v;
         break;
       case 4:
-        rgb = [t, p, v];
+        r2 = t, g2 = p, b2 = v;
         break;
       default:
-        rgb = [v, p, q];
+        r2 = v, g2 = p, b2 = q;
     }
-    out[i] = rgb[0];
-    out[i + 1] = rgb[1];
-    out[i + 2] = rgb[2];
+    out[i] = r2;
+    out[i + 1] = g2;
+    out[i + 2] = b2;
   }
   return { width: image.width, height: image.height, data: out };
 }

@@ -8,14 +8,7 @@ fixtures apply torchvision's own functional ops with fixed parameters, one op at
 real transform classes (RandAugment, RandomResizedCrop, ..., in the spec's order) with torch's RNG
 while recording every decision they make, so that the TypeScript side can replay the record.
 
-torchvision 0.28's compiled extension is a CUDA build that fails to load against the CPU torch of
-the reference venv, and `import torchvision` loads it from the package __init__. Only the
-pure-Python transforms are needed, so the package is registered by hand (its search path, no
-__init__) before importing them. torchvision is deliberately not installed into the venv: once it
-is importable, transformers and diffusers import it too (and fail, or switch CLIPImageProcessor to
-its torchvision backend), which breaks the other reference scripts. The pinned wheel is read in
-place instead: an installed torchvision of that version if there is one, else the wheel that
-`pip download` puts in .cache/reference/ (zipimport reads the pure-Python modules from it).
+torchvision's transforms come from pure_torchvision.py (see there why it is not installed).
 
 Writes
   OUTDIR/data.bin     every image, raw 8-bit RGB rows (HWC), one after another
@@ -31,42 +24,11 @@ Writes
   OUTDIR/meta.json    library versions
 """
 
-import glob
-import importlib.metadata
-import importlib.util
 import json
 import os
-import subprocess
 import sys
-import types
 
-TORCHVISION = "0.28.0"
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def torchvision_path():
-    """Where torchvision's package files are, without importing it (see the module docstring)."""
-    try:
-        installed = importlib.metadata.version("torchvision")
-    except importlib.metadata.PackageNotFoundError:
-        installed = None
-    if installed is not None and installed.split("+")[0] == TORCHVISION:
-        return list(importlib.util.find_spec("torchvision").submodule_search_locations)
-    cache = os.path.join(ROOT, ".cache", "reference")
-    pattern = os.path.join(cache, f"torchvision-{TORCHVISION}-*.whl")
-    if not glob.glob(pattern):
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-             "--disable-pip-version-check", "-q", "-d", cache, f"torchvision=={TORCHVISION}"],
-            check=True,
-        )
-    return [os.path.join(sorted(glob.glob(pattern))[0], "torchvision")]
-
-
-_pkg = types.ModuleType("torchvision")
-_pkg.__path__ = torchvision_path()
-sys.modules["torchvision"] = _pkg
-
+import pure_torchvision  # registers torchvision's pure-Python package; must come first
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
 import torch  # noqa: E402
@@ -233,7 +195,8 @@ def main(outdir):
     with open(os.path.join(outdir, "cases.json"), "w") as f:
         json.dump({"images": images, "ops": ops, "space": spaces, "chains": chains}, f)
     with open(os.path.join(outdir, "meta.json"), "w") as f:
-        json.dump({"pillow": PIL.__version__, "numpy": np.__version__, "torch": torch.__version__}, f)
+        json.dump({"pillow": PIL.__version__, "numpy": np.__version__, "torch": torch.__version__,
+                   "torchvision": pure_torchvision.TORCHVISION}, f)
 
 
 JITTER_NAMES = ["brightness", "contrast", "saturation", "hue"]
