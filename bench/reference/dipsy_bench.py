@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
 from cache import ensure_cache  # also puts test/reference on sys.path
-from common import SD15_SCHEDULER, TINY_UNET
+from common import SD15_SCHEDULER, SD15_UNET, TINY_UNET
 from models_bench import PrecomputedTokens, cross_layers, plus_state_dict, split_h94
 
 # Bump when a model, an input or the layout changes: a stale cache is rebuilt, never reused.
@@ -48,20 +48,6 @@ PROTOCOL = sys.stdout
 # The dipsy guidance plugin's defaults (the paper's settings): the TypeScript side builds its
 # guidance from these values.
 GUIDANCE = dict(textScale=7.5, positiveScale=6.0, negativeScale=6.0, adapterScale=0.6)
-
-SD15_UNET = dict(
-    act_fn="silu",
-    attention_head_dim=8,
-    block_out_channels=[320, 640, 1280, 1280],
-    cross_attention_dim=768,
-    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    sample_size=64,
-)
 
 CASES = {
     # plugins/sd15/unet_config.ts TINY_UNET_CONFIG_JSON with TINY_IP_PLUS: overhead bound

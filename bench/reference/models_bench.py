@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from cache import ensure_cache  # also puts test/reference on sys.path
-from common import TINY_UNET
+from common import SD15_UNET, TINY_UNET
 
 # Bump when a model, an input or the layout changes: a stale cache is rebuilt, never reused.
 VERSION = "1"
@@ -43,19 +43,7 @@ UNETS = {
     ),
     # SD1.5's block structure (8 heads, 2 layers, cross 768, groups 32) at 0.4x width, 32x32 latent
     "unet_mid": dict(
-        config=dict(
-            act_fn="silu",
-            attention_head_dim=8,
-            block_out_channels=[128, 256, 512, 512],
-            cross_attention_dim=768,
-            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=2,
-            norm_num_groups=32,
-            sample_size=32,
-        ),
+        config=dict(SD15_UNET, block_out_channels=[128, 256, 512, 512], sample_size=32),
         batch=2,
         latent=32,
         text_len=77,

@@ -82,6 +82,21 @@ TINY_UNET = dict(
     sample_size=8,
 )
 
+# SD1.5's UNet structure (unet/config.json's architecture keys); benches scale its widths down.
+SD15_UNET = dict(
+    act_fn="silu",
+    attention_head_dim=8,
+    block_out_channels=[320, 640, 1280, 1280],
+    cross_attention_dim=768,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=64,
+)
+
 # SD1.5's scheduler/scheduler_config.json as the Hub ships it (no timestep_spacing key: each
 # scheduler class falls back to its own default through from_config); write_json writes it byte for
 # byte as runwayml/stable-diffusion-v1-5 has it.
