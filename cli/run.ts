@@ -235,15 +235,10 @@ async function runExperiment(v: Values, signal: AbortSignal): Promise<number> {
   });
   const trained = await timed("train", async () => {
     const { readTrainRecord } = await import("../plugins/classifiers/mod.ts");
-    if (readTrainRecord(trainDir)?.status === "complete") {
-      // Still checks that the settings match the finished run.
-      const r = await app.trainStage(classifier, data, { out: trainDir, device, workers, signal });
-      return ["skipped", r];
-    }
-    return [
-      "done",
-      await app.trainStage(classifier, data, { out: trainDir, device, workers, signal }),
-    ];
+    // A finished run is still handed to the trainer, which checks its settings and data match.
+    const finished = readTrainRecord(trainDir)?.status === "complete";
+    const r = await app.trainStage(classifier, data, { out: trainDir, device, workers, signal });
+    return [finished ? "skipped" : "done", r];
   });
   if (!trained.complete) {
     console.error(`interrupted after epoch ${trained.epochsDone}; run the same command to resume`);

@@ -34,7 +34,7 @@ export interface EvalOptions {
 }
 
 export async function evaluate(
-  classifier: TrainedClassifier & { readonly inputSize: number },
+  classifier: TrainedClassifier,
   images: readonly LabeledImage[],
   opts: EvalOptions = {},
 ): Promise<EvalResult> {

@@ -91,13 +91,18 @@ function blend(image: RgbImage, degenerate: number | Uint8Array, factor: number)
     for (let v = 0; v < 256; v++) table[v] = blended(degenerate, v);
     for (let i = 0; i < data.length; i++) out[i] = table[data[i]];
   } else {
-    const table = new Uint8Array(65536);
-    for (let a = 0; a < 256; a++) {
-      for (let v = 0; v < 256; v++) table[(a << 8) | v] = blended(a, v);
-    }
     const step = degenerate.length === data.length ? 1 : 3;
-    for (let i = 0; i < data.length; i++) {
-      out[i] = table[(degenerate[(i / step) | 0] << 8) | data[i]];
+    if (data.length < 65536) {
+      // Fewer bytes than table entries: computing each directly is cheaper.
+      for (let i = 0; i < data.length; i++) out[i] = blended(degenerate[(i / step) | 0], data[i]);
+    } else {
+      const table = new Uint8Array(65536);
+      for (let a = 0; a < 256; a++) {
+        for (let v = 0; v < 256; v++) table[(a << 8) | v] = blended(a, v);
+      }
+      for (let i = 0; i < data.length; i++) {
+        out[i] = table[(degenerate[(i / step) | 0] << 8) | data[i]];
+      }
     }
   }
   return { width: image.width, height: image.height, data: out };

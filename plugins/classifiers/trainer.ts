@@ -361,11 +361,6 @@ export async function openClassifier(
   });
 }
 
-/** Image side the model takes (its vision config). */
-export function inputSize(clf: ClipLoraClassifier): number {
-  return clf.model.vision.config.imageSize;
-}
-
 /**
  * Trains (or resumes, or finds complete) the run in `opts.out`. Stops between steps when the
  * signal aborts; the epochs already checkpointed are kept.
@@ -421,9 +416,10 @@ export async function trainRun(
   const clf = await openClassifier(settings, data.classNames, opts.modelSource, opts.device, {
     itersPerEpoch: batches.length,
   });
+  const size = clf.inputSize;
   using loader = new ImageLoader({
     kind: "train",
-    size: inputSize(clf),
+    size,
     augment: settings.augment ? {} : false,
   }, opts.loader);
   try {
@@ -455,7 +451,6 @@ export async function trainRun(
     }
     writeJsonAtomic(join(out, TRAIN_RECORD), record);
 
-    const size = inputSize(clf);
     const device = clf.model.logitScale.device;
     const dtype = clf.model.logitScale.dtype;
     const totalImages = (settings.epochs - done) * items.length;
