@@ -3,6 +3,10 @@
  * batch, runs in ONE UNet call: the conditionings differ only in the text states and in the
  * per-sample adapter scales, and an adapter at scale 0 contributes exactly nothing. DIPSY's four
  * predictions thus cost one batch-4 call per image instead of the official three batch-2 calls.
+ *
+ * On a GPU the loop waits for the device only at the ends of a batch: everything made on the
+ * host (noise, row indices, adapter scales) is made and moved before the first step, and nothing
+ * is read back before the last.
  */
 import { disposeAll, Generator, keep, ops, scope, type Tensor } from "../ffi/mod.ts";
 import { fromHost } from "../ffi/tensor.ts";
@@ -75,7 +79,12 @@ export function sampleLatents(
   const cond = scope(() => {
     const prompts = [...new Set(reqs.map((r) => r.prompt))];
     const states = bb.encodePrompts(["", ...prompts]);
-    const rows = (ids: number[]) => ops.indexSelect(states, 0, fromHost(ids, [ids.length], "i64"));
+    const rows = (ids: number[]) =>
+      ops.indexSelect(
+        states,
+        0,
+        ops.to(fromHost(ids, [ids.length], "i64"), undefined, states.device),
+      );
     const text = rows(reqs.map((r) => 1 + prompts.indexOf(r.prompt)));
     const empty = rows(reqs.map(() => 0));
     let pos: Tensor | null = null, neg: Tensor | null = null;
@@ -123,6 +132,8 @@ export function sampleLatents(
   let done = false;
   try {
     const total = sampler.timesteps.length;
+    // Every conditioning set the run will use is moved to the device now, not mid-loop.
+    for (let i = 0; i < total; i++) conditioningBatch(guidance.needs({ index: i, total }));
     for (let i = 0; i < total; i++) {
       const step = { index: i, total };
       const needs = guidance.needs(step);

@@ -66,7 +66,7 @@ export function int32List(values: readonly number[], slot: number): Int32Array {
 
 // Tensor-list arguments: handle addresses in per-argument regions of one scratch buffer, so a call
 // allocates nothing (a fresh array per call cost about as much as the op it fed).
-const PTR_SLOTS = 2;
+const PTR_SLOTS = 4;
 const PTR_SLOT_LEN = 64;
 const PTR_SCRATCH = new BigUint64Array(PTR_SLOTS * PTR_SLOT_LEN);
 
@@ -99,4 +99,80 @@ export function readOptionalTensor(): Tensor | null {
 
 export function readF64(): number {
   return SCRATCH_F64[0];
+}
+
+/** FFI calls made by one piece of code, by kind (see `countFfiCalls`). */
+export interface FfiCallCount {
+  /** Calls to op wrappers (`dt_op_*`). */
+  ops: number;
+  /** Of those, ops that only make a view (reshape, permute, slice, ...). */
+  views: number;
+  /** Calls that free tensor handles (one per call, whatever the number of handles). */
+  frees: number;
+  /** Shape/dtype/device reads (`dt_tensor_meta`). */
+  meta: number;
+  /** Anything else (host copies, sharing, generators, ...). */
+  other: number;
+  total: number;
+  /** Calls per native symbol. */
+  bySymbol: Record<string, number>;
+}
+
+const VIEW_OPS = new Set([
+  "reshape",
+  "permute",
+  "transpose",
+  "unsqueeze",
+  "squeeze",
+  "flatten",
+  "expand",
+  "slice",
+  "narrow",
+  "select",
+  "chunk",
+  "split",
+  "detach",
+]);
+
+/**
+ * Runs `fn` with every binding of the shim wrapped by a counter, and returns its result with the
+ * number of FFI calls it made. Wrapped calls lose Deno's fast-call path, so this is for counting,
+ * not for timing.
+ */
+export function countFfiCalls<T>(fn: () => T): { result: T; calls: FfiCallCount } {
+  const symbols = lib().symbols as unknown as Record<string, (...a: unknown[]) => unknown>;
+  const original = { ...symbols };
+  const bySymbol: Record<string, number> = {};
+  for (const [name, f] of Object.entries(original)) {
+    symbols[name] = (...args: unknown[]) => {
+      bySymbol[name] = (bySymbol[name] ?? 0) + 1;
+      return f(...args);
+    };
+  }
+  let result: T;
+  try {
+    result = fn();
+    if (result instanceof Promise) throw new Error("countFfiCalls takes a synchronous function");
+  } finally {
+    Object.assign(symbols, original);
+  }
+  const calls: FfiCallCount = {
+    ops: 0,
+    views: 0,
+    frees: 0,
+    meta: 0,
+    other: 0,
+    total: 0,
+    bySymbol,
+  };
+  for (const [name, n] of Object.entries(bySymbol)) {
+    calls.total += n;
+    if (name.startsWith("dt_op_")) {
+      calls.ops += n;
+      if (VIEW_OPS.has(name.slice("dt_op_".length))) calls.views += n;
+    } else if (name.startsWith("dt_tensor_free")) calls.frees += n;
+    else if (name === "dt_tensor_meta") calls.meta += n;
+    else calls.other += n;
+  }
+  return { result, calls };
 }

@@ -13,3 +13,15 @@ export class DisposedTensorError extends Error {
     this.name = "DisposedTensorError";
   }
 }
+
+/**
+ * The base of every error the user can fix (a file, a flag, a field, a folder, a missing model).
+ * Front ends print its message as one line and no stack; any other error is a bug. It lives in
+ * the lowest layer because the safetensors reader raises user errors too.
+ */
+export class UserError extends Error {
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = new.target.name;
+  }
+}

@@ -1,9 +1,10 @@
 /**
  * Locates and opens the native shim. The bootstrap (`native/bootstrap.ts`) builds it and records
- * where it lives in `.cache/native/current.json`; `DIPSY_LIB` overrides that with a path.
+ * where it lives in `.cache/native/current.json` (`$DIPSY_NATIVE_CACHE/current.json` when that is
+ * set, as for the bootstrap); `DIPSY_LIB` overrides that with a path.
  */
 import { existsSync, readFileSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { nativeSourceHashSync } from "../native/source_hash.ts";
 import { OP_SYMBOLS } from "./symbols.gen.ts";
@@ -19,6 +20,7 @@ export const CORE_SYMBOLS = {
   dt_live_handles: { parameters: [], result: "i64" },
   dt_live_bytes: { parameters: [], result: "i64" },
   dt_tensor_free: { parameters: ["pointer"], result: "void" },
+  dt_tensor_free_many: { parameters: ["buffer", "i32"], result: "void" },
   dt_tensor_meta: { parameters: ["pointer", "buffer", "i32", "buffer"], result: "i32" },
   dt_tensor_share: { parameters: ["pointer", "buffer"], result: "pointer" },
   dt_from_host: {
@@ -32,10 +34,21 @@ export const CORE_SYMBOLS = {
   },
   dt_generator_new: { parameters: ["u64", "i32", "buffer"], result: "pointer" },
   dt_generator_free: { parameters: ["pointer"], result: "void" },
+  dt_set_allow_tf32: { parameters: ["i32", "buffer"], result: "i32" },
+  dt_allow_tf32: { parameters: ["buffer"], result: "i32" },
+  dt_sdpa_backend: {
+    parameters: ["pointer", "pointer", "pointer", "pointer", "i32", "buffer", "buffer"],
+    result: "i32",
+  },
+  dt_cuda_device_info: { parameters: ["buffer"], result: "pointer" },
   dt_cuda_memory_stats: { parameters: ["i32", "buffer"], result: "pointer" },
+  dt_cuda_reset_peak_memory_stats: { parameters: ["i32", "buffer"], result: "i32" },
   dt_cuda_empty_cache: { parameters: ["buffer"], result: "i32" },
   dt_cuda_synchronize: { parameters: ["i32", "buffer"], result: "i32" },
+  dt_cuda_set_sync_debug_mode: { parameters: ["i32", "buffer"], result: "i32" },
   dt_cuda_graph_new: { parameters: ["buffer"], result: "pointer" },
+  dt_cuda_graph_warmup_begin: { parameters: ["pointer", "buffer"], result: "i32" },
+  dt_cuda_graph_warmup_end: { parameters: ["pointer", "buffer"], result: "i32" },
   dt_cuda_graph_capture_begin: { parameters: ["pointer", "buffer"], result: "i32" },
   dt_cuda_graph_capture_end: { parameters: ["pointer", "buffer"], result: "i32" },
   dt_cuda_graph_replay: { parameters: ["pointer", "buffer"], result: "i32" },
@@ -46,7 +59,10 @@ const SYMBOLS = { ...CORE_SYMBOLS, ...OP_SYMBOLS };
 export type Library = Deno.DynamicLibrary<typeof SYMBOLS>;
 
 export const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
-const CURRENT = join(ROOT, ".cache/native/current.json");
+const CURRENT = join(
+  resolve(Deno.env.get("DIPSY_NATIVE_CACHE") || join(ROOT, ".cache/native")),
+  "current.json",
+);
 const HOW_TO_BUILD = "run `deno task build:native` (or any task: they build it on first use)";
 
 let opened: Library | undefined;

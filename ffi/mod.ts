@@ -19,7 +19,7 @@ export {
   isDevice,
   isDType,
 } from "./dtype.ts";
-export { DisposedTensorError, TorchError } from "./errors.ts";
+export { DisposedTensorError, TorchError, UserError } from "./errors.ts";
 export { Generator } from "./generator.ts";
 export {
   cudaEmptyCache,

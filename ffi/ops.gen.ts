@@ -874,3 +874,124 @@ export function adamwStep(
     "adamw_step",
   );
 }
+
+/** diffusers' Attention (SDPA processor, bias-free q/k/v) over x [B, L, C], attending to context (null: x itself), then + residual when given. Per IP-Adapter a: ip_tokens[a] [B, T, D], ip_weights[2a] / [2a + 1] its to_k_ip / to_v_ip, ip_scales[a] [B, 1, 1]; each adds scale * its own attention before the output projection. */
+export function attention(
+  x: Tensor,
+  context: Tensor | null | undefined,
+  w_q: Tensor,
+  w_k: Tensor,
+  w_v: Tensor,
+  w_out: Tensor,
+  b_out: Tensor | null | undefined,
+  heads: number,
+  ip_tokens: readonly Tensor[],
+  ip_weights: readonly Tensor[],
+  ip_scales: readonly Tensor[],
+  residual: Tensor | null | undefined,
+): Tensor {
+  return wrapTensor(
+    S.dt_op_attention(
+      x.ptr,
+      context ? context.ptr : null,
+      w_q.ptr,
+      w_k.ptr,
+      w_v.ptr,
+      w_out.ptr,
+      b_out ? b_out.ptr : null,
+      heads,
+      ptrList(ip_tokens, 0),
+      ip_tokens.length,
+      ptrList(ip_weights, 1),
+      ip_weights.length,
+      ptrList(ip_scales, 2),
+      ip_scales.length,
+      residual ? residual.ptr : null,
+      GRAD.on,
+      ERR,
+    ),
+    "attention",
+  );
+}
+
+/** diffusers' FeedForward with GEGLU: (h, gate) = linear(x, w_in, b_in).chunk(2, -1); linear(h * gelu(gate), w_out, b_out), then + residual when given. */
+export function gegluFeedForward(
+  x: Tensor,
+  w_in: Tensor,
+  b_in: Tensor | null | undefined,
+  w_out: Tensor,
+  b_out: Tensor | null | undefined,
+  residual: Tensor | null | undefined,
+): Tensor {
+  return wrapTensor(
+    S.dt_op_geglu_feed_forward(
+      x.ptr,
+      w_in.ptr,
+      b_in ? b_in.ptr : null,
+      w_out.ptr,
+      b_out ? b_out.ptr : null,
+      residual ? residual.ptr : null,
+      GRAD.on,
+      ERR,
+    ),
+    "geglu_feed_forward",
+  );
+}
+
+/** diffusers' ResnetBlock2D (default time-embedding norm): norm1, act, conv1, + temb_w act(temb) per channel (temb null: none), norm2, act, conv2, + x (through the 1x1 shortcut when given), / output_scale. Convs keep the size (padding = kernel / 2); act: 0 silu, 1 gelu, 2 relu. */
+export function resnetBlock(
+  x: Tensor,
+  temb: Tensor | null | undefined,
+  norm1_w: Tensor,
+  norm1_b: Tensor,
+  conv1_w: Tensor,
+  conv1_b: Tensor | null | undefined,
+  temb_w: Tensor | null | undefined,
+  temb_b: Tensor | null | undefined,
+  norm2_w: Tensor,
+  norm2_b: Tensor,
+  conv2_w: Tensor,
+  conv2_b: Tensor | null | undefined,
+  shortcut_w: Tensor | null | undefined,
+  shortcut_b: Tensor | null | undefined,
+  groups: number,
+  eps: number,
+  act: number,
+  output_scale: number,
+): Tensor {
+  return wrapTensor(
+    S.dt_op_resnet_block(
+      x.ptr,
+      temb ? temb.ptr : null,
+      norm1_w.ptr,
+      norm1_b.ptr,
+      conv1_w.ptr,
+      conv1_b ? conv1_b.ptr : null,
+      temb_w ? temb_w.ptr : null,
+      temb_b ? temb_b.ptr : null,
+      norm2_w.ptr,
+      norm2_b.ptr,
+      conv2_w.ptr,
+      conv2_b ? conv2_b.ptr : null,
+      shortcut_w ? shortcut_w.ptr : null,
+      shortcut_b ? shortcut_b.ptr : null,
+      groups,
+      eps,
+      act,
+      output_scale,
+      GRAD.on,
+      ERR,
+    ),
+    "resnet_block",
+  );
+}
+
+/** [B, C, H, W] -> [B, H*W, C] (permute, reshape). */
+export function imageToTokens(x: Tensor): Tensor {
+  return wrapTensor(S.dt_op_image_to_tokens(x.ptr, GRAD.on, ERR), "image_to_tokens");
+}
+
+/** [B, H*W, C] -> contiguous [B, C, H, W] (reshape, permute, contiguous). */
+export function tokensToImage(x: Tensor, height: number, width: number): Tensor {
+  return wrapTensor(S.dt_op_tokens_to_image(x.ptr, height, width, GRAD.on, ERR), "tokens_to_image");
+}

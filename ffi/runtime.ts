@@ -1,7 +1,11 @@
-/** Runtime controls: info, grad mode (per isolate), threads, seeds and CUDA housekeeping. */
+/**
+ * Runtime controls: info, grad mode (per isolate), threads, seeds, TF32, the attention kernel
+ * libtorch picks, and CUDA housekeeping (memory, sync checks, graphs).
+ */
 import { ERR, GRAD, takeError } from "./call.ts";
 import { type Device, deviceCode } from "./dtype.ts";
 import { lib } from "./lib.ts";
+import type { Tensor } from "./tensor.ts";
 
 const S = lib().symbols;
 
@@ -65,6 +69,62 @@ export function manualSeed(seed: number | bigint): void {
   if (S.dt_manual_seed(BigInt(seed), ERR) < 0) throw takeError("manual_seed");
 }
 
+/**
+ * TF32 for float32 work on CUDA: cuBLAS matmuls and cuDNN convolutions. libtorch's defaults
+ * (matmul off, convolutions on) are PyTorch's; tests that compare float32 with the CPU turn both
+ * off.
+ */
+export function setAllowTf32(on: { matmul: boolean; conv: boolean }): void {
+  if (S.dt_set_allow_tf32((on.matmul ? 1 : 0) | (on.conv ? 2 : 0), ERR) < 0) {
+    throw takeError("set_allow_tf32");
+  }
+}
+
+export function allowTf32(): { matmul: boolean; conv: boolean } {
+  const bits = S.dt_allow_tf32(ERR);
+  if (bits < 0) throw takeError("allow_tf32");
+  return { matmul: (bits & 1) !== 0, conv: (bits & 2) !== 0 };
+}
+
+/** The kernels of scaled_dot_product_attention (at::SDPBackend). */
+export type SdpaBackend = "math" | "flash" | "efficient" | "cudnn" | "overrideable" | "none";
+const SDPA_BACKENDS: SdpaBackend[] = ["math", "flash", "efficient", "cudnn", "overrideable"];
+const SDPA_OUT = new Int32Array(1);
+
+/** The kernel `ops.sdpa` would run for these inputs ([..., L, E]; no dropout). */
+export function sdpaBackend(
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  opts: { mask?: Tensor | null; causal?: boolean } = {},
+): SdpaBackend {
+  const status = S.dt_sdpa_backend(
+    q.ptr,
+    k.ptr,
+    v.ptr,
+    opts.mask?.ptr ?? null,
+    opts.causal ? 1 : 0,
+    SDPA_OUT,
+    ERR,
+  );
+  if (status < 0) throw takeError("sdpa_backend");
+  return SDPA_BACKENDS[SDPA_OUT[0]] ?? "none";
+}
+
+export interface CudaDevice {
+  index: number;
+  name: string;
+  /** Compute capability, "9.0" for Hopper. */
+  capability: string;
+  memory_bytes: number;
+  multiprocessors: number;
+}
+
+/** The CUDA devices libtorch sees (none without a CUDA build or a GPU). */
+export function cudaDevices(): CudaDevice[] {
+  return JSON.parse(takeString(S.dt_cuda_device_info(ERR), "cuda_device_info"));
+}
+
 export interface CudaMemoryStats {
   allocated_bytes: number;
   peak_allocated_bytes: number;
@@ -74,8 +134,15 @@ export interface CudaMemoryStats {
 
 export function cudaMemoryStats(device: Device = "cuda:0"): CudaMemoryStats {
   return JSON.parse(
-    takeString(S.dt_cuda_memory_stats(deviceCode(device), ERR), "cuda_memory_stats"),
+    takeString(S.dt_cuda_memory_stats(cudaIndex(device), ERR), "cuda_memory_stats"),
   );
+}
+
+/** Starts the peak figures of cudaMemoryStats over from the current ones. */
+export function cudaResetPeakMemoryStats(device: Device = "cuda:0"): void {
+  if (S.dt_cuda_reset_peak_memory_stats(cudaIndex(device), ERR) < 0) {
+    throw takeError("cuda_reset_peak_memory_stats");
+  }
 }
 
 export function cudaEmptyCache(): void {
@@ -83,15 +150,33 @@ export function cudaEmptyCache(): void {
 }
 
 export function cudaSynchronize(device: Device = "cuda:0"): void {
-  if (S.dt_cuda_synchronize(Math.max(0, deviceCode(device)), ERR) < 0) {
-    throw takeError("cuda_synchronize");
-  }
+  if (S.dt_cuda_synchronize(cudaIndex(device), ERR) < 0) throw takeError("cuda_synchronize");
 }
 
-/** A CUDA graph: capture a fixed sequence of ops once, replay it with one launch. */
+/**
+ * libtorch's sync debug mode: "error" makes every call that waits for the GPU (a read-back, a
+ * blocking copy, a synchronize) fail, which proves a loop free of host syncs.
+ */
+export function cudaSetSyncDebugMode(mode: "off" | "warn" | "error"): void {
+  const code = { off: 0, warn: 1, error: 2 }[mode];
+  if (S.dt_cuda_set_sync_debug_mode(code, ERR) < 0) throw takeError("cuda_set_sync_debug_mode");
+}
+
+function cudaIndex(device: Device): number {
+  const code = deviceCode(device);
+  if (code < 0) throw new TypeError(`expected a CUDA device, got "${device}"`);
+  return code;
+}
+
+/**
+ * A CUDA graph: capture a fixed sequence of GPU work once, replay it with one launch. The graph
+ * owns a side stream, on which both its warm-up and its capture run (libtorch keeps per-stream
+ * state, such as the cuBLAS workspace, that warm-up must create before capture may use it).
+ */
 export class CudaGraph implements Disposable {
   #ptr: Deno.PointerObject | null;
 
+  /** Throws when there is no CUDA (a CPU build, or no GPU). */
   constructor() {
     const p = S.dt_cuda_graph_new(ERR);
     if (p === null) throw takeError("cuda_graph");
@@ -103,7 +188,29 @@ export class CudaGraph implements Disposable {
     return this.#ptr;
   }
 
-  /** Records every op that `fn` issues on the GPU (fn must not read results back). */
+  /**
+   * Runs `fn` eagerly on the graph's side stream, after the work queued so far; the current
+   * stream waits for it afterwards, so its results can be used at once.
+   */
+  warmup<T>(fn: () => T): T {
+    if (S.dt_cuda_graph_warmup_begin(this.#p(), ERR) < 0) throw takeError("cuda_graph_warmup");
+    let result: T;
+    try {
+      result = fn();
+    } catch (e) {
+      // Back on the caller's stream whatever happened; fn's error wins over this one.
+      if (S.dt_cuda_graph_warmup_end(this.#p(), ERR) < 0) takeError("cuda_graph_warmup");
+      throw e;
+    }
+    if (S.dt_cuda_graph_warmup_end(this.#p(), ERR) < 0) throw takeError("cuda_graph_warmup");
+    return result;
+  }
+
+  /**
+   * Records every op that `fn` issues on the GPU; nothing runs until `replay`. fn must not wait
+   * for the GPU (read values back, copy to the host). Whatever happens, the caller's stream is
+   * current again afterwards; a failed capture leaves this graph unusable.
+   */
   capture(fn: () => void): void {
     if (S.dt_cuda_graph_capture_begin(this.#p(), ERR) < 0) throw takeError("cuda_graph_capture");
     let failure: unknown = undefined;
@@ -112,10 +219,10 @@ export class CudaGraph implements Disposable {
     } catch (e) {
       failure = e;
     }
-    // Capture must always be ended, or the stream stays in capture mode; fn's error wins.
     const ended = S.dt_cuda_graph_capture_end(this.#p(), ERR);
+    const endError = ended < 0 ? takeError("cuda_graph_capture") : undefined;
     if (failure !== undefined) throw failure;
-    if (ended < 0) throw takeError("cuda_graph_capture");
+    if (endError) throw endError;
   }
 
   replay(): void {

@@ -6,6 +6,7 @@
 import { closeSync, fstatSync, openSync, readSync, renameSync, rmSync, writeSync } from "node:fs";
 import { ERR, takeError } from "./call.ts";
 import { type Device, deviceCode, type DType, dtypeCode, ELEMENT_SIZE } from "./dtype.ts";
+import { UserError } from "./errors.ts";
 import { lib } from "./lib.ts";
 import { Tensor } from "./tensor.ts";
 
@@ -38,10 +39,10 @@ export interface TensorInfo {
   nbytes: number;
 }
 
-export class SafetensorsError extends Error {
+/** A file that is not a readable safetensors file (or a pickle): the user's to replace. */
+export class SafetensorsError extends UserError {
   constructor(readonly path: string, detail: string) {
     super(`${path}: ${detail}`);
-    this.name = "SafetensorsError";
   }
 }
 
@@ -147,8 +148,11 @@ function readIndex(
     if (size < 8) fail(`only ${size} bytes, shorter than the 8-byte header length`);
     const lenBuf = new Uint8Array(8);
     readExactly(fd, lenBuf, 0);
-    const headerLen = Number(new DataView(lenBuf.buffer).getBigUint64(0, true));
-    if (headerLen > MAX_HEADER) fail(`header length ${headerLen} is implausible`);
+    const claimed = new DataView(lenBuf.buffer).getBigUint64(0, true);
+    if (claimed > BigInt(MAX_HEADER)) {
+      fail(`header length ${claimed} is implausible (the file has ${size} bytes)`);
+    }
+    const headerLen = Number(claimed);
     if (8 + headerLen > size) {
       fail(`header of ${headerLen} bytes runs past the end (file has ${size})`);
     }

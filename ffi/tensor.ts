@@ -48,6 +48,29 @@ class Scope {
 }
 const scopes: Scope[] = [];
 
+/**
+ * Handles to free in one FFI call: a scope's temporaries go back together, not one call each
+ * (a UNet forward made more free calls than op calls).
+ */
+class FreeBatch {
+  #addresses = new BigUint64Array(256);
+  #n = 0;
+
+  add(address: bigint): void {
+    if (this.#n === this.#addresses.length) {
+      const grown = new BigUint64Array(this.#addresses.length * 2);
+      grown.set(this.#addresses);
+      this.#addresses = grown;
+    }
+    this.#addresses[this.#n++] = address;
+  }
+
+  flush(): void {
+    if (this.#n > 0) S.dt_tensor_free_many(this.#addresses, this.#n);
+    this.#n = 0;
+  }
+}
+
 export class Tensor implements Disposable {
   #ptr: Deno.PointerObject | null;
   #address: bigint | undefined;
@@ -98,6 +121,19 @@ export class Tensor implements Disposable {
     this._scope = null;
     liveHandles--;
     S.dt_tensor_free(p);
+  }
+
+  /**
+   * Marks the tensor disposed and hands its handle's address to `batch`, which frees it with
+   * others in one call. The caller drops it from its scope's list.
+   */
+  _releaseInto(batch: FreeBatch): void {
+    if (this.#ptr === null) return;
+    batch.add(this.#address ?? BigInt(Deno.UnsafePointer.value(this.#ptr)));
+    if (this._scope === null) finalizer.unregister(this);
+    this.#ptr = null;
+    this._scope = null;
+    liveHandles--;
   }
 
   [Symbol.dispose](): void {
@@ -304,19 +340,27 @@ function enter(): Scope {
   return s;
 }
 
+/** One batch serves every exit: an exit runs no user code, so exits never overlap. */
+const FREED = new FreeBatch();
+
 function exit(s: Scope, result: unknown): void {
   if (scopes[scopes.length - 1] !== s) throw new Error("memory scopes exited out of order");
   scopes.pop();
   const escaping: Tensor[] = [];
   collect(result, escaping);
-  const keepSet = new Set(escaping.filter((t) => t._scope === s));
-  for (const t of s.tensors) {
-    if (t._scope !== s) continue; // kept or already handed on
-    if (keepSet.has(t)) {
-      adopt(t);
-    } else {
-      t.dispose();
+  const keepSet = escaping.length ? new Set(escaping.filter((t) => t._scope === s)) : null;
+  try {
+    for (const t of s.tensors) {
+      if (t._scope !== s) continue; // kept or already handed on
+      if (keepSet?.has(t)) {
+        adopt(t);
+      } else {
+        t._releaseInto(FREED);
+      }
     }
+    s.tensors.length = 0;
+  } finally {
+    FREED.flush();
   }
 }
 
@@ -377,11 +421,20 @@ export function keep<T extends Tensor | readonly Tensor[]>(t: T): T {
   return t;
 }
 
-/** Disposes every tensor found in a value (array, plain object, Map). */
+/** Disposes every tensor found in a value (array, plain object, Map), in one native call. */
 export function disposeAll(value: unknown): void {
   const found: Tensor[] = [];
   collect(value, found);
-  for (const t of found) t.dispose();
+  try {
+    for (const t of found) {
+      const scope = t._scope;
+      t._releaseInto(FREED);
+      // as dispose() does, so a long scope does not keep the dead tensor listed
+      if (scope && scope.tensors[scope.tensors.length - 1] === t) scope.tensors.pop();
+    }
+  } finally {
+    FREED.flush();
+  }
 }
 
 export interface MemoryInfo {

@@ -16,14 +16,23 @@
  * `.cache/native/libtorch.json`. The shim is built into `.cache/native/<key>/libdipsy_torch.so`,
  * where `<key>` hashes the native sources and the libtorch used, and `.cache/native/current.json`
  * names the library the FFI loader opens.
+ *
+ * `DIPSY_NATIVE_CACHE=DIR` puts all of that (libtorch.json, the builds, current.json) into DIR
+ * instead of `.cache/native`, and the FFI loader reads DIR/current.json: a second build, e.g.
+ * against a CUDA libtorch, lives beside the default one without replacing it.
  */
+import { failureSummary } from "./build_log.ts";
 import { nativeSourceHash } from "./source_hash.ts";
 
 const ROOT = decodeURIComponent(new URL("..", import.meta.url).pathname).replace(/\/$/, "");
-const CACHE = `${ROOT}/.cache/native`;
+const DEFAULT_CACHE = `${ROOT}/.cache/native`;
+const CACHE = nativeCacheDir();
 const LIBTORCH_JSON = `${CACHE}/libtorch.json`;
 const CURRENT_JSON = `${CACHE}/current.json`;
+/** Guards .venv, the fixtures and the default cache. */
 const LOCK = `${ROOT}/.cache/bootstrap.lock`;
+/** Guards the cache folder; another cache's build then does not hold up the default one's. */
+const CACHE_LOCK = CACHE === DEFAULT_CACHE ? LOCK : `${CACHE}/.bootstrap.lock`;
 const VENV = `${ROOT}/.venv`;
 const VENV_PY = `${VENV}/bin/python`;
 const REF_DIR = `${ROOT}/test/reference`;
@@ -123,6 +132,12 @@ async function sha256(data: string | Uint8Array): Promise<string> {
   return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+function nativeCacheDir(): string {
+  const dir = Deno.env.get("DIPSY_NATIVE_CACHE");
+  if (!dir) return DEFAULT_CACHE;
+  return (dir.startsWith("/") ? dir : `${Deno.cwd()}/${dir}`).replace(/\/+$/, "");
+}
+
 function rel(path: string): string {
   return path.startsWith(`${ROOT}/`) ? path.slice(ROOT.length + 1) : path;
 }
@@ -211,25 +226,25 @@ function sleep(ms: number): Promise<void> {
  * Serializes the steps that write (venv, build, fixtures) between bootstraps started at the same
  * time, e.g. two tasks in two terminals. A lock left by a killed process is taken over.
  */
-async function withLock<T>(fn: () => Promise<T>): Promise<T> {
-  Deno.mkdirSync(`${ROOT}/.cache`, { recursive: true });
+async function withLock<T>(lock: string, fn: () => Promise<T>): Promise<T> {
+  Deno.mkdirSync(lock.slice(0, lock.lastIndexOf("/")), { recursive: true });
   let announced = false;
   for (;;) {
     try {
-      Deno.mkdirSync(LOCK);
+      Deno.mkdirSync(lock);
       break;
     } catch (e) {
       if (!(e instanceof Deno.errors.AlreadyExists)) throw e;
     }
-    const pid = Number(readText(`${LOCK}/pid`) ?? "0");
+    const pid = Number(readText(`${lock}/pid`) ?? "0");
     let age = 0;
     try {
-      age = Date.now() - (Deno.statSync(LOCK).mtime?.getTime() ?? Date.now());
+      age = Date.now() - (Deno.statSync(lock).mtime?.getTime() ?? Date.now());
     } catch { /* just released */ }
     const dead = pid > 0 && Deno.build.os === "linux" && !exists(`/proc/${pid}`);
     if (dead || (pid === 0 && age > 60_000) || age > 6 * 3600_000) {
       try {
-        Deno.removeSync(LOCK, { recursive: true });
+        Deno.removeSync(lock, { recursive: true });
       } catch { /* someone else took it over */ }
       continue;
     }
@@ -239,14 +254,23 @@ async function withLock<T>(fn: () => Promise<T>): Promise<T> {
     }
     await sleep(500);
   }
-  Deno.writeTextFileSync(`${LOCK}/pid`, String(Deno.pid));
+  Deno.writeTextFileSync(`${lock}/pid`, String(Deno.pid));
   try {
     return await fn();
   } finally {
     try {
-      Deno.removeSync(LOCK, { recursive: true });
+      Deno.removeSync(lock, { recursive: true });
     } catch { /* already gone */ }
   }
+}
+
+/**
+ * Runs `fn` holding the lock of .venv and the fixtures. A bootstrap of the default cache holds it
+ * throughout; one of another cache takes it only around these steps (always after its own cache
+ * lock, so two bootstraps never wait on each other in a circle).
+ */
+function withSharedLock<T>(fn: () => Promise<T>): Promise<T> {
+  return CACHE_LOCK === LOCK ? fn() : withLock(LOCK, fn);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -289,30 +313,25 @@ function cachedLibtorch(): Libtorch | null {
   const lt = readJson<Libtorch>(LIBTORCH_JSON);
   if (!lt || lt.key !== discoveryKey()) return null;
   if (!exists(`${lt.libDir}/libtorch.so`)) return null;
-  if (lt.findMode === "config" && !exists(`${lt.prefix}/share/cmake/Torch/TorchConfig.cmake`)) {
-    return null;
-  }
   const v = readTorchVersion(lt.prefix);
   if (!v || v.version !== lt.version || v.cuda !== lt.cuda) return null;
+  // A discovery made under an older rule (or before TorchConfig.cmake went) is made again.
+  if (lt.findMode !== chooseFindMode(lt.prefix, lt.cuda)) return null;
   return lt;
 }
 
-function nvccAvailable(): boolean {
-  const home = Deno.env.get("CUDA_HOME") ?? Deno.env.get("CUDA_PATH");
-  return which("nvcc") !== null || (home !== undefined && exists(`${home}/bin/nvcc`)) ||
-    exists("/usr/local/cuda/bin/nvcc");
-}
-
+/**
+ * How CMake gets libtorch. TorchConfig.cmake of a CUDA libtorch searches for a complete CUDA
+ * toolkit (nvcc, cuBLAS, cuSPARSE, NVRTC, ...) and fails without one, although the shim compiles no
+ * CUDA code and needs only headers: the manual mode links the libtorch folder and takes the CUDA
+ * headers from the nvidia-* wheels of a pip torch or from any toolkit (see native/CMakeLists.txt).
+ * So CUDA always goes the manual way, and config is for CPU builds, where it always works.
+ */
 function chooseFindMode(prefix: string, cuda: string | null): "config" | "manual" {
   const forced = Deno.env.get("DIPSY_TORCH_FIND");
   if (forced === "config" || forced === "manual") return forced;
   if (forced) throw new BootstrapError(`DIPSY_TORCH_FIND must be config or manual, not ${forced}`);
-  if (!exists(`${prefix}/share/cmake/Torch/TorchConfig.cmake`)) return "manual";
-  if (cuda && !nvccAvailable()) {
-    // TorchConfig.cmake of a CUDA build insists on a CUDA toolkit; the manual mode does not.
-    info(`libtorch has CUDA ${cuda} but no nvcc is installed: linking without TorchConfig.cmake`);
-    return "manual";
-  }
+  if (cuda || !exists(`${prefix}/share/cmake/Torch/TorchConfig.cmake`)) return "manual";
   return "config";
 }
 
@@ -512,11 +531,16 @@ interface BuildPlan {
   lib: string;
 }
 
+/** "auto" (what the libtorch headers require, see native/CMakeLists.txt) unless overridden. */
+function cxxStandard(): string {
+  return Deno.env.get("DIPSY_CXX_STANDARD") || "auto";
+}
+
 async function buildPlan(lt: Libtorch): Promise<BuildPlan> {
   const sourceHash = await nativeSourceHash(ROOT);
-  const key = (await sha256(
-    JSON.stringify([sourceHash, lt.prefix, lt.version, lt.cuda, lt.findMode]),
-  )).slice(0, 16);
+  const parts: unknown[] = [sourceHash, lt.prefix, lt.version, lt.cuda, lt.findMode];
+  if (cxxStandard() !== "auto") parts.push(cxxStandard()); // the default keeps the old keys
+  const key = (await sha256(JSON.stringify(parts))).slice(0, 16);
   return { sourceHash, key, lib: `${CACHE}/${key}/libdipsy_torch.so` };
 }
 
@@ -580,6 +604,8 @@ async function buildNative(lt: Libtorch, clean: boolean): Promise<string> {
     `-DCMAKE_PREFIX_PATH=${lt.cmakePrefix}`,
     `-DDIPSY_TORCH_FIND=${lt.findMode}`,
     `-DDIPSY_TORCH_PREFIX=${lt.prefix}`,
+    // Passed on every configure: a cached value from an earlier one must not outlive its reason.
+    `-DDIPSY_CXX_STANDARD=${cxxStandard()}`,
   ];
   if (lt.cxx11abi !== null) configure.push(`-DDIPSY_TORCH_CXX11_ABI=${lt.cxx11abi ? 1 : 0}`);
   if (which("ccache")) configure.push("-DCMAKE_CXX_COMPILER_LAUNCHER=ccache");
@@ -598,10 +624,13 @@ async function buildNative(lt: Libtorch, clean: boolean): Promise<string> {
     });
     Deno.writeTextFileSync(`${buildDir}/build.log`, log.join("\n") + "\n");
     if (r.code !== 0) {
-      const errors = [...new Set(r.lines.filter((l) => /\berror\b|Error/.test(l)))].slice(0, 25);
+      const hint = lt.cuda && lt.findMode === "config" && step === "configure"
+        ? "  DIPSY_TORCH_FIND=config makes TorchConfig.cmake look for a complete CUDA toolkit;\n" +
+          "  without it the build needs the CUDA headers only (README, CUDA).\n"
+        : "";
       throw new BootstrapError(
         `cmake ${step} failed (exit ${r.code}):\n` +
-          `${errors.length ? tail(errors, 25) : tail(r.lines, 30)}\n` +
+          `${failureSummary(r.lines).map((l) => `    ${l}`).join("\n")}\n${hint}` +
           `  Full log: ${rel(buildDir)}/build.log\n` +
           "  Fix the cause and run the task again (`deno task build:native` rebuilds from a clean\n" +
           "  build folder).",
@@ -796,13 +825,13 @@ async function bootstrap(opts: Options): Promise<void> {
   let stale: Fixture[] = [];
   if (opts.reference) {
     const ref = await referenceState();
-    await ensureReferenceEnv(ref.reqHash);
+    await withSharedLock(() => ensureReferenceEnv(ref.reqHash));
     stale = ref.stale;
   }
 
   let lt = opts.force ? null : cachedLibtorch();
   if (!lt) {
-    lt = await discoverLibtorch();
+    lt = await withSharedLock(discoverLibtorch);
     writeAtomic(LIBTORCH_JSON, JSON.stringify(lt, null, 2) + "\n");
     info(`libtorch ${describe(lt)} from ${lt.source}: ${lt.prefix}`);
   }
@@ -817,7 +846,7 @@ async function bootstrap(opts: Options): Promise<void> {
 
   if (stale.length) {
     info(`regenerating ${stale.length} stale fixture(s) with ${rel(VENV_PY)}`);
-    await generateFixtures(stale);
+    await withSharedLock(() => generateFixtures(stale));
   }
   if (performance.now() - start > 1000) info(`bootstrap done in ${seconds(start)}`);
 }
@@ -827,7 +856,7 @@ async function main(): Promise<number> {
     const opts = parseArgs(Deno.args);
     quiet = opts.quiet;
     if (await upToDate(opts)) return 0;
-    await withLock(() => bootstrap(opts));
+    await withLock(CACHE_LOCK, () => bootstrap(opts));
     return 0;
   } catch (e) {
     if (e instanceof BootstrapError) {

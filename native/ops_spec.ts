@@ -421,4 +421,43 @@ export const OPS: OpSpec[] = [
     p.addcdiv_(m, denom, -step_size);`,
     doc: "One AdamW update in place (step counts from 1).",
   },
+
+  // fused (native/src/fused.cpp): what always runs together in the UNet and the VAE, in one call
+  {
+    name: "attention",
+    args:
+      "x:T, context:T?, w_q:T, w_k:T, w_v:T, w_out:T, b_out:T?, heads:int, ip_tokens:T[], ip_weights:T[], ip_scales:T[], residual:T?",
+    body:
+      "dt::attention(x, context, w_q, w_k, w_v, w_out, b_out, heads, ip_tokens, ip_weights, ip_scales, residual)",
+    doc:
+      "diffusers' Attention (SDPA processor, bias-free q/k/v) over x [B, L, C], attending to context (null: x itself), then + residual when given. Per IP-Adapter a: ip_tokens[a] [B, T, D], ip_weights[2a] / [2a + 1] its to_k_ip / to_v_ip, ip_scales[a] [B, 1, 1]; each adds scale * its own attention before the output projection.",
+  },
+  {
+    name: "geglu_feed_forward",
+    args: "x:T, w_in:T, b_in:T?, w_out:T, b_out:T?, residual:T?",
+    body: "dt::geglu_feed_forward(x, w_in, b_in, w_out, b_out, residual)",
+    doc:
+      "diffusers' FeedForward with GEGLU: (h, gate) = linear(x, w_in, b_in).chunk(2, -1); linear(h * gelu(gate), w_out, b_out), then + residual when given.",
+  },
+  {
+    name: "resnet_block",
+    args:
+      "x:T, temb:T?, norm1_w:T, norm1_b:T, conv1_w:T, conv1_b:T?, temb_w:T?, temb_b:T?, norm2_w:T, norm2_b:T, conv2_w:T, conv2_b:T?, shortcut_w:T?, shortcut_b:T?, groups:int, eps:f64, act:int, output_scale:f64",
+    body:
+      "dt::resnet_block(x, temb, norm1_w, norm1_b, conv1_w, conv1_b, temb_w, temb_b, norm2_w, norm2_b, conv2_w, conv2_b, shortcut_w, shortcut_b, groups, eps, act, output_scale)",
+    doc:
+      "diffusers' ResnetBlock2D (default time-embedding norm): norm1, act, conv1, + temb_w act(temb) per channel (temb null: none), norm2, act, conv2, + x (through the 1x1 shortcut when given), / output_scale. Convs keep the size (padding = kernel / 2); act: 0 silu, 1 gelu, 2 relu.",
+  },
+  {
+    name: "image_to_tokens",
+    args: "x:T",
+    body: "dt::image_to_tokens(x)",
+    doc: "[B, C, H, W] -> [B, H*W, C] (permute, reshape).",
+  },
+  {
+    name: "tokens_to_image",
+    args: "x:T, height:int, width:int",
+    body: "dt::tokens_to_image(x, height, width)",
+    doc: "[B, H*W, C] -> contiguous [B, C, H, W] (reshape, permute, contiguous).",
+  },
 ];

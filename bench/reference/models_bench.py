@@ -232,17 +232,19 @@ def load_group(cache, group):
 
 
 def seconds_per_call(fn, calls):
-    t0 = time.perf_counter()
+    """Wall and process CPU seconds per call."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - t0) / calls
+    return (time.perf_counter() - t0) / calls, (time.process_time() - c0) / calls
 
 
 def main():
     """Answers one JSON request per stdin line with one JSON line on stdout:
     {"op": "load", "group": name} loads a model's cases (and frees the previous model's);
     {"op": "run", "case": name, "calls": n} runs the case n times and answers {"s": seconds per
-    call}, so the caller can interleave its own rounds with ours under the same machine load."""
+    call, "cpu_s": process CPU seconds per call}, so the caller can interleave its own rounds with
+    ours under the same machine load."""
     if len(sys.argv) != 2:
         sys.exit("usage: models_bench.py CACHE_DIR")
     cache = sys.argv[1]
@@ -258,7 +260,8 @@ def main():
             table = load_group(cache, req["group"])
             reply({"cases": sorted(table)})
         elif req["op"] == "run":
-            reply({"s": seconds_per_call(table[req["case"]], req["calls"])})
+            wall, cpu = seconds_per_call(table[req["case"]], req["calls"])
+            reply({"s": wall, "cpu_s": cpu})
         else:
             sys.exit(f"unknown request {line!r}")
 

@@ -101,4 +101,29 @@ inline at::TensorOptions opts(int32_t dtype, int32_t device_code) {
   return o;
 }
 
+// Fused ops (fused.cpp), bound through ops_spec.ts like the others; ops_spec.ts documents each.
+at::Tensor attention(const at::Tensor& x, const std::optional<at::Tensor>& context,
+                     const at::Tensor& w_q, const at::Tensor& w_k, const at::Tensor& w_v,
+                     const at::Tensor& w_out, const std::optional<at::Tensor>& b_out,
+                     int64_t heads, const std::vector<at::Tensor>& ip_tokens,
+                     const std::vector<at::Tensor>& ip_weights,
+                     const std::vector<at::Tensor>& ip_scales,
+                     const std::optional<at::Tensor>& residual);
+at::Tensor geglu_feed_forward(const at::Tensor& x, const at::Tensor& w_in,
+                              const std::optional<at::Tensor>& b_in, const at::Tensor& w_out,
+                              const std::optional<at::Tensor>& b_out,
+                              const std::optional<at::Tensor>& residual);
+at::Tensor resnet_block(const at::Tensor& x, const std::optional<at::Tensor>& temb,
+                        const at::Tensor& norm1_w, const at::Tensor& norm1_b,
+                        const at::Tensor& conv1_w, const std::optional<at::Tensor>& conv1_b,
+                        const std::optional<at::Tensor>& temb_w,
+                        const std::optional<at::Tensor>& temb_b, const at::Tensor& norm2_w,
+                        const at::Tensor& norm2_b, const at::Tensor& conv2_w,
+                        const std::optional<at::Tensor>& conv2_b,
+                        const std::optional<at::Tensor>& shortcut_w,
+                        const std::optional<at::Tensor>& shortcut_b, int64_t groups, double eps,
+                        int32_t act, double output_scale);
+at::Tensor image_to_tokens(const at::Tensor& x);
+at::Tensor tokens_to_image(const at::Tensor& x, int64_t height, int64_t width);
+
 }  // namespace dt

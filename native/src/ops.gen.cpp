@@ -1184,4 +1184,72 @@ DT_API int32_t dt_op_adamw_step(void* param_h, void* grad_h, void* exp_avg_h, vo
   DT_CATCH(-1)
 }
 
+DT_API void* dt_op_attention(void* x_h, void* context_h, void* w_q_h, void* w_k_h, void* w_v_h, void* w_out_h, void* b_out_h, int32_t heads, void* const* ip_tokens_p, int32_t ip_tokens_n, void* const* ip_weights_p, int32_t ip_weights_n, void* const* ip_scales_p, int32_t ip_scales_n, void* residual_h, bool grad, char** err) {
+  DT_TRY
+    DT_GRAD_MODE;
+    const at::Tensor& x = dt::tensor(x_h, "x");
+    const std::optional<at::Tensor> context = dt::optional_tensor(context_h);
+    const at::Tensor& w_q = dt::tensor(w_q_h, "w_q");
+    const at::Tensor& w_k = dt::tensor(w_k_h, "w_k");
+    const at::Tensor& w_v = dt::tensor(w_v_h, "w_v");
+    const at::Tensor& w_out = dt::tensor(w_out_h, "w_out");
+    const std::optional<at::Tensor> b_out = dt::optional_tensor(b_out_h);
+    const std::vector<at::Tensor> ip_tokens = dt::tensor_list(ip_tokens_p, ip_tokens_n);
+    const std::vector<at::Tensor> ip_weights = dt::tensor_list(ip_weights_p, ip_weights_n);
+    const std::vector<at::Tensor> ip_scales = dt::tensor_list(ip_scales_p, ip_scales_n);
+    const std::optional<at::Tensor> residual = dt::optional_tensor(residual_h);
+    return dt::wrap(dt::attention(x, context, w_q, w_k, w_v, w_out, b_out, heads, ip_tokens, ip_weights, ip_scales, residual));
+  DT_CATCH(nullptr)
+}
+
+DT_API void* dt_op_geglu_feed_forward(void* x_h, void* w_in_h, void* b_in_h, void* w_out_h, void* b_out_h, void* residual_h, bool grad, char** err) {
+  DT_TRY
+    DT_GRAD_MODE;
+    const at::Tensor& x = dt::tensor(x_h, "x");
+    const at::Tensor& w_in = dt::tensor(w_in_h, "w_in");
+    const std::optional<at::Tensor> b_in = dt::optional_tensor(b_in_h);
+    const at::Tensor& w_out = dt::tensor(w_out_h, "w_out");
+    const std::optional<at::Tensor> b_out = dt::optional_tensor(b_out_h);
+    const std::optional<at::Tensor> residual = dt::optional_tensor(residual_h);
+    return dt::wrap(dt::geglu_feed_forward(x, w_in, b_in, w_out, b_out, residual));
+  DT_CATCH(nullptr)
+}
+
+DT_API void* dt_op_resnet_block(void* x_h, void* temb_h, void* norm1_w_h, void* norm1_b_h, void* conv1_w_h, void* conv1_b_h, void* temb_w_h, void* temb_b_h, void* norm2_w_h, void* norm2_b_h, void* conv2_w_h, void* conv2_b_h, void* shortcut_w_h, void* shortcut_b_h, int32_t groups, double eps, int32_t act, double output_scale, bool grad, char** err) {
+  DT_TRY
+    DT_GRAD_MODE;
+    const at::Tensor& x = dt::tensor(x_h, "x");
+    const std::optional<at::Tensor> temb = dt::optional_tensor(temb_h);
+    const at::Tensor& norm1_w = dt::tensor(norm1_w_h, "norm1_w");
+    const at::Tensor& norm1_b = dt::tensor(norm1_b_h, "norm1_b");
+    const at::Tensor& conv1_w = dt::tensor(conv1_w_h, "conv1_w");
+    const std::optional<at::Tensor> conv1_b = dt::optional_tensor(conv1_b_h);
+    const std::optional<at::Tensor> temb_w = dt::optional_tensor(temb_w_h);
+    const std::optional<at::Tensor> temb_b = dt::optional_tensor(temb_b_h);
+    const at::Tensor& norm2_w = dt::tensor(norm2_w_h, "norm2_w");
+    const at::Tensor& norm2_b = dt::tensor(norm2_b_h, "norm2_b");
+    const at::Tensor& conv2_w = dt::tensor(conv2_w_h, "conv2_w");
+    const std::optional<at::Tensor> conv2_b = dt::optional_tensor(conv2_b_h);
+    const std::optional<at::Tensor> shortcut_w = dt::optional_tensor(shortcut_w_h);
+    const std::optional<at::Tensor> shortcut_b = dt::optional_tensor(shortcut_b_h);
+    return dt::wrap(dt::resnet_block(x, temb, norm1_w, norm1_b, conv1_w, conv1_b, temb_w, temb_b, norm2_w, norm2_b, conv2_w, conv2_b, shortcut_w, shortcut_b, groups, eps, act, output_scale));
+  DT_CATCH(nullptr)
+}
+
+DT_API void* dt_op_image_to_tokens(void* x_h, bool grad, char** err) {
+  DT_TRY
+    DT_GRAD_MODE;
+    const at::Tensor& x = dt::tensor(x_h, "x");
+    return dt::wrap(dt::image_to_tokens(x));
+  DT_CATCH(nullptr)
+}
+
+DT_API void* dt_op_tokens_to_image(void* x_h, int32_t height, int32_t width, bool grad, char** err) {
+  DT_TRY
+    DT_GRAD_MODE;
+    const at::Tensor& x = dt::tensor(x_h, "x");
+    return dt::wrap(dt::tokens_to_image(x, height, width));
+  DT_CATCH(nullptr)
+}
+
 }  // extern "C"

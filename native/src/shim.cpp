@@ -1,4 +1,5 @@
-// The hand-written part of the C ABI: errors, handles, host copies, file reads, runtime.
+// The hand-written part of the C ABI: errors, handles, host copies, file reads, runtime info,
+// generators. The CUDA runtime (memory, graphs) and the SDPA backend choice are in device.cpp.
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -7,11 +8,7 @@
 #include "dt_internal.h"
 
 #ifdef DT_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
-#include <ATen/cuda/CUDAGraph.h>
-#include <c10/cuda/CUDACachingAllocator.h>
-#include <c10/cuda/CUDAGuard.h>
 #endif
 
 namespace {
@@ -137,6 +134,11 @@ DT_API void dt_tensor_free(void* t) {
   delete p;
 }
 
+DT_API void dt_tensor_free_many(void* const* ts, int32_t n) {
+  if (ts == nullptr) return;
+  for (int32_t i = 0; i < n; i++) dt_tensor_free(ts[i]);
+}
+
 DT_API int32_t dt_tensor_meta(void* t, int64_t* out, int32_t cap, char** err) {
   DT_TRY
     const at::Tensor& x = dt::tensor(t, "tensor");
@@ -235,110 +237,5 @@ DT_API void* dt_generator_new(uint64_t seed, int32_t device, char** err) {
 }
 
 DT_API void dt_generator_free(void* g) { delete static_cast<at::Generator*>(g); }
-
-#ifdef DT_WITH_CUDA
-
-DT_API char* dt_cuda_memory_stats(int32_t device, char** err) {
-  DT_TRY
-    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
-        static_cast<c10::DeviceIndex>(device));
-    const auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
-    std::ostringstream js;
-    js << "{\"allocated_bytes\":" << stats.allocated_bytes[agg].current
-       << ",\"peak_allocated_bytes\":" << stats.allocated_bytes[agg].peak
-       << ",\"reserved_bytes\":" << stats.reserved_bytes[agg].current
-       << ",\"peak_reserved_bytes\":" << stats.reserved_bytes[agg].peak << "}";
-    return dup_string(js.str());
-  DT_CATCH(nullptr)
-}
-
-DT_API int32_t dt_cuda_empty_cache(char** err) {
-  DT_TRY
-    c10::cuda::CUDACachingAllocator::emptyCache();
-    return 0;
-  DT_CATCH(-1)
-}
-
-DT_API int32_t dt_cuda_synchronize(int32_t device, char** err) {
-  DT_TRY
-    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-    c10::cuda::device_synchronize();
-    return 0;
-  DT_CATCH(-1)
-}
-
-namespace {
-// A graph owns the side stream it was captured on; capture must not run on the default stream.
-struct GraphBox {
-  at::cuda::CUDAGraph graph;
-  std::optional<c10::cuda::CUDAStream> stream;
-  std::optional<c10::cuda::CUDAStream> previous;
-};
-}  // namespace
-
-DT_API void* dt_cuda_graph_new(char** err) {
-  DT_TRY
-    return new GraphBox();
-  DT_CATCH(nullptr)
-}
-
-DT_API int32_t dt_cuda_graph_capture_begin(void* g, char** err) {
-  DT_TRY
-    TORCH_CHECK(g != nullptr, "null graph handle");
-    auto* box = static_cast<GraphBox*>(g);
-    box->previous = c10::cuda::getCurrentCUDAStream();
-    box->stream = c10::cuda::getStreamFromPool();
-    c10::cuda::setCurrentCUDAStream(*box->stream);
-    box->graph.capture_begin();
-    return 0;
-  DT_CATCH(-1)
-}
-
-DT_API int32_t dt_cuda_graph_capture_end(void* g, char** err) {
-  DT_TRY
-    TORCH_CHECK(g != nullptr, "null graph handle");
-    auto* box = static_cast<GraphBox*>(g);
-    box->graph.capture_end();
-    if (box->previous) c10::cuda::setCurrentCUDAStream(*box->previous);
-    return 0;
-  DT_CATCH(-1)
-}
-
-DT_API int32_t dt_cuda_graph_replay(void* g, char** err) {
-  DT_TRY
-    TORCH_CHECK(g != nullptr, "null graph handle");
-    static_cast<GraphBox*>(g)->graph.replay();
-    return 0;
-  DT_CATCH(-1)
-}
-
-DT_API void dt_cuda_graph_free(void* g) { delete static_cast<GraphBox*>(g); }
-
-#else
-
-DT_API char* dt_cuda_memory_stats(int32_t, char** err) {
-  DT_TRY no_cuda(); DT_CATCH(nullptr)
-}
-DT_API int32_t dt_cuda_empty_cache(char** err) {
-  DT_TRY no_cuda(); DT_CATCH(-1)
-}
-DT_API int32_t dt_cuda_synchronize(int32_t, char** err) {
-  DT_TRY no_cuda(); DT_CATCH(-1)
-}
-DT_API void* dt_cuda_graph_new(char** err) {
-  DT_TRY no_cuda(); DT_CATCH(nullptr)
-}
-DT_API int32_t dt_cuda_graph_capture_begin(void*, char** err) {
-  DT_TRY no_cuda(); DT_CATCH(-1)
-}
-DT_API int32_t dt_cuda_graph_capture_end(void*, char** err) {
-  DT_TRY no_cuda(); DT_CATCH(-1)
-}
-DT_API int32_t dt_cuda_graph_replay(void*, char** err) {
-  DT_TRY no_cuda(); DT_CATCH(-1)
-}
-DT_API void dt_cuda_graph_free(void*) {}
-
-#endif
 
 }  // extern "C"

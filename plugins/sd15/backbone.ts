@@ -2,7 +2,10 @@
  * Stable Diffusion 1.5 with IP-Adapters as a DiffusionBackbone: the diffusers folder layout
  * (unet/, vae/, text_encoder/, tokenizer/, scheduler/), an h94 IP-Adapter file attached once per
  * image prompt, and its CLIP image encoder. `tiny` builds the same graph with seeded random
- * weights and no files.
+ * weights and no files; `random` does so for any configs (the benchmarks' full-size SD1.5).
+ *
+ * On CUDA the weights default to float16, and the batched UNet call of each step is replayed as
+ * a CUDA graph per input shape (ffi/graphed.ts); eager runs are the fallback and the reference.
  */
 import { existsSync } from "node:fs";
 import { join } from "node:path";
@@ -15,21 +18,25 @@ import {
   scope,
   type Tensor,
 } from "../../ffi/mod.ts";
+import { GraphedCall } from "../../ffi/graphed.ts";
 import type { DiffusionBackbone, ImagePrompt } from "../../core/backbone.ts";
 import { clipPreprocess, type RgbImage } from "../../core/image.ts";
+import { loadModule, type Module } from "../../core/nn.ts";
 import type { SchedulerConfig } from "../../core/plugins.ts";
-import { RandomSource } from "../../core/weights.ts";
+import { RandomSource, type WeightSource } from "../../core/weights.ts";
+import type { ClipTextConfig, ClipVisionConfig } from "../clip/config.ts";
 import { loadClipText, loadClipVision } from "../clip/model.ts";
-import { tinyVisionConfig } from "../clip/presets.ts";
-import type { ClipTextModel } from "../clip/text.ts";
+import { tinyTextConfig, tinyVisionConfig } from "../clip/presets.ts";
+import { ClipTextModel } from "../clip/text.ts";
 import { ClipTokenizer } from "../clip/tokenizer.ts";
 import { ClipVisionModel } from "../clip/vision.ts";
 import { IpAdapter, TINY_IP_BASE, TINY_IP_PLUS } from "./ip_adapter.ts";
+import type { IpProjectionConfig } from "./ip_projection.ts";
 import { readSchedulerConfig, SD15_SCHEDULER_CONFIG } from "../samplers/schedule.ts";
 import { UNet2DConditionModel } from "./unet.ts";
-import { TINY_UNET_CONFIG_JSON } from "./unet_config.ts";
+import { parseUNetConfig, TINY_UNET_CONFIG_JSON } from "./unet_config.ts";
 import { AutoencoderKL } from "./vae.ts";
-import { TINY_VAE_CONFIG } from "./vae_config.ts";
+import { TINY_VAE_CONFIG, type VaeConfig } from "./vae_config.ts";
 
 export interface Sd15Paths {
   /** A diffusers SD1.5 folder. */
@@ -41,16 +48,59 @@ export interface Sd15Paths {
 }
 
 export interface Sd15Options {
+  /** Default: f16 on CUDA (as DIPSY runs), f32 on the CPU. */
   dtype?: DType;
   device?: Device;
   /** IP-Adapters to attach: 2 for DIPSY (the same weights twice), 1, or 0 (text only). */
   adapters?: number;
+  /**
+   * Replays each step's UNet call as a CUDA graph. Default: on for CUDA, off on the CPU;
+   * `DIPSY_CUDA_GRAPHS=0` (or 1) changes that default.
+   */
+  cudaGraphs?: boolean;
+  /** Told once if CUDA graphs fail and the UNet falls back to eager (default: stderr). */
+  onGraphFallback?: (message: string) => void;
 }
 
 export interface TinyOptions extends Sd15Options {
   seed?: number;
   /** Which IP-Adapter projection the tiny model uses (default "plus", as DIPSY). */
   adapterKind?: "plus" | "base";
+}
+
+/** The configs of a model built with random weights (`Sd15Backbone.random`). */
+export interface RandomSd15Config {
+  /** The UNet's `config.json` content. */
+  unet: Record<string, unknown>;
+  vae: VaeConfig;
+  text: ClipTextConfig;
+  /** The IP-Adapter's image encoder; its width (Plus) or projection (base) feeds the adapter. */
+  vision: ClipVisionConfig;
+  ipAdapter: IpProjectionConfig;
+  tokenizer: ClipTokenizer;
+}
+
+export interface RandomOptions extends Sd15Options {
+  seed?: number;
+  /**
+   * Where each part's weights come from, given the part's seed (default: `RandomSource`, drawn
+   * on the CPU, so a seed gives the same model on any device).
+   */
+  source?: (seed: number, dtype: DType, device: Device) => WeightSource;
+  /** Recorded as the model id in manifests. */
+  name?: string;
+}
+
+/** f16 on CUDA, f32 on the CPU. */
+export function defaultDType(device: Device): DType {
+  return device === "cpu" ? "f32" : "f16";
+}
+
+function graphsWanted(device: Device, option: boolean | undefined): boolean {
+  if (option !== undefined) return option;
+  const env = Deno.env.get("DIPSY_CUDA_GRAPHS");
+  if (env === "0" || env === "1") return env === "1";
+  return device !== "cpu";
 }
 
 interface Parts {
@@ -67,6 +117,8 @@ interface Parts {
   device: Device;
   /** Side of the image encoder's square input. */
   encoderSize: number;
+  cudaGraphs: boolean;
+  onGraphFallback?: (message: string) => void;
 }
 
 export class Sd15Backbone implements DiffusionBackbone {
@@ -78,6 +130,8 @@ export class Sd15Backbone implements DiffusionBackbone {
   readonly schedulerConfig: SchedulerConfig;
   readonly adapterCount: number;
   readonly modelIds: Readonly<Record<string, string>>;
+  /** The UNet call replayed as CUDA graphs, when they are on. */
+  readonly #graphs: GraphedCall | null;
 
   private constructor(private readonly p: Parts) {
     this.dtype = p.dtype;
@@ -92,11 +146,30 @@ export class Sd15Backbone implements DiffusionBackbone {
       p.unet.attachIpAdapters(Array.from({ length: p.adapters }, () => p.adapter!));
     }
     this.adapterCount = p.adapter ? p.adapters : 0;
+    const unet = p.unet;
+    this.#graphs = p.cudaGraphs
+      ? new GraphedCall(
+        // [latents, timestep, text, ...tokens per adapter, scales]
+        (a) =>
+          unet.forward(
+            a[0],
+            a[1],
+            a[2],
+            a.length > 3 ? { tokens: a.slice(3, -1), scales: a.at(-1)! } : null,
+          ),
+        { name: "UNet", onFallback: p.onGraphFallback },
+      )
+      : null;
+  }
+
+  /** The CUDA graph runner of the UNet call, when graphs are on (its figures, for tests). */
+  get unetGraphs(): GraphedCall | null {
+    return this.#graphs;
   }
 
   /** Loads SD1.5 from a diffusers folder, plus the IP-Adapter and its image encoder if given. */
   static async load(paths: Sd15Paths, opts: Sd15Options = {}): Promise<Sd15Backbone> {
-    const dtype = opts.dtype ?? "f32", device = opts.device ?? "cpu";
+    const device = opts.device ?? "cpu", dtype = opts.dtype ?? defaultDType(device);
     const adapters = paths.ipAdapter ? opts.adapters ?? 2 : 0;
     if (adapters > 0 && !paths.imageEncoder) {
       throw new Error("an IP-Adapter needs its CLIP image encoder folder (models/image_encoder)");
@@ -130,6 +203,8 @@ export class Sd15Backbone implements DiffusionBackbone {
         dtype,
         device,
         encoderSize: imageEncoder?.config.imageSize ?? 224,
+        cudaGraphs: graphsWanted(device, opts.cudaGraphs),
+        onGraphFallback: opts.onGraphFallback,
       });
     } catch (e) {
       for (const x of owned) x[Symbol.dispose]();
@@ -140,38 +215,70 @@ export class Sd15Backbone implements DiffusionBackbone {
   /** The embedded tiny model: same code, small configs, seeded random weights, no files. */
   static tiny(opts: TinyOptions = {}): Sd15Backbone {
     const seed = opts.seed ?? 0;
-    const dtype = opts.dtype ?? "f32", device = opts.device ?? "cpu";
     const kind = opts.adapterKind ?? "plus";
-    const lo = { dtype, device };
-    const unet = UNet2DConditionModel.random({ ...TINY_UNET_CONFIG_JSON }, seed, lo);
-    const vae = AutoencoderKL.random(TINY_VAE_CONFIG, seed + 1, lo);
-    const text = loadClipText("tiny", { ...lo, seed: seed + 2 });
-    const ipCfg = kind === "plus" ? TINY_IP_PLUS : TINY_IP_BASE;
+    const ipAdapter = kind === "plus" ? TINY_IP_PLUS : TINY_IP_BASE;
     // The encoder's width feeds Plus, its projection feeds base: size both to the adapter.
-    const visionCfg = tinyVisionConfig({
-      hiddenSize: ipCfg.kind === "plus" ? ipCfg.inputDim : 32,
-      projectionDim: ipCfg.kind === "base" ? ipCfg.embedDim : 16,
+    const vision = tinyVisionConfig({
+      hiddenSize: ipAdapter.kind === "plus" ? ipAdapter.inputDim : 32,
+      projectionDim: ipAdapter.kind === "base" ? ipAdapter.embedDim : 16,
     });
-    const w = new RandomSource(seed + 3, dtype, device);
-    const imageEncoder = new ClipVisionModel(w.sub("vision_model"), visionCfg, {
-      source: w.sub("visual_projection"),
-      dim: visionCfg.projectionDim,
-    });
-    const adapter = IpAdapter.random(ipCfg, unet, seed + 4, lo);
-    return new Sd15Backbone({
-      unet,
-      vae,
-      text,
+    return Sd15Backbone.random({
+      unet: { ...TINY_UNET_CONFIG_JSON },
+      vae: TINY_VAE_CONFIG,
+      text: tinyTextConfig(),
+      vision,
+      ipAdapter,
       tokenizer: ClipTokenizer.byteLevel(),
-      imageEncoder,
-      adapter,
-      schedulerConfig: SD15_SCHEDULER_CONFIG,
-      modelIds: { model: `tiny (seed ${seed}, ip-adapter ${kind})` },
-      adapters: opts.adapters ?? 2,
-      dtype,
-      device,
-      encoderSize: visionCfg.imageSize,
-    });
+    }, { ...opts, seed, name: `tiny (seed ${seed}, ip-adapter ${kind})` });
+  }
+
+  /**
+   * A model of the given configs with seeded random weights: part k (UNet, VAE, text encoder,
+   * image encoder, IP-Adapter) draws from seed + k, as `tiny` always has.
+   */
+  static random(config: RandomSd15Config, opts: RandomOptions = {}): Sd15Backbone {
+    const seed = opts.seed ?? 0;
+    const device = opts.device ?? "cpu", dtype = opts.dtype ?? defaultDType(device);
+    const source = opts.source ?? ((s, dt, dev) => new RandomSource(s, dt, dev));
+    const owned: { dispose(): void }[] = [];
+    const own = <T extends { dispose(): void }>(x: T): T => (owned.push(x), x);
+    const part = <M extends Module>(k: number, make: (w: WeightSource) => M): M =>
+      own(loadModule(source(seed + k, dtype, device), make, { checkUnused: false }));
+    try {
+      const unetConfig = parseUNetConfig(config.unet, "unet config");
+      const unet = part(0, (w) => new UNet2DConditionModel(w, unetConfig));
+      const vae = part(1, (w) => new AutoencoderKL(w, config.vae));
+      const text = part(2, (w) => new ClipTextModel(w.sub("text_model"), config.text, null));
+      const imageEncoder = part(
+        3,
+        (w) =>
+          new ClipVisionModel(w.sub("vision_model"), config.vision, {
+            source: w.sub("visual_projection"),
+            dim: config.vision.projectionDim,
+          }),
+      );
+      const hidden = unet.crossAttentions().map((a) => a.innerDim);
+      const adapter = part(4, (w) => new IpAdapter(w, config.ipAdapter, hidden));
+      return new Sd15Backbone({
+        unet,
+        vae,
+        text,
+        tokenizer: config.tokenizer,
+        imageEncoder,
+        adapter,
+        schedulerConfig: SD15_SCHEDULER_CONFIG,
+        modelIds: { model: opts.name ?? `random (seed ${seed})` },
+        adapters: opts.adapters ?? 2,
+        dtype,
+        device,
+        encoderSize: config.vision.imageSize,
+        cudaGraphs: graphsWanted(device, opts.cudaGraphs),
+        onGraphFallback: opts.onGraphFallback,
+      });
+    } catch (e) {
+      for (const x of owned) x.dispose();
+      throw e;
+    }
   }
 
   encodePrompts(prompts: readonly string[]): Tensor {
@@ -201,6 +308,11 @@ export class Sd15Backbone implements DiffusionBackbone {
   }
 
   predictNoise(latents: Tensor, timestep: number, text: Tensor, ip: ImagePrompt | null): Tensor {
+    const graphs = this.#graphs;
+    if (graphs) {
+      const ipArgs = ip ? [...ip.tokens, ip.scales] : [];
+      return noGrad(() => graphs.call([latents, timestep, text, ...ipArgs]));
+    }
     return noGrad(() => this.p.unet.forward(latents, timestep, text, ip));
   }
 
@@ -210,6 +322,7 @@ export class Sd15Backbone implements DiffusionBackbone {
 
   [Symbol.dispose](): void {
     const p = this.p;
+    this.#graphs?.dispose();
     p.unet.detachIpAdapters();
     for (const m of [p.unet, p.vae, p.text, p.imageEncoder, p.adapter]) m?.dispose();
   }

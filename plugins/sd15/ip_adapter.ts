@@ -7,7 +7,12 @@
  * files are read: pickled `.bin` checkpoints are refused.
  */
 import { loadModule, Module } from "../../core/nn.ts";
-import { RandomSource, SafetensorsSource, type WeightSource } from "../../core/weights.ts";
+import {
+  RandomSource,
+  SafetensorsSource,
+  WeightError,
+  type WeightSource,
+} from "../../core/weights.ts";
 import { SafetensorsFile, type Tensor } from "../../ffi/mod.ts";
 import {
   buildProjection,
@@ -70,9 +75,11 @@ export class IpAdapter extends Module {
     try {
       return loadModule(src, (w) => new IpAdapter(w, config, hidden));
     } catch (e) {
-      throw new Error(
+      if (!(e instanceof WeightError)) throw e;
+      throw new WeightError(
         `IP-Adapter does not fit this UNet (${hidden.length} cross-attention layers, keys ` +
-          `ip_adapter.1..${2 * hidden.length - 1}): ${(e as Error).message}`,
+          `ip_adapter.1..${2 * hidden.length - 1}): ${e.message}`,
+        { cause: e },
       );
     }
   }

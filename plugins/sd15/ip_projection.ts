@@ -5,7 +5,7 @@
  * Dims come from the weight shapes, so one code path serves SD1.5 checkpoints and tiny presets.
  */
 import { LayerNorm, Linear, Module } from "../../core/nn.ts";
-import type { WeightSource } from "../../core/weights.ts";
+import { WeightError, type WeightSource } from "../../core/weights.ts";
 import { ops, type SafetensorsFile, type Tensor } from "../../ffi/mod.ts";
 
 export interface BaseProjectionConfig {
@@ -49,7 +49,7 @@ export function inferProjectionConfig(
 ): IpProjectionConfig {
   const shape = (k: string) => {
     if (!file.has(prefix + k)) {
-      throw new Error(`${file.path}: missing key "${prefix}${k}" for the image projection`);
+      throw new WeightError(`${file.path}: missing key "${prefix}${k}" for the image projection`);
     }
     return file.info(prefix + k).shape;
   };
@@ -58,11 +58,11 @@ export function inferProjectionConfig(
     let depth = 0;
     while (file.has(`${prefix}layers.${depth}.0.to_q.weight`)) depth++;
     if (depth === 0) {
-      throw new Error(`${file.path}: Resampler without "${prefix}layers.0.0.to_q.weight"`);
+      throw new WeightError(`${file.path}: Resampler without "${prefix}layers.0.0.to_q.weight"`);
     }
     const inner = shape("layers.0.0.to_q.weight")[0];
     if (inner % dimHead !== 0) {
-      throw new Error(
+      throw new WeightError(
         `${file.path}: "${prefix}layers.0.0.to_q.weight" has ${inner} outputs, not a multiple of ` +
           `the head width ${dimHead}`,
       );
@@ -83,14 +83,14 @@ export function inferProjectionConfig(
     const [rows, embedDim] = shape("proj.weight");
     const crossDim = shape("norm.weight")[0];
     if (rows % crossDim !== 0) {
-      throw new Error(
+      throw new WeightError(
         `${file.path}: "${prefix}proj.weight" [${rows}, ${embedDim}] does not split into ` +
           `${crossDim}-wide tokens`,
       );
     }
     return { kind: "base", embedDim, tokens: rows / crossDim, crossDim };
   }
-  throw new Error(
+  throw new WeightError(
     `${file.path}: unsupported image projection (expected "${prefix}proj.weight" for IP-Adapter ` +
       `or "${prefix}latents" for IP-Adapter Plus; Full-face and FaceID variants are not supported)`,
   );

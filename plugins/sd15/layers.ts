@@ -2,12 +2,13 @@
  * Layers the UNet and the VAE share, as diffusers shares them: `ResnetBlock2D` (with or without
  * a time embedding), `Downsample2D`, `Upsample2D` and the activation switch.
  *
- * Each forward runs in its own memory scope: a block's temporaries are freed as soon as it
- * returns, which at 512 px (VAE decoder activations of hundreds of MB) bounds peak memory.
+ * A block's temporaries are freed as soon as it returns (the resnet runs as one native op, the
+ * resamplers free their intermediate at once), which at 512 px (VAE decoder activations of
+ * hundreds of MB) bounds peak memory.
  */
 import { Conv2d, GroupNorm, Linear, Module } from "../../core/nn.ts";
 import type { WeightSource } from "../../core/weights.ts";
-import { ops, scope, type Tensor } from "../../ffi/mod.ts";
+import { ops, type Tensor } from "../../ffi/mod.ts";
 
 /** diffusers' `get_activation` names ("swish" is silu, as in VAE configs). */
 export type Activation = "silu" | "swish" | "gelu" | "relu";
@@ -23,6 +24,9 @@ export function activation(x: Tensor, fn: Activation): Tensor {
       return ops.relu(x);
   }
 }
+
+/** The fused ops' activation codes (native/ops_spec.ts, resnet_block). */
+const ACTIVATION_CODE: Record<Activation, number> = { silu: 0, swish: 0, gelu: 1, relu: 2 };
 
 export interface ResnetOptions {
   groups: number;
@@ -65,18 +69,28 @@ export class ResnetBlock2D extends Module {
   }
 
   forward(x: Tensor, temb?: Tensor): Tensor {
-    return scope(() => {
-      let h = this.conv1.forward(activation(this.norm1.forward(x), this.act));
-      if (this.time_emb_proj) {
-        if (!temb) throw new Error("ResnetBlock2D: this block needs a time embedding");
-        const t = this.time_emb_proj.forward(activation(temb, this.act));
-        h = h.add(ops.unsqueeze(ops.unsqueeze(t, -1), -1));
-      }
-      h = this.conv2.forward(activation(this.norm2.forward(h), this.act));
-      const skip = this.conv_shortcut ? this.conv_shortcut.forward(x) : x;
-      const out = skip.add(h);
-      return this.outputScaleFactor === 1 ? out : out.div(this.outputScaleFactor);
-    });
+    const proj = this.time_emb_proj, shortcut = this.conv_shortcut;
+    if (proj && !temb) throw new Error("ResnetBlock2D: this block needs a time embedding");
+    return ops.resnetBlock(
+      x,
+      proj ? temb : null,
+      this.norm1.weight,
+      this.norm1.bias,
+      this.conv1.weight,
+      this.conv1.bias,
+      proj?.weight,
+      proj?.bias,
+      this.norm2.weight,
+      this.norm2.bias,
+      this.conv2.weight,
+      this.conv2.bias,
+      shortcut?.weight,
+      shortcut?.bias,
+      this.norm1.groups,
+      this.norm1.eps,
+      ACTIVATION_CODE[this.act],
+      this.outputScaleFactor,
+    );
   }
 }
 
@@ -96,7 +110,9 @@ export class Downsample2D extends Module {
   }
 
   forward(x: Tensor): Tensor {
-    return scope(() => this.conv.forward(this.padding === 0 ? ops.pad(x, [0, 1, 0, 1], 0, 0) : x));
+    if (this.padding !== 0) return this.conv.forward(x);
+    using padded = ops.pad(x, [0, 1, 0, 1], 0, 0);
+    return this.conv.forward(padded);
   }
 }
 
@@ -113,9 +129,8 @@ export class Upsample2D extends Module {
   }
 
   forward(x: Tensor, size?: readonly [number, number]): Tensor {
-    return scope(() => {
-      const [h, w] = size ?? [x.size(2) * 2, x.size(3) * 2];
-      return this.conv.forward(ops.upsampleNearest2d(x, h, w));
-    });
+    const [h, w] = size ?? [x.size(2) * 2, x.size(3) * 2];
+    using up = ops.upsampleNearest2d(x, h, w);
+    return this.conv.forward(up);
   }
 }

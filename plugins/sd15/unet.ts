@@ -5,8 +5,14 @@
  */
 import { existsSync } from "node:fs";
 import { Conv2d, GroupNorm, loadModule, Module } from "../../core/nn.ts";
-import { RandomSource, SafetensorsSource, type WeightSource } from "../../core/weights.ts";
-import { type Device, type DType, ops, scope, type Tensor } from "../../ffi/mod.ts";
+import {
+  RandomSource,
+  SafetensorsSource,
+  WeightError,
+  type WeightSource,
+} from "../../core/weights.ts";
+import { type Device, type DType, ops, refusePickle, scope, type Tensor } from "../../ffi/mod.ts";
+import { type SdpaBackend, sdpaBackend } from "../../ffi/runtime.ts";
 import {
   activation,
   type Attention,
@@ -20,7 +26,12 @@ import {
   timestepFeatures,
   UpBlock,
 } from "./unet_blocks.ts";
-import { loadUNetConfig, parseUNetConfig, type UNetConfig } from "./unet_config.ts";
+import {
+  loadUNetConfig,
+  parseUNetConfig,
+  SD15_UNET_CONFIG_JSON,
+  type UNetConfig,
+} from "./unet_config.ts";
 
 /** Image-prompt inputs of one UNet call. */
 export interface IpInput {
@@ -159,11 +170,8 @@ export class UNet2DConditionModel extends Module {
     const file = `${dir}/diffusion_pytorch_model.safetensors`;
     if (!existsSync(file)) {
       const bin = `${dir}/diffusion_pytorch_model.bin`;
-      throw new Error(
-        existsSync(bin)
-          ? `${bin}: pickle checkpoints are not supported; convert the UNet to .safetensors`
-          : `${file}: not found (expected a diffusers unet/ folder)`,
-      );
+      if (existsSync(bin)) refusePickle(bin);
+      throw new WeightError(`${file}: not found (expected a diffusers unet/ folder)`);
     }
     const src = SafetensorsSource.open(file, opts.dtype ?? "f32", opts.device ?? "cpu");
     return loadModule(src, (w) => new UNet2DConditionModel(w, config));
@@ -231,9 +239,11 @@ export class UNet2DConditionModel extends Module {
   }
 
   /**
-   * Predicts the noise for `sample` [B, C, h, w] at `timestep` (a number, or a [B] / [] tensor)
-   * given text states [B, L, cross_dim]. With `ip`, every attached adapter adds its image
-   * attention scaled per sample; without it the adapters are off.
+   * Predicts the noise for `sample` [B, C, h, w] at `timestep` (a number, or a [B] / [1] / []
+   * tensor on any device) given text states [B, L, cross_dim]. With `ip`, every attached adapter
+   * adds its image attention scaled per sample; without it the adapters are off. A timestep tensor
+   * on the sample's device makes the forward free of host data, as a CUDA graph needs: a number
+   * becomes a tensor made here.
    */
   forward(
     sample: Tensor,
@@ -306,4 +316,89 @@ export class UNet2DConditionModel extends Module {
       scales: Array.from({ length: n }, (_, a) => ops.reshape(ops.select(scales, 1, a), [b, 1, 1])),
     };
   }
+}
+
+/** The attention kernel one kind of attention at one UNet level runs. */
+export interface AttentionKernel {
+  /** Down block index of the level; the up blocks and the mid block repeat these shapes. */
+  level: number;
+  kind: "self" | "text" | "image";
+  heads: number;
+  headDim: number;
+  queries: number;
+  keys: number;
+  backend: SdpaBackend;
+}
+
+export interface AttentionKernelOptions {
+  batch: number;
+  /** Latent height and width. */
+  height: number;
+  width: number;
+  dtype: DType;
+  device: Device;
+  /** Text states per prompt (77 for CLIP). */
+  textTokens?: number;
+  /** Image tokens per adapter (16 for IP-Adapter Plus); 0: no adapters. */
+  imageTokens?: number;
+}
+
+/**
+ * Which kernel scaled_dot_product_attention picks for each attention of a forward of this UNet
+ * config, on inputs laid out as the attention layers lay them out ([B, L, H, d] transposed).
+ */
+export function attentionKernels(config: UNetConfig, o: AttentionKernelOptions): AttentionKernel[] {
+  const out: AttentionKernel[] = [];
+  const text = o.textTokens ?? 77, image = o.imageTokens ?? 16;
+  scope(() => {
+    const heads = (n: number, len: number, d: number) =>
+      ops.transpose(ops.zeros([o.batch, len, n, d], o.dtype, o.device), 1, 2);
+    const level = (i: number, queries: number) => {
+      const n = config.numAttentionHeads[i];
+      const d = config.blockOutChannels[i] / n;
+      const q = heads(n, queries, d);
+      const kinds: [AttentionKernel["kind"], number][] = [["self", queries], ["text", text]];
+      if (image > 0) kinds.push(["image", image]);
+      for (const [kind, keys] of kinds) {
+        const kv = kind === "self" ? q : heads(n, keys, d);
+        out.push({
+          level: i,
+          kind,
+          heads: n,
+          headDim: d,
+          queries,
+          keys,
+          backend: sdpaBackend(q, kv, kv),
+        });
+      }
+    };
+    let h = o.height, w = o.width;
+    const last = config.downBlockTypes.length - 1;
+    config.downBlockTypes.forEach((type, i) => {
+      if (type === "CrossAttnDownBlock2D") level(i, h * w);
+      if (i < last) {
+        h = Math.ceil(h / 2);
+        w = Math.ceil(w / 2);
+      }
+    });
+    // the mid block attends at the last level's size
+    if (config.midBlockType !== null) level(last, h * w);
+  });
+  return out;
+}
+
+/**
+ * The attention kernels of one SD1.5 forward at 512 px (batch 2, two Plus adapters) on `device`
+ * in `dtype`, keyed "<kind> attention, head dim <d>, <queries> x <keys>".
+ */
+export function sd15AttentionReport(
+  device: Device,
+  dtype: DType,
+): { device: Device; dtype: DType; kernels: Record<string, SdpaBackend> } {
+  const config = parseUNetConfig({ ...SD15_UNET_CONFIG_JSON }, "SD1.5 config");
+  const kernels: Record<string, SdpaBackend> = {};
+  for (const k of attentionKernels(config, { batch: 2, height: 64, width: 64, dtype, device })) {
+    kernels[`${k.kind} attention, head dim ${k.headDim}, ${k.queries} x ${k.keys}`] = k.backend;
+  }
+  return { device, dtype, kernels };
 }

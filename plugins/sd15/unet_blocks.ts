@@ -3,11 +3,13 @@
  * time embedding, ResnetBlock2D, Transformer2DModel (BasicTransformerBlock with self attention,
  * text cross attention plus IP-Adapter decoupled cross attention, GEGLU feed-forward), the down /
  * mid / up blocks SD1.5 uses, and the resampling layers. Op order follows diffusers so fp32 results
- * agree to rounding.
+ * agree to rounding. Attention (with its IP-Adapter branches), the feed-forward and the resnets
+ * each run as one fused native op (native/src/fused.cpp): a forward makes a few hundred FFI calls,
+ * not thousands, which is what bounds a small UNet on the CPU and every UNet's host time on a GPU.
  */
 import { Conv2d, GroupNorm, LayerNorm, Linear, Module } from "../../core/nn.ts";
 import type { WeightSource } from "../../core/weights.ts";
-import { ops, type Tensor } from "../../ffi/mod.ts";
+import { ops, scope, type Tensor } from "../../ffi/mod.ts";
 import type { UNetActivation } from "./unet_config.ts";
 import {
   activation,
@@ -86,14 +88,18 @@ export interface CrossCond {
   ip: IpBatch | null;
 }
 
-/** diffusers' `Attention` with the SDPA processor (heads of `dimHead`, default 1/sqrt(d) scale). */
+/**
+ * diffusers' `Attention` with the SDPA processor (heads of `dimHead`, default 1/sqrt(d) scale),
+ * run as one native op together with its IP-Adapter branches and the block's residual add.
+ */
 export class Attention extends Module {
   readonly to_q: Linear;
   readonly to_k: Linear;
   readonly to_v: Linear;
   readonly to_out: Linear;
-  /** IP-Adapter projections attached by the UNet (owned by the adapters, not by this layer). */
-  ip: readonly IpAttnProjection[] = [];
+  #ip: readonly IpAttnProjection[] = [];
+  /** The attached adapters' weights as the op takes them: to_k_ip, to_v_ip per adapter. */
+  #ipWeights: Tensor[] = [];
 
   constructor(
     w: WeightSource,
@@ -114,41 +120,49 @@ export class Attention extends Module {
     return this.heads * this.dimHead;
   }
 
-  /** [B, L, H*d] -> [B, H, L, d] */
-  #split(x: Tensor): Tensor {
-    return ops.transpose(ops.reshape(x, [x.size(0), -1, this.heads, this.dimHead]), 1, 2);
+  /** IP-Adapter projections attached by the UNet (owned by the adapters, not by this layer). */
+  get ip(): readonly IpAttnProjection[] {
+    return this.#ip;
   }
 
-  /** [B, H, L, d] -> [B, L, H*d] */
-  #merge(x: Tensor): Tensor {
-    return ops.reshape(ops.transpose(x, 1, 2), [x.size(0), -1, this.innerDim]);
+  set ip(layers: readonly IpAttnProjection[]) {
+    this.#ip = layers;
+    this.#ipWeights = layers.flatMap((l) => [l.to_k_ip.weight, l.to_v_ip.weight]);
   }
 
   /**
    * `context` null means self attention. With `ip`, every attached adapter adds its own softmax
    * attention over its image tokens, times its per-sample scale, before the output projection
-   * (decoupled cross attention, as diffusers' IPAdapterAttnProcessor2_0).
+   * (decoupled cross attention, as diffusers' IPAdapterAttnProcessor2_0). `residual`, when
+   * given, is added to the output (the transformer block's skip).
    */
-  forward(x: Tensor, context: Tensor | null, ip: IpBatch | null = null): Tensor {
-    const q = this.#split(this.to_q.forward(x));
-    const ctx = context ?? x;
-    const k = this.#split(this.to_k.forward(ctx));
-    const v = this.#split(this.to_v.forward(ctx));
-    let out = this.#merge(ops.sdpa(q, k, v, null, 0, false, null));
-    if (ip && this.ip.length) {
-      for (let a = 0; a < this.ip.length; a++) {
-        const layer = this.ip[a];
-        const ka = this.#split(ops.linear(ip.tokens[a], layer.to_k_ip.weight, null));
-        const va = this.#split(ops.linear(ip.tokens[a], layer.to_v_ip.weight, null));
-        const oa = this.#merge(ops.sdpa(q, ka, va, null, 0, false, null));
-        out = out.add(ip.scales[a].mul(oa));
-      }
-    }
-    return this.to_out.forward(out);
+  forward(
+    x: Tensor,
+    context: Tensor | null,
+    ip: IpBatch | null = null,
+    residual: Tensor | null = null,
+  ): Tensor {
+    const withIp = ip !== null && this.#ip.length > 0;
+    return ops.attention(
+      x,
+      context,
+      this.to_q.weight,
+      this.to_k.weight,
+      this.to_v.weight,
+      this.to_out.weight,
+      this.to_out.bias,
+      this.heads,
+      withIp ? ip.tokens : NONE,
+      withIp ? this.#ipWeights : NONE,
+      withIp ? ip.scales : NONE,
+      residual,
+    );
   }
 }
 
-/** `FeedForward` with GEGLU: net.0.proj -> (h, gate) -> h * gelu(gate) -> net.2. */
+const NONE: readonly Tensor[] = [];
+
+/** `FeedForward` with GEGLU: net.0.proj -> (h, gate) -> h * gelu(gate) -> net.2 (one native op). */
 export class GegluFeedForward extends Module {
   readonly proj: Linear;
   readonly out: Linear;
@@ -160,9 +174,16 @@ export class GegluFeedForward extends Module {
     this.out = this.child("net.2", new Linear(w.sub("net.2"), inner, dim));
   }
 
-  forward(x: Tensor): Tensor {
-    const [h, gate] = ops.chunk(this.proj.forward(x), 2, -1);
-    return this.out.forward(h.mul(ops.gelu(gate, false)));
+  /** `residual`, when given, is added to the output (the transformer block's skip). */
+  forward(x: Tensor, residual: Tensor | null = null): Tensor {
+    return ops.gegluFeedForward(
+      x,
+      this.proj.weight,
+      this.proj.bias,
+      this.out.weight,
+      this.out.bias,
+      residual,
+    );
   }
 }
 
@@ -205,9 +226,9 @@ export class BasicTransformerBlock extends Module {
 
   forward(x: Tensor, cond: CrossCond): Tensor {
     const ctx1 = this.onlyCrossAttention ? cond.text : null;
-    x = this.attn1.forward(this.norm1.forward(x), ctx1).add(x);
-    x = this.attn2.forward(this.norm2.forward(x), cond.text, cond.ip).add(x);
-    return this.ff.forward(this.norm3.forward(x)).add(x);
+    x = this.attn1.forward(this.norm1.forward(x), ctx1, null, x);
+    x = this.attn2.forward(this.norm2.forward(x), cond.text, cond.ip, x);
+    return this.ff.forward(this.norm3.forward(x), x);
   }
 }
 
@@ -253,21 +274,21 @@ export class Transformer2DModel extends Module {
     );
   }
 
+  /** In its own scope: at 512 px the token activations of one transformer are hundreds of MB. */
   forward(x: Tensor, cond: CrossCond): Tensor {
-    const [b, , hgt, wid] = x.shape;
-    let h = this.norm.forward(x);
-    const toTokens = (t: Tensor) =>
-      ops.reshape(ops.permute(t, [0, 2, 3, 1]), [b, hgt * wid, t.size(1)]);
-    h = this.o.useLinearProjection
-      ? this.proj_in.forward(toTokens(h))
-      : toTokens(this.proj_in.forward(h));
-    for (const blk of this.blocks) h = blk.forward(h, cond);
-    const toImage = (t: Tensor) =>
-      ops.contiguous(ops.permute(ops.reshape(t, [b, hgt, wid, t.size(-1)]), [0, 3, 1, 2]));
-    h = this.o.useLinearProjection
-      ? toImage(this.proj_out.forward(h))
-      : this.proj_out.forward(toImage(h));
-    return h.add(x);
+    return scope(() => {
+      const [, , hgt, wid] = x.shape;
+      const linear = this.o.useLinearProjection;
+      const normed = this.norm.forward(x);
+      let h = linear
+        ? this.proj_in.forward(ops.imageToTokens(normed))
+        : ops.imageToTokens(this.proj_in.forward(normed));
+      for (const blk of this.blocks) h = blk.forward(h, cond);
+      h = linear
+        ? ops.tokensToImage(this.proj_out.forward(h), hgt, wid)
+        : this.proj_out.forward(ops.tokensToImage(h, hgt, wid));
+      return h.add(x);
+    });
   }
 }
 

@@ -3,6 +3,7 @@
  * takes diffusers' default; a value that changes the architecture in a way this port does not
  * implement is an error naming the file and the key (never a silently different network).
  */
+import { UserError } from "../../ffi/errors.ts";
 
 export type DownBlockType = "CrossAttnDownBlock2D" | "DownBlock2D";
 export type UpBlockType = "CrossAttnUpBlock2D" | "UpBlock2D";
@@ -56,11 +57,18 @@ export interface UNetConfig {
 
 type Json = Record<string, unknown>;
 
+/** A `unet/config.json` that cannot be read, or that asks for an architecture not ported. */
+export class UNetConfigError extends UserError {
+  constructor(readonly file: string, detail: string) {
+    super(`${file}: ${detail}`);
+  }
+}
+
 class ConfigReader {
   constructor(readonly file: string, readonly json: Json) {}
 
   fail(key: string, what: string): never {
-    throw new Error(`${this.file}: "${key}" ${what}`);
+    throw new UNetConfigError(this.file, `"${key}" ${what}`);
   }
 
   has(key: string): boolean {
@@ -310,13 +318,27 @@ export function parseUNetConfig(json: Json, file = "unet/config.json"): UNetConf
 /** Reads and parses `<dir>/config.json`. */
 export function loadUNetConfig(dir: string): UNetConfig {
   const file = `${dir}/config.json`;
-  let json: Json;
+  let text: string;
   try {
-    json = JSON.parse(Deno.readTextFileSync(file));
+    text = Deno.readTextFileSync(file);
   } catch (e) {
-    throw new Error(`${file}: cannot read the UNet config (${(e as Error).message})`);
+    throw new UNetConfigError(
+      file,
+      e instanceof Deno.errors.NotFound
+        ? "not found (a diffusers unet/ folder holds config.json and the weights)"
+        : `cannot read the UNet config (${(e as Error).message})`,
+    );
   }
-  return parseUNetConfig(json, file);
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (e) {
+    throw new UNetConfigError(file, `not valid JSON (${(e as Error).message})`);
+  }
+  if (json === null || typeof json !== "object" || Array.isArray(json)) {
+    throw new UNetConfigError(file, "expected a JSON object");
+  }
+  return parseUNetConfig(json as Json, file);
 }
 
 /** The SD1.5 UNet as its `config.json` states it (useful to build random-weight stand-ins). */

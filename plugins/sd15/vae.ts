@@ -15,7 +15,12 @@ import {
   type Tensor,
 } from "../../ffi/mod.ts";
 import { Conv2d, GroupNorm, loadModule, Module } from "../../core/nn.ts";
-import { RandomSource, SafetensorsSource, type WeightSource } from "../../core/weights.ts";
+import {
+  RandomSource,
+  SafetensorsSource,
+  WeightError,
+  type WeightSource,
+} from "../../core/weights.ts";
 import { activation } from "./layers.ts";
 import { DownEncoderBlock, UpDecoderBlock, VAE_NORM_EPS, VaeMidBlock } from "./vae_blocks.ts";
 import { readVaeConfig, type VaeConfig } from "./vae_config.ts";
@@ -187,7 +192,7 @@ export class AutoencoderKL extends Module {
     if (!existsSync(file)) {
       const bin = join(dir, opts.variant ? `${base}.${opts.variant}.bin` : `${base}.bin`);
       if (existsSync(bin)) refusePickle(bin);
-      throw new Error(`${file}: VAE weights not found`);
+      throw new WeightError(`${file}: VAE weights not found (expected a diffusers vae/ folder)`);
     }
     const source = SafetensorsSource.open(file, opts.dtype ?? "f32", opts.device ?? "cpu");
     return loadModule(source, (w) => new AutoencoderKL(w, config));

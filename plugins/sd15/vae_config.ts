@@ -4,6 +4,7 @@
  * with the file and the key, instead of loading a model that silently computes something else.
  */
 import { readFileSync } from "node:fs";
+import { UserError } from "../../ffi/errors.ts";
 
 /** Activations diffusers' `get_activation` accepts that we run exactly. */
 export type VaeActivation = "silu" | "swish" | "gelu" | "relu";
@@ -30,10 +31,11 @@ export interface VaeConfig {
   midBlockAddAttention: boolean;
 }
 
-export class VaeConfigError extends Error {
-  constructor(readonly file: string, readonly key: string, detail: string) {
-    super(`${file}: "${key}" ${detail}`);
-    this.name = "VaeConfigError";
+/** A `vae/config.json` that cannot be read, or a value this port does not implement. */
+export class VaeConfigError extends UserError {
+  /** `key` null: the file as a whole (missing, not JSON). */
+  constructor(readonly file: string, readonly key: string | null, detail: string) {
+    super(key === null ? `${file}: ${detail}` : `${file}: "${key}" ${detail}`);
   }
 }
 
@@ -148,13 +150,19 @@ export function readVaeConfig(path: string): VaeConfig {
   try {
     text = readFileSync(path, "utf8");
   } catch (e) {
-    throw new Error(`${path}: cannot read the VAE config (${(e as Error).message})`);
+    throw new VaeConfigError(
+      path,
+      null,
+      (e as { code?: string }).code === "ENOENT"
+        ? "not found (a diffusers vae/ folder holds config.json and the weights)"
+        : `cannot read the VAE config (${(e as Error).message})`,
+    );
   }
   let json: unknown;
   try {
     json = JSON.parse(text);
   } catch (e) {
-    throw new Error(`${path}: not valid JSON (${(e as Error).message})`);
+    throw new VaeConfigError(path, null, `not valid JSON (${(e as Error).message})`);
   }
   return parseVaeConfig(json, path);
 }
@@ -162,7 +170,7 @@ export function readVaeConfig(path: string): VaeConfig {
 /** Validates a parsed config.json object; `file` only names the source in errors. */
 export function parseVaeConfig(json: unknown, file = "vae/config.json"): VaeConfig {
   if (json === null || typeof json !== "object" || Array.isArray(json)) {
-    throw new Error(`${file}: expected a JSON object`);
+    throw new VaeConfigError(file, null, "expected a JSON object");
   }
   const r = new Reader(json as Record<string, unknown>, file);
   const cls = r.raw("_class_name");

@@ -842,6 +842,103 @@ def autograd_fixtures(fx):
     put("gen_seq.randn2", torch.randn(3, generator=g, dtype=torch.float64))
 
 
+def fused_ops(fx):
+    """The fused ops of native/src/fused.cpp, computed as diffusers computes them: the SDPA and
+    IP-Adapter attention processors, FeedForward with GEGLU, ResnetBlock2D, and Transformer2DModel's
+    moves between images and tokens."""
+    c = fx.case
+    b, n, dim, heads, cdim = 2, 12, 16, 2, 24
+
+    def w(o, i):
+        return rn(o, i, scale=i**-0.5)
+
+    x, ctx, res = rn(b, n, dim), rn(b, 7, cdim), rn(b, n, dim)
+    wq, wk, wv, wo, bo = w(dim, dim), w(dim, dim), w(dim, dim), w(dim, dim), rn(dim, scale=0.1)
+    wkx, wvx = w(dim, cdim), w(dim, cdim)
+    tokens = [rn(b, 4, cdim), rn(b, 6, cdim)]
+    ip_w = [w(dim, cdim) for _ in range(4)]
+    # per-sample scales; sample 0 has every adapter off
+    scales = [torch.tensor([0.0, 0.7]).reshape(b, 1, 1), torch.tensor([0.0, -0.4]).reshape(b, 1, 1)]
+
+    def split(t):
+        return t.view(b, -1, heads, dim // heads).transpose(1, 2)
+
+    def merge(t):
+        return t.transpose(1, 2).reshape(b, -1, heads * (dim // heads))
+
+    def attention(x, context, wk, wv, wo, bo, tokens=(), ip_w=(), scales=(), residual=None):
+        context = x if context is None else context
+        q = split(F.linear(x, wq))
+        out = merge(F.scaled_dot_product_attention(q, split(F.linear(context, wk)), split(F.linear(context, wv))))
+        for i, t in enumerate(tokens):
+            k_ip, v_ip = split(F.linear(t, ip_w[2 * i])), split(F.linear(t, ip_w[2 * i + 1]))
+            out = out + scales[i] * merge(F.scaled_dot_product_attention(q, k_ip, v_ip))
+        out = F.linear(out, wo, bo)
+        return out if residual is None else out + residual
+
+    none = TList([])
+    c("attention.self_residual", "attention", [x, None, wq, wk, wv, wo, bo, heads, none, none, none, res],
+      attention(x, None, wk, wv, wo, bo, residual=res), ACC)
+    c("attention.cross_no_bias", "attention", [x, ctx, wq, wkx, wvx, wo, None, heads, none, none, none, None],
+      attention(x, ctx, wkx, wvx, wo, None), ACC)
+    c("attention.cross_ip2", "attention",
+      [x, ctx, wq, wkx, wvx, wo, bo, heads, TList(tokens), TList(ip_w), TList(scales), res],
+      attention(x, ctx, wkx, wvx, wo, bo, tokens, ip_w, scales, res), ACC)
+
+    w1, b1, w2, b2 = w(4 * dim, dim), rn(4 * dim, scale=0.1), w(dim, 2 * dim), rn(dim, scale=0.1)
+
+    def geglu(x, residual=None):
+        h, gate = F.linear(x, w1, b1).chunk(2, dim=-1)
+        out = F.linear(h * F.gelu(gate), w2, b2)
+        return out if residual is None else out + residual
+
+    c("geglu_feed_forward.residual", "geglu_feed_forward", [x, w1, b1, w2, b2, res], geglu(x, res), ACC)
+    c("geglu_feed_forward.plain", "geglu_feed_forward", [x, w1, b1, w2, b2, None], geglu(x), ACC)
+
+    cin, cout, groups, tdim = 8, 12, 4, 10
+    xi, temb = rn(b, cin, 6, 5), rn(b, tdim)
+
+    def resnet_weights(cin, cout, temb):
+        return dict(
+            n1w=1 + rn(cin, scale=0.1), n1b=rn(cin, scale=0.1),
+            c1w=rn(cout, cin, 3, 3, scale=0.2), c1b=rn(cout, scale=0.1),
+            tw=w(cout, tdim) if temb else None, tb=rn(cout, scale=0.1) if temb else None,
+            n2w=1 + rn(cout, scale=0.1), n2b=rn(cout, scale=0.1),
+            c2w=rn(cout, cout, 3, 3, scale=0.2), c2b=rn(cout, scale=0.1),
+            sw=rn(cout, cin, 1, 1, scale=0.3) if cin != cout else None,
+            sb=rn(cout, scale=0.1) if cin != cout else None,
+        )
+
+    def resnet(x, temb, p, act, eps, scale):
+        # ResnetBlock2D.forward, time_embedding_norm "default"
+        h = F.conv2d(act(F.group_norm(x, groups, p["n1w"], p["n1b"], eps)), p["c1w"], p["c1b"], padding=1)
+        if temb is not None:
+            h = h + F.linear(act(temb), p["tw"], p["tb"])[:, :, None, None]
+        h = F.conv2d(act(F.group_norm(h, groups, p["n2w"], p["n2b"], eps)), p["c2w"], p["c2b"], padding=1)
+        skip = x if p["sw"] is None else F.conv2d(x, p["sw"], p["sb"])
+        return (skip + h) / scale
+
+    def resnet_args(x, temb, p, act_code, eps, scale):
+        return [x, temb, p["n1w"], p["n1b"], p["c1w"], p["c1b"], p["tw"], p["tb"], p["n2w"], p["n2b"],
+                p["c2w"], p["c2b"], p["sw"], p["sb"], groups, eps, act_code, scale]
+
+    p = resnet_weights(cin, cout, True)
+    c("resnet_block.silu_temb_shortcut", "resnet_block", resnet_args(xi, temb, p, 0, 1e-5, 1.0),
+      resnet(xi, temb, p, F.silu, 1e-5, 1.0), ACC)
+    p = resnet_weights(cin, cin, False)
+    c("resnet_block.gelu_plain_scaled", "resnet_block", resnet_args(xi, None, p, 1, 1e-6, 2.0),
+      resnet(xi, None, p, F.gelu, 1e-6, 2.0), ACC)
+    p = resnet_weights(cin, cout, True)
+    c("resnet_block.relu_temb_shortcut", "resnet_block", resnet_args(xi, temb, p, 2, 1e-5, 1.0),
+      resnet(xi, temb, p, F.relu, 1e-5, 1.0), ACC)
+
+    img = rn(b, 5, 3, 4)
+    c("image_to_tokens.f32", "image_to_tokens", [img], img.permute(0, 2, 3, 1).reshape(b, 12, 5), EXACT)
+    toks = rn(b, 12, 5)
+    c("tokens_to_image.f32", "tokens_to_image", [toks, 3, 4],
+      toks.reshape(b, 3, 4, 5).permute(0, 3, 1, 2).contiguous(), EXACT)
+
+
 def write_py_file(outdir):
     """A file written by the reference safetensors library, with values the test knows by heart."""
     tensors = {
@@ -866,7 +963,7 @@ def main():
     torch.manual_seed(0)
     fx = Fixtures()
     for part in [creation, unary_ops, binary_ops, comparison_ops, linalg_ops, norm_loss_ops, shape_ops,
-                 reduction_ops, dtype_ops, inplace_ops, autograd_fixtures]:
+                 reduction_ops, dtype_ops, inplace_ops, autograd_fixtures, fused_ops]:
         part(fx)
 
     save_file(fx.tensors, os.path.join(outdir, "cases.safetensors"))
