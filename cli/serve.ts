@@ -4,6 +4,7 @@
  * running sample finished, a running job stopped after its batch in flight (resumable).
  */
 import { parseArgs } from "node:util";
+import type { ServerOptions } from "../server/app.ts";
 import { CliError, type Command } from "./command.ts";
 
 export const DEFAULT_PORT = 8765;
@@ -116,10 +117,14 @@ export function parseServeArgs(args: string[]): ServeSettings | null {
   };
 }
 
-/** Loads what the server needs and starts it (the caller owns shutdown). */
+/**
+ * Loads what the server needs and starts it (the caller owns shutdown). `testing` passes
+ * test-only server options through.
+ */
 export async function startFromSettings(
   a: ServeSettings,
   log: (message: string) => void = (m) => console.error(m),
+  testing: Pick<ServerOptions, "beforeBatch"> = {},
 ) {
   const { AuthConfigError, checkExposure, loadToken } = await import("../server/auth.ts");
   const cfg = await import("../core/config.ts");
@@ -172,54 +177,60 @@ export async function startFromSettings(
     schedulerConfig: await models.schedulerConfigOf(paths),
     registry,
     log,
+    ...testing,
   });
+}
+
+/**
+ * The whole command: starts, serves until SIGINT/SIGTERM, stops gracefully. `testing` passes
+ * test-only server options through.
+ */
+export async function runServe(
+  args: string[],
+  testing: Pick<ServerOptions, "beforeBatch"> = {},
+): Promise<number> {
+  const a = parseServeArgs(args);
+  if (!a) {
+    console.log(USAGE);
+    return 0;
+  }
+  let server;
+  try {
+    server = await startFromSettings(a, undefined, testing);
+  } catch (e) {
+    const { WorkError } = await import("../server/engine.ts");
+    // A model the engine could not load for the user's reasons (a bad file) is one line too.
+    if (e instanceof WorkError && e.user) {
+      console.error(`dipsy serve: ${e.message}`);
+      return 1;
+    }
+    throw e;
+  }
+  const info = server.engine.info;
+  console.log(
+    `listening on ${server.url} (${Object.values(info.modelIds)[0]}, ${info.device} ` +
+      `${info.dtype}; queue ${a.queue}${a.roots.length ? `; roots ${a.roots.join(", ")}` : ""})`,
+  );
+  let signals = 0;
+  const stop = (name: string) => () => {
+    signals++;
+    if (signals > 1) Deno.exit(130);
+    console.error(`${name}: shutting down (again to quit at once; a running batch is then lost)`);
+    server.shutdown();
+  };
+  const handlers = [["SIGINT", stop("SIGINT")], ["SIGTERM", stop("SIGTERM")]] as const;
+  for (const [sig, h] of handlers) Deno.addSignalListener(sig, h);
+  try {
+    await server.finished;
+    await server.shutdown();
+  } finally {
+    for (const [sig, h] of handlers) Deno.removeSignalListener(sig, h);
+  }
+  console.error("stopped");
+  return 0;
 }
 
 export const command: Command = {
   summary: "serve sampling and dataset generation over HTTP",
-  async run(args) {
-    const a = parseServeArgs(args);
-    if (!a) {
-      console.log(USAGE);
-      return 0;
-    }
-    let server;
-    try {
-      server = await startFromSettings(a);
-    } catch (e) {
-      if (e instanceof CliError) throw e;
-      const { isUserError } = await import("../app/errors.ts");
-      const { WorkError } = await import("../server/engine.ts");
-      if (
-        await isUserError(e) || (e instanceof WorkError && e.user) ||
-        (e instanceof Error && e.message.startsWith("--roots"))
-      ) {
-        console.error(`dipsy serve: ${(e as Error).message}`);
-        return 1;
-      }
-      throw e;
-    }
-    const info = server.engine.info;
-    console.log(
-      `listening on ${server.url} (${Object.values(info.modelIds)[0]}, ${info.device} ` +
-        `${info.dtype}; queue ${a.queue}${a.roots.length ? `; roots ${a.roots.join(", ")}` : ""})`,
-    );
-    let signals = 0;
-    const stop = (name: string) => () => {
-      signals++;
-      if (signals > 1) Deno.exit(130);
-      console.error(`${name}: shutting down (again to quit at once; a running batch is then lost)`);
-      server.shutdown();
-    };
-    const handlers = [["SIGINT", stop("SIGINT")], ["SIGTERM", stop("SIGTERM")]] as const;
-    for (const [sig, h] of handlers) Deno.addSignalListener(sig, h);
-    try {
-      await server.finished;
-      await server.shutdown();
-    } finally {
-      for (const [sig, h] of handlers) Deno.removeSignalListener(sig, h);
-    }
-    console.error("stopped");
-    return 0;
-  },
+  run: (args) => runServe(args),
 };

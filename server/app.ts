@@ -7,18 +7,29 @@
  * Bad input is refused as early and as cheaply as possible, in this order: 401 (token), 404/405
  * (route), 415 (media type), 413 (declared or actual body size; image size and pixel count before
  * decoding), 400 (malformed body, field errors), 403 (paths outside the roots), 422 (images that
- * do not decode), 503 (queue full, with Retry-After; or shutting down).
+ * do not decode), 503 (queue full, with Retry-After; or shutting down). Requests that never
+ * reach a route are answered in the same JSON: malformed HTTP (400), a request head over the
+ * limit (431), methods the fetch API cannot carry (TRACE, CONNECT: 401, 404 or 405).
  */
 import { Buffer } from "node:buffer";
 import { Hono } from "hono";
 import denoJson from "../deno.json" with { type: "json" };
 import type { ConfigLayer } from "../core/config.ts";
 import { decodeImage, ImageDecodeError, type ImageFormat, type RgbImage } from "../core/image.ts";
-import type { Registry, SchedulerConfig } from "../core/plugins.ts";
+import type { Guidance, Registry, SchedulerConfig } from "../core/plugins.ts";
 import { prepareSample, SampleError, sampleSize, type SampleSpec } from "../core/sample.ts";
+import { memory } from "../ffi/mod.ts";
 import { authorized, checkExposure } from "./auth.ts";
-import { ClosedError, Engine, type ModelSetup, QueueFullError, WorkError } from "./engine.ts";
 import {
+  ClosedError,
+  Engine,
+  EngineStoppedError,
+  type ModelSetup,
+  QueueFullError,
+  WorkError,
+} from "./engine.ts";
+import {
+  type BeforeBatch,
   type Job,
   JOB_REQUEST,
   type JobEvent,
@@ -27,7 +38,15 @@ import {
   planJob,
   resolveRoots,
 } from "./jobs.ts";
-import { errorResponse, HttpError, invalid, json, readForm, readJson } from "./body.ts";
+import {
+  errorAnswer,
+  errorResponse,
+  HttpError,
+  invalid,
+  json,
+  readForm,
+  readJson,
+} from "./body.ts";
 import { type HttpServer, serveHttp } from "./http.ts";
 import { API_VERSION, openApi, routeDocs } from "./openapi.ts";
 import * as s from "./schema.ts";
@@ -69,6 +88,7 @@ function engineError(e: unknown): HttpError {
   if (e instanceof ClosedError) {
     return new HttpError(503, e.message, [], { "retry-after": "30", connection: "close" });
   }
+  if (e instanceof EngineStoppedError) return new HttpError(503, e.message);
   if (e instanceof WorkError && e.user) {
     return new HttpError(400, e.message, e.field ? [{ field: e.field, message: e.message }] : []);
   }
@@ -79,9 +99,60 @@ function engineError(e: unknown): HttpError {
 // Sample requests
 
 const GUIDANCE_FIELD = /^guidance\.([A-Za-z_][A-Za-z0-9_]{0,63})$/;
+const DEFAULT_GUIDANCE = "dipsy";
+const DEFAULT_SAMPLER = "dpm-solver++";
+
+/**
+ * The guidances that need each reference image, as each declares with its default options
+ * (`usesImages`, `usesNegative`: which conditionings its formula reads). A guidance that cannot
+ * be built without options is left out of both lists.
+ */
+function imageNeeds(reg: Registry): { all: string[]; positive: string[]; negative: string[] } {
+  const all = reg.list("guidance").map((d) => d.name);
+  const positive: string[] = [], negative: string[] = [];
+  for (const name of all) {
+    let g: Guidance;
+    try {
+      g = reg.create<Guidance>("guidance", name, {});
+    } catch {
+      continue;
+    }
+    if (g.usesImages) positive.push(name);
+    if (g.usesNegative) negative.push(name);
+    (g as Partial<Disposable>)[Symbol.dispose]?.();
+  }
+  return { all, positive, negative };
+}
+
+function needText(names: string[]): string {
+  if (names.length === 0) return "used by no guidance";
+  const listed = names.map((n) => n === DEFAULT_GUIDANCE ? `${n} (the default)` : n);
+  return `required with guidance ${listed.join(", ")}; ignored by the others`;
+}
+
+/**
+ * JSON Schema for "`field` is required when the guidance is one of `needing`", where a request
+ * without a guidance field gets the default one.
+ */
+function requiredWith(field: string, needing: string[], all: string[]): s.JsonSchema | null {
+  const others = all.filter((n) => !needing.includes(n));
+  if (needing.includes(DEFAULT_GUIDANCE)) {
+    if (others.length === 0) return { required: [field] };
+    return {
+      if: { required: ["guidance"], properties: { guidance: { enum: others } } },
+      else: { required: [field] },
+    };
+  }
+  if (needing.length === 0) return null;
+  return {
+    if: { required: ["guidance"], properties: { guidance: { enum: needing } } },
+    then: { required: [field] },
+  };
+}
 
 function sampleForm(reg: Registry, limits: Limits) {
   const names = (kind: "guidance" | "sampler") => reg.list(kind).map((d) => d.name);
+  const needs = imageNeeds(reg);
   const side = (what: string) =>
     s.optional(s.integer({
       min: 8,
@@ -89,23 +160,23 @@ function sampleForm(reg: Registry, limits: Limits) {
       description: `output ${what} in pixels (a multiple of the VAE factor, 8 for SD1.5); ` +
         "default: the model's",
     }));
-  return s.object({
+  const form = s.object({
     prompt: s.required(s.string({ maxLength: limits.maxPromptLength, description: "text prompt" })),
     seed: s.required(s.integer({
       min: 0,
       description: "initial-noise seed (as torch.Generator().manual_seed(seed) on the CPU)",
     })),
     positive: s.optional(s.binary({
-      description: "positive reference image (guidances that use images)",
+      description: `positive reference image: ${needText(needs.positive)}`,
       mediaType: "image/*",
     })),
     negative: s.optional(s.binary({
-      description: "negative reference image (guidances with a negative term, e.g. dipsy)",
+      description: `negative reference image: ${needText(needs.negative)}`,
       mediaType: "image/*",
     })),
     guidance: s.optional(s.string({
       enum: names("guidance"),
-      default: "dipsy",
+      default: DEFAULT_GUIDANCE,
       description: "guidance plugin",
     })),
     guidanceOptions: s.optional(s.record(s.jsonValue({ maxLength: 1000 }), {
@@ -115,7 +186,7 @@ function sampleForm(reg: Registry, limits: Limits) {
     })),
     sampler: s.optional(s.string({
       enum: names("sampler"),
-      default: "dpm-solver++",
+      default: DEFAULT_SAMPLER,
       description: "sampler plugin",
     })),
     steps: s.optional(s.integer({
@@ -138,6 +209,18 @@ function sampleForm(reg: Registry, limits: Limits) {
         "Accept: application/json)",
     })),
   }, { extra: (k) => GUIDANCE_FIELD.test(k) });
+  // Which images are required depends on the guidance: said in the document as conditions.
+  const conditions = [
+    requiredWith("positive", needs.positive, needs.all),
+    requiredWith("negative", needs.negative, needs.all),
+  ].filter((c) => c !== null);
+  return {
+    form,
+    json: (): s.JsonSchema => ({
+      ...form.json(),
+      ...(conditions.length ? { allOf: conditions } : {}),
+    }),
+  };
 }
 
 /** Option values of "guidance.<option>" fields: JSON when they parse, text otherwise. */
@@ -285,10 +368,18 @@ function eventStream(job: Job, signal: AbortSignal): Response {
 const JOB_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 /** The Hono app and its OpenAPI document. */
-export function createApp(o: AppOptions): { app: Hono; openapi: Record<string, unknown> } {
+export function createApp(o: AppOptions): {
+  app: Hono;
+  openapi: Record<string, unknown>;
+  /**
+   * The answer for a method and target no route takes (401 first when a token is required,
+   * then 404 or 405), for requests that cannot become a fetch Request.
+   */
+  unrouted: (method: string, target: string, authorization?: string) => Response;
+} {
   const { engine, jobs, limits, registry: reg } = o;
-  const form = sampleForm(reg, limits);
-  const docs = routeDocs(form.json(), JOB_REQUEST.json());
+  const { form, json: sampleJson } = sampleForm(reg, limits);
+  const docs = routeDocs(sampleJson(), JOB_REQUEST.json());
   const doc = openApi(docs, o.token !== null);
   const app = new Hono();
 
@@ -303,30 +394,32 @@ export function createApp(o: AppOptions): { app: Hono; openapi: Record<string, u
     method: d.method.toUpperCase(),
     re: new RegExp(`^${d.path.replace(/\{\w+\}/g, "[^/]+")}$`),
   }));
-  app.notFound((c) => {
-    const path = new URL(c.req.url).pathname;
+  const unrouted = (method: string, target: string): Response => {
+    const path = target.startsWith("/") ? new URL(target, "http://x").pathname : target;
     const allowed = patterns.filter((p) => p.re.test(path)).map((p) => p.method);
     if (allowed.length) {
       return errorResponse(
-        new HttpError(405, `${c.req.method} is not allowed on ${path}`, [], {
+        new HttpError(405, `${method} is not allowed on ${path}`, [], {
           allow: [...new Set(allowed)].join(", "),
         }),
       );
     }
-    return errorResponse(new HttpError(404, `no route ${c.req.method} ${path}`));
-  });
+    return errorResponse(new HttpError(404, `no route ${method} ${path}`));
+  };
+  app.notFound((c) => unrouted(c.req.method, new URL(c.req.url).pathname));
 
+  const unauthorized = (path: string, authorization: string | undefined): Response | null => {
+    if (o.token === null || path === "/healthz" || authorized(authorization, o.token)) return null;
+    return errorResponse(
+      new HttpError(401, "missing or wrong bearer token (Authorization: Bearer <token>)", [], {
+        "www-authenticate": 'Bearer realm="dipsy"',
+      }),
+    );
+  };
   if (o.token !== null) {
-    const token = o.token;
     app.use("*", async (c, next) => {
-      if (new URL(c.req.url).pathname === "/healthz") return await next();
-      if (!authorized(c.req.header("authorization"), token)) {
-        return errorResponse(
-          new HttpError(401, "missing or wrong bearer token (Authorization: Bearer <token>)", [], {
-            "www-authenticate": 'Bearer realm="dipsy"',
-          }),
-        );
-      }
+      const refused = unauthorized(new URL(c.req.url).pathname, c.req.header("authorization"));
+      if (refused) return refused;
       await next();
     });
   }
@@ -372,6 +465,15 @@ export function createApp(o: AppOptions): { app: Hono; openapi: Record<string, u
         waiting: engine.queue.waiting,
         bound: engine.queue.bound,
       },
+      memory: (() => {
+        const m = memory(), process = Deno.memoryUsage();
+        return {
+          residentBytes: process.rss,
+          heapBytes: process.heapUsed,
+          liveTensors: m.processHandles,
+          tensorBytes: m.processBytes,
+        };
+      })(),
       jobs: { roots: o.roots },
       limits,
     });
@@ -394,9 +496,9 @@ export function createApp(o: AppOptions): { app: Hono; openapi: Record<string, u
     const spec: SampleSpec = {
       prompt: v.prompt,
       seed: v.seed,
-      guidance: v.guidance ?? "dipsy",
+      guidance: v.guidance ?? DEFAULT_GUIDANCE,
       guidanceOptions: { ...v.guidanceOptions, ...dotted.options },
-      sampler: v.sampler ?? "dpm-solver++",
+      sampler: v.sampler ?? DEFAULT_SAMPLER,
       steps: v.steps ?? 50,
       width: v.width ?? null,
       height: v.height ?? null,
@@ -498,7 +600,15 @@ export function createApp(o: AppOptions): { app: Hono; openapi: Record<string, u
     return json(job.view(), 202);
   });
 
-  return { app, openapi: doc };
+  return {
+    app,
+    openapi: doc,
+    unrouted: (method, target, authorization) =>
+      unauthorized(
+        target.startsWith("/") ? new URL(target, "http://x").pathname : target,
+        authorization,
+      ) ?? unrouted(method, target),
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -519,6 +629,10 @@ export interface ServerOptions {
   schedulerConfig: SchedulerConfig;
   registry: Registry;
   log?: (message: string) => void;
+  /** Largest request head (request line and headers) in bytes (default 16 KiB). */
+  maxHeadBytes?: number;
+  /** Holds each job as each of its batches starts: for tests, never set by `dipsy serve`. */
+  beforeBatch?: BeforeBatch;
 }
 
 export interface RunningServer {
@@ -541,9 +655,14 @@ export async function startServer(o: ServerOptions): Promise<RunningServer> {
   const log = o.log ?? ((m: string) => console.error(m));
   const roots = await resolveRoots(o.roots);
   const limits: Limits = { ...DEFAULT_LIMITS, ...o.limits };
+  // libvips' operation cache (one for the process, the engine's thread included) keeps recent
+  // images for reuse, which never comes for uploads that are new each time: off, so that memory
+  // follows the work in hand.
+  sharpModule ??= import("sharp").then((m) => m.default);
+  (await sharpModule).cache(false);
   const engine = await Engine.start(o.setup, { queue: o.queue });
-  const jobs = new JobStore(engine);
-  const { app, openapi } = createApp({
+  const jobs = new JobStore(engine, undefined, o.beforeBatch);
+  const { app, openapi, unrouted } = createApp({
     engine,
     jobs,
     token: o.token,
@@ -558,10 +677,14 @@ export async function startServer(o: ServerOptions): Promise<RunningServer> {
     server = await serveHttp((req) => app.fetch(req), {
       hostname: o.hostname,
       port: o.port,
+      maxHeadBytes: o.maxHeadBytes,
       onError: (e) => {
         console.error(e);
         return json({ error: { status: 500, message: "internal error" } }, 500);
       },
+      onClientError: (status, message) =>
+        errorAnswer(new HttpError(status, message, [], { connection: "close" })),
+      onMethod: unrouted,
     });
   } catch (e) {
     await engine.close();

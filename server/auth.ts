@@ -5,16 +5,13 @@
  * process list and shell history) or from the DIPSY_TOKEN environment variable.
  */
 
+import { UserError } from "../ffi/errors.ts";
+
 export const TOKEN_ENV = "DIPSY_TOKEN";
 /** Shorter tokens are refused: they can be guessed. */
 export const MIN_TOKEN_LENGTH = 16;
 
-export class AuthConfigError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "AuthConfigError";
-  }
-}
+export class AuthConfigError extends UserError {}
 
 /** Whether `host` only accepts connections from this machine. */
 export function isLoopback(host: string): boolean {

@@ -3,6 +3,9 @@
  * length before reading and on the bytes while reading (413), and parsing (400), each answered as
  * JSON: `{ error: { status, message, issues? } }`.
  */
+import { Buffer } from "node:buffer";
+import type { Answer } from "./http.ts";
+import { BodyError } from "./request_body.ts";
 import type { Issue } from "./schema.ts";
 
 /** An HTTP error answered as JSON: `{ error: { status, message, issues? } }`. */
@@ -18,25 +21,37 @@ export class HttpError extends Error {
   }
 }
 
+const JSON_TYPE = "application/json; charset=utf-8";
+
 export function json(body: unknown, status = 200, headers: Record<string, string> = {}): Response {
   return new Response(JSON.stringify(body), {
     status,
-    headers: { "content-type": "application/json; charset=utf-8", ...headers },
+    headers: { "content-type": JSON_TYPE, ...headers },
   });
 }
 
-export function errorResponse(e: HttpError): Response {
-  return json(
-    {
-      error: {
-        status: e.status,
-        message: e.message,
-        ...(e.issues.length ? { issues: e.issues } : {}),
-      },
+/** The answer's body: `{ error: { status, message, issues? } }`. */
+function errorBody(e: HttpError): unknown {
+  return {
+    error: {
+      status: e.status,
+      message: e.message,
+      ...(e.issues.length ? { issues: e.issues } : {}),
     },
-    e.status,
-    e.headers,
-  );
+  };
+}
+
+export function errorResponse(e: HttpError): Response {
+  return json(errorBody(e), e.status, e.headers);
+}
+
+/** The same answer as plain data, for answers written outside a handler. */
+export function errorAnswer(e: HttpError): Answer {
+  return {
+    status: e.status,
+    headers: { "content-type": JSON_TYPE, ...e.headers },
+    body: JSON.stringify(errorBody(e)),
+  };
 }
 
 export const invalid = (issues: Issue[]) =>
@@ -80,6 +95,7 @@ export async function readBody(req: Request, limit: number): Promise<Uint8Array<
     }
   } catch (e) {
     if (e instanceof HttpError) throw e;
+    if (e instanceof BodyError) throw new HttpError(400, e.message, [], { connection: "close" });
     throw new HttpError(400, `the body could not be read (${e instanceof Error ? e.message : e})`);
   }
   const out = new Uint8Array(size);
@@ -111,6 +127,27 @@ export async function readJson(req: Request, limit: number): Promise<unknown> {
   }
 }
 
+/** The boundary parameter of a multipart media type (maybe quoted). */
+function boundaryOf(type: string): string | null {
+  const m = /;\s*boundary=(?:"([^"]+)"|([^\s;"]+))/i.exec(type);
+  return m ? (m[1] ?? m[2]) : null;
+}
+
+/**
+ * Where the multipart body ends: just after its close delimiter ("--" boundary "--" at the start
+ * of a line); null when it has none.
+ */
+function multipartEnd(body: Uint8Array, boundary: string): number | null {
+  const bytes = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
+  const close = Buffer.from(`--${boundary}--`);
+  for (let i = bytes.indexOf(close); i >= 0; i = bytes.indexOf(close, i + 1)) {
+    if (i === 0 || (i >= 2 && bytes[i - 2] === 0x0d && bytes[i - 1] === 0x0a)) {
+      return i + close.length;
+    }
+  }
+  return null;
+}
+
 /** Multipart form fields by name; a field sent twice is an error. */
 export async function readForm(
   req: Request,
@@ -122,13 +159,22 @@ export async function readForm(
       accept: "multipart/form-data",
     });
   }
-  if (!/;\s*boundary=/i.test(type)) {
-    throw new HttpError(400, "multipart/form-data without a boundary parameter");
-  }
+  const boundary = boundaryOf(type);
+  if (!boundary) throw new HttpError(400, "multipart/form-data without a boundary parameter");
   const body = await readBody(req, limit);
+  // The parser takes a body cut off mid-part for a shorter form, and drops the last part when
+  // an epilogue follows the close delimiter: the delimiter tells a whole body, and where it ends.
+  const end = multipartEnd(body, boundary);
+  if (end === null) {
+    throw new HttpError(
+      400,
+      `the multipart body is truncated: it does not end with the closing boundary "--${boundary}--"`,
+    );
+  }
   let form: FormData;
   try {
-    form = await new Response(body, { headers: { "content-type": type } }).formData();
+    form = await new Response(body.subarray(0, end), { headers: { "content-type": type } })
+      .formData();
   } catch (e) {
     throw new HttpError(
       400,

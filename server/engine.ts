@@ -36,6 +36,14 @@ export class ClosedError extends Error {
   }
 }
 
+/** The engine stopped (its worker failed, or it was closed): no work runs any more. */
+export class EngineStoppedError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "EngineStoppedError";
+  }
+}
+
 /** Work that failed on the device; `user` when the input was at fault. */
 export class WorkError extends Error {
   readonly user: boolean;
@@ -172,6 +180,11 @@ export interface GenerateHooks {
   onProgress?: (p: ProgressInfo) => void;
   onImage?: (file: string) => void;
   onLog?: (message: string) => void;
+  /**
+   * Awaited as each batch starts, once the run has decided to do it: the device waits
+   * meanwhile. For tests that must act between two batches instead of racing the run.
+   */
+  beforeBatch?: () => Promise<void>;
 }
 
 interface Pending {
@@ -194,7 +207,7 @@ export class Engine {
     worker.onmessage = (e: MessageEvent<FromWorker>) => this.#receive(e.data);
     worker.onerror = (e) => {
       e.preventDefault();
-      this.#fail(new Error(`the engine worker failed: ${e.message}`));
+      this.#fail(new EngineStoppedError(`the engine worker failed: ${e.message}`));
     };
   }
 
@@ -260,7 +273,7 @@ export class Engine {
       let id = 0;
       const promise = this.#call<GenerateSummary>((i) => {
         id = i;
-        return { type: "generate", id, config, shard, only };
+        return { type: "generate", id, config, shard, only, hold: !!hooks.beforeBatch };
       }, hooks);
       const cancel = () => this.#worker.postMessage({ type: "cancel", id } satisfies ToWorker);
       if (signal.aborted) cancel();
@@ -273,8 +286,10 @@ export class Engine {
   async close(): Promise<void> {
     this.queue.close();
     await this.queue.idle();
+    // The model's tensors live in the process, not in the worker: freed before it goes.
+    await this.#call((id) => ({ type: "close", id })).catch(() => {});
     this.#worker.terminate();
-    this.#fail(new Error("the engine was closed"));
+    this.#fail(new EngineStoppedError("the engine was closed"));
   }
 
   #call<T>(message: (id: number) => ToWorker, hooks?: GenerateHooks): Promise<T> {
@@ -308,6 +323,12 @@ export class Engine {
       case "log":
         p.hooks?.onLog?.(m.message);
         break;
+      case "batch": {
+        const go = () =>
+          this.#worker.postMessage({ type: "continue", id: m.id } satisfies ToWorker);
+        Promise.resolve(p.hooks?.beforeBatch?.()).then(go, go);
+        break;
+      }
     }
   }
 

@@ -18,6 +18,7 @@ import { type ProgressInfo, resolveShard, type Shard } from "../core/generate.ts
 import type { Guidance, Registry, Sampler, SamplerPair, SchedulerConfig } from "../core/plugins.ts";
 import { ClosedError, type Engine, type GenerateSummary } from "./engine.ts";
 import * as s from "./schema.ts";
+import { UserError } from "../ffi/errors.ts";
 
 // ---------------------------------------------------------------------------------------------
 // The request
@@ -75,10 +76,9 @@ export const JOB_REQUEST = s.object({
 export type JobRequest = s.Infer<typeof JOB_REQUEST>;
 
 /** A request the server refuses; `status` is the HTTP status, `field` the offending input. */
-export class JobRequestError extends Error {
+export class JobRequestError extends UserError {
   constructor(readonly status: number, readonly issues: s.Issue[]) {
     super(issues.map((i) => (i.field ? `${i.field}: ` : "") + i.message).join("; "));
-    this.name = "JobRequestError";
   }
 }
 
@@ -106,6 +106,9 @@ async function realish(p: string): Promise<string> {
   }
 }
 
+/** A --roots folder that does not exist or is not a folder. */
+export class RootsError extends UserError {}
+
 /** The real paths of the roots (they must exist and be folders). */
 export async function resolveRoots(roots: readonly string[]): Promise<string[]> {
   const out: string[] = [];
@@ -114,9 +117,9 @@ export async function resolveRoots(roots: readonly string[]): Promise<string[]> 
     try {
       real = await Deno.realPath(r);
     } catch {
-      throw new Error(`--roots: ${r} does not exist`);
+      throw new RootsError(`--roots: ${r} does not exist`);
     }
-    if (!(await Deno.stat(real)).isDirectory) throw new Error(`--roots: ${r} is not a folder`);
+    if (!(await Deno.stat(real)).isDirectory) throw new RootsError(`--roots: ${r} is not a folder`);
     out.push(real);
   }
   return out;
@@ -355,11 +358,21 @@ export class Job {
   }
 }
 
+/**
+ * Awaited as each batch of `job` starts (`batch`: 0, 1, ...); the engine waits meanwhile. For
+ * tests that act between two batches (cancel, shut down) instead of racing the run.
+ */
+export type BeforeBatch = (job: Job, batch: number) => Promise<void>;
+
 /** Jobs by id; finished ones are forgotten oldest first beyond `keep`. */
 export class JobStore {
   readonly #jobs = new Map<string, Job>();
 
-  constructor(readonly engine: Engine, readonly keep = 200) {}
+  constructor(
+    readonly engine: Engine,
+    readonly keep = 200,
+    readonly beforeBatch?: BeforeBatch,
+  ) {}
 
   get(id: string): Job | undefined {
     return this.#jobs.get(id);
@@ -372,10 +385,13 @@ export class JobStore {
   /** Queues a job; throws (QueueFullError, ClosedError) without creating one when refused. */
   start(plan: JobPlan): Job {
     const job = new Job(plan);
+    const hold = this.beforeBatch;
+    let batch = 0;
     const promise = this.engine.generate(plan.config, plan.shard, plan.only, {
       onProgress: (p) => job.onProgress(p),
       onImage: (file) => job.emit({ event: "image", data: { file } }),
       onLog: (m) => job.note(m),
+      ...(hold ? { beforeBatch: () => hold(job, batch++) } : {}),
     }, { signal: job.controller.signal, onStart: () => job.setStatus("running") });
     this.#jobs.set(job.id, job);
     this.#forgetOld();

@@ -106,7 +106,7 @@ export function routeDocs(sampleSchema: JsonSchema, jobSchema: JsonSchema): Rout
     {
       method: "get",
       path: "/v1/info",
-      summary: "models loaded, device, dtype, plugins, queue, limits and versions",
+      summary: "models loaded, device, dtype, plugins, queue, memory, limits and versions",
       responses: {
         200: { description: "server information", type: "application/json" },
         ...common,

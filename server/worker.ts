@@ -52,8 +52,18 @@ export type ToWorker =
     negative: RgbImage | null;
     format: ImageFormat;
   }
-  | { type: "generate"; id: number; config: RunConfig; shard: Shard; only: string[] }
-  | { type: "cancel"; id: number };
+  | {
+    type: "generate";
+    id: number;
+    config: RunConfig;
+    shard: Shard;
+    only: string[];
+    /** Wait for "continue" after each "batch" message (a caller that holds runs between batches). */
+    hold: boolean;
+  }
+  | { type: "cancel"; id: number }
+  | { type: "continue"; id: number }
+  | { type: "close"; id: number };
 
 /** An error as it crosses the thread boundary. `user`: the input's fault, not the server's. */
 export interface WorkerError {
@@ -70,7 +80,8 @@ export type FromWorker =
   | { type: "failed"; id: number; error: WorkerError }
   | { type: "progress"; id: number; progress: ProgressInfo }
   | { type: "image"; id: number; file: string }
-  | { type: "log"; id: number; message: string };
+  | { type: "log"; id: number; message: string }
+  | { type: "batch"; id: number };
 
 interface Port {
   postMessage(message: FromWorker, transfer?: Transferable[]): void;
@@ -81,6 +92,7 @@ const port = self as unknown as Port;
 let backbone: DiffusionBackbone | null = null;
 let setup: ModelSetup | null = null;
 const cancels = new Map<number, AbortController>();
+const holds = new Map<number, () => void>();
 
 async function describe(e: unknown): Promise<WorkerError> {
   const { isUserError } = await import("../app/errors.ts");
@@ -145,6 +157,15 @@ async function generate(
     backbone: () => backbone!,
     onProgress: (progress) => port.postMessage({ type: "progress", id: m.id, progress }),
     onImage: (entry) => port.postMessage({ type: "image", id: m.id, file: entry.file }),
+    ...(m.hold
+      ? {
+        beforeBatch: () =>
+          new Promise<void>((resolve) => {
+            holds.set(m.id, resolve);
+            port.postMessage({ type: "batch", id: m.id });
+          }),
+      }
+      : {}),
   });
   return {
     out: result.plan.out,
@@ -167,6 +188,15 @@ port.onmessage = async (e) => {
       return;
     case "cancel":
       cancels.get(m.id)?.abort();
+      return;
+    case "continue":
+      holds.get(m.id)?.();
+      holds.delete(m.id);
+      return;
+    case "close":
+      backbone?.[Symbol.dispose]();
+      backbone = null;
+      port.postMessage({ type: "done", id: m.id, value: null });
       return;
     case "sample":
       try {

@@ -18,6 +18,17 @@ import type { RunningServer } from "../server/app.ts";
 import { WorkQueue } from "../server/engine.ts";
 import { CliError } from "../cli/command.ts";
 import { noiseImage, quietly, readTree, withTempDir, writeTinyDataset } from "./util.ts";
+import {
+  assertSameRun,
+  BatchGate,
+  Client,
+  form,
+  manifestLines,
+  MODEL_FLAGS,
+  type Reply,
+  serverTest,
+  waitFor,
+} from "./server_util.ts";
 
 // One thread: thread counts change float rounding, and the tiny models gain nothing from more.
 setNumThreads(1);
@@ -26,7 +37,7 @@ const ROOT = await Deno.realPath(await Deno.makeTempDir({ prefix: "dipsy_server_
 const SECRETS = await Deno.makeTempDir({ prefix: "dipsy_server_token_" });
 const DATA = join(ROOT, "data");
 const TOKEN = "0123456789abcdef0123456789abcdef";
-const MAIN = new URL("../cli/main.ts", import.meta.url).pathname;
+const SERVE_CHILD = new URL("./serve_child.ts", import.meta.url).pathname;
 
 const POSITIVE = await encodeImage(noiseImage(40, 36, 1), "png");
 const NEGATIVE = await encodeImage(noiseImage(36, 40, 2), "png");
@@ -35,8 +46,8 @@ await Deno.writeTextFile(join(SECRETS, "token"), `${TOKEN}\n`);
 await Deno.writeTextFile(join(ROOT, "not-a-folder.txt"), "x");
 await Deno.symlink("/", join(ROOT, "escape"));
 
-const MODEL_FLAGS = ["--model", "tiny", "--device", "cpu", "--dtype", "f32"];
 const QUEUE = 2;
+const gate = new BatchGate();
 const server: RunningServer = await startFromSettings(
   parseServeArgs([
     ...MODEL_FLAGS,
@@ -54,50 +65,14 @@ const server: RunningServer = await startFromSettings(
     "1",
   ])!,
   () => {},
+  { beforeBatch: gate.hook },
 );
 const BASE = server.url;
 const AUTH = { authorization: `Bearer ${TOKEN}` };
-
-// Server tests share one server and its worker across tests, which the per-test op and resource
-// sanitizers would count as leaks; every test closes what it opens itself.
-function serverTest(name: string, fn: () => Promise<void>) {
-  Deno.test({ name, fn, sanitizeOps: false, sanitizeResources: false });
-}
-
-interface Reply {
-  status: number;
-  headers: Headers;
-  bytes: Uint8Array;
-  // deno-lint-ignore no-explicit-any
-  json: any;
-}
-
-async function call(
-  method: string,
-  path: string,
-  opts: { body?: BodyInit; headers?: Record<string, string>; auth?: boolean } = {},
-): Promise<Reply> {
-  const res = await fetch(BASE + path, {
-    method,
-    body: opts.body,
-    headers: { ...(opts.auth === false ? {} : AUTH), ...opts.headers },
-  });
-  const bytes = new Uint8Array(await res.arrayBuffer());
-  let json = null;
-  if ((res.headers.get("content-type") ?? "").startsWith("application/json")) {
-    json = JSON.parse(new TextDecoder().decode(bytes));
-  }
-  return { status: res.status, headers: res.headers, bytes, json };
-}
-
-function form(fields: Record<string, string | Uint8Array>): FormData {
-  const f = new FormData();
-  for (const [k, v] of Object.entries(fields)) {
-    if (typeof v === "string") f.append(k, v);
-    else f.append(k, new Blob([v as Uint8Array<ArrayBuffer>], { type: "image/png" }), `${k}.png`);
-  }
-  return f;
-}
+const client = new Client(BASE, server.port, TOKEN);
+const call = client.call.bind(client);
+const postJob = client.postJob.bind(client);
+const queueState = client.queue.bind(client);
 
 const SAMPLE = {
   prompt: "a photo of a red circle",
@@ -109,74 +84,7 @@ const SAMPLE = {
   negative: NEGATIVE,
 };
 
-function postJob(body: unknown): Promise<Reply> {
-  return call("POST", "/v1/jobs", {
-    body: JSON.stringify(body),
-    headers: { "content-type": "application/json" },
-  });
-}
-
 const JOB = { data: "data", perClass: 4, steps: 2, width: 32, height: 32, batch: 2, seed: 5 };
-
-interface SseEvent {
-  event: string;
-  // deno-lint-ignore no-explicit-any
-  data: any;
-}
-
-/** A job's server-sent events until the stream ends; `onEvent` may act on each as it comes. */
-async function jobEvents(
-  base: string,
-  id: string,
-  onEvent: (e: SseEvent) => void | Promise<void> = () => {},
-): Promise<SseEvent[]> {
-  const res = await fetch(`${base}/v1/jobs/${id}/events`, { headers: AUTH });
-  assert.equal(res.status, 200);
-  assert.match(res.headers.get("content-type")!, /^text\/event-stream/);
-  const events: SseEvent[] = [];
-  let buffer = "";
-  const decoder = new TextDecoder();
-  for await (const chunk of res.body!) {
-    buffer += decoder.decode(chunk, { stream: true });
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, cut);
-      buffer = buffer.slice(cut + 2);
-      const event = /^event: (.*)$/m.exec(block)?.[1];
-      const data = /^data: (.*)$/m.exec(block)?.[1];
-      if (!event || data === undefined) continue;
-      const e = { event, data: JSON.parse(data) };
-      events.push(e);
-      await onEvent(e);
-    }
-  }
-  return events;
-}
-
-function manifestLines(files: Map<string, Uint8Array>): string[] {
-  return new TextDecoder().decode(files.get("manifest.jsonl")).split("\n").filter((l) => l).sort();
-}
-
-/** Same images, same manifest lines, no temporary files. */
-function assertSameRun(actual: Map<string, Uint8Array>, expected: Map<string, Uint8Array>) {
-  const jpgs = (m: Map<string, Uint8Array>) => [...m.keys()].filter((k) => k.endsWith(".jpg"));
-  assert.deepEqual(jpgs(actual).sort(), jpgs(expected).sort());
-  for (const k of jpgs(expected)) assert.deepEqual(actual.get(k), expected.get(k), `${k} differs`);
-  assert.deepEqual(manifestLines(actual), manifestLines(expected));
-  assert.deepEqual([...actual.keys()].filter((k) => k.endsWith(".tmp")), [], "temporary files");
-}
-
-async function waitFor(what: string, test: () => Promise<boolean>, ms = 20_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await test())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
-
-async function queueState(): Promise<{ running: boolean; waiting: number }> {
-  return (await call("GET", "/v1/info")).json.queue;
-}
 
 // ---------------------------------------------------------------------------------------------
 
@@ -287,7 +195,7 @@ serverTest("server: a job equals `dipsy generate` and reports progress as events
   const res = await postJob({ ...JOB, out: "out-full" });
   assert.equal(res.status, 202, JSON.stringify(res.json));
   assert.equal(res.headers.get("location"), `/v1/jobs/${res.json.id}`);
-  const events = await jobEvents(BASE, res.json.id);
+  const events = await client.jobEvents(res.json.id);
   const statuses = events.filter((e) => e.event === "status").map((e) => e.data.status);
   assert.equal(statuses.at(-1), "succeeded");
   assert.equal(events.at(-1)!.event, "end");
@@ -338,17 +246,21 @@ serverTest(
   "server: cancel stops after the batch in flight; the same request resumes, losing nothing",
   async () => {
     const full = await readTree(join(ROOT, "out-full"));
+    // The job stops as its second batch starts (two images written): the cancel comes while
+    // that batch is in flight, whatever the machine's speed.
+    const hold = gate.hold("out-cancel", 1);
     const res = await postJob({ ...JOB, out: "out-cancel" });
     assert.equal(res.status, 202);
     const id = res.json.id;
-    let cancelled: Reply | null = null;
-    const events = await jobEvents(BASE, id, async (e) => {
-      if (e.event === "image" && !cancelled) cancelled = await call("DELETE", `/v1/jobs/${id}`);
-    });
-    assert.equal(cancelled!.status, 202);
+    await hold.reached;
+    const cancelled = await call("DELETE", `/v1/jobs/${id}`);
+    assert.equal(cancelled.status, 202);
+    assert.equal(cancelled.json.status, "cancelling");
+    const events = await client.jobEvents(id);
     const last = events.at(-1)!.data;
     assert.equal(last.status, "cancelled");
-    assert.ok(last.result.written >= 1 && last.result.written < 8, JSON.stringify(last.result));
+    assert.equal(last.result.written, 4, "the batch in flight is finished, no other starts");
+    assert.equal(last.result.remaining, 4);
     assert.equal(last.result.interrupted, true);
     assert.equal(
       (await call("DELETE", `/v1/jobs/${id}`)).status,
@@ -362,10 +274,10 @@ serverTest(
 
     const again = await postJob({ ...JOB, out: "out-cancel" });
     assert.equal(again.status, 202);
-    const resumed = (await jobEvents(BASE, again.json.id)).at(-1)!.data;
+    const resumed = (await client.jobEvents(again.json.id)).at(-1)!.data;
     assert.equal(resumed.status, "succeeded");
-    assert.equal(resumed.result.skipped, last.result.written);
-    assert.equal(resumed.result.written, 8 - last.result.written);
+    assert.equal(resumed.result.skipped, 4);
+    assert.equal(resumed.result.written, 4);
     assertSameRun(await readTree(join(ROOT, "out-cancel")), full);
   },
 );
@@ -373,11 +285,13 @@ serverTest(
 serverTest(
   "server: work beyond the queue bound gets 503; a client that leaves drops out of the queue",
   async () => {
-    // A long job holds the engine while the queue fills.
-    const hold = await postJob({ ...JOB, out: "out-hold", perClass: 200, steps: 5 });
+    // A job held at its first batch keeps the engine busy while the queue fills.
+    const held = gate.hold("out-hold", 0);
+    const hold = await postJob({ ...JOB, out: "out-hold" });
     assert.equal(hold.status, 202);
     const id = hold.json.id;
-    await waitFor("the job to run", async () => (await queueState()).running);
+    await held.reached;
+    assert.deepEqual(await queueState(), { running: true, waiting: 0, bound: QUEUE });
 
     const gone = new AbortController();
     const leaving = fetch(BASE + "/v1/sample", {
@@ -416,8 +330,10 @@ serverTest(
       assert.equal(r.status, 200);
       assert.equal(r.headers.get("content-type"), "image/png");
     }
+    // The waiting samples ran after the job: it had stopped after its batch in flight.
     const view = (await call("GET", `/v1/jobs/${id}`)).json;
-    assert.ok(["cancelling", "cancelled"].includes(view.status), view.status);
+    assert.equal(view.status, "cancelled");
+    assert.equal(view.result.written, 2);
   },
 );
 
@@ -460,32 +376,17 @@ function pngHeader(width: number, height: number): Uint8Array {
   return out;
 }
 
-/** A raw HTTP/1.1 exchange, for bodies fetch will not send: returns the status code. */
 /**
  * A raw HTTP/1.1 exchange, for bodies fetch will not send: the status code, or 0 when the
  * connection ends without an answer. `hangUp`: close the connection after sending, as a client
  * that gives up mid-upload does (nobody is left to answer).
  */
 async function rawStatus(head: string, body: Uint8Array | string, hangUp = false): Promise<number> {
-  const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
-  const bytes = typeof body === "string" ? new TextEncoder().encode(body) : body;
-  try {
-    await conn.write(new TextEncoder().encode(head.replaceAll("\n", "\r\n") + "\r\n"));
-    await conn.write(bytes);
-    if (hangUp) return 0;
-    let text = "";
-    const buf = new Uint8Array(4096);
-    for (;;) {
-      const n = await conn.read(buf);
-      if (n === null) break;
-      text += new TextDecoder().decode(buf.subarray(0, n));
-      if (text.includes("\r\n")) break;
-    }
-    const m = /^HTTP\/1\.1 (\d{3})/.exec(text);
-    return m ? Number(m[1]) : 0;
-  } finally {
-    conn.close();
-  }
+  const reply = await client.raw(head.replace(/\n$/, ""), {
+    body,
+    then: hangUp ? "hang-up" : "read",
+  });
+  return reply.status;
 }
 
 interface BadCase {
@@ -1068,8 +969,21 @@ serverTest(
   "server: SIGTERM stops after the batch in flight; the run resumes to the same result",
   async () => {
     const out = join(ROOT, "out-sigterm");
+    // The child holds each job as its second batch starts until the job is cancelled: the
+    // signal comes while the job runs, however fast the machine is.
     const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", MAIN, "serve", ...MODEL_FLAGS, "--port", "0", "--roots", ROOT],
+      args: [
+        "run",
+        "-A",
+        SERVE_CHILD,
+        "--hold-batch",
+        "1",
+        ...MODEL_FLAGS,
+        "--port",
+        "0",
+        "--roots",
+        ROOT,
+      ],
       env: { DIPSY_TOKEN: TOKEN, OMP_NUM_THREADS: "1" },
       stdout: "piped",
       stderr: "piped",
@@ -1091,7 +1005,7 @@ serverTest(
     assert.equal(res.status, 202);
     const { id } = await res.json();
     let signalled = false;
-    const events = await jobEvents(url, id, (e) => {
+    const events = await new Client(url, 0, TOKEN).jobEvents(id, (e) => {
       if (e.event === "image" && !signalled) {
         signalled = true;
         child.kill("SIGTERM");
@@ -1103,7 +1017,9 @@ serverTest(
     assert.equal(status.code, 0, await stderr);
     const last = events.at(-1)!.data;
     assert.equal(last.status, "cancelled");
-    assert.ok(last.result.written >= 1 && last.result.written < 8, JSON.stringify(last.result));
+    // The signal came after the first image: the job stopped after batch 1 or, when the
+    // cancel reached it as batch 2 was starting, after that batch.
+    assert.ok([2, 4].includes(last.result.written), JSON.stringify(last.result));
     assert.match(await stderr, /SIGTERM: shutting down/);
     await assert.rejects(() => fetch(`${url}/healthz`), "no longer listening");
 
@@ -1112,7 +1028,7 @@ serverTest(
     assert.equal(jpgs.length, last.result.written);
     assert.equal(manifestLines(partial).length, jpgs.length);
     const again = await postJob({ ...JOB, out: "out-sigterm" });
-    const resumed = (await jobEvents(BASE, again.json.id)).at(-1)!.data;
+    const resumed = (await client.jobEvents(again.json.id)).at(-1)!.data;
     assert.equal(resumed.status, "succeeded");
     assert.equal(resumed.result.skipped, last.result.written);
     assertSameRun(await readTree(out), await readTree(join(ROOT, "out-full")));
@@ -1122,12 +1038,11 @@ serverTest(
 serverTest(
   "server: shutdown refuses queued work, checkpoints the running job, stops listening",
   async () => {
-    const hold = await postJob({ ...JOB, out: "out-shutdown", perClass: 200 });
+    // Held as its second batch starts until the shutdown cancels it.
+    const held = gate.hold("out-shutdown", 1);
+    const hold = await postJob({ ...JOB, out: "out-shutdown" });
     assert.equal(hold.status, 202);
-    await waitFor(
-      "the first image",
-      async () => (await call("GET", `/v1/jobs/${hold.json.id}`)).json.progress.done >= 1,
-    );
+    await held.reached;
     const queued = call("POST", "/v1/sample", { body: form(SAMPLE) });
     await waitFor("the sample to queue", async () => (await queueState()).waiting === 1);
     const stopping = server.shutdown();
@@ -1138,7 +1053,8 @@ serverTest(
     await server.finished;
     const job = server.jobs.get(hold.json.id)!;
     assert.equal(job.status, "cancelled");
-    assert.ok(job.result!.written >= 1 && job.result!.remaining > 0);
+    assert.equal(job.result!.written, 4, "the batch in flight is finished, no other starts");
+    assert.equal(job.result!.remaining, 4);
     const files = await readTree(join(ROOT, "out-shutdown"));
     const jpgs = [...files.keys()].filter((k) => k.endsWith(".jpg"));
     assert.equal(jpgs.length, job.result!.written);
