@@ -1,7 +1,8 @@
 /**
  * Images against Pillow 13 and transformers 5.23 (fixtures from test/reference/image_ref.py):
- * byte-exact resizing for every Pillow filter, CLIP preprocessing, decoding of many modes and
- * formats, errors for broken files, and the tensor conversions.
+ * byte-exact resizing for every Pillow filter (on both the SIMD kernels and the TypeScript
+ * passes, and for windows of the source or the output), CLIP preprocessing, decoding of many
+ * modes and formats, errors for broken files, and the tensor conversions.
  */
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
@@ -10,6 +11,7 @@ import {
   centerCrop,
   clipPreprocess,
   clipPreprocessHost,
+  cropImage,
   decodeImage,
   encodeImage,
   ImageDecodeError,
@@ -21,7 +23,10 @@ import {
   shortestEdgeSize,
   writeImage,
 } from "../core/image.ts";
-import { resample, type ResampleFilter } from "../core/resample.ts";
+import { resample, RESAMPLE_FILTERS, type ResampleFilter } from "../core/resample.ts";
+import { setKernels } from "../core/wasm.ts";
+import { Rng } from "../core/rng.ts";
+import { normalizeRgb } from "../core/normalize.ts";
 import { fixture, noLeak, withTempDir } from "./util.ts";
 
 const FIXTURES = fileURLToPath(new URL("./fixtures/image/", import.meta.url));
@@ -91,16 +96,104 @@ Deno.test("decoded PNG inputs have the sizes PIL saw", async () => {
   }
 });
 
-Deno.test("resize matches Pillow byte for byte (box, bilinear, hamming, bicubic, lanczos)", async () => {
+const KERNELS = ["simd", "typescript"] as const;
+
+for (const kernels of KERNELS) {
+  Deno.test(`resize matches Pillow byte for byte (every filter, ${kernels} kernels)`, async () => {
+    const { cases } = load();
+    const failures: string[] = [];
+    setKernels(kernels);
+    try {
+      for (const c of cases.resize) {
+        const got = resizeImage(await input(c.image), c.width, c.height, c.filter);
+        const diff = firstDiff(got.data, expectedArray(c.key));
+        if (diff) failures.push(`${c.key}: ${diff}`);
+      }
+    } finally {
+      setKernels("simd");
+    }
+    const exact = cases.resize.length - failures.length;
+    console.log(`resize (${kernels}): ${exact}/${cases.resize.length} byte-exact`);
+    assert.deepEqual(failures, []);
+  });
+}
+
+Deno.test("a window of the output is that crop of Pillow's whole resize", async () => {
   const { cases } = load();
+  const rng = new Rng(5);
   const failures: string[] = [];
   for (const c of cases.resize) {
-    const got = resizeImage(await input(c.image), c.width, c.height, c.filter);
-    const diff = firstDiff(got.data, expectedArray(c.key));
-    if (diff) failures.push(`${c.key}: ${diff}`);
+    const img = await input(c.image);
+    const want: RgbImage = {
+      width: c.width,
+      height: c.height,
+      data: expectedArray(c.key) as Uint8Array,
+    };
+    for (let k = 0; k < 3; k++) {
+      const left = rng.int(c.width), top = rng.int(c.height);
+      const region = {
+        left,
+        top,
+        width: 1 + rng.int(c.width - left),
+        height: 1 + rng.int(c.height - top),
+      };
+      const got = resizeImage(img, c.width, c.height, c.filter, { region });
+      const crop = cropImage(want, region.left, region.top, region.width, region.height);
+      assert.deepEqual([got.width, got.height], [region.width, region.height]);
+      const diff = firstDiff(got.data, crop.data);
+      if (diff) failures.push(`${c.key} ${JSON.stringify(region)}: ${diff}`);
+    }
   }
-  console.log(`resize: ${cases.resize.length - failures.length}/${cases.resize.length} byte-exact`);
   assert.deepEqual(failures, []);
+});
+
+Deno.test("resampling a source window is resampling its crop; both kernels agree", () => {
+  const rng = new Rng(9);
+  for (let n = 0; n < 800; n++) {
+    const w = 1 + rng.int(n < 400 ? 20 : 90), h = 1 + rng.int(n < 400 ? 20 : 90);
+    const ch = 1 + rng.int(5);
+    const data = new Uint8Array(w * h * ch);
+    // Extremes and mid-tones: the negative lobes overshoot and clip on hard edges.
+    for (let i = 0; i < data.length; i++) data[i] = rng.int(3) ? rng.int(256) : 255 * rng.int(2);
+    const src = { width: w, height: h, channels: ch, data };
+    const ow = 1 + rng.int(120), oh = 1 + rng.int(120);
+    const filter = RESAMPLE_FILTERS[rng.int(RESAMPLE_FILTERS.length)];
+    const left = rng.int(w), top = rng.int(h);
+    const source = { left, top, width: 1 + rng.int(w - left), height: 1 + rng.int(h - top) };
+    const rl = rng.int(ow), rt = rng.int(oh);
+    const region = { left: rl, top: rt, width: 1 + rng.int(ow - rl), height: 1 + rng.int(oh - rt) };
+    const what = `${w}x${h}x${ch} ${filter} -> ${ow}x${oh} ${JSON.stringify({ source, region })}`;
+
+    const cropped = new Uint8Array(source.width * source.height * ch);
+    for (let y = 0; y < source.height; y++) {
+      const from = ((top + y) * w + left) * ch;
+      cropped.set(data.subarray(from, from + source.width * ch), y * source.width * ch);
+    }
+    const crop = { width: source.width, height: source.height, channels: ch, data: cropped };
+    const results = KERNELS.map((kernels) => {
+      setKernels(kernels);
+      try {
+        return [
+          resample(src, ow, oh, filter, { source, region }).data,
+          resample(crop, ow, oh, filter, { region }).data,
+        ];
+      } finally {
+        setKernels("simd");
+      }
+    }).flat();
+    for (const r of results.slice(1)) assert.equal(firstDiff(r, results[0]), null, what);
+  }
+});
+
+Deno.test("resample refuses windows outside the image", () => {
+  const src = { width: 4, height: 3, channels: 3, data: new Uint8Array(36) };
+  const bad = { left: 2, top: 0, width: 3, height: 2 };
+  assert.throws(() => resample(src, 8, 8, "bicubic", { source: bad }), /source .* 4x3 image/);
+  assert.throws(() => resample(src, 2, 2, "bicubic", { region: bad }), /region .* 2x2 image/);
+  assert.throws(
+    () => resample(src, 8, 8, "bicubic", { region: { left: 0, top: 0, width: 0, height: 1 } }),
+    /region/,
+  );
 });
 
 Deno.test("resample filters each channel alone (grayscale and RGB agree)", async () => {
@@ -142,6 +235,32 @@ Deno.test("CLIP preprocessing matches transformers (PIL backend) and torchvision
   }
   console.log(`CLIP preprocessing: ${cases.clip.length} cases, max abs err ${worst} ${worstKey}`);
   assert.ok(worst <= 1e-6, `max abs err ${worst} at ${worstKey}`);
+});
+
+Deno.test("normalizeRgb: float32 ToTensor + Normalize for every pixel count, both kernels", () => {
+  const rng = new Rng(3);
+  const mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225];
+  for (const pixels of [1, 5, 15, 16, 17, 31, 32, 47, 100, 1000]) {
+    const data = new Uint8Array(pixels * 3);
+    for (let i = 0; i < data.length; i++) data[i] = i < 256 ? i : rng.int(256);
+    for (const kernels of KERNELS) {
+      setKernels(kernels);
+      let got: Float32Array;
+      try {
+        got = normalizeRgb(data, mean, std);
+      } finally {
+        setKernels("simd");
+      }
+      for (let c = 0; c < 3; c++) {
+        const m = Math.fround(mean[c]), s = Math.fround(std[c]);
+        for (let p = 0; p < pixels; p++) {
+          const want = Math.fround(Math.fround(Math.fround(data[p * 3 + c] / 255) - m) / s);
+          const what = `${kernels}, ${pixels} pixels: [${c}, ${p}]`;
+          assert.ok(Object.is(got[c * pixels + p], want), what);
+        }
+      }
+    }
+  }
 });
 
 Deno.test("the two CLIP flavours differ where their crop offsets do", async () => {

@@ -2,10 +2,13 @@
  * The classifier's training augmentations against torchvision on PIL images (fixtures from
  * test/reference/train_transforms_ref.py): every functional op byte for byte over several sizes,
  * image kinds and parameters; RandAugment's magnitude table value for value; whole chains drawn by
- * torchvision's own transform classes, replayed from their recorded parameters. Then our drawing:
- * determinism, the distributions of the decisions, and option validation.
+ * torchvision's own transform classes, replayed from their recorded parameters; adjust_hue on
+ * every RGB colour (test/reference/hue_ref.py). The ops run both on the SIMD kernels and on the
+ * TypeScript loops. Then our drawing: determinism, the distributions of the decisions, and option
+ * validation.
  */
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
 import type { RgbImage } from "../core/image.ts";
 import { derive, Rng } from "../core/rng.ts";
 import {
@@ -36,7 +39,20 @@ import {
   type TrainTransformOptions,
   type TrainTransformParams,
 } from "../plugins/classifiers/transforms.ts";
+import { setKernels } from "../core/wasm.ts";
 import { fixture } from "./util.ts";
+
+const KERNELS = ["simd", "typescript"] as const;
+
+/** Runs `fn` with the given kernels, then restores the default (SIMD). */
+function withKernels<T>(kind: typeof KERNELS[number], fn: () => T): T {
+  setKernels(kind);
+  try {
+    return fn();
+  } finally {
+    setKernels("simd");
+  }
+}
 
 interface Entry {
   offset: number;
@@ -129,25 +145,28 @@ const OPS: Record<string, (img: RgbImage, a: Record<string, unknown>) => RgbImag
 };
 
 for (const op of Object.keys(OPS)) {
-  Deno.test(`${op} matches torchvision on PIL byte for byte`, () => {
-    const { cases, blob } = load();
-    const mine = cases.ops.filter((c) => c.op === op);
-    assert.ok(mine.length > 0, `no fixture cases for ${op}`);
-    const failures: string[] = [];
-    for (const c of mine) {
-      const src = image(blob, cases.images[c.image]);
-      const input = { ...src, data: src.data.slice() };
-      const got = OPS[op](input, c.args);
-      assert.deepEqual(input.data, src.data, `${op} modified its input`);
-      const msg = compare(got, image(blob, c));
-      if (msg) failures.push(`${src.width}x${src.height} ${JSON.stringify(c.args)}: ${msg}`);
-    }
-    assert.equal(
-      failures.length,
-      0,
-      `${failures.length} of ${mine.length} ${op} cases differ:\n  ${failures.join("\n  ")}`,
-    );
-  });
+  for (const kernels of KERNELS) {
+    Deno.test(`${op} matches torchvision on PIL byte for byte (${kernels})`, () =>
+      withKernels(kernels, () => {
+        const { cases, blob } = load();
+        const mine = cases.ops.filter((c) => c.op === op);
+        assert.ok(mine.length > 0, `no fixture cases for ${op}`);
+        const failures: string[] = [];
+        for (const c of mine) {
+          const src = image(blob, cases.images[c.image]);
+          const input = { ...src, data: src.data.slice() };
+          const got = OPS[op](input, c.args);
+          assert.deepEqual(input.data, src.data, `${op} modified its input`);
+          const msg = compare(got, image(blob, c));
+          if (msg) failures.push(`${src.width}x${src.height} ${JSON.stringify(c.args)}: ${msg}`);
+        }
+        assert.equal(
+          failures.length,
+          0,
+          `${failures.length} of ${mine.length} ${op} cases differ:\n  ${failures.join("\n  ")}`,
+        );
+      }));
+  }
 }
 
 Deno.test("randAugmentSpace equals torchvision's _augmentation_space (float32 linspace)", () => {
@@ -165,30 +184,98 @@ Deno.test("randAugmentSpace equals torchvision's _augmentation_space (float32 li
   }
 });
 
-Deno.test("applyTrainTransform replays torchvision's own pipeline byte for byte", () => {
-  const { cases, blob, floats } = load();
-  const failures: string[] = [];
-  const seen = new Set<string>();
-  for (const [n, c] of cases.chains.entries()) {
-    const src = image(blob, cases.images[c.image]);
-    const got = applyTrainTransform(src, c.params);
-    const msg = compare(got, image(blob, c));
-    if (msg) failures.push(`chain ${n} (${c.config}) ${JSON.stringify(c.params)}: ${msg}`);
-    for (const s of c.params.randAugment) seen.add(s.op);
-    if (c.params.blur) seen.add("blur");
-    if (c.params.grayscale) seen.add("grayscale");
-    if (c.params.solarize) seen.add("solarize");
-    if (c.normalized) {
-      const want = floats.subarray(c.normalized.offset, c.normalized.offset + c.normalized.length);
-      const x = toNormalizedFloat(got);
-      assert.equal(x.length, want.length);
-      let bad = 0;
-      for (let i = 0; i < x.length; i++) if (!Object.is(x[i], want[i])) bad++;
-      assert.equal(bad, 0, `chain ${n}: ${bad} normalised values differ from ToTensor+Normalize`);
+for (const kernels of KERNELS) {
+  Deno.test(`applyTrainTransform replays torchvision's own pipeline byte for byte (${kernels})`, () =>
+    withKernels(kernels, () => {
+      const { cases, blob, floats } = load();
+      const failures: string[] = [];
+      const seen = new Set<string>();
+      for (const [n, c] of cases.chains.entries()) {
+        const src = image(blob, cases.images[c.image]);
+        const got = applyTrainTransform(src, c.params);
+        const msg = compare(got, image(blob, c));
+        if (msg) failures.push(`chain ${n} (${c.config}) ${JSON.stringify(c.params)}: ${msg}`);
+        for (const s of c.params.randAugment) seen.add(s.op);
+        if (c.params.blur) seen.add("blur");
+        if (c.params.grayscale) seen.add("grayscale");
+        if (c.params.solarize) seen.add("solarize");
+        if (c.normalized) {
+          const want = floats.subarray(
+            c.normalized.offset,
+            c.normalized.offset + c.normalized.length,
+          );
+          const x = toNormalizedFloat(got);
+          assert.equal(x.length, want.length);
+          let bad = 0;
+          for (let i = 0; i < x.length; i++) if (!Object.is(x[i], want[i])) bad++;
+          assert.equal(
+            bad,
+            0,
+            `chain ${n}: ${bad} normalised values differ from ToTensor+Normalize`,
+          );
+        }
+      }
+      assert.equal(failures.length, 0, failures.join("\n"));
+      for (const step of ["blur", "grayscale", "solarize"]) assert.ok(seen.has(step), step);
+    }));
+}
+
+Deno.test("adjustHue matches torchvision on every RGB colour", () => {
+  const dir = fixture("hue", "cases.json");
+  const { side, cases } = JSON.parse(Deno.readTextFileSync(`${dir}/cases.json`)) as {
+    side: number;
+    cases: { factor: number; rows: string[] }[];
+  };
+  // Pixel (x, y): r = y >> 4, g = (y & 15) << 4 | x >> 8, b = x & 255 (see hue_ref.py).
+  const data = new Uint8Array(side * side * 3);
+  for (let y = 0, i = 0; y < side; y++) {
+    for (let x = 0; x < side; x++, i += 3) {
+      data[i] = y >> 4;
+      data[i + 1] = ((y & 15) << 4) | (x >> 8);
+      data[i + 2] = x & 255;
     }
   }
-  assert.equal(failures.length, 0, failures.join("\n"));
-  for (const step of ["blur", "grayscale", "solarize"]) assert.ok(seen.has(step), step);
+  const image = { width: side, height: side, data };
+  const row = side * 3;
+  for (const { factor, rows } of cases) {
+    const out = adjustHue(image, factor).data;
+    const bad: number[] = [];
+    for (let y = 0; y < side; y++) {
+      const digest = createHash("sha256").update(out.subarray(y * row, (y + 1) * row)).digest(
+        "hex",
+      );
+      if (digest !== rows[y]) bad.push(y);
+    }
+    const where = bad.slice(0, 5).map((y) =>
+      `r=${y >> 4} g=${(y & 15) << 4}..${((y & 15) << 4) + 15}`
+    );
+    assert.equal(
+      bad.length,
+      0,
+      `factor ${factor}: ${bad.length} rows differ (${where.join("; ")})`,
+    );
+  }
+});
+
+Deno.test("the SIMD kernels and the TypeScript loops give the same bytes", () => {
+  // Sizes around the kernels' 16-byte steps and the 3x3 filter's borders, many value ranges.
+  const rng = new Rng(17);
+  for (let n = 0; n < 120; n++) {
+    const w = 1 + rng.int(n < 60 ? 12 : 70), h = 1 + rng.int(n < 60 ? 12 : 50);
+    const img = noise(w, h, n);
+    const factor = [0, 0.3, 1, 1.7, rng.uniform() * 3][n % 5];
+    const ops: [string, (i: RgbImage) => RgbImage][] = [
+      ["sharpness", (i) => adjustSharpness(i, factor)],
+      ["saturation", (i) => adjustSaturation(i, factor)],
+      ["contrast", (i) => adjustContrast(i, factor)],
+      ["grayscale", (i) => grayscale(i)],
+    ];
+    for (const [name, op] of ops) {
+      const a = withKernels("simd", () => op(img));
+      const b = withKernels("typescript", () => op(img));
+      assert.equal(compare(a, b), "", `${name} ${w}x${h} factor ${factor}`);
+    }
+  }
 });
 
 const noise = (w: number, h: number, seed: number): RgbImage => {

@@ -4,12 +4,13 @@
  * the next `prefetch` batches. Results come back in order and do not depend on which worker made
  * them, because every random transform is seeded per image.
  */
+import { runtimeInfo } from "../../ffi/mod.ts";
 import { prepareImage, type PrepareJob, type PrepareSpec } from "./prepare.ts";
 
 export interface LoaderOptions {
   /** Worker threads; 0 prepares on the calling thread (tests, debugging). Default: cores - 1,
-   * at least 1, at most 16: one worker prepares ~30 augmented 224 px images/s, and a GPU trains
-   * ViT-B/16 with LoRA far faster than that. */
+   * at least 1, at most 16: one worker prepares ~50 augmented 224 px images/s (`deno task
+   * bench`), and a GPU trains ViT-B/16 with LoRA far faster than that. */
   workers?: number;
   /** Batches prepared ahead of the one being consumed (default 2). */
   prefetch?: number;
@@ -55,6 +56,10 @@ export class ImageLoader implements Disposable {
   }
 
   #startPool(): void {
+    // Each worker runs its libtorch ops on one thread, as a PyTorch DataLoader worker does (the
+    // cores belong to the training step). libtorch hands the last count set to every thread
+    // that has not yet run a parallel op, so this thread fixes its own count first.
+    if (this.#pool.length === 0) runtimeInfo();
     while (this.#pool.length < this.workers) {
       const w = new Worker(new URL("./loader_worker.ts", import.meta.url), { type: "module" });
       w.onmessage = (e: MessageEvent<{ id: number; pixels?: Float32Array; error?: string }>) => {

@@ -10,6 +10,7 @@
 import { affineNearest, flipHorizontal, rotateNearest } from "../../core/augment.ts";
 import { assertRgbImage, cropImage, resizeImage, type RgbImage } from "../../core/image.ts";
 import { fromHost, ops, scope } from "../../ffi/mod.ts";
+import { pilKernels } from "./pil_kernels.ts";
 
 const f32 = Math.fround;
 
@@ -27,27 +28,59 @@ function nonNegative(name: string, v: number): void {
   if (v < 0) throw new RangeError(`${name}: must be >= 0, got ${v}`);
 }
 
-/** Applies a 256-entry table to every channel (`Image.point`, which clips entries to 0..255). */
-function pointAll(image: RgbImage, lut: ArrayLike<number>): RgbImage {
-  const table = new Uint8Array(256);
-  for (let i = 0; i < 256; i++) table[i] = clip8(lut[i]);
-  const { data } = image;
+const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
+
+/**
+ * `out[i] = tables[i % 3][data[i]]` (one table per channel; give the same one thrice for all),
+ * four bytes per step through 32-bit words where the data allows (little-endian, aligned).
+ */
+function lookup(data: Uint8Array, tables: readonly Uint8Array[]): Uint8Array {
+  const [t0, t1, t2] = tables;
   const out = new Uint8Array(data.length);
-  for (let i = 0; i < data.length; i++) out[i] = table[data[i]];
-  return { width: image.width, height: image.height, data: out };
+  let i = 0;
+  if (LITTLE_ENDIAN && data.byteOffset % 4 === 0) {
+    // Three words hold four pixels: channels 0120, 1201, 2012 from the low byte up.
+    const words = Math.floor(data.length / 12) * 3;
+    const src = new Uint32Array(data.buffer, data.byteOffset, words);
+    const dst = new Uint32Array(out.buffer, 0, words);
+    const map = (a: Uint8Array, b: Uint8Array, c: Uint8Array, d: Uint8Array, v: number) =>
+      a[v & 255] | (b[(v >>> 8) & 255] << 8) | (c[(v >>> 16) & 255] << 16) | (d[v >>> 24] << 24);
+    for (let k = 0; k < words; k += 3) {
+      dst[k] = map(t0, t1, t2, t0, src[k]);
+      dst[k + 1] = map(t1, t2, t0, t1, src[k + 1]);
+      dst[k + 2] = map(t2, t0, t1, t2, src[k + 2]);
+    }
+    i = words * 4;
+  }
+  for (; i < data.length; i += 3) {
+    out[i] = t0[data[i]];
+    out[i + 1] = t1[data[i + 1]];
+    out[i + 2] = t2[data[i + 2]];
+  }
+  return out;
+}
+
+/** A 256-entry `point` table, entries clipped to 0..255 as `Image.point` does. */
+const pointTable = (lut: ArrayLike<number>) =>
+  Uint8Array.from({ length: 256 }, (_, i) => clip8(lut[i]));
+
+/** Applies a 256-entry table to every channel (`Image.point`). */
+function pointAll(image: RgbImage, lut: ArrayLike<number>): RgbImage {
+  const table = pointTable(lut);
+  return {
+    width: image.width,
+    height: image.height,
+    data: lookup(image.data, [table, table, table]),
+  };
 }
 
 /** One 256-entry table per channel (the 768-entry `point` table of ImageOps on RGB). */
 function pointPerChannel(image: RgbImage, luts: ArrayLike<number>[]): RgbImage {
-  const tables = luts.map((lut) => Uint8Array.from({ length: 256 }, (_, i) => clip8(lut[i])));
-  const { data } = image;
-  const out = new Uint8Array(data.length);
-  for (let i = 0; i < data.length; i += 3) {
-    out[i] = tables[0][data[i]];
-    out[i + 1] = tables[1][data[i + 1]];
-    out[i + 2] = tables[2][data[i + 2]];
-  }
-  return { width: image.width, height: image.height, data: out };
+  return {
+    width: image.width,
+    height: image.height,
+    data: lookup(image.data, luts.map(pointTable)),
+  };
 }
 
 /** Per-channel 256-bin histograms (`Image.histogram` of an RGB image). */
@@ -74,48 +107,50 @@ function histograms(image: RgbImage): Float64Array[] {
 function blend(image: RgbImage, degenerate: number | Uint8Array, factor: number): RgbImage {
   const alpha = f32(factor);
   const { data } = image;
-  const out = new Uint8Array(data.length);
-  if (alpha === 1) {
-    out.set(data);
-    return { width: image.width, height: image.height, data: out };
+  const done = (out: Uint8Array) => ({ width: image.width, height: image.height, data: out });
+  if (alpha === 1) return done(data.slice());
+  if (alpha === 0) {
+    if (typeof degenerate !== "number") return done(degenerate.slice());
+    return done(new Uint8Array(data.length).fill(degenerate));
   }
-  // The result depends only on the (degenerate, pixel) byte pair: a table of the 256 (constant
-  // degenerate) or 65536 pairs, filled once, then one lookup per byte.
+  // alpha * (v - a) takes one of 511 values: a table of them, then per byte one float32 sum.
+  // Inside (0, 1) the sum lies between a and v, so storing it (which truncates) is Pillow's
+  // (UINT8) cast; outside, it is clipped first.
+  const scaled = new Float32Array(511);
+  for (let d = -255; d <= 255; d++) scaled[d + 255] = alpha * d;
+  const inside = alpha > 0 && alpha < 1;
   const blended = (a: number, v: number) => {
-    if (alpha === 0) return a;
-    const t = f32(a + f32(alpha * (v - a)));
-    return alpha > 0 && alpha < 1 ? Math.trunc(t) : t <= 0 ? 0 : t >= 255 ? 255 : Math.trunc(t);
+    const t = f32(a + scaled[v - a + 255]);
+    return inside ? t : t <= 0 ? 0 : t >= 255 ? 255 : t;
   };
   if (typeof degenerate === "number") {
     const table = new Uint8Array(256);
     for (let v = 0; v < 256; v++) table[v] = blended(degenerate, v);
-    for (let i = 0; i < data.length; i++) out[i] = table[data[i]];
-  } else {
-    const step = degenerate.length === data.length ? 1 : 3;
-    if (data.length < 65536) {
-      // Fewer bytes than table entries: computing each directly is cheaper.
-      for (let i = 0; i < data.length; i++) out[i] = blended(degenerate[(i / step) | 0], data[i]);
-    } else {
-      const table = new Uint8Array(65536);
-      for (let a = 0; a < 256; a++) {
-        for (let v = 0; v < 256; v++) table[(a << 8) | v] = blended(a, v);
-      }
-      for (let i = 0; i < data.length; i++) {
-        out[i] = table[(degenerate[(i / step) | 0] << 8) | data[i]];
-      }
-    }
+    return done(lookup(data, [table, table, table]));
   }
-  return { width: image.width, height: image.height, data: out };
+  const k = pilKernels(data.length);
+  if (k) return done(k.blend(data, degenerate, alpha));
+  const out = new Uint8Array(data.length);
+  for (let i = 0; i < data.length; i++) out[i] = blended(degenerate[i], data[i]);
+  return done(out);
 }
 
-/** The "L" value of every pixel (Pillow's rgb2l, ITU-R 601-2 in 16-bit fixed point). */
-function luma(image: RgbImage): Uint8Array {
+/**
+ * The "L" value of every pixel (Pillow's rgb2l, ITU-R 601-2 in 16-bit fixed point), each
+ * written three times (that "L" image converted back to RGB), and the sum of the values.
+ */
+function luma(image: RgbImage): { rgb: Uint8Array; sum: number } {
+  const k = pilKernels(image.data.length);
+  if (k) return k.luma(image.data);
   const { data } = image;
-  const out = new Uint8Array(data.length / 3);
-  for (let p = 0, i = 0; p < out.length; p++, i += 3) {
-    out[p] = (data[i] * 19595 + data[i + 1] * 38470 + data[i + 2] * 7471 + 0x8000) >> 16;
+  const rgb = new Uint8Array(data.length);
+  let sum = 0;
+  for (let i = 0; i < data.length; i += 3) {
+    const l = (data[i] * 19595 + data[i + 1] * 38470 + data[i + 2] * 7471 + 0x8000) >> 16;
+    rgb[i] = rgb[i + 1] = rgb[i + 2] = l;
+    sum += l;
   }
-  return out;
+  return { rgb, sum };
 }
 
 /** torchvision `adjust_brightness` on PIL: ImageEnhance.Brightness (blend with black). */
@@ -130,10 +165,7 @@ export function adjustContrast(image: RgbImage, factor: number): RgbImage {
   assertRgbImage(image);
   nonNegative("adjustContrast factor", factor);
   // ImageStat's mean of the "L" image: an integer sum over the histogram, one float division.
-  const l = luma(image);
-  let sum = 0;
-  for (let i = 0; i < l.length; i++) sum += l[i];
-  const mean = Math.trunc(sum / l.length + 0.5);
+  const mean = Math.trunc(luma(image).sum / (image.width * image.height) + 0.5);
   return blend(image, mean, factor);
 }
 
@@ -141,8 +173,7 @@ export function adjustContrast(image: RgbImage, factor: number): RgbImage {
 export function adjustSaturation(image: RgbImage, factor: number): RgbImage {
   assertRgbImage(image);
   nonNegative("adjustSaturation factor", factor);
-  const l = luma(image);
-  return blend(image, l, factor);
+  return blend(image, luma(image).rgb, factor);
 }
 
 /**
@@ -152,23 +183,37 @@ export function adjustSaturation(image: RgbImage, factor: number): RgbImage {
  */
 function smooth(image: RgbImage): Uint8Array {
   const { width: w, height: h, data } = image;
-  const out = data.slice();
-  if (w < 3 || h < 3) return out;
+  if (w < 3 || h < 3) return data.slice();
   const k = f32(1 / 13);
   const c = f32(5 / 13);
-  const row = (i: number, mid: number) =>
-    f32(f32(f32(data[i - 3] * k) + f32(data[i] * mid)) + f32(data[i + 3] * k));
+  const kernels = pilKernels(data.length);
+  if (kernels) return kernels.smooth(data, w, h, k, c);
+  const out = data.slice();
+  // Each product is a byte times a float32 weight, rounded to float32: two 256-entry tables.
+  const side = Float32Array.from({ length: 256 }, (_, v) => v * k);
+  const centre = Float32Array.from({ length: 256 }, (_, v) => v * c);
+  // A row's three side products sum to the same float whether the row lies above or below the
+  // output pixel: each row's sums are computed once and kept while the three rows around an
+  // output row are in use. Stores into a Float32Array round to float32, as each C float sum.
   const stride = w * 3;
+  const n = (w - 2) * 3;
+  const sides = [new Float32Array(n), new Float32Array(n), new Float32Array(n)];
+  const sideSums = (y: number) => {
+    const s = sides[y % 3];
+    for (let j = 0, i = y * stride + 3; j < n; j++, i++) {
+      s[j] = f32(side[data[i - 3]] + side[data[i]]) + side[data[i + 3]];
+    }
+  };
+  sideSums(0);
+  sideSums(1);
   for (let y = 1; y < h - 1; y++) {
-    for (let x = 1; x < w - 1; x++) {
-      for (let ch = 0; ch < 3; ch++) {
-        const i = y * stride + x * 3 + ch;
-        let ss = f32(0.5);
-        ss = f32(ss + row(i + stride, k));
-        ss = f32(ss + row(i, c));
-        ss = f32(ss + row(i - stride, k));
-        out[i] = ss <= 0 ? 0 : ss >= 255 ? 255 : Math.trunc(ss);
-      }
+    sideSums(y + 1);
+    const below = sides[(y + 1) % 3], above = sides[(y - 1) % 3];
+    for (let j = 0, i = y * stride + 3; j < n; j++, i++) {
+      const mid = f32(f32(side[data[i - 3]] + centre[data[i]]) + side[data[i + 3]]);
+      const ss = f32(f32(f32(0.5 + below[j]) + mid) + above[j]);
+      // ss >= 0.5, and storing truncates.
+      out[i] = ss >= 255 ? 255 : ss;
     }
   }
   return out;
@@ -185,10 +230,66 @@ export function adjustSharpness(image: RgbImage, factor: number): RgbImage {
 // ---------------------------------------------------------------------------------------------
 // Hue (the HSV round trip)
 
-/** C's round(): halves away from zero. */
+/** C's round() of a non-negative double: halves away from zero. */
 function cRound(x: number): number {
   const r = Math.floor(x);
   return x - r >= 0.5 ? r + 1 : r;
+}
+
+/** hsv2rgb's per-hue-byte sector (floor(h * 6 / 255) mod 6) and float32 fraction. */
+const HUE_SECTOR = Uint8Array.from({ length: 256 }, (_, h) => Math.floor((h * 6.0) / 255.0) % 6);
+const HUE_FRACTION = Float32Array.from(
+  { length: 256 },
+  (_, h) => (h * 6.0) / 255.0 - Math.floor((h * 6.0) / 255.0),
+);
+/** hsv2rgb's float32 s / 255 per saturation byte. */
+const SAT_FRACTION = Float32Array.from({ length: 256 }, (_, s) => s / 255.0);
+
+/**
+ * Pillow's rgb2hsv and hsv2rgb (Convert.c), whose float32 / double arithmetic the tables below
+ * reproduce. rgb2hsv's hue depends only on which channel is the maximum (r, else g, else b) and
+ * how far the other two lie below it (the larger distance is max - min), its saturation only on
+ * max - min and max; hsv2rgb's lowest channel only on s and v. Filled once, on first use.
+ */
+interface HsvTables {
+  /** [branch << 16 | distA << 8 | distB]: branch 0 (r max) distA = max - g, distB = max - b;
+   * 1 (g max) max - r, max - b; 2 (b max) max - g, max - r. */
+  hue: Uint8Array;
+  /** [(max - min) << 8 | max] */
+  saturation: Uint8Array;
+  /** hsv2rgb's p = round(v * (1 - s / 255)): [s << 8 | v] */
+  low: Uint8Array;
+}
+
+let tables: HsvTables | undefined;
+
+function hsvTables(): HsvTables {
+  if (tables) return tables;
+  const hue = new Uint8Array(3 << 16);
+  for (let branch = 0; branch < 3; branch++) {
+    for (let a = 0; a < 256; a++) {
+      for (let b = a === 0 ? 1 : 0; b < 256; b++) {
+        const cr = Math.max(a, b);
+        // C: float (max - x) / float cr, then the branch's sum (double constants, float result).
+        const ca = f32(a / cr), cb = f32(b / cr);
+        let hf = branch === 0 ? f32(cb - ca) : f32((branch === 1 ? 2.0 : 4.0) + ca - cb);
+        hf = f32((hf / 6.0 + 1.0) % 1.0);
+        hue[(branch << 16) | (a << 8) | b] = clip8(Math.trunc(hf * 255.0));
+      }
+    }
+  }
+  const saturation = new Uint8Array(1 << 16);
+  for (let max = 1; max < 256; max++) {
+    for (let cr = 1; cr <= max; cr++) {
+      saturation[(cr << 8) | max] = clip8(Math.trunc(f32(cr / max) * 255.0));
+    }
+  }
+  const low = new Uint8Array(1 << 16);
+  for (let us = 0; us < 256; us++) {
+    for (let v = 0; v < 256; v++) low[(us << 8) | v] = cRound(v * (1.0 - SAT_FRACTION[us]));
+  }
+  tables = { hue, saturation, low };
+  return tables;
 }
 
 /**
@@ -204,64 +305,53 @@ export function adjustHue(image: RgbImage, factor: number): RgbImage {
     throw new RangeError(`adjustHue: factor must be in [-0.5, 0.5], got ${factor}`);
   }
   const shift = Math.trunc(factor * 255);
+  const { hue, saturation, low } = hsvTables();
   const { data } = image;
   const out = new Uint8Array(data.length);
   for (let i = 0; i < data.length; i += 3) {
     const r = data[i], g = data[i + 1], b = data[i + 2];
-    // rgb2hsv
-    const maxc = Math.max(r, g, b);
-    const minc = Math.min(r, g, b);
-    let uh = 0, us = 0;
-    if (minc !== maxc) {
-      const cr = maxc - minc;
-      const s = f32(cr / maxc);
-      const rc = f32((maxc - r) / cr);
-      const gc = f32((maxc - g) / cr);
-      const bc = f32((maxc - b) / cr);
-      let hf: number;
-      if (r === maxc) hf = f32(bc - gc);
-      else if (g === maxc) hf = f32(2.0 + rc - bc);
-      else hf = f32(4.0 + gc - rc);
-      hf = f32((hf / 6.0 + 1.0) % 1.0);
-      uh = clip8(Math.trunc(hf * 255.0));
-      us = clip8(Math.trunc(s * 255.0));
-    }
-    const v = maxc;
-    const h = (uh + shift) & 255;
-    // hsv2rgb
+    const v = r > g ? (r > b ? r : b) : (g > b ? g : b);
+    const min = r < g ? (r < b ? r : b) : (g < b ? g : b);
+    // A grey (or a saturation byte of 0) comes back as its value on all three channels.
+    const us = v === min ? 0 : saturation[((v - min) << 8) | v];
     if (us === 0) {
       out[i] = out[i + 1] = out[i + 2] = v;
       continue;
     }
-    const hi = Math.floor((h * 6.0) / 255.0);
-    const f = f32((h * 6.0) / 255.0 - hi);
-    const fs = f32(us / 255.0);
-    const p = clip8(cRound(v * (1.0 - fs)));
-    const q = clip8(cRound(v * (1.0 - f32(fs * f))));
-    const t = clip8(cRound(v * (1.0 - fs * (1.0 - f))));
-    let r2: number, g2: number, b2: number;
-    switch (hi % 6) {
+    const uh = r === v
+      ? hue[((v - g) << 8) | (v - b)]
+      : g === v
+      ? hue[(1 << 16) | ((v - r) << 8) | (v - b)]
+      : hue[(2 << 16) | ((v - g) << 8) | (v - r)];
+    const h = (uh + shift) & 255;
+    // hsv2rgb: C float fractions, double products, round(); each result lies in [0, v]. Every
+    // sector uses v, p and one of q (odd sectors, falling) or t (even sectors, rising).
+    const sector = HUE_SECTOR[h];
+    const fs = SAT_FRACTION[us];
+    const f = HUE_FRACTION[h];
+    const p = low[(us << 8) | v];
+    const x = sector & 1 ? v * (1.0 - f32(fs * f)) : v * (1.0 - fs * (1.0 - f));
+    const floor = Math.floor(x);
+    const qt = x - floor >= 0.5 ? floor + 1 : floor; // C round(), inlined
+    switch (sector) {
       case 0:
-        r2 = v, g2 = t, b2 = p;
+        out[i] = v, out[i + 1] = qt, out[i + 2] = p;
         break;
       case 1:
-        r2 = q, g2 = v, b2 = p;
+        out[i] = qt, out[i + 1] = v, out[i + 2] = p;
         break;
       case 2:
-        r2 = p, g2 = v, b2 = t;
+        out[i] = p, out[i + 1] = v, out[i + 2] = qt;
         break;
       case 3:
-        r2 = p, g2 = q, b2 = v;
+        out[i] = p, out[i + 1] = qt, out[i + 2] = v;
         break;
       case 4:
-        r2 = t, g2 = p, b2 = v;
+        out[i] = qt, out[i + 1] = p, out[i + 2] = v;
         break;
       default:
-        r2 = v, g2 = p, b2 = q;
+        out[i] = v, out[i + 1] = p, out[i + 2] = qt;
     }
-    out[i] = r2;
-    out[i + 1] = g2;
-    out[i + 2] = b2;
   }
   return { width: image.width, height: image.height, data: out };
 }
@@ -272,10 +362,7 @@ export function adjustHue(image: RgbImage, factor: number): RgbImage {
 /** torchvision `rgb_to_grayscale(img, 3)` on PIL: the "L" conversion, copied to three channels. */
 export function grayscale(image: RgbImage): RgbImage {
   assertRgbImage(image);
-  const l = luma(image);
-  const out = new Uint8Array(l.length * 3);
-  for (let p = 0; p < l.length; p++) out[p * 3] = out[p * 3 + 1] = out[p * 3 + 2] = l[p];
-  return { width: image.width, height: image.height, data: out };
+  return { width: image.width, height: image.height, data: luma(image).rgb };
 }
 
 /** torchvision `solarize` on PIL (ImageOps.solarize): values >= threshold become 255 - value. */
@@ -427,7 +514,13 @@ export function resizedCrop(
     );
   }
   if (size < 1) throw new RangeError(`resizedCrop: size must be a positive integer, got ${size}`);
-  return resizeImage(cropImage(image, left, top, width, height), size, size, "bicubic");
+  const source = { left, top, width, height };
+  if (left < 0 || top < 0 || left + width > image.width || top + height > image.height) {
+    // A box past the edges: PIL's crop pads it with black first.
+    return resizeImage(cropImage(image, left, top, width, height), size, size, "bicubic");
+  }
+  // Resizing a window of the image in place is resizing its crop.
+  return resizeImage(image, size, size, "bicubic", { source });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import {
   OPENAI_CLIP_MEAN,
   OPENAI_CLIP_STD,
   readImage,
+  type RgbImage,
 } from "../../core/image.ts";
 import { Rng } from "../../core/rng.ts";
 import { toNormalizedFloat, trainTransform, type TrainTransformOptions } from "./transforms.ts";
@@ -32,7 +33,11 @@ export interface PrepareJob {
 
 /** [3, size, size] float32 pixels of one image. */
 export async function prepareImage(job: PrepareJob, spec: PrepareSpec): Promise<Float32Array> {
-  const image = await readImage(job.path);
+  return transformImage(await readImage(job.path), job, spec);
+}
+
+/** The second half of `prepareImage`: the transform and normalisation of a decoded image. */
+export function transformImage(image: RgbImage, job: PrepareJob, spec: PrepareSpec): Float32Array {
   const mean = spec.mean ?? OPENAI_CLIP_MEAN, std = spec.std ?? OPENAI_CLIP_STD;
   if (spec.kind === "train" && spec.augment !== false) {
     if (job.seed === undefined) throw new Error(`${job.path}: a training image needs a seed`);

@@ -15,6 +15,7 @@
  * magnitude table); only the random numbers come from another generator.
  */
 import { OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, type RgbImage } from "../../core/image.ts";
+import { normalizeRgb } from "../../core/normalize.ts";
 import type { Rng } from "../../core/rng.ts";
 import {
   adjustBrightness,
@@ -530,14 +531,5 @@ export function toNormalizedFloat(
       `toNormalizedFloat: ${image.data.length} bytes for a ${image.width}x${image.height} image`,
     );
   }
-  const out = new Float32Array(3 * plane);
-  for (let c = 0; c < 3; c++) {
-    const m = Math.fround(mean[c]);
-    const s = Math.fround(std[c]);
-    for (let i = 0; i < plane; i++) {
-      const x = Math.fround(image.data[i * 3 + c] / 255);
-      out[c * plane + i] = Math.fround(x - m) / s;
-    }
-  }
-  return out;
+  return normalizeRgb(image.data, mean, std);
 }
