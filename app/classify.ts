@@ -1,14 +1,26 @@
 /**
- * The classifier stages as the CLI runs them: reading and checking the image sets, resolving the
- * CLIP model, training with a progress bar, evaluation with its JSON record and table.
+ * The classifier stages as the CLI runs them: reading and checking the image sets (and the
+ * validation split), resolving the CLIP model, training with a progress bar, evaluation with its
+ * JSON record and table, and model selection over the epochs' checkpoints.
+ *
+ * Selection rules: "last" takes the final epoch; "best-val" the epoch with the highest top-1 on
+ * the validation split (train --val / --val-shots), so that choosing never reads the test set;
+ * "best-test" the epoch with the highest top-1 on the test set itself, as DataDream reports its
+ * numbers. Ties go to the earliest epoch (DataDream keeps a new best only when it is higher).
  */
+import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { Device } from "../ffi/mod.ts";
 import { TINY } from "../core/config.ts";
 import { RunError, writeAtomic } from "../core/output.ts";
 import { Progress } from "../core/progress.ts";
-import { type Classifier, type ClassifierTrainData, registry } from "../core/plugins.ts";
-import type { EvalResult } from "../plugins/classifiers/evaluate.ts";
+import {
+  type Classifier,
+  type ClassifierTrainData,
+  type LabeledImage,
+  registry,
+} from "../core/plugins.ts";
+import type { EvalMetrics, EvalResult } from "../plugins/classifiers/evaluate.ts";
 
 /** Files a CLIP folder needs for the classifier (weights, config, tokenizer). */
 export const CLIP_CLASSIFIER_FILES = [
@@ -19,6 +31,15 @@ export const CLIP_CLASSIFIER_FILES = [
 ];
 
 export const EVAL_RECORD = "eval.json";
+/** The validation split of a run and its per-epoch results (written by training). */
+export const VALIDATION_RECORD = "validation.json";
+const VALIDATION_FORMAT = "dipsy-validation";
+
+export type SelectRule = "last" | "best-val" | "best-test";
+
+/** Said wherever a test-selected number is shown or saved. */
+export const TEST_SELECTED_WARNING = "the epoch was chosen on the test set (as DataDream " +
+  "reports): an optimistic number, comparable with DataDream's tables, not a held-out estimate";
 /** Which classifier plugin, with which options, trained a run folder (read back by eval). */
 export const CLASSIFIER_RECORD = "classifier.json";
 
@@ -43,22 +64,42 @@ export async function resolveDevice(device: string): Promise<Device> {
 export interface TrainInputs {
   real?: string;
   synthetic?: string;
-  /** Dataset name (DataDream layout, prompt word). */
+  /** Dataset name (DataDream layout, prompt word, a benchmark's class names). */
   dataset?: string;
   fewshotSeed?: string;
+  /** The first k ranked real shots of each class. */
+  shots?: number;
   skipBad?: boolean;
+  /** Validation images: a folder of class folders ... */
+  val?: string;
+  /** ... or the last n real shots of each class, kept out of training. */
+  valShots?: number;
 }
 
-/** Reads both sets and checks them against each other before anything trains. */
-export async function readTrainData(
-  inputs: TrainInputs,
-): Promise<ClassifierTrainData & { dataset?: string }> {
+export interface TrainData extends ClassifierTrainData {
+  dataset?: string;
+  /** Images to choose the epoch by; empty without a validation split. */
+  validation: LabeledImage[];
+  /** Where they come from ("DIR" or "the last n shots of DIR"). */
+  validationFrom?: string;
+}
+
+/** Reads both sets (and the validation split) and checks them before anything trains. */
+export async function readTrainData(inputs: TrainInputs): Promise<TrainData> {
   const { labelImages, readImageFolder, trainingClasses } = await import(
     "../plugins/classifiers/data.ts"
   );
+  if (inputs.val !== undefined && inputs.valShots !== undefined) {
+    throw new RunError("give a validation folder or a number of shots to hold out, not both");
+  }
+  if (inputs.valShots !== undefined && !inputs.real) {
+    throw new RunError("holding shots out for validation needs the real images");
+  }
   const opts = {
     dataset: inputs.dataset,
     fewshotSeed: inputs.fewshotSeed,
+    shots: inputs.shots,
+    holdout: inputs.valShots,
     skipBad: inputs.skipBad,
   };
   const real = inputs.real ? await readImageFolder(inputs.real, opts) : null;
@@ -66,11 +107,29 @@ export async function readTrainData(
     ? await readImageFolder(inputs.synthetic, { skipBad: inputs.skipBad })
     : null;
   const classNames = trainingClasses(real, synthetic);
+  const dataset = inputs.dataset ?? real?.dataset;
+  let validation: LabeledImage[] = [];
+  let validationFrom: string | undefined;
+  if (inputs.val !== undefined) {
+    const folder = await readImageFolder(inputs.val, { dataset, skipBad: inputs.skipBad });
+    validation = labelImages(folder, classNames, false, "the training set");
+    validationFrom = folder.path;
+  } else if (inputs.valShots && real?.heldOut) {
+    validation = labelImages(
+      { ...real, images: real.heldOut },
+      classNames,
+      false,
+      "the training set",
+    );
+    validationFrom = `the last ${inputs.valShots} shot(s) per class of ${real.path}`;
+  }
   return {
     classNames,
     real: real ? labelImages(real, classNames, false) : [],
     synthetic: synthetic ? labelImages(synthetic, classNames, true) : [],
-    dataset: inputs.dataset ?? real?.dataset,
+    dataset,
+    validation,
+    validationFrom,
   };
 }
 
@@ -93,8 +152,28 @@ export interface TrainStageOptions {
   progress?: boolean;
 }
 
-/** Trains (or resumes) into `opts.out` with a progress bar: loss, learning rate, images/s. */
+/**
+ * Trains (or resumes) into `opts.out` with a progress bar: loss, learning rate, images/s. With
+ * a validation split, a complete run is then evaluated on it epoch by epoch (validation.json).
+ */
 export async function trainStage(
+  classifier: Classifier,
+  data: ClassifierTrainData & Partial<Pick<TrainData, "validation" | "validationFrom">>,
+  opts: TrainStageOptions,
+): Promise<{ complete: boolean; epochsDone: number; validation?: ValidationRecord }> {
+  const result = await trainOnly(classifier, data, opts);
+  if (!result.complete || !data.validation?.length) return result;
+  const validation = await validateEpochs(classifier, opts.out, data.validation, {
+    from: data.validationFrom ?? "",
+    device: opts.device,
+    workers: opts.workers,
+    signal: opts.signal,
+    progress: opts.progress,
+  });
+  return { ...result, validation };
+}
+
+async function trainOnly(
   classifier: Classifier,
   data: ClassifierTrainData,
   opts: TrainStageOptions,
@@ -167,44 +246,250 @@ export interface EvalStageOptions {
   device?: string;
   workers?: number;
   batch?: number;
+  /** Dataset name (default: the one the run was trained with). */
   dataset?: string;
+  /** Which epoch's weights (default: best-val when the run has a validation split, else last). */
+  select?: SelectRule;
+  /** Evaluate every epoch on the test set too, for the record (implied by best-test). */
+  perEpoch?: boolean;
   signal?: AbortSignal;
   progress?: boolean;
 }
 
-/** Evaluates a trained run on a test folder; writes the JSON record. */
-export async function evalStage(opts: EvalStageOptions): Promise<EvalResult & { file: string }> {
-  const { labelImages, readImageFolder } = await import("../plugins/classifiers/data.ts");
+/** Top-1, top-k and the mean per class of one epoch. */
+export interface EpochMetrics {
+  epoch: number;
+  top1: number;
+  top5: number;
+  meanPerClass: number;
+  correct: number;
+  total: number;
+}
+
+export interface Selection {
+  rule: SelectRule;
+  /** The epoch whose weights were evaluated. */
+  epoch: number;
+  /** What chose it. */
+  selectedOn: "last epoch" | "validation" | "test";
+  /** True when the test set chose the epoch: the number is not a held-out estimate. */
+  testSelected: boolean;
+  warning?: string;
+}
+
+export interface EvalRecord extends EvalResult {
+  model: string;
+  test: string;
+  selection: Selection;
+  /** Test metrics of every epoch (with perEpoch or best-test). */
+  perEpoch?: EpochMetrics[];
+  /** The run's validation results, when it has a validation split. */
+  validation?: { from: string; images: number; epochs: EpochMetrics[] };
+}
+
+export interface ValidationRecord {
+  format: typeof VALIDATION_FORMAT;
+  version: 1;
+  from: string;
+  images: number;
+  /** sha256 of the (label, file) list, as the trainer fingerprints its images. */
+  fingerprint: string;
+  epochs: EpochMetrics[];
+  best: { epoch: number; top1: number };
+}
+
+const brief = (epoch: number, m: EvalMetrics): EpochMetrics => ({
+  epoch,
+  top1: m.top1,
+  top5: m.top5,
+  meanPerClass: m.meanPerClass,
+  correct: m.correct,
+  total: m.total,
+});
+
+/** The epoch of the highest top-1, the earliest among equals. */
+export function bestEpoch(epochs: readonly EpochMetrics[]): EpochMetrics {
+  if (!epochs.length) throw new RunError("no epoch results to choose from");
+  return epochs.reduce((best, e) => (e.top1 > best.top1 ? e : best));
+}
+
+export function readValidationRecord(run: string): ValidationRecord | null {
+  const path = join(run, VALIDATION_RECORD);
+  if (!existsSync(path)) return null;
+  try {
+    const r = JSON.parse(readFileSync(path, "utf8")) as ValidationRecord;
+    if (r?.format !== VALIDATION_FORMAT) throw new Error(`format ${JSON.stringify(r?.format)}`);
+    return r;
+  } catch (e) {
+    throw new RunError(`${path}: not a validation record (${(e as Error).message})`);
+  }
+}
+
+interface EpochEvalOptions {
+  device?: string;
+  workers?: number;
+  batch?: number;
+  signal?: AbortSignal;
+  progress?: boolean;
+}
+
+/** Loads each epoch's checkpoint in turn and evaluates it on `images`. */
+async function evaluateEpochs<E extends number | undefined>(
+  classifier: Classifier,
+  run: string,
+  images: readonly LabeledImage[],
+  epochs: readonly E[],
+  label: string,
+  opts: EpochEvalOptions,
+  onEpoch?: (epoch: E, result: EvalResult) => Promise<void>,
+): Promise<Map<E, EvalResult>> {
   const { evaluate } = await import("../plugins/classifiers/evaluate.ts");
+  const device = opts.device ? await resolveDevice(opts.device) : undefined;
+  const modelSource = await resolveClipSource(classifier.model);
+  const results = new Map<E, EvalResult>();
+  for (const epoch of epochs) {
+    const show = opts.progress ?? true;
+    const what = epoch === undefined ? label : `${label} epoch ${epoch}`;
+    const bar = show ? new Progress(images.length, { unit: "images", label: what }) : null;
+    try {
+      using trained = await classifier.load(run, { modelSource, device, epoch });
+      const r = await evaluate(trained, images, {
+        batch: opts.batch,
+        loader: { workers: opts.workers },
+        signal: opts.signal,
+        onProgress: (done) => bar?.update(done),
+      });
+      results.set(epoch, r);
+      await onEpoch?.(epoch, r);
+    } finally {
+      bar?.finish();
+    }
+  }
+  return results;
+}
+
+function runEpochs(classifier: Classifier, run: string): number[] {
+  const epochs = classifier.epochs?.(run) ?? [];
+  if (!epochs.length) {
+    throw new RunError(`${run}: the ${classifier.name} classifier keeps no per-epoch checkpoints`);
+  }
+  return epochs;
+}
+
+/**
+ * Evaluates every epoch of a complete run on the validation images and writes
+ * RUN/validation.json; epochs already recorded for the same images are not evaluated again.
+ */
+export async function validateEpochs(
+  classifier: Classifier,
+  run: string,
+  images: readonly LabeledImage[],
+  opts: EpochEvalOptions & { from: string },
+): Promise<ValidationRecord> {
+  const out = resolve(run);
+  const epochs = runEpochs(classifier, out);
+  const { fingerprint: fingerprintOf } = await import("../plugins/classifiers/trainer.ts");
+  const fingerprint = fingerprintOf(images);
+  const previous = readValidationRecord(out);
+  const known = new Map(
+    previous?.fingerprint === fingerprint ? previous.epochs.map((e) => [e.epoch, e]) : [],
+  );
+  const record = (): ValidationRecord => {
+    const list = epochs.filter((e) => known.has(e)).map((e) => known.get(e)!);
+    const best = list.length ? bestEpoch(list) : { epoch: 0, top1: 0 };
+    return {
+      format: VALIDATION_FORMAT,
+      version: 1,
+      from: opts.from,
+      images: images.length,
+      fingerprint,
+      epochs: list,
+      best: { epoch: best.epoch, top1: best.top1 },
+    };
+  };
+  const save = () =>
+    writeAtomic(
+      join(out, VALIDATION_RECORD),
+      new TextEncoder().encode(JSON.stringify(record(), null, 2) + "\n"),
+    );
+  const todo = epochs.filter((e) => !known.has(e));
+  // Each epoch is saved as it is done, so an interrupted evaluation resumes.
+  await evaluateEpochs(classifier, out, images, todo, "val", opts, async (epoch, r) => {
+    known.set(epoch, brief(epoch, r));
+    await save();
+  });
+  if (!todo.length && JSON.stringify(previous) !== JSON.stringify(record())) await save();
+  return record();
+}
+
+/** Evaluates a trained run on a test folder; writes the JSON record. */
+export async function evalStage(opts: EvalStageOptions): Promise<EvalRecord & { file: string }> {
+  const { labelImages, readImageFolder } = await import("../plugins/classifiers/data.ts");
   const run = resolve(opts.model);
   const record = readClassifierRecord(run);
+  const validation = readValidationRecord(run);
+  const rule = opts.select ?? (validation ? "best-val" : "last");
+  if (rule === "best-val" && !validation?.epochs.length) {
+    throw new RunError(
+      `${run}: no validation results to select by (train it with a validation split: ` +
+        "--val DIR or --val-shots N)",
+    );
+  }
   // The test set is checked before the model loads.
-  const folder = await readImageFolder(opts.test, { dataset: opts.dataset });
+  const dataset = opts.dataset ?? (record.settings.dataset as string | null | undefined) ??
+    undefined;
+  const folder = await readImageFolder(opts.test, { dataset });
   const images = labelImages(folder, record.classNames, false, `the model in ${run}`);
   if (images.length === 0) throw new RunError(`${opts.test}: no test images`);
   const classifier = await makeClassifier(record.name, record.settings);
-  const device = opts.device ? await resolveDevice(opts.device) : undefined;
-  const modelSource = await resolveClipSource(classifier.model);
-  using trained = await classifier.load(run, { modelSource, device });
-  const show = opts.progress ?? true;
-  const bar = show ? new Progress(images.length, { unit: "images", label: "eval" }) : null;
-  let result: EvalResult;
-  try {
-    result = await evaluate(trained, images, {
-      batch: opts.batch,
-      loader: { workers: opts.workers },
-      signal: opts.signal,
-      onProgress: (done) => bar?.update(done),
-    });
-  } finally {
-    bar?.finish();
+  // A classifier without per-epoch checkpoints can still be evaluated as it ended.
+  const epochs = rule === "last" && !opts.perEpoch
+    ? (classifier.epochs?.(run) ?? [])
+    : runEpochs(classifier, run);
+  const last = epochs.at(-1);
+  const epochOpts = { ...opts, progress: opts.progress };
+
+  let perEpoch: Map<number, EvalResult> | undefined;
+  if (rule === "best-test" || opts.perEpoch) {
+    perEpoch = await evaluateEpochs(classifier, run, images, epochs, "test", epochOpts);
   }
+  const briefs = perEpoch ? [...perEpoch].map(([e, r]) => brief(e, r)) : undefined;
+  let selection: Selection;
+  if (rule === "best-test") {
+    selection = {
+      rule,
+      epoch: bestEpoch(briefs!).epoch,
+      selectedOn: "test",
+      testSelected: true,
+      warning: TEST_SELECTED_WARNING,
+    };
+  } else if (rule === "best-val") {
+    selection = {
+      rule,
+      epoch: validation!.best.epoch,
+      selectedOn: "validation",
+      testSelected: false,
+    };
+  } else {
+    selection = { rule, epoch: last ?? 0, selectedOn: "last epoch", testSelected: false };
+  }
+  const which = rule === "last" ? last : selection.epoch;
+  const result = (which !== undefined ? perEpoch?.get(which) : undefined) ??
+    (await evaluateEpochs(classifier, run, images, [which], "eval", epochOpts)).get(which)!;
+
   const file = resolve(opts.out ?? join(run, EVAL_RECORD));
-  const json = {
+  const json: EvalRecord = {
     model: run,
     test: resolve(opts.test),
+    selection,
     ...result,
+    ...(briefs ? { perEpoch: briefs } : {}),
+    ...(validation
+      ? {
+        validation: { from: validation.from, images: validation.images, epochs: validation.epochs },
+      }
+      : {}),
   };
   await writeAtomic(file, new TextEncoder().encode(JSON.stringify(json, null, 2) + "\n"));
-  return { ...result, file };
+  return { ...json, file };
 }

@@ -3,17 +3,26 @@
  * image embedding per class, cosine between classes), and the similarity source `generate`
  * uses: a given file, the run's own copy, the data's, or computed on the spot. Shared by the
  * CLI and the HTTP endpoint.
+ *
+ * The matrix is the official `calculate_similarity_matrix.py`'s: images go through openai CLIP's
+ * own transform (torchvision's Resize and CenterCrop on PIL images), whose crop offset rounds
+ * where transformers' image processor floors it, so the two part on some non-square images.
+ * Matrices move both ways: `.json` files are dipsy's, `.npz` files the official script's
+ * (`similarity_matrix`, `class_names` = the class folders).
  */
-import { existsSync, statSync } from "node:fs";
+import { existsSync, readdirSync, statSync } from "node:fs";
 import { basename, dirname, join, resolve } from "node:path";
 import type { Tensor } from "../ffi/mod.ts";
 import type { Dataset } from "../core/dataset.ts";
 import type { SimilaritySource } from "../core/generate.ts";
 import { RunError, SIMILARITY_FILE } from "../core/output.ts";
-import { type RunConfig, similarityClip, TINY } from "../core/config.ts";
+import { DEFAULT_CLIP, type RunConfig, similarityClip, TINY } from "../core/config.ts";
 import type { Placement } from "./models.ts";
 
 export { SIMILARITY_FILE };
+
+/** How images are preprocessed before encoding, as recorded in the file's meta. */
+export const SIMILARITY_PREPROCESS = "openai-clip (torchvision Resize + CenterCrop on PIL)";
 
 /** Shots encoded per forward pass. */
 const ENCODE_BATCH = 16;
@@ -53,7 +62,8 @@ export async function computeSimilarity(
         );
         parts.push(noGrad(() =>
           scope(() => {
-            const px = ops.to(clipPreprocess(images, { size }), placement.dtype, placement.device);
+            const pixels = clipPreprocess(images, { size, flavor: "torchvision" });
+            const px = ops.to(pixels, placement.dtype, placement.device);
             return ops.to(vision.forward(px).imageEmbeds!, "f32", "cpu");
           })
         ));
@@ -69,17 +79,69 @@ export async function computeSimilarity(
   }
 }
 
-/** Writes the file through a temporary name, so readers never see half of it. */
+/** What a saved matrix records about how it was made. */
+export function similarityMeta(
+  clip: string,
+  opts: { seed?: number; data?: string } = {},
+): Record<string, unknown> {
+  return {
+    clip,
+    ...(clip === TINY ? { seed: opts.seed ?? 0 } : {}),
+    preprocess: SIMILARITY_PREPROCESS,
+    ...(opts.data !== undefined ? { data: opts.data } : {}),
+  };
+}
+
+/**
+ * Why a saved matrix does not stand for one computed with `clip` (and, for the tiny CLIP, its
+ * weight seed) now, or null. A file that does not say which CLIP made it is taken as it is.
+ */
+export function staleSimilarity(
+  meta: Record<string, unknown> | undefined,
+  clip: string,
+  seed = 0,
+): string | null {
+  const made = meta?.clip;
+  if (typeof made !== "string") return null;
+  if (made !== clip) return `it was made with CLIP ${made}, not ${clip}`;
+  if (clip === TINY && typeof meta?.seed === "number" && meta.seed !== seed) {
+    return `it was made with the tiny CLIP of seed ${meta.seed}, not ${seed}`;
+  }
+  return null;
+}
+
+/**
+ * Writes the file through a temporary name, so readers never see half of it. A path ending in
+ * `.npz` gets the official script's format, whose class names are the folder names (`folders`,
+ * in the order of `classNames`); anything else dipsy's JSON.
+ */
 export async function saveSimilarityFile(
   path: string,
   classNames: readonly string[],
   matrix: number[][],
   meta: Record<string, unknown>,
+  opts: { folders?: readonly string[] } = {},
 ): Promise<void> {
-  const { saveSimilarity } = await import("../plugins/pairs/mod.ts");
   const tmp = join(dirname(path), `.${basename(path)}.${crypto.randomUUID().slice(0, 8)}.tmp`);
   try {
-    await saveSimilarity(tmp, { classNames: [...classNames], similarity: matrix, meta });
+    if (/\.npz$/i.test(path)) {
+      const { writeNpz } = await import("../core/npz.ts");
+      const names = opts.folders ?? classNames;
+      if (names.length !== matrix.length) {
+        throw new RangeError(`saveSimilarityFile: ${names.length} names, ${matrix.length} rows`);
+      }
+      const k = matrix.length;
+      await Deno.writeFile(
+        tmp,
+        writeNpz({
+          similarity_matrix: { shape: [k, k], data: matrix.flat() },
+          class_names: { shape: [k], strings: names },
+        }),
+      );
+    } else {
+      const { saveSimilarity } = await import("../plugins/pairs/mod.ts");
+      await saveSimilarity(tmp, { classNames: [...classNames], similarity: matrix, meta });
+    }
     await Deno.rename(tmp, path);
   } catch (e) {
     await Deno.remove(tmp).catch(() => {});
@@ -87,49 +149,130 @@ export async function saveSimilarityFile(
   }
 }
 
+/**
+ * Reads a similarity file (dipsy's `.json`, or the official `.npz`) for `dataset`, in its class
+ * order. An `.npz` names classes by folder (or by class name); a different class list is an
+ * error naming the missing and extra classes.
+ */
+export async function readSimilarityFile(
+  path: string,
+  dataset: Pick<Dataset, "classes">,
+): Promise<{ matrix: number[][]; meta?: Record<string, unknown> }> {
+  if (!/\.npz$/i.test(path)) {
+    const { loadSimilarity } = await import("../plugins/pairs/mod.ts");
+    try {
+      const m = await loadSimilarity(path, dataset.classes.map((c) => c.name));
+      return { matrix: m.similarity, meta: m.meta };
+    } catch (e) {
+      throw new RunError(e instanceof Error ? e.message : String(e), { cause: e });
+    }
+  }
+  const { readNpz } = await import("../core/npz.ts");
+  let arrays;
+  try {
+    arrays = readNpz(await Deno.readFile(path), path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) throw new RunError(`${path}: no such file`);
+    throw e;
+  }
+  const sim = arrays.get("similarity_matrix"), names = arrays.get("class_names");
+  const k = names?.shape[0] ?? -1;
+  if (
+    sim?.kind !== "number" || names?.kind !== "string" || names.shape.length !== 1 ||
+    sim.shape.length !== 2 || sim.shape[0] !== k || sim.shape[1] !== k
+  ) {
+    throw new RunError(
+      `${path}: needs similarity_matrix [K, K] (numbers) and class_names [K] (strings), as ` +
+        "calculate_similarity_matrix.py saves them",
+    );
+  }
+  const index = new Map<string, number>();
+  dataset.classes.forEach((c, i) => {
+    index.set(c.folder, i);
+    index.set(c.name, i);
+  });
+  const at = names.data.map((n) => index.get(n));
+  const extra = names.data.filter((_, j) => at[j] === undefined);
+  const covered = new Set(at);
+  const missing = dataset.classes.filter((_, i) => !covered.has(i)).map((c) => c.folder);
+  if (extra.length || missing.length || covered.size !== names.data.length) {
+    const parts = [];
+    if (missing.length) parts.push(`missing ${missing.map((c) => `"${c}"`).join(", ")}`);
+    if (extra.length) parts.push(`not in the data: ${extra.map((c) => `"${c}"`).join(", ")}`);
+    if (!parts.length) parts.push("a class is listed twice");
+    throw new RunError(`${path}: its classes do not match the data (${parts.join("; ")})`);
+  }
+  const order = dataset.classes.map((_, i) => at.indexOf(i));
+  const matrix = order.map((r) => order.map((c) => sim.data[r * k + c]));
+  return { matrix };
+}
+
+/** The official script's file in a class root (`similarity_matrix_<dataset>_<seed>.npz`). */
+export function officialSimilarityFile(root: string): string | null {
+  let names: string[];
+  try {
+    names = readdirSync(root).filter((n) => /^similarity_matrix_.*\.npz$/.test(n));
+  } catch {
+    return null;
+  }
+  return names.length === 1 ? join(root, names[0]) : null;
+}
+
 export function isFile(p: string): boolean {
   return existsSync(p) && statSync(p).isFile();
 }
 
 /**
- * Where `generate` gets the matrix: `--similarity FILE`; else the output folder's copy (the one
- * a resumed run used); else `similarity.json` in the data's class root; else computed now.
- * A copy always goes into the output folder, so a run folder is self-contained.
+ * Where `generate` gets the matrix: `--similarity FILE` (.json or .npz); else the output
+ * folder's copy (the one a resumed run used); else `similarity.json` in the data's class root;
+ * else the official script's `similarity_matrix_*.npz` there; else computed now. A saved file
+ * made with another CLIP than the one asked for is said to be so and computed again. A copy
+ * always goes into the output folder, so a run folder is self-contained.
  */
 export function similaritySource(
   config: RunConfig,
   placement: Placement,
   log: (message: string) => void = (m) => console.error(m),
 ): SimilaritySource {
+  const clip = similarityClip(config);
   return {
     async get(dataset, out) {
-      const { loadSimilarity } = await import("../plugins/pairs/mod.ts");
-      const names = dataset.classes.map((c) => c.name);
-      const candidates = config.similarity
-        ? [config.similarity]
-        : [join(out, SIMILARITY_FILE), join(dataset.root, SIMILARITY_FILE)].filter(isFile);
-      if (candidates.length) {
-        const from = resolve(candidates[0]);
-        try {
-          const m = await loadSimilarity(from, names);
-          return { matrix: m.similarity, from };
-        } catch (e) {
-          throw new RunError(e instanceof Error ? e.message : String(e), { cause: e });
-        }
+      if (config.similarity) {
+        const from = resolve(config.similarity);
+        const { matrix, meta } = await readSimilarityFile(from, dataset);
+        const stale = staleSimilarity(meta, clip, config.modelSeed);
+        if (stale) log(`note: ${from}: ${stale}; used as given (--similarity)`);
+        return { matrix, from };
       }
-      const clip = similarityClip(config);
+      // The official script's file was made with openai CLIP ViT-B/16.
+      const official = officialSimilarityFile(dataset.root);
+      const candidates: { path: string; clip?: string }[] = [
+        { path: join(out, SIMILARITY_FILE) },
+        { path: join(dataset.root, SIMILARITY_FILE) },
+        ...(official ? [{ path: official, clip: DEFAULT_CLIP }] : []),
+      ];
+      for (const c of candidates) {
+        if (!isFile(c.path)) continue;
+        const from = resolve(c.path);
+        const { matrix, meta } = await readSimilarityFile(from, dataset);
+        const stale = staleSimilarity(c.clip ? { clip: c.clip } : meta, clip, config.modelSeed);
+        if (!stale) return { matrix, from };
+        log(`${from}: ${stale}; computing the class similarity again`);
+      }
       log(
-        `no ${SIMILARITY_FILE} in ${dataset.root} or ${out}: computing the class similarity ` +
-          `with ${clip} (run \`dipsy similarity\` once to reuse it)`,
+        `no ${SIMILARITY_FILE} made with ${clip} in ${dataset.root} or ${out}: computing the ` +
+          `class similarity (run \`dipsy similarity\` once to reuse it)`,
       );
       const matrix = await computeSimilarity(dataset, clip, placement, { seed: config.modelSeed });
       return { matrix, from: `computed with ${clip}` };
     },
     async keep(path, dataset, matrix) {
-      await saveSimilarityFile(path, dataset.classes.map((c) => c.name), matrix, {
-        clip: similarityClip(config),
-        data: dataset.root,
-      });
+      await saveSimilarityFile(
+        path,
+        dataset.classes.map((c) => c.name),
+        matrix,
+        similarityMeta(clip, { seed: config.modelSeed, data: dataset.root }),
+      );
     },
   };
 }

@@ -9,23 +9,32 @@ import {
   computeSimilarity,
   describeSimilarity,
   isFile,
+  readSimilarityFile,
   saveSimilarityFile,
   SIMILARITY_FILE,
+  similarityMeta,
+  staleSimilarity,
 } from "../app/similarity.ts";
-import { CliError, type Command, parseFlags, reportUserErrors } from "./command.ts";
+import { CliError, type Command, parseFlags } from "./command.ts";
+import { shotsFlag } from "./train_flags.ts";
 
 const USAGE = `usage: deno task dipsy similarity --data DIR [options]
 
 Computes the class similarity matrix (cosine of the mean CLIP image embedding of each class's
-shots) and saves it as DIR/${SIMILARITY_FILE}, where generate finds it. Prints each class's most
-similar classes, with the probability of drawing each as the negative (tau 0.4).
+shots, as the official calculate_similarity_matrix.py computes it) and saves it as
+DIR/${SIMILARITY_FILE}, where generate finds it. Prints each class's most similar classes, with
+the probability of drawing each as the negative (tau 0.4). A saved file made with another CLIP
+than --clip is computed again.
 
 options:
   --data DIR           few-shot images: DIR/<class>/*.jpg, or the DataDream layout
-  --out PATH           where to save (a .json file or a folder; default: the class root)
+  --out PATH           where to save: a .json file, a .npz file (the official script's format:
+                       similarity_matrix, class_names = folder names) or a folder
+                       (default: DIR/${SIMILARITY_FILE} in the class root)
   --clip REF           CLIP folder or Hub id (default ${DEFAULT_CLIP}); "tiny": random weights
-  --dataset NAME       dataset name (DataDream layout with several datasets)
+  --dataset NAME       dataset name: DataDream layout, and a benchmark's class names
   --fewshot-seed S     DataDream few-shot split (seed0, ...) when there are several
+  --shots K            the first K shots of each class (by their rank from \`dipsy fewshot\`)
   --skip-bad           leave unreadable or broken images out instead of stopping
   --top K              similar classes to print per class (default 3)
   --force              recompute when the file exists (default: print the saved one)
@@ -43,18 +52,19 @@ export const command: Command = {
       clip: { type: "string" },
       dataset: { type: "string" },
       "fewshot-seed": { type: "string" },
+      shots: { type: "string" },
       "skip-bad": { type: "boolean" },
       top: { type: "string" },
       force: { type: "boolean" },
       device: { type: "string" },
       dtype: { type: "string" },
       seed: { type: "string" },
-    }, USAGE);
+    });
     if (values.help) {
       console.log(USAGE);
       return 0;
     }
-    return await reportUserErrors("similarity", () => similarityCommand(values));
+    return await similarityCommand(values);
   },
 };
 
@@ -64,6 +74,7 @@ interface SimilarityFlags {
   clip?: string;
   dataset?: string;
   "fewshot-seed"?: string;
+  shots?: string;
   "skip-bad"?: boolean;
   top?: string;
   force?: boolean;
@@ -73,11 +84,14 @@ interface SimilarityFlags {
 }
 
 async function similarityCommand(values: SimilarityFlags): Promise<number> {
-  if (!values.data) throw new CliError(`--data is required\n\n${USAGE}`);
+  if (!values.data) throw new CliError(`--data is required (see --help)`);
   const top = Number(values.top ?? 3);
   if (!Number.isInteger(top) || top < 1) throw new CliError("--top must be a positive integer");
   const seed = Number(values.seed ?? 0);
-  if (!Number.isSafeInteger(seed)) throw new CliError("--seed must be an integer");
+  if (!Number.isSafeInteger(seed) || seed < 0) {
+    throw new CliError(`--seed must be a non-negative integer, got "${values.seed}"`);
+  }
+  const shots = shotsFlag(values.shots);
 
   const { validateDataset } = await import("../core/dataset.ts");
   const { DEFAULTS, parseConfigObject } = await import("../core/config.ts");
@@ -93,23 +107,30 @@ async function similarityCommand(values: SimilarityFlags): Promise<number> {
   const dataset: Dataset = await validateDataset(values.data, {
     dataset: values.dataset,
     fewshotSeed: values["fewshot-seed"],
+    shots,
     skipBad: values["skip-bad"] ?? false,
     negatives: false,
   });
   for (const p of dataset.problems) console.error(`${p.severity}: ${p.path}: ${p.message}`);
 
   let path = values.out ? resolve(values.out) : join(dataset.root, SIMILARITY_FILE);
-  if (values.out && !/\.json$/i.test(path)) path = join(path, SIMILARITY_FILE);
+  if (values.out && !/\.(json|npz)$/i.test(path)) path = join(path, SIMILARITY_FILE);
   const names = dataset.classes.map((c) => c.name);
-  let matrix: number[][];
+  const clip = values.clip ?? DEFAULT_CLIP;
+  let matrix: number[][] | null = null;
   if (isFile(path) && !values.force) {
-    const { loadSimilarity } = await import("../plugins/pairs/mod.ts");
-    matrix = (await loadSimilarity(path, names)).similarity;
-    console.log(`${path} exists (--force recomputes it); its most similar classes:`);
-  } else {
+    const saved = await readSimilarityFile(path, dataset);
+    const stale = staleSimilarity(saved.meta, clip, seed);
+    if (stale) {
+      console.error(`${path}: ${stale}; computing it again`);
+    } else {
+      matrix = saved.matrix;
+      console.log(`${path} exists (--force recomputes it); its most similar classes:`);
+    }
+  }
+  if (!matrix) {
     const { resolvePlacement } = await import("../app/models.ts");
     const placement = await resolvePlacement(config);
-    const clip = values.clip ?? DEFAULT_CLIP;
     const started = performance.now();
     matrix = await computeSimilarity(dataset, clip, placement, {
       seed,
@@ -121,7 +142,9 @@ async function similarityCommand(values: SimilarityFlags): Promise<number> {
       },
     });
     await Deno.mkdir(dirname(path), { recursive: true });
-    await saveSimilarityFile(path, names, matrix, { clip, data: dataset.root });
+    const meta = similarityMeta(clip, { seed, data: dataset.root });
+    const folders = dataset.classes.map((c) => c.folder);
+    await saveSimilarityFile(path, names, matrix, meta, { folders });
     const secs = ((performance.now() - started) / 1000).toFixed(1);
     console.log(
       `class similarity of ${names.length} classes (${clip}, ${secs} s) saved to ${path}`,

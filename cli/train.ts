@@ -2,26 +2,41 @@
  * `dipsy train`: fine-tunes the classifier on the real shots and the synthetic images, with a
  * checkpoint per epoch; running it again on the same folder resumes after the last checkpoint.
  */
-import { CliError, type Command, parseFlags, reportUserErrors } from "./command.ts";
-import { CLASSIFIER_FLAGS, CLASSIFIER_USAGE, classifierOptions, intFlag } from "./train_flags.ts";
+import { CliError, type Command, parseFlags } from "./command.ts";
+import {
+  CLASSIFIER_FLAGS,
+  CLASSIFIER_USAGE,
+  classifierOptions,
+  deviceFlag,
+  intFlag,
+  shotsFlag,
+  VALIDATION_FLAGS,
+  VALIDATION_USAGE,
+} from "./train_flags.ts";
 
 const USAGE = `usage: deno task dipsy train --real DIR --synthetic DIR --out RUN [options]
 
 Trains the classifier (CLIP ViT-B/16 + LoRA by default) on real + synthetic images. Writes
 RUN/checkpoints/epoch-NNN/ (peft LoRA adapter + optimizer state) after every epoch and
 RUN/adapter/ (a peft adapter folder) at the end; RUN/train.json records settings and history.
-Run the same command again after an interruption: it resumes after the last finished epoch.
+With a validation split, every epoch is then evaluated on it (RUN/validation.json), for
+\`eval --select best-val\`. Run the same command again after an interruption: it resumes after
+the last finished epoch.
 
 input:
   --real DIR           real few-shot images: DIR/<class>/*, or the DataDream layout
   --synthetic DIR      synthetic images: a generate output folder, or DIR/<class>/*
                        (give one or both; --mode real / synthetic uses one kind only)
   --out RUN            run folder
-  --dataset NAME       dataset name: DataDream layout, and the prompt word ("pet ", ...)
+  --dataset NAME       dataset name: DataDream layout, the prompt word ("pet ", ...) and for
+                       the ten benchmarks their class names (n01440764 -> "tench")
   --fewshot-seed S     DataDream few-shot split when there are several
+  --shots K            the first K real shots of each class, by rank (a \`dipsy fewshot\` split)
   --skip-bad           leave unreadable or broken images out instead of stopping
   --device D           auto, cpu, cuda, cuda:N (default auto)
   --workers N          image preparation threads (default: cores - 1, at most 16)
+
+${VALIDATION_USAGE}
 
 ${CLASSIFIER_USAGE}`;
 
@@ -35,21 +50,30 @@ export const command: Command = {
       out: { type: "string" },
       dataset: { type: "string" },
       "fewshot-seed": { type: "string" },
+      shots: { type: "string" },
       "skip-bad": { type: "boolean" },
       device: { type: "string" },
       workers: { type: "string" },
+      ...VALIDATION_FLAGS,
       ...CLASSIFIER_FLAGS,
-    }, USAGE);
+    });
     if (values.help) {
       console.log(USAGE);
       return 0;
     }
     const out = values.out;
-    if (!out) throw new CliError(`--out is required\n\n${USAGE}`);
+    if (!out) throw new CliError(`--out is required (see --help)`);
     if (!values.real && !values.synthetic) {
-      throw new CliError(`give --real and/or --synthetic\n\n${USAGE}`);
+      throw new CliError(`give --real and/or --synthetic (see --help)`);
     }
     const workers = intFlag(values.workers, "--workers");
+    const shots = shotsFlag(values.shots);
+    const valShots = shotsFlag(values["val-shots"], "--val-shots");
+    // A mistyped plugin name is reported before any image is read.
+    const { loadDefaultPlugins } = await import("../app/plugins.ts");
+    const { registry } = await import("../core/plugins.ts");
+    await loadDefaultPlugins();
+    registry.definition("classifier", classifierOptions(values).name);
     const app = await import("../app/classify.ts");
     const controller = new AbortController();
     const onSigint = () => {
@@ -58,37 +82,46 @@ export const command: Command = {
       controller.abort();
     };
     try {
-      return await reportUserErrors("train", async () => {
-        const data = await app.readTrainData({
-          real: values.real,
-          synthetic: values.synthetic,
-          dataset: values.dataset,
-          fewshotSeed: values["fewshot-seed"],
-          skipBad: values["skip-bad"],
-        });
-        const device = await app.resolveDevice(values.device ?? "auto");
-        const { name, options } = classifierOptions(values, { dataset: data.dataset, device });
-        const classifier = await app.makeClassifier(name, options);
-        console.error(
-          `train: ${data.classNames.length} classes, ${data.real.length} real + ` +
-            `${data.synthetic.length} synthetic images, ${name} on ${device}`,
-        );
-        Deno.addSignalListener("SIGINT", onSigint);
-        const result = await app.trainStage(classifier, data, {
-          out,
-          device,
-          workers,
-          signal: controller.signal,
-        });
-        if (!result.complete) {
-          console.error(
-            `interrupted after epoch ${result.epochsDone}; run the same command to resume`,
-          );
-          return 130;
-        }
-        console.log(`trained: ${out} (adapter in ${out}/adapter)`);
-        return 0;
+      const data = await app.readTrainData({
+        real: values.real,
+        synthetic: values.synthetic,
+        dataset: values.dataset,
+        fewshotSeed: values["fewshot-seed"],
+        shots,
+        skipBad: values["skip-bad"],
+        val: values.val,
+        valShots,
       });
+      const device = await app.resolveDevice(deviceFlag(values.device));
+      const { name, options } = classifierOptions(values, { dataset: data.dataset, device });
+      const classifier = await app.makeClassifier(name, options);
+      console.error(
+        `train: ${data.classNames.length} classes, ${data.real.length} real + ` +
+          `${data.synthetic.length} synthetic images, ${name} on ${device}` +
+          (data.validation.length
+            ? `; ${data.validation.length} validation images (${data.validationFrom})`
+            : ""),
+      );
+      Deno.addSignalListener("SIGINT", onSigint);
+      const result = await app.trainStage(classifier, data, {
+        out,
+        device,
+        workers,
+        signal: controller.signal,
+      });
+      if (!result.complete) {
+        console.error(
+          `interrupted after epoch ${result.epochsDone}; run the same command to resume`,
+        );
+        return 130;
+      }
+      console.log(`trained: ${out} (adapter in ${out}/adapter)`);
+      if (result.validation) {
+        const { formatEpochTable } = await import("./eval.ts");
+        console.log(`\nvalidation (${result.validation.from}):`);
+        console.log(formatEpochTable(result.validation.epochs, result.validation.best.epoch));
+      }
+      return 0;
     } finally {
       Deno.removeSignalListener("SIGINT", onSigint);
     }

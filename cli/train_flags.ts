@@ -1,8 +1,10 @@
 /**
  * The classifier flags `train` and `run` share, and their mapping onto classifier plugin options
- * (`--warmup-epochs 3` -> `warmupEpochs: "3"`; the plugin checks the values).
+ * (`--warmup-epochs 3` -> `warmupEpochs: "3"`; the plugin checks the values); the validation
+ * split flags (train, run) and the model selection flags (eval, run).
  */
 import { CliError } from "./command.ts";
+import type { SelectRule } from "../app/classify.ts";
 
 export const CLASSIFIER_FLAGS = {
   classifier: { type: "string" },
@@ -77,12 +79,60 @@ export function classifierOptions(
   return { name: (values.classifier as string | undefined) ?? "clip-lora", options };
 }
 
-/** A positive integer flag, or undefined. */
+/** `--device`: auto (the default), cpu, cuda or cuda:N. */
+export function deviceFlag(value: string | undefined): string {
+  const device = value ?? "auto";
+  if (!/^(auto|cpu|cuda(:\d+)?)$/.test(device)) {
+    throw new CliError(`--device must be auto, cpu, cuda or cuda:N, got "${device}"`);
+  }
+  return device;
+}
+
+/** A non-negative integer flag, or undefined. */
 export function intFlag(value: string | undefined, flag: string): number | undefined {
   if (value === undefined) return undefined;
   const n = Number(value);
   if (!Number.isInteger(n) || n < 0) {
     throw new CliError(`${flag} must be a non-negative integer, got "${value}"`);
   }
+  return n;
+}
+
+export const VALIDATION_FLAGS = {
+  val: { type: "string" },
+  "val-shots": { type: "string" },
+} as const;
+
+export const VALIDATION_USAGE = `validation (for choosing the epoch; never the test set):
+  --val DIR            validation images, one folder per class
+  --val-shots N        or: the last N real shots of each class (by rank), kept out of training
+                       (and out of generation, in run)
+                       With either, every epoch is evaluated on it (RUN/validation.json).`;
+
+export const SELECT_FLAGS = {
+  select: { type: "string" },
+  "per-epoch": { type: "boolean" },
+} as const;
+
+export const SELECT_USAGE = `model selection:
+  --select RULE        which epoch's weights to evaluate: last, best-val (the highest top-1 on
+                       the validation split), or best-test (the highest top-1 on the test set
+                       itself, as DataDream reports: flagged as test-selected); default
+                       best-val when the run has a validation split, else last
+  --per-epoch          also evaluate every epoch on the test set (recorded in perEpoch)`;
+
+/** `--select`: last, best-val or best-test. */
+export function selectFlag(value: string | undefined): SelectRule | undefined {
+  if (value === undefined) return undefined;
+  if (value !== "last" && value !== "best-val" && value !== "best-test") {
+    throw new CliError(`--select must be last, best-val or best-test, got "${value}"`);
+  }
+  return value;
+}
+
+/** `--shots K`: a positive integer, or undefined. */
+export function shotsFlag(value: string | undefined, flag = "--shots"): number | undefined {
+  const n = intFlag(value, flag);
+  if (n === 0) throw new CliError(`${flag} must be at least 1`);
   return n;
 }

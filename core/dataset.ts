@@ -3,7 +3,7 @@
  * any generation starts, so that a bad file fails the run in seconds rather than hours in.
  *
  * Layouts:
- * - `root/<class folder>/*.{jpg,jpeg,png,webp}` (extensions in any case);
+ * - `root/<class folder>/*.{jpg,jpeg,png,webp,bmp}` (extensions in any case);
  * - the DataDream / DIPSY layout `<data>/<dataset>/real_train_fewshot/<seed>/<class folder>/`.
  *   Any of `<data>`, `<data>/<dataset>`, `.../real_train_fewshot` or the seed folder itself may be
  *   given; the `dataset` and `fewshotSeed` options choose where there are several.
@@ -13,17 +13,36 @@
  * in that list. Images within a class are sorted the same way; a shot index is the position there.
  * Hidden entries (names starting with ".", plus Thumbs.db and desktop.ini) are ignored silently.
  *
- * Class names are the folder names verbatim, except where a mapping file renames them. Names
- * that cannot be folder names (FGVC-Aircraft's "F/A-18") need one: `classnames.json` in the class
- * root (for the DataDream layout, also looked for in `<data>/<dataset>/`), a JSON object from
- * folder name to class name, e.g. `{ "F-A-18": "F/A-18" }`. Folders it does not list keep their
- * own name; an entry for a folder that does not exist is an error (it is usually a typo).
+ * Class names are the folder names verbatim, except where a mapping renames them:
+ * - `classnames.json` in the class root (for the DataDream layout, also looked for in
+ *   `<data>/<dataset>/`), a JSON object from folder name to class name, e.g.
+ *   `{ "F-A-18": "F/A-18" }`, for names that cannot be folder names; an entry for a folder that
+ *   does not exist is an error (it is usually a typo);
+ * - for the ten benchmarks (the `dataset` option, or the DataDream `<dataset>` folder), the
+ *   shipped class list (core/benchmarks.ts): `n01440764` is "tench", `american_bulldog` is
+ *   "American Bulldog". A folder the benchmark does not know keeps its name, with a warning.
+ * The mapping file wins over the benchmark's list.
+ *
+ * Shots: `shots` takes the first k images of each class by the rank in their file names
+ * (`000_<name>`, ...), the explicit order `dipsy fewshot` writes, so that nested k-shot sets are
+ * read from the largest one; without ranks the first k would depend on nothing but file names.
+ * `holdout` then keeps the last n of those out of `shots` (`heldOut`): a validation split.
  */
 import { basename, dirname, join } from "node:path";
 import type SharpType from "sharp";
+import { UserError } from "../ffi/errors.ts";
 import { decodeImage, ImageDecodeError } from "./image.ts";
+import { bmpInfo, isBmp } from "./bmp.ts";
+import {
+  type Benchmark,
+  benchmarkClass,
+  benchmarkKey,
+  findBenchmark,
+  normalizeDatasetName,
+} from "./benchmarks.ts";
 
-export const IMAGE_EXTENSIONS: readonly string[] = [".jpg", ".jpeg", ".png", ".webp"];
+/** The extensions the official DIPSY code reads (`manage.py` IMAGE_EXTENSIONS). */
+export const IMAGE_EXTENSIONS: readonly string[] = [".jpg", ".jpeg", ".png", ".webp", ".bmp"];
 export const MAPPING_FILE = "classnames.json";
 export const FEWSHOT_DIR = "real_train_fewshot";
 
@@ -41,6 +60,8 @@ export interface DatasetClass {
   name: string;
   folder: string;
   shots: Shot[];
+  /** `holdout`: the last shots of the class, kept out of `shots` for validation. */
+  heldOut?: Shot[];
 }
 
 export type ProblemKind =
@@ -54,6 +75,8 @@ export type ProblemKind =
   | "too-small"
   | "not-an-image" // a file without an image extension, ignored
   | "subfolder" // a folder inside a class folder, ignored
+  | "excluded" // a folder the benchmark leaves out (Caltech-101's background), ignored
+  | "shots" // fewer shots than asked for, or no rank to take the first ones by
   | "converted"; // decodable but not 8-bit RGB: converted like PIL's convert("RGB")
 
 export interface DatasetProblem {
@@ -77,6 +100,10 @@ export interface Dataset {
   fewshotSeed?: string;
   /** The mapping file that was applied, if any. */
   mappingFile?: string;
+  /** The benchmark whose class names were applied (core/benchmarks.ts), if any. */
+  benchmark?: string;
+  /** `shots`: the first k ranked shots of each class were taken. */
+  shots?: number;
   classes: DatasetClass[];
   /** Every warning and note (and, with `skipBad`, the errors it skipped). */
   problems: DatasetProblem[];
@@ -87,6 +114,12 @@ export interface DatasetOptions {
   dataset?: string;
   /** DataDream layout: the split folder, "seed0" or just 0; needed when there are several. */
   fewshotSeed?: string | number;
+  /** Take the first k shots of each class by their rank (`NNN_` file name prefix, written by
+   * `dipsy fewshot`), so a k-shot set is read from a larger nested one. */
+  shots?: number;
+  /** Keep the last n shots of each class (in the order above) out of `shots`, in `heldOut`: a
+   * validation split carved from the shots. */
+  holdout?: number;
   /** Negatives need at least two classes (default true). */
   negatives?: boolean;
   /** Leave out unreadable, corrupt and too-small images instead of failing (default false). */
@@ -100,10 +133,9 @@ export interface DatasetOptions {
   concurrency?: number;
 }
 
-export class DatasetError extends Error {
+export class DatasetError extends UserError {
   constructor(readonly problems: DatasetProblem[], readonly root?: string) {
     super(formatProblems(problems, root));
-    this.name = "DatasetError";
   }
 }
 
@@ -124,65 +156,26 @@ const FILE_ERRORS: ReadonlySet<ProblemKind> = new Set(["unreadable", "corrupt", 
 // ---------------------------------------------------------------------------------------------
 // Prompts
 
-/** Generation prompt per dataset (spec section 6); `{c}` is the class name. */
-export const PROMPT_TEMPLATES: Readonly<Record<string, string>> = {
-  aircraft: "A photo of a {c} aircraft",
-  eurosat: "A satellite photo of a {c}",
-  flowers: "A photo of a {c} flower",
-  dtd: "A photo of a {c} texture",
-  cars: "A photo of a {c} car",
-  food: "A photo of a {c} food",
-  pets: "A photo of a {c} pet",
-  default: "A photo of a {c}",
-};
+/** The generation prompt of a dataset without its own (spec section 6); `{c}` is the class. */
+export const DEFAULT_PROMPT_TEMPLATE = "A photo of a {c}";
 
-/** The classifier's per-dataset word in "a {word}photo of a {class}" (spec section 7). */
-export const CLASSIFIER_WORDS: Readonly<Record<string, string>> = {
-  pets: "pet ",
-  aircraft: "aircraft ",
-  cars: "car ",
-  eurosat: "satellite ",
-  dtd: "texture ",
-  flowers: "flower ",
-  food: "food ",
-  sun: "scene ",
-  default: "",
-};
-
-/** Folder names the DataDream and DIPSY code use for the datasets, and common variants. */
-export const DATASET_ALIASES: Readonly<Record<string, string>> = {
-  fgvc_aircraft: "aircraft",
-  fgvcaircraft: "aircraft",
-  flowers102: "flowers",
-  oxford_flowers: "flowers",
-  food101: "food",
-  sun397: "sun",
-  caltech101: "caltech",
-  stanford_cars: "cars",
-  stanfordcars: "cars",
-  oxford_pets: "pets",
-  oxfordpets: "pets",
-  imagenet_100: "imagenet",
-};
-
-/** The canonical key of a dataset name ("fgvc_aircraft" -> "aircraft"); undefined stays so. */
+/**
+ * The canonical key of a dataset name: a benchmark's ("fgvc_aircraft" -> "aircraft", see
+ * core/benchmarks.ts), else the name lower-cased with "-" as "_"; undefined stays so.
+ */
 export function datasetKey(name: string | undefined): string | undefined {
   if (name === undefined) return undefined;
-  const key = name.trim().toLowerCase().replaceAll("-", "_");
-  return DATASET_ALIASES[key] ?? key;
+  return benchmarkKey(name) ?? normalizeDatasetName(name);
 }
 
 /** The generation prompt template for a dataset (the default one for unknown names). */
 export function promptTemplate(dataset?: string): string {
-  const key = datasetKey(dataset);
-  return (key !== undefined && PROMPT_TEMPLATES[key]) || PROMPT_TEMPLATES.default;
+  return findBenchmark(dataset)?.prompt ?? DEFAULT_PROMPT_TEMPLATE;
 }
 
 /** The classifier's class-prompt template for a dataset, e.g. "a pet photo of a {c}". */
 export function classifierTemplate(dataset?: string): string {
-  const key = datasetKey(dataset);
-  const word = key !== undefined && key in CLASSIFIER_WORDS ? CLASSIFIER_WORDS[key] : "";
-  return `a ${word}photo of a {c}`;
+  return `a ${findBenchmark(dataset)?.classifierWord ?? ""}photo of a {c}`;
 }
 
 /** Fills `{c}` in a template with the class name, verbatim. */
@@ -213,7 +206,8 @@ export function compareCodePoints(a: string, b: string): number {
   return a.length - b.length;
 }
 
-function isHidden(name: string): boolean {
+/** Entries every reader ignores: dot files, Thumbs.db, desktop.ini. */
+export function isHidden(name: string): boolean {
   return name.startsWith(".") || name === "Thumbs.db" || name === "desktop.ini";
 }
 
@@ -334,8 +328,56 @@ function pickSeed(datasetDir: string, opts: DatasetOptions): DatasetLocation {
 // ---------------------------------------------------------------------------------------------
 // Class names
 
-/** Reads the folder -> class name mapping; problems are appended to `problems`. */
+/**
+ * The folder -> class name mapping: the mapping file's entries over the benchmark's names.
+ * Problems are appended to `problems`; `excluded` collects folders the benchmark leaves out.
+ */
 function readMapping(
+  location: DatasetLocation,
+  folders: readonly string[],
+  problems: DatasetProblem[],
+  benchmark: Benchmark | undefined,
+): { file?: string; names: Map<string, string>; excluded: Set<string> } {
+  const names = new Map<string, string>();
+  const excluded = new Set<string>();
+  const fromFile = readMappingFile(location, folders, problems);
+  if (benchmark) {
+    const unknown: string[] = [];
+    for (const folder of folders) {
+      if (fromFile.names.has(folder)) continue;
+      const name = benchmarkClass(benchmark, folder);
+      if (name === null) {
+        excluded.add(folder);
+        problems.push({
+          severity: "warning",
+          kind: "excluded",
+          path: join(location.root, folder),
+          message:
+            `not a class of the ${benchmark.title} benchmark (its split leaves it out): ignored`,
+        });
+      } else if (name === undefined) {
+        unknown.push(folder);
+      } else if (name !== folder) {
+        names.set(folder, name);
+      }
+    }
+    if (unknown.length) {
+      const shown = unknown.slice(0, 5).map((f) => `"${f}"`).join(", ");
+      problems.push({
+        severity: "warning",
+        kind: "mapping",
+        path: location.root,
+        message: `${unknown.length} folder(s) are not ${benchmark.title} classes and keep their ` +
+          `names: ${shown}${unknown.length > 5 ? ", ..." : ""} (${MAPPING_FILE} can name them)`,
+      });
+    }
+  }
+  for (const [folder, name] of fromFile.names) names.set(folder, name);
+  return { file: fromFile.file, names, excluded };
+}
+
+/** Reads the mapping file, if there is one; problems are appended to `problems`. */
+function readMappingFile(
   location: DatasetLocation,
   folders: readonly string[],
   problems: DatasetProblem[],
@@ -373,6 +415,53 @@ function readMapping(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Ranked shots
+
+/** The rank in a file name written by `dipsy fewshot` ("003_x.jpg" -> 3), or null. */
+export function shotRank(file: string): number | null {
+  const m = /^(\d+)_/.exec(file);
+  return m ? Number(m[1]) : null;
+}
+
+/**
+ * The first `k` of a class folder's image files by rank; a problem (an error) instead when the
+ * files carry no rank or there are fewer than k.
+ */
+function firstRanked(
+  images: readonly string[],
+  k: number,
+  dir: string,
+  className: string,
+): { images: string[]; problem?: DatasetProblem } {
+  const unranked = images.filter((f) => shotRank(f) === null);
+  if (unranked.length) {
+    return {
+      images: [],
+      problem: {
+        severity: "error",
+        kind: "shots",
+        path: join(dir, unranked[0]),
+        message: `shots needs ranked file names (000_<name>, as \`dipsy fewshot\` writes) to ` +
+          `take the first ${k}; ${unranked.length} file(s) of class "${className}" have none`,
+      },
+    };
+  }
+  if (images.length < k) {
+    return {
+      images: [],
+      problem: {
+        severity: "error",
+        kind: "shots",
+        path: dir,
+        message: `class "${className}" has ${images.length} shot(s); ${k} asked for`,
+      },
+    };
+  }
+  const ranked = [...images].sort((a, b) => shotRank(a)! - shotRank(b)! || compareCodePoints(a, b));
+  return { images: ranked.slice(0, k) };
+}
+
+// ---------------------------------------------------------------------------------------------
 // Images
 
 type Sharp = typeof SharpType;
@@ -384,7 +473,7 @@ function loadSharp(): Promise<Sharp> {
   return sharpModule;
 }
 
-interface ImageCheck {
+export interface ImageCheck {
   shot?: Shot;
   problems: DatasetProblem[];
 }
@@ -397,7 +486,8 @@ function message(e: unknown, path: string): string {
   return m.replace(/ \(os error \d+\).*$/, "");
 }
 
-async function checkImage(
+/** Reads and checks one image file (size, decodability); what a dataset check does per file. */
+export async function checkImage(
   path: string,
   file: string,
   opts: Required<Pick<DatasetOptions, "minSize" | "decode">>,
@@ -414,10 +504,16 @@ async function checkImage(
   }
   if (bytes.length === 0) return error("corrupt", "the file is empty");
 
-  let meta: Awaited<ReturnType<ReturnType<Sharp>["metadata"]>>;
+  let meta: Partial<Awaited<ReturnType<ReturnType<Sharp>["metadata"]>>>;
   try {
-    const sharp = await loadSharp();
-    meta = await sharp(bytes, { failOn: "error" }).metadata();
+    if (isBmp(bytes)) {
+      // libvips reads no BMP; palettes and alpha become RGB like any other image's.
+      const info = bmpInfo(bytes);
+      meta = { width: info.width, height: info.height, channels: 3 };
+    } else {
+      const sharp = await loadSharp();
+      meta = await sharp(bytes, { failOn: "error" }).metadata();
+    }
   } catch (e) {
     return error("corrupt", `not a readable image (${message(e, path)})`);
   }
@@ -458,7 +554,7 @@ async function checkImage(
 }
 
 /** Runs `fn` over `items` with at most `limit` in flight, keeping the input order. */
-async function mapLimit<T, R>(
+export async function mapLimit<T, R>(
   items: readonly T[],
   limit: number,
   fn: (item: T) => Promise<R>,
@@ -475,7 +571,7 @@ async function mapLimit<T, R>(
   return out;
 }
 
-function hasImageExtension(name: string): boolean {
+export function hasImageExtension(name: string): boolean {
   const dot = name.lastIndexOf(".");
   return dot > 0 && IMAGE_EXTENSIONS.includes(name.slice(dot).toLowerCase());
 }
@@ -497,11 +593,20 @@ export async function validateDataset(path: string, opts: DatasetOptions = {}): 
     throw new RangeError(`minSize must be a positive integer, got ${minSize}`);
   }
 
+  const { shots, holdout } = opts;
+  if (shots !== undefined && (!Number.isInteger(shots) || shots < 1)) {
+    throw new RangeError(`shots must be a positive integer, got ${shots}`);
+  }
+  if (holdout !== undefined && (!Number.isInteger(holdout) || holdout < 0)) {
+    throw new RangeError(`holdout must be a non-negative integer, got ${holdout}`);
+  }
   const location = locateDataset(path, opts);
   const { root } = location;
   const problems: DatasetProblem[] = [];
-  const folders = subfolders(root);
-  const mapping = readMapping(location, folders, problems);
+  const benchmark = findBenchmark(location.dataset);
+  const all = subfolders(root);
+  const mapping = readMapping(location, all, problems, benchmark);
+  const folders = all.filter((f) => !mapping.excluded.has(f));
 
   // Gather every candidate file first, so one pool checks all images of all classes.
   const perClass = folders.map((folder) => {
@@ -541,6 +646,11 @@ export async function validateDataset(path: string, opts: DatasetOptions = {}): 
         images.push(e.name);
       }
     }
+    if (shots !== undefined && listed) {
+      const picked = firstRanked(images, shots, dir, mapping.names.get(folder) ?? folder);
+      if (picked.problem) problems.push(picked.problem);
+      return { folder, dir, images: picked.images, listed: !picked.problem };
+    }
     return { folder, dir, images, listed };
   });
 
@@ -574,10 +684,24 @@ export async function validateDataset(path: string, opts: DatasetOptions = {}): 
   });
 
   perClass.forEach((c, ci) => {
-    if (classes[ci].shots.length > 0 || !c.listed) return;
+    const cls = classes[ci];
+    if (cls.shots.length > 0 && holdout) {
+      if (cls.shots.length <= holdout) {
+        problems.push({
+          severity: "error",
+          kind: "shots",
+          path: c.dir,
+          message: `class "${cls.name}" has ${cls.shots.length} shot(s): holding ${holdout} out ` +
+            "for validation leaves none to train on",
+        });
+      }
+      cls.heldOut = cls.shots.splice(Math.max(1, cls.shots.length - holdout));
+      return;
+    }
+    if (cls.shots.length > 0 || !c.listed) return;
     const message = c.images.length === 0
-      ? `class "${classes[ci].name}" has no images (${IMAGE_EXTENSIONS.join(", ")})`
-      : `class "${classes[ci].name}" has no usable images (all ${c.images.length} are bad)`;
+      ? `class "${cls.name}" has no images (${IMAGE_EXTENSIONS.join(", ")})`
+      : `class "${cls.name}" has no usable images (all ${c.images.length} are bad)`;
     problems.push({ severity: "error", kind: "empty-class", path: c.dir, message });
   });
 
@@ -621,6 +745,8 @@ export async function validateDataset(path: string, opts: DatasetOptions = {}): 
     dataset: location.dataset,
     fewshotSeed: location.fewshotSeed,
     mappingFile: mapping.file,
+    ...(benchmark ? { benchmark: benchmark.name } : {}),
+    ...(shots !== undefined ? { shots } : {}),
     classes,
     problems,
   };

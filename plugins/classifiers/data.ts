@@ -23,9 +23,12 @@ export interface ImageFolder {
   /** Class names, in the folder's order. */
   classNames: string[];
   images: { path: string; className: string }[];
+  /** `holdout`: the images kept out of `images` (the last of each class), for validation. */
+  heldOut?: { path: string; className: string }[];
 }
 
-export interface ReadFolderOptions extends Pick<DatasetOptions, "dataset" | "fewshotSeed"> {
+export interface ReadFolderOptions
+  extends Pick<DatasetOptions, "dataset" | "fewshotSeed" | "shots" | "holdout"> {
   /** Leave unreadable or corrupt images out instead of failing. */
   skipBad?: boolean;
   /** Decode every image while checking (default false: headers only, fast on large sets). */
@@ -42,6 +45,8 @@ export async function readImageFolder(
   const ds = await validateDataset(root, {
     dataset: opts.dataset,
     fewshotSeed: opts.fewshotSeed,
+    shots: opts.shots,
+    holdout: opts.holdout,
     negatives: false,
     skipBad: opts.skipBad ?? false,
     decode: opts.decode ?? false,
@@ -51,6 +56,13 @@ export async function readImageFolder(
     dataset: ds.dataset,
     classNames: ds.classes.map((c) => c.name),
     images: ds.classes.flatMap((c) => c.shots.map((s) => ({ path: s.path, className: c.name }))),
+    ...(opts.holdout
+      ? {
+        heldOut: ds.classes.flatMap((c) =>
+          (c.heldOut ?? []).map((s) => ({ path: s.path, className: c.name }))
+        ),
+      }
+      : {}),
   };
 }
 

@@ -1,6 +1,12 @@
 /**
- * Top-1 accuracy of a trained classifier on a test split, overall and per class, with the
- * recipe's test transform (resize, centre crop, normalise) prepared ahead by the image loader.
+ * Evaluation of a trained classifier on a labelled split, with the recipe's test transform
+ * (resize, centre crop, normalise) prepared ahead by the image loader: top-1 and top-5 accuracy,
+ * per-class accuracy (recall), their mean over the classes that have images (scikit-learn's
+ * balanced accuracy) and the confusion matrix (rows: true class, columns: predicted class).
+ *
+ * Ties are broken as scikit-learn breaks them: the prediction is the first highest score
+ * (`argmax`), and in the top-k ranking a tied class with a higher index ranks first
+ * (`top_k_accuracy_score`'s reversed stable sort).
  */
 import { fromHost, ops, scope } from "../../ffi/mod.ts";
 import type { LabeledImage, TrainedClassifier } from "../../core/plugins.ts";
@@ -15,15 +21,87 @@ export interface ClassAccuracy {
   accuracy: number | null;
 }
 
-export interface EvalResult {
-  /** Fraction of test images classified correctly. */
+/** Everything computed from the predictions. */
+export interface EvalMetrics {
+  /** Fraction of images classified correctly. */
   top1: number;
+  /** Fraction whose class is among the `topK` highest scores. */
+  top5: number;
+  /** The k of `top5`: 5, or the class count when there are fewer classes. */
+  topK: number;
   correct: number;
   total: number;
   perClass: ClassAccuracy[];
-  /** Mean of the per-class accuracies over classes with test images. */
+  /** Mean of the per-class accuracies over classes with images. */
   meanPerClass: number;
+  /** confusion[i][j]: images of class i predicted as class j. */
+  confusion: number[][];
+}
+
+export interface EvalResult extends EvalMetrics {
   seconds: number;
+}
+
+/** Accumulates predictions batch by batch; `result()` gives the metrics. */
+export class MetricsAccumulator {
+  readonly #k: number;
+  readonly #confusion: number[][];
+  readonly #topK: number;
+  #inTopK = 0;
+
+  constructor(readonly classNames: readonly string[], topK = 5) {
+    this.#k = classNames.length;
+    if (this.#k < 1) throw new RangeError("MetricsAccumulator: no classes");
+    this.#topK = Math.min(topK, this.#k);
+    this.#confusion = Array.from({ length: this.#k }, () => new Array<number>(this.#k).fill(0));
+  }
+
+  /** Scores [n, K] in row-major order and the n true labels. */
+  add(scores: ArrayLike<number>, labels: readonly number[]): void {
+    const k = this.#k;
+    if (scores.length !== labels.length * k) {
+      throw new RangeError(
+        `MetricsAccumulator: ${scores.length} scores for ${labels.length} x ${k}`,
+      );
+    }
+    labels.forEach((y, i) => {
+      if (!Number.isInteger(y) || y < 0 || y >= k) {
+        throw new RangeError(`MetricsAccumulator: label ${y} is not a class index`);
+      }
+      const row = i * k;
+      let best = 0;
+      for (let j = 1; j < k; j++) if (scores[row + j] > scores[row + best]) best = j;
+      this.#confusion[y][best]++;
+      const sy = scores[row + y];
+      let above = 0;
+      for (let j = 0; j < k; j++) {
+        const s = scores[row + j];
+        if (s > sy || (s === sy && j > y)) above++;
+      }
+      if (above < this.#topK) this.#inTopK++;
+    });
+  }
+
+  result(): EvalMetrics {
+    const perClass = this.classNames.map((name, i) => {
+      const total = this.#confusion[i].reduce((a, b) => a + b, 0);
+      const correct = this.#confusion[i][i];
+      return { class: name, correct, total, accuracy: total > 0 ? correct / total : null };
+    });
+    const total = perClass.reduce((s, c) => s + c.total, 0);
+    const correct = perClass.reduce((s, c) => s + c.correct, 0);
+    const rated = perClass.filter((c) => c.accuracy !== null);
+    return {
+      top1: total ? correct / total : 0,
+      top5: total ? this.#inTopK / total : 0,
+      topK: this.#topK,
+      correct,
+      total,
+      perClass,
+      meanPerClass: rated.reduce((s, c) => s + c.accuracy!, 0) / Math.max(1, rated.length),
+      confusion: this.#confusion.map((r) => [...r]),
+    };
+  }
 }
 
 export interface EvalOptions {
@@ -40,7 +118,7 @@ export async function evaluate(
 ): Promise<EvalResult> {
   const started = performance.now();
   const k = classifier.classNames.length;
-  const correct = new Array<number>(k).fill(0), total = new Array<number>(k).fill(0);
+  const metrics = new MetricsAccumulator(classifier.classNames);
   const size = classifier.inputSize;
   const batches = batchesOf(images.length, opts.batch ?? 64);
   using loader = new ImageLoader({ kind: "test", size }, opts.loader);
@@ -48,57 +126,48 @@ export async function evaluate(
   const jobs = batches.map(([a, b]) => images.slice(a, b).map((im) => ({ path: im.path })));
   for await (const batch of loader.batches(jobs, opts.signal)) {
     const [a] = batches[batch.index];
-    const predicted = scope(() => {
+    const scores = scope(() => {
       const pixels = fromHost(batch.pixels, [batch.count, 3, size, size], "f32");
-      const logits = classifier.predict(pixels);
-      return Array.from(ops.argmax(logits, -1, false).toFloat64());
+      return ops.to(classifier.predict(pixels), "f32", "cpu").toFloat64();
     });
-    predicted.forEach((p, i) => {
-      const y = images[a + i].label;
-      total[y]++;
-      if (p === y) correct[y]++;
-    });
+    if (scores.length !== batch.count * k) {
+      throw new Error(`the classifier gave ${scores.length} scores for ${batch.count} x ${k}`);
+    }
+    metrics.add(scores, images.slice(a, a + batch.count).map((im) => im.label));
     done += batch.count;
     opts.onProgress?.(done, images.length);
   }
   if (opts.signal?.aborted) throw new Error("evaluation interrupted");
-  const perClass = classifier.classNames.map((name, i) => ({
-    class: name,
-    correct: correct[i],
-    total: total[i],
-    accuracy: total[i] > 0 ? correct[i] / total[i] : null,
-  }));
-  const rated = perClass.filter((c) => c.accuracy !== null);
-  const sumCorrect = correct.reduce((x, y) => x + y, 0);
-  return {
-    top1: images.length ? sumCorrect / images.length : 0,
-    correct: sumCorrect,
-    total: images.length,
-    perClass,
-    meanPerClass: rated.reduce((s, c) => s + c.accuracy!, 0) / Math.max(1, rated.length),
-    seconds: (performance.now() - started) / 1000,
-  };
+  return { ...metrics.result(), seconds: (performance.now() - started) / 1000 };
 }
 
-/** A fixed-width table: overall top-1, then one row per class. */
-export function formatEvalTable(result: EvalResult): string {
-  const width = Math.max(5, ...result.perClass.map((c) => c.class.length));
-  const pct = (v: number | null) => (v === null ? "    -" : `${(100 * v).toFixed(2).padStart(6)}%`);
+const pct = (v: number | null) => (v === null ? "      -" : `${(100 * v).toFixed(2).padStart(6)}%`);
+
+/** A fixed-width table: one row per class, then top-1, top-k and the mean per class. */
+export function formatEvalTable(result: EvalMetrics): string {
+  const width = Math.max(14, ...result.perClass.map((c) => c.class.length));
+  const rule = `${"-".repeat(width)}  -------  ------  --------`;
+  const row = (label: string, correct: string, total: string, acc: number | null) =>
+    `${label.padEnd(width)}  ${correct.padStart(7)}  ${total.padStart(6)}  ${pct(acc)}`;
   const lines = [
     `${"class".padEnd(width)}  ${"correct".padStart(7)}  ${"total".padStart(6)}  accuracy`,
-    `${"-".repeat(width)}  -------  ------  --------`,
-    ...result.perClass.map((c) =>
-      `${c.class.padEnd(width)}  ${String(c.correct).padStart(7)}  ${
-        String(c.total).padStart(6)
-      }  ${pct(c.accuracy)}`
-    ),
-    `${"-".repeat(width)}  -------  ------  --------`,
-    `${"top-1".padEnd(width)}  ${String(result.correct).padStart(7)}  ${
-      String(result.total).padStart(6)
-    }  ${pct(result.top1)}`,
-    `${"mean per class".padEnd(width)}  ${"".padStart(7)}  ${"".padStart(6)}  ${
-      pct(result.meanPerClass)
-    }`,
+    rule,
+    ...result.perClass.map((c) => row(c.class, String(c.correct), String(c.total), c.accuracy)),
+    rule,
+    row("top-1", String(result.correct), String(result.total), result.top1),
+    row(`top-${result.topK}`, "", "", result.top5),
+    row("mean per class", "", "", result.meanPerClass),
   ];
   return lines.join("\n");
+}
+
+/** The most frequent confusions ("true -> predicted: n"), at most `top`. */
+export function topConfusions(result: EvalMetrics, top = 5): string[] {
+  const pairs: [number, number, number][] = [];
+  result.confusion.forEach((r, i) =>
+    r.forEach((n, j) => i !== j && n > 0 && pairs.push([n, i, j]))
+  );
+  pairs.sort((a, b) => b[0] - a[0] || a[1] - b[1] || a[2] - b[2]);
+  const names = result.perClass.map((c) => c.class);
+  return pairs.slice(0, top).map(([n, i, j]) => `${names[i]} -> ${names[j]}: ${n}`);
 }

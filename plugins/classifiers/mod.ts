@@ -7,6 +7,7 @@ import { type Classifier, registry } from "../../core/plugins.ts";
 import { RunError } from "../../core/output.ts";
 import type { Device } from "../../ffi/mod.ts";
 import {
+  checkpointEpochs,
   checkSettings,
   loadTrainedRun,
   TRAIN_DEFAULTS,
@@ -15,6 +16,8 @@ import {
 } from "./trainer.ts";
 
 export {
+  checkpointEpochs,
+  epochDir,
   loadTrainedRun,
   readTrainRecord,
   TRAIN_DEFAULTS,
@@ -23,7 +26,14 @@ export {
   trainRun,
   type TrainSettings,
 } from "./trainer.ts";
-export { type EvalResult, evaluate, formatEvalTable } from "./evaluate.ts";
+export {
+  type EvalMetrics,
+  type EvalResult,
+  evaluate,
+  formatEvalTable,
+  MetricsAccumulator,
+  topConfusions,
+} from "./evaluate.ts";
 export { labelImages, readImageFolder, realRepeats, trainingClasses } from "./data.ts";
 
 const NUMBER_KEYS = [
@@ -114,9 +124,10 @@ export function clipLoraClassifier(options: Record<string, unknown> = {}): Class
         epochsDone: result.record.epochsDone,
       };
     },
-    async load(out: string, opts: { modelSource?: string; device?: Device } = {}) {
+    async load(out: string, opts: { modelSource?: string; device?: Device; epoch?: number } = {}) {
       return (await loadTrainedRun(out, opts)).classifier;
     },
+    epochs: (out: string) => checkpointEpochs(out),
   };
 }
 

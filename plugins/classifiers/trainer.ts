@@ -175,6 +175,12 @@ export function checkSettings(s: TrainSettings): void {
   };
   posInt(s.epochs, "epochs");
   posInt(s.batch, "batch");
+  // The same rule as every other seed (generate, sample, the HTTP API).
+  for (const [v, name] of [[s.seed, "seed"], [s.modelSeed, "modelSeed"]] as const) {
+    if (!Number.isSafeInteger(v) || v < 0) {
+      throw new RunError(`${name} must be a non-negative integer, got ${v}`);
+    }
+  }
   if (!Number.isInteger(s.warmupEpochs) || s.warmupEpochs < 0 || s.warmupEpochs > s.epochs) {
     throw new RunError(`warmupEpochs must be an integer in [0, epochs], got ${s.warmupEpochs}`);
   }
@@ -197,7 +203,7 @@ export function fingerprint(items: readonly LabeledImage[]): string {
   return h.digest("hex");
 }
 
-const epochDir = (out: string, epoch: number) =>
+export const epochDir = (out: string, epoch: number): string =>
   join(out, CHECKPOINTS, `epoch-${String(epoch).padStart(3, "0")}`);
 
 export function readTrainRecord(out: string): TrainRecord | null {
@@ -537,10 +543,24 @@ export async function trainRun(
   }
 }
 
-/** Loads a complete run's classifier (final adapter) for prediction. */
+/** The epochs of a run with a complete checkpoint, in order. */
+export function checkpointEpochs(out: string): number[] {
+  const dir = join(out, CHECKPOINTS);
+  if (!existsSync(dir)) return [];
+  return readdirSync(dir)
+    .map((name) => /^epoch-(\d+)$/.exec(name))
+    .filter((m): m is RegExpExecArray => !!m && existsSync(join(dir, m[0], "state.json")))
+    .map((m) => Number(m[1]))
+    .sort((a, b) => a - b);
+}
+
+/**
+ * Loads a complete run's classifier for prediction: the final adapter, or with `epoch` that
+ * epoch's checkpoint (its peft adapter).
+ */
 export async function loadTrainedRun(
   out: string,
-  opts: { modelSource?: string; device?: Device } = {},
+  opts: { modelSource?: string; device?: Device; epoch?: number } = {},
 ): Promise<{ record: TrainRecord; classifier: ClipLoraClassifier }> {
   const record = readTrainRecord(out);
   if (!record) throw new RunError(`${out}: no ${TRAIN_RECORD} (not a training run folder)`);
@@ -550,12 +570,19 @@ export async function loadTrainedRun(
         "run train again to finish it",
     );
   }
+  let adapter = join(out, FINAL_ADAPTER);
+  if (opts.epoch !== undefined) {
+    adapter = epochDir(out, opts.epoch);
+    if (!existsSync(join(adapter, "state.json"))) {
+      throw new RunError(`${out}: no checkpoint of epoch ${opts.epoch} (${adapter})`);
+    }
+  }
   const classifier = await openClassifier(
     record.settings,
     record.classNames,
     opts.modelSource ?? record.modelSource,
     opts.device ?? (record.device as Device),
-    { adapter: join(out, FINAL_ADAPTER) },
+    { adapter },
   );
   return { record, classifier };
 }
