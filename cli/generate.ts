@@ -3,13 +3,18 @@
  * flags into a configuration layer, loads plugin files, shows progress and turns Ctrl-C into a
  * clean stop after the batch in flight.
  */
+import { existsSync } from "node:fs";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
 import type { DiffusionBackbone } from "../core/backbone.ts";
 import type { ConfigLayer, RunConfig } from "../core/config.ts";
+import type { Dataset } from "../core/dataset.ts";
+import type { Shard } from "../core/shard.ts";
 import type { Guidance, Sampler } from "../core/plugins.ts";
 import type { Progress } from "../core/progress.ts";
+import type { ModelPaths, Placement } from "../app/models.ts";
 import { loadDefaultPlugins } from "../app/plugins.ts";
-import { CliError, type Command } from "./command.ts";
+import { CliError, type Command, parseFlags } from "./command.ts";
 
 const USAGE = `usage: deno task dipsy generate --data DIR --out DIR [options]
 
@@ -21,10 +26,13 @@ input and output:
   --data DIR            few-shot images: DIR/<class>/*.jpg, or the DataDream layout
   --out DIR             output folder (new, empty, or an earlier run of the same configuration)
   --dataset NAME        dataset name: prompt template (aircraft, cars, dtd, eurosat, flowers,
-                        food, pets; others "A photo of a {c}") and DataDream folder
+                        food, pets; others "A photo of a {c}"), DataDream folder, and for the
+                        ten benchmarks their class names (n01440764 -> "tench")
   --fewshot-seed S      DataDream few-shot split when there are several
+  --shots K             the first K shots of each class, by rank (a \`dipsy fewshot\` split)
   --skip-bad            leave unreadable or broken shots out instead of stopping
-  --similarity FILE     class similarity (default: OUT's copy, DIR/similarity.json, or computed)
+  --similarity FILE     class similarity, .json or the official .npz (default: OUT's copy,
+                        DIR/similarity.json, or computed)
 
 what to generate:
   --config FILE         settings from a JSON or YAML file (flags override it)
@@ -58,7 +66,10 @@ models:
 running:
   --shard I/N           do shard I of N (also from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT,
                         or JOB_COMPLETION_INDEX with --shard-count N or DIPSY_SHARD_COUNT)
-  --shard-count N       the shard count for JOB_COMPLETION_INDEX
+  --shard-count N       the shard count for JOB_COMPLETION_INDEX; with SLURM_ARRAY_TASK_ID, the
+                        task id is then the shard index (an array resubmitted as --array=1,3)
+  --devices LIST        one worker process per device, e.g. cuda:0,cuda:1 or all (every GPU),
+                        each a shard of this run (or of --shard's), all into OUT; not with --device
   --only CLASS:INDEX    (re)make just these images (repeatable); their batch is computed whole
                         so they come out identical to a full run
   --print-config        print the resolved configuration as YAML and exit
@@ -72,6 +83,7 @@ export const GENERATE_FLAGS = {
   out: { type: "string" },
   dataset: { type: "string" },
   "fewshot-seed": { type: "string" },
+  shots: { type: "string" },
   "skip-bad": { type: "boolean" },
   similarity: { type: "string" },
   config: { type: "string" },
@@ -97,6 +109,7 @@ export const GENERATE_FLAGS = {
   quality: { type: "string" },
   shard: { type: "string" },
   "shard-count": { type: "string" },
+  devices: { type: "string" },
   only: { type: "string", multiple: true },
   "print-config": { type: "boolean" },
   list: { type: "boolean" },
@@ -116,6 +129,7 @@ function flagsLayer(
     out: flags.out,
     dataset: flags.dataset,
     fewshotSeed: flags["fewshot-seed"],
+    shots: flags.shots,
     skipBad: flags["skip-bad"],
     similarity: flags.similarity,
     preset: flags.preset,
@@ -142,8 +156,38 @@ function flagsLayer(
     raw.width = m[1];
     raw.height = m[2] ?? m[1];
   }
-  return parse(raw, "command line", { textual: true });
+  return parse(raw, "command line", { textual: true, labels: FLAG_LABELS });
 }
+
+/** Messages about a setting given on the command line name its flag. */
+const FLAG_LABELS: Record<string, string> = {
+  fewshotSeed: "--fewshot-seed",
+  skipBad: "--skip-bad",
+  perClass: "--per-class",
+  ipAdapter: "--ip-adapter",
+  imageEncoder: "--image-encoder",
+  width: "--size",
+  height: "--size",
+  ...Object.fromEntries(
+    [
+      "data",
+      "out",
+      "dataset",
+      "shots",
+      "similarity",
+      "preset",
+      "seed",
+      "steps",
+      "prompt",
+      "model",
+      "clip",
+      "device",
+      "dtype",
+      "batch",
+      "quality",
+    ].map((k) => [k, `--${k}`]),
+  ),
+};
 
 async function listPlugins(): Promise<void> {
   const { PRESETS } = await import("../core/config.ts");
@@ -176,26 +220,48 @@ export async function configFromFlags(flags: GenerateFlags): Promise<RunConfig> 
   return cfg.resolveConfig(layers);
 }
 
-export interface RunOptions {
+export interface PrepareOptions {
   shard?: string;
   shardCount?: number;
+  /** Messages (default: stderr). */
+  log?: (message: string) => void;
+}
+
+export interface RunOptions extends PrepareOptions {
   only?: string[];
   /** Stop after the batch in flight when aborted (the CLI wires Ctrl-C to it). */
   signal?: AbortSignal;
-  /** Messages (default: stderr). */
-  log?: (message: string) => void;
   /** Draw a progress bar (default true). */
   progress?: boolean;
+  /** Awaited as each batch starts (see ExecuteOptions.beforeBatch). */
+  beforeBatch?: () => Promise<void>;
 }
 
-/** Runs the job for a resolved configuration; returns the process exit code. */
-export async function runGenerate(config: RunConfig, opts: RunOptions = {}): Promise<number> {
+/** A configuration checked as far as it can be without loading the models. */
+export interface PreparedGenerate {
+  /** Device, dtype and image size filled in. */
+  config: RunConfig;
+  dataset: Dataset;
+  shard: Shard;
+  adapters: number;
+  placement: Placement;
+  paths: ModelPaths;
+  vaeScaleFactor: number;
+}
+
+/**
+ * Every check that needs no model weights: the input images, the plugins and their options, the
+ * model files and configs, the image size. Writes nothing, so a refused configuration never
+ * leaves anything behind that would block the corrected one.
+ */
+export async function prepareGenerate(
+  config: RunConfig,
+  opts: PrepareOptions = {},
+): Promise<PreparedGenerate> {
   const log = opts.log ?? ((m: string) => console.error(m));
   const { registry } = await import("../core/plugins.ts");
   const gen = await import("../core/generate.ts");
   const models = await import("../app/models.ts");
-  const { similaritySource } = await import("../app/similarity.ts");
-  const progressModule = await import("../core/progress.ts");
 
   if (!config.data) throw new CliError("--data is required (or `data:` in the config file)");
   if (!config.out) throw new CliError("--out is required (or `out:` in the config file)");
@@ -211,20 +277,40 @@ export async function runGenerate(config: RunConfig, opts: RunOptions = {}): Pro
   for (const p of dataset.problems) log(`${p.severity}: ${p.path}: ${p.message}`);
   const placement = await models.resolvePlacement(config);
   const paths = await models.resolveModels(config, adapters);
-  const size = await models.defaultImageSize(paths);
+  const { defaultSize, vaeScaleFactor } = await models.modelGeometry(paths);
   const resolved: RunConfig = {
     ...config,
     device: placement.device,
     dtype: placement.dtype,
-    width: config.width ?? size,
-    height: config.height ?? size,
+    width: config.width ?? defaultSize,
+    height: config.height ?? defaultSize,
   };
+  gen.checkImageSize(resolved, vaeScaleFactor);
   // Sampler options are checked now, not after the model has loaded.
   registry.create<Sampler>("sampler", config.sampler.name, {
     ...config.sampler.options,
     steps: config.steps,
     config: await models.schedulerConfigOf(paths),
   })[Symbol.dispose]();
+  return { config: resolved, dataset, shard, adapters, placement, paths, vaeScaleFactor };
+}
+
+/** Runs the job for a configuration; returns the process exit code. */
+export async function runGenerate(config: RunConfig, opts: RunOptions = {}): Promise<number> {
+  return await runPrepared(await prepareGenerate(config, opts), opts);
+}
+
+/** Runs the job for a prepared configuration; returns the process exit code. */
+export async function runPrepared(
+  prepared: PreparedGenerate,
+  opts: RunOptions = {},
+): Promise<number> {
+  const log = opts.log ?? ((m: string) => console.error(m));
+  const gen = await import("../core/generate.ts");
+  const models = await import("../app/models.ts");
+  const { similaritySource } = await import("../app/similarity.ts");
+  const progressModule = await import("../core/progress.ts");
+  const { config: resolved, dataset, shard, adapters, placement, paths } = prepared;
 
   // Set from callbacks; a holder keeps TypeScript from narrowing them to their initial null.
   const held: { backbone?: DiffusionBackbone; progress?: Progress } = {};
@@ -233,10 +319,12 @@ export async function runGenerate(config: RunConfig, opts: RunOptions = {}): Pro
     const result = await gen.generate({
       config: resolved,
       dataset,
+      vaeScaleFactor: prepared.vaeScaleFactor,
       similarity: similaritySource(resolved, placement, log),
       shard,
       only: opts.only,
       signal: opts.signal,
+      beforeBatch: opts.beforeBatch,
       log,
       onPlan(plan, opened) {
         const k = plan.dataset.classes.length;
@@ -289,15 +377,29 @@ export async function runGenerate(config: RunConfig, opts: RunOptions = {}): Pro
   }
 }
 
+/** The environment variable that turns on the latch of holdAfterFirstBatch. */
+export const HOLD_AFTER_BATCH = "DIPSY_TEST_HOLD_AFTER_BATCH";
+
+/**
+ * A latch for tests that must act on a run known to be part-way through (cancel it, say)
+ * without racing it: once this process has written its first batch, it appends its pid to
+ * DIR/held-<shard index> and waits until DIR/release-<shard index> exists.
+ */
+export function holdAfterFirstBatch(dir: string, shard: Shard): () => Promise<void> {
+  let batches = 0;
+  return async () => {
+    if (batches++ !== 1) return;
+    const release = join(dir, `release-${shard.index}`);
+    if (existsSync(release)) return;
+    await Deno.writeTextFile(join(dir, `held-${shard.index}`), `${Deno.pid}\n`, { append: true });
+    while (!existsSync(release)) await new Promise((r) => setTimeout(r, 50));
+  };
+}
+
 export const command: Command = {
   summary: "generate the synthetic dataset (resumable, shardable)",
   async run(args) {
-    let flags: GenerateFlags;
-    try {
-      flags = parseArgs({ args, options: GENERATE_FLAGS, strict: true }).values;
-    } catch (e) {
-      throw new CliError(`${e instanceof Error ? e.message : e}\n\n${USAGE}`);
-    }
+    const flags: GenerateFlags = parseFlags(args, GENERATE_FLAGS);
     if (flags.help) {
       console.log(USAGE);
       return 0;
@@ -323,8 +425,16 @@ export const command: Command = {
         Deno.exit(130);
       }
     };
+    let devices: string[] | null = null;
+    if (flags.devices !== undefined) {
+      if (flags.device !== undefined) {
+        throw new CliError("--device and --devices: give one of them");
+      }
+      const { parseDevices } = await import("./devices.ts");
+      devices = await parseDevices(flags.devices);
+    }
     try {
-      const config = await configFromFlags(flags);
+      const config = await configFromFlags(devices ? { ...flags, device: devices[0] } : flags);
       if (flags.list) {
         await listPlugins();
         return 0;
@@ -334,25 +444,20 @@ export const command: Command = {
         console.log(formatConfig(config).trimEnd());
         return 0;
       }
+      const prepared = await prepareGenerate(config, { shard: flags.shard, shardCount });
+      if (devices && devices.length > 1) {
+        const { runOnDevices } = await import("./devices.ts");
+        return await runOnDevices(flags, devices, prepared);
+      }
       Deno.addSignalListener("SIGINT", onSigint);
-      return await runGenerate(config, {
-        shard: flags.shard,
-        shardCount,
+      const hold = Deno.env.get(HOLD_AFTER_BATCH);
+      return await runPrepared(prepared, {
         only: flags.only,
         signal: controller.signal,
+        beforeBatch: hold ? holdAfterFirstBatch(hold, prepared.shard) : undefined,
       });
-    } catch (e) {
-      if (e instanceof CliError) throw e;
-      const { isUserError } = await import("../app/errors.ts");
-      if (await isUserError(e)) {
-        console.error(`dipsy generate: ${(e as Error).message}`);
-        return 1;
-      }
-      throw e;
     } finally {
-      try {
-        Deno.removeSignalListener("SIGINT", onSigint);
-      } catch { /* never added */ }
+      Deno.removeSignalListener("SIGINT", onSigint);
     }
   },
 };

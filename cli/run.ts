@@ -8,8 +8,20 @@ import { join, resolve } from "node:path";
 import type { RunConfig } from "../core/config.ts";
 import { RunError } from "../core/output.ts";
 import { GENERATE_FLAGS, type GenerateFlags } from "./generate.ts";
-import { CliError, type Command, parseFlags, reportUserErrors } from "./command.ts";
-import { CLASSIFIER_FLAGS, CLASSIFIER_USAGE, classifierOptions, intFlag } from "./train_flags.ts";
+import { CliError, type Command, parseFlags } from "./command.ts";
+import {
+  CLASSIFIER_FLAGS,
+  CLASSIFIER_USAGE,
+  classifierOptions,
+  intFlag,
+  SELECT_FLAGS,
+  SELECT_USAGE,
+  selectFlag,
+  shotsFlag,
+  VALIDATION_FLAGS,
+  VALIDATION_USAGE,
+} from "./train_flags.ts";
+import { SLURM_FLAGS, SLURM_USAGE, submitExperiment } from "./slurm.ts";
 
 export const REPORT_FILE = "report.json";
 
@@ -27,8 +39,9 @@ input and output:
   --data DIR            few-shot images (the real training set): DIR/<class>/*, or DataDream's
   --test DIR            test images, one folder per class
   --out DIR             experiment folder
-  --dataset NAME        dataset name (prompt templates, DataDream layout)
+  --dataset NAME        dataset name (prompt templates, DataDream layout, benchmark names)
   --fewshot-seed S      DataDream few-shot split when there are several
+  --shots K             the first K shots of each class, by rank (a \`dipsy fewshot\` split)
   --device D            auto, cpu, cuda, cuda:N (default auto)
   --workers N           image preparation threads for training and evaluation
 
@@ -38,10 +51,20 @@ generation (as \`dipsy generate\`; see its --help):
   --model REF  --ip-adapter REF  --image-encoder REF  --tiny  --dtype T  --plugin FILE
   --clip REF            CLIP for the class similarity and the classifier
 
+running:
+  --stage NAME          run one stage only: similarity, generate (sharded like \`generate\`: in
+                        a Slurm array or Kubernetes indexed Job each task does its shard) or
+                        train (train, eval and the report; the other stages must be complete)
+
 classifier: the train command's options, except that its seed is --train-seed, its batch
---batch, and --set is --train-set. ${
-  CLASSIFIER_USAGE.split("\n").slice(1).join("\n").replace(/^ {2}--clip[^\n]*\n/m, "")
-}`;
+--batch, and --set is --train-set.
+${CLASSIFIER_USAGE.split("\n").slice(1).join("\n").replace(/^ {2}--clip[^\n]*\n/m, "")}
+
+${VALIDATION_USAGE}
+
+${SELECT_USAGE}
+
+${SLURM_USAGE}`;
 
 /** The generate command's flags that `run` takes as they are. */
 const GEN_KEYS = [
@@ -82,6 +105,10 @@ const TRAIN_FLAGS = {
   "train-set": { type: "string", multiple: true },
 } as const;
 
+/** `--stage`: the stages a job of its own can run. */
+export const STAGES = ["similarity", "generate", "train"] as const;
+export type Stage = (typeof STAGES)[number];
+
 interface StageReport {
   stage: string;
   status: "done" | "skipped" | "not needed";
@@ -99,17 +126,30 @@ export const command: Command = {
       out: { type: "string" },
       dataset: { type: "string" },
       "fewshot-seed": { type: "string" },
+      shots: { type: "string" },
       device: { type: "string" },
       workers: { type: "string" },
+      stage: { type: "string" },
+      ...VALIDATION_FLAGS,
+      ...SELECT_FLAGS,
       ...GEN_FLAGS,
       ...TRAIN_FLAGS,
-    }, USAGE);
+      ...SLURM_FLAGS,
+    });
     if (values.help) {
       console.log(USAGE);
       return 0;
     }
     if (!values.data || !values.test || !values.out) {
-      throw new CliError(`--data, --test and --out are required\n\n${USAGE}`);
+      throw new CliError(`--data, --test and --out are required (see --help)`);
+    }
+    const stage = values.stage as Stage | undefined;
+    if (stage !== undefined && !STAGES.includes(stage)) {
+      throw new CliError(`--stage must be one of ${STAGES.join(", ")}, got "${stage}"`);
+    }
+    if (values.slurm) {
+      if (stage !== undefined) throw new CliError("--slurm submits every stage: leave --stage out");
+      return await submitExperiment(values, () => checkExperiment(values));
     }
     const controller = new AbortController();
     const onSigint = () => {
@@ -119,7 +159,7 @@ export const command: Command = {
     };
     Deno.addSignalListener("SIGINT", onSigint);
     try {
-      return await reportUserErrors("run", () => runExperiment(values, controller.signal));
+      return await runExperiment(values, controller.signal, stage);
     } finally {
       Deno.removeSignalListener("SIGINT", onSigint);
     }
@@ -131,46 +171,56 @@ type Values = Record<string, string | boolean | string[] | undefined>;
 /** The generation configuration from the flags (as `generate` reads them). */
 async function generationConfig(v: Values, out: string): Promise<RunConfig> {
   const { configFromFlags } = await import("./generate.ts");
-  return await configFromFlags({
+  const config = await configFromFlags({
     ...Object.fromEntries(GEN_KEYS.map((k) => [k, v[k]])),
     data: v.data,
     out: join(out, "synthetic"),
     dataset: v.dataset,
     "fewshot-seed": v["fewshot-seed"],
+    shots: v.shots,
     device: v.device,
     batch: v["gen-batch"],
   } as GenerateFlags);
+  // Validation shots are kept from generation too: they must not guide the synthetic images.
+  const holdout = shotsFlag(v["val-shots"] as string | undefined, "--val-shots");
+  return holdout ? { ...config, holdout } : config;
 }
 
-async function runExperiment(v: Values, signal: AbortSignal): Promise<number> {
+/**
+ * Everything the stages read, checked before any stage runs or is submitted: a bad test folder
+ * should not surface after hours of generation.
+ */
+export async function checkExperiment(v: Values) {
   const out = resolve(v.out as string);
-  const stages: StageReport[] = [];
   const workers = intFlag(v.workers as string | undefined, "--workers");
-  const timed = async <T>(stage: string, fn: () => Promise<[StageReport["status"], T]>) => {
-    console.error(`\n== ${stage}`);
-    const t0 = performance.now();
-    const [status, value] = await fn();
-    stages.push({ stage, status, seconds: (performance.now() - t0) / 1000 });
-    return value;
-  };
-
-  // Everything the stages read is checked first: a bad test folder should not surface after
-  // hours of generation.
   const app = await import("../app/classify.ts");
   const { readImageFolder } = await import("../plugins/classifiers/data.ts");
   const config = await generationConfig(v, out);
   const test = await readImageFolder(v.test as string, { dataset: v.dataset as string });
-  const { validateInput } = await import("../core/generate.ts");
+  selectFlag(v.select as string | undefined);
+  if (v.val !== undefined && v["val-shots"] !== undefined) {
+    throw new CliError("give --val or --val-shots, not both");
+  }
+  const val = v.val === undefined
+    ? null
+    : await readImageFolder(v.val as string, { dataset: v.dataset as string });
+  const { prepareGenerate } = await import("./generate.ts");
   const { registry } = await import("../core/plugins.ts");
-  const dataset = await validateInput(config, registry);
+  // The whole generation setup (models, size, plugins) too: nothing is written before it is.
+  const prepared = await prepareGenerate(config);
+  const { dataset } = prepared;
   const realNames = new Set(dataset.classes.map((c) => c.name));
-  const unknown = test.classNames.filter((c) => !realNames.has(c));
-  if (unknown.length) {
-    throw new RunError(
-      `${test.path}: test class(es) not in ${dataset.root}: ${
-        unknown.map((c) => `"${c}"`).join(", ")
-      }`,
-    );
+  const folders: [string, typeof test][] = [["test", test]];
+  if (val) folders.push(["validation", val]);
+  for (const [what, folder] of folders) {
+    const unknown = folder.classNames.filter((c) => !realNames.has(c));
+    if (unknown.length) {
+      throw new RunError(
+        `${folder.path}: ${what} class(es) not in ${dataset.root}: ${
+          unknown.map((c) => `"${c}"`).join(", ")
+        }`,
+      );
+    }
   }
   const device = await app.resolveDevice(config.device);
   const train = classifierOptions(
@@ -184,30 +234,78 @@ async function runExperiment(v: Values, signal: AbortSignal): Promise<number> {
     { dataset: config.dataset ?? dataset.dataset, device },
   );
   const classifier = await app.makeClassifier(train.name, train.options);
-
-  await Deno.mkdir(out, { recursive: true });
-
-  // 1. Class similarity, when the pair sampler draws negatives by it.
-  const simPath = join(out, "similarity.json");
   const pairs = registry.create<import("../core/plugins.ts").SamplerPair>(
     "pairs",
     config.pairs.name,
     config.pairs.options,
   );
+  return {
+    out,
+    workers,
+    config,
+    test,
+    prepared,
+    dataset,
+    device,
+    classifier,
+    /** Whether the pair sampler draws negatives by class similarity. */
+    usesSimilarity: pairs.needsSimilarity,
+    /** Images of a complete generate stage. */
+    expectedImages: dataset.classes.length * config.perClass,
+  };
+}
+
+async function runExperiment(v: Values, signal: AbortSignal, only?: Stage): Promise<number> {
+  const stages: StageReport[] = [];
+  const timed = async <T>(stage: string, fn: () => Promise<[StageReport["status"], T]>) => {
+    console.error(`\n== ${stage}`);
+    const t0 = performance.now();
+    const [status, value] = await fn();
+    stages.push({ stage, status, seconds: (performance.now() - t0) / 1000 });
+    return value;
+  };
+  const checked = await checkExperiment(v);
+  const { out, workers, config, test, prepared, dataset, device, classifier } = checked;
+  const app = await import("../app/classify.ts");
+  if (only !== "generate" && prepared.shard.count > 1) {
+    throw new CliError(
+      `${prepared.shard.source} makes this process shard ${prepared.shard.index}/` +
+        `${prepared.shard.count}: the other stages need the whole set; give --stage generate ` +
+        "to the tasks of a job array",
+    );
+  }
+  // A stage that this invocation does not run must have finished already.
+  const unfinished = (stage: Stage, what: string) =>
+    new RunError(`${what} is not complete: run the ${stage} stage first (--stage ${stage})`);
+  const { runPrepared } = await import("./generate.ts");
+
+  await Deno.mkdir(out, { recursive: true });
+
+  // 1. Class similarity, when the pair sampler draws negatives by it.
+  const simPath = join(out, "similarity.json");
   await timed("similarity", async () => {
-    if (!pairs.needsSimilarity) return ["not needed", null];
-    if (config.similarity || existsSync(simPath)) return ["skipped", null];
+    if (!checked.usesSimilarity) return ["not needed", null];
+    if (config.similarity) return ["skipped", null];
     const sim = await import("../app/similarity.ts");
-    const { resolvePlacement } = await import("../app/models.ts");
     const { similarityClip } = await import("../core/config.ts");
     const clip = similarityClip(config);
+    if (existsSync(simPath)) {
+      const { meta } = await sim.readSimilarityFile(simPath, dataset);
+      const stale = sim.staleSimilarity(meta, clip, config.modelSeed);
+      if (!stale) return ["skipped", null];
+      console.error(`${simPath}: ${stale}; computing it again`);
+    }
+    if (only !== undefined && only !== "similarity") throw unfinished("similarity", simPath);
+    const { resolvePlacement } = await import("../app/models.ts");
     const matrix = await sim.computeSimilarity(dataset, clip, await resolvePlacement(config), {
       seed: config.modelSeed,
     });
     const names = dataset.classes.map((c) => c.name);
-    await sim.saveSimilarityFile(simPath, names, matrix, { clip, data: dataset.root });
+    const meta = sim.similarityMeta(clip, { seed: config.modelSeed, data: dataset.root });
+    await sim.saveSimilarityFile(simPath, names, matrix, meta);
     return ["done", null];
   });
+  if (only === "similarity") return 0;
   const genConfig: RunConfig = {
     ...config,
     similarity: config.similarity ?? (existsSync(simPath) ? simPath : null),
@@ -216,13 +314,18 @@ async function runExperiment(v: Values, signal: AbortSignal): Promise<number> {
   // 2. Synthetic images (generate resumes by itself; complete means every image is there).
   const synthetic = join(out, "synthetic");
   const code = await timed("generate", async () => {
-    const expected = dataset.classes.length * genConfig.perClass;
     const before = await finishedImages(synthetic);
-    if (before >= expected) return ["skipped", 0];
-    const { runGenerate } = await import("./generate.ts");
-    return ["done", await runGenerate(genConfig, { signal })];
+    if (before >= checked.expectedImages) return ["skipped", 0];
+    if (only === "train") throw unfinished("generate", synthetic);
+    const similarity = genConfig.similarity;
+    return [
+      "done",
+      await runPrepared({ ...prepared, config: { ...prepared.config, similarity } }, {
+        signal,
+      }),
+    ];
   });
-  if (code !== 0) return code;
+  if (code !== 0 || only === "generate") return code;
 
   // 3. Classifier.
   const trainDir = join(out, "train");
@@ -231,7 +334,10 @@ async function runExperiment(v: Values, signal: AbortSignal): Promise<number> {
     synthetic,
     dataset: v.dataset as string | undefined,
     fewshotSeed: v["fewshot-seed"] as string | undefined,
+    shots: config.shots ?? undefined,
     skipBad: config.skipBad,
+    val: v.val as string | undefined,
+    valShots: config.holdout ?? undefined,
   });
   const trained = await timed("train", async () => {
     const { readTrainRecord } = await import("../plugins/classifiers/mod.ts");
@@ -245,12 +351,17 @@ async function runExperiment(v: Values, signal: AbortSignal): Promise<number> {
     return 130;
   }
 
-  // 4. Evaluation (redone when the model is newer than the last evaluation).
+  // 4. Evaluation (redone when the model or its validation is newer, or the selection differs).
   const evalFile = join(out, "eval.json");
+  const select = selectFlag(v.select as string | undefined);
   const result = await timed("eval", async () => {
-    const fresh = existsSync(evalFile) &&
-      statSync(evalFile).mtimeMs >= statSync(join(trainDir, "train.json")).mtimeMs;
-    if (fresh) return ["skipped", JSON.parse(readFileSync(evalFile, "utf8"))];
+    const prior = existsSync(evalFile) ? JSON.parse(readFileSync(evalFile, "utf8")) : null;
+    const newer = (f: string) => existsSync(f) && statSync(f).mtimeMs > statSync(evalFile).mtimeMs;
+    const fresh = prior?.selection && !newer(join(trainDir, "train.json")) &&
+      !newer(join(trainDir, app.VALIDATION_RECORD)) &&
+      (select === undefined || prior.selection.rule === select) &&
+      (!v["per-epoch"] || prior.perEpoch);
+    if (fresh) return ["skipped", prior as import("../app/classify.ts").EvalRecord];
     return [
       "done",
       await app.evalStage({
@@ -258,6 +369,8 @@ async function runExperiment(v: Values, signal: AbortSignal): Promise<number> {
         test: v.test as string,
         out: evalFile,
         workers,
+        select,
+        perEpoch: v["per-epoch"] as boolean | undefined,
         signal,
       }),
     ];
@@ -274,7 +387,13 @@ async function runExperiment(v: Values, signal: AbortSignal): Promise<number> {
     classifier: { name: classifier.name, ...classifier.settings },
     device,
     stages,
-    accuracy: { top1: result.top1, meanPerClass: result.meanPerClass, total: result.total },
+    accuracy: {
+      top1: result.top1,
+      top5: result.top5,
+      meanPerClass: result.meanPerClass,
+      total: result.total,
+    },
+    selection: result.selection,
     perClass: result.perClass,
   };
   const { writeAtomic } = await import("../core/output.ts");
@@ -282,16 +401,17 @@ async function runExperiment(v: Values, signal: AbortSignal): Promise<number> {
     join(out, REPORT_FILE),
     new TextEncoder().encode(JSON.stringify(report, null, 2) + "\n"),
   );
-  const { formatEvalTable } = await import("../plugins/classifiers/evaluate.ts");
+  const { formatEvalRecord } = await import("./eval.ts");
   console.log(formatReport(stages));
   console.log();
-  console.log(formatEvalTable(result));
+  console.log(await formatEvalRecord(result));
   console.log(`\nreport: ${join(out, REPORT_FILE)}`);
+  if (result.selection.warning) console.error(`warning: ${result.selection.warning}`);
   return 0;
 }
 
 /** Images of a generate output folder that are listed in its manifest and on disk. */
-async function finishedImages(dir: string): Promise<number> {
+export async function finishedImages(dir: string): Promise<number> {
   const { readManifest } = await import("../core/output.ts");
   if (!existsSync(dir)) return 0;
   const { entries } = await readManifest(dir);

@@ -36,6 +36,10 @@ function envInt(env: Record<string, string | undefined>, name: string): number |
  * (SLURM_ARRAY_TASK_ID, counted from SLURM_ARRAY_TASK_MIN, of SLURM_ARRAY_TASK_COUNT), then a
  * Kubernetes indexed Job (JOB_COMPLETION_INDEX, of `count` or DIPSY_SHARD_COUNT, since
  * Kubernetes does not export the completion count). Without any: the whole run.
+ *
+ * A Slurm task with `count` or DIPSY_SHARD_COUNT given takes its task id as the shard index, so
+ * that an array resubmitted for some shards only (`--array=1,3`) still does shards 1 and 3 of
+ * the whole run, which Slurm's own count and minimum would renumber.
  */
 export function resolveShard(
   flag?: string,
@@ -49,6 +53,8 @@ export function resolveShard(
   }
   const slurmId = envInt(env, "SLURM_ARRAY_TASK_ID");
   if (slurmId !== undefined) {
+    const fixed = count ?? envInt(env, "DIPSY_SHARD_COUNT");
+    if (fixed !== undefined) return shardOf(slurmId, fixed, "SLURM_ARRAY_TASK_ID");
     const slurmCount = envInt(env, "SLURM_ARRAY_TASK_COUNT");
     if (slurmCount === undefined) {
       throw new RunError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not");
@@ -98,6 +104,19 @@ export function planChunks(classCount: number, perClass: number, batch: number):
     }
   }
   return chunks;
+}
+
+/**
+ * Worker k of K on one machine, sharing `shard` i/n: shard i + k n of n K. Batch j belongs to
+ * it when j mod nK = i + kn, so j mod n = i: the K workers together do exactly shard i/n, and
+ * nodes with different K still split the run between them without overlap.
+ */
+export function workerShard(shard: Shard, worker: number, workers: number): Shard {
+  return shardOf(
+    shard.index + worker * shard.count,
+    shard.count * workers,
+    `${shard.source}, worker ${worker + 1} of ${workers}`,
+  );
 }
 
 /** Batch j goes to shard j mod n: every shard gets every class's work spread evenly. */
