@@ -13,14 +13,19 @@ export * from "./core/sampling.ts";
 export * from "./core/image.ts";
 export * from "./core/hub.ts";
 export * from "./core/dataset.ts";
+export * from "./core/benchmarks.ts";
+export * from "./core/fewshot.ts";
+export * from "./core/npz.ts";
 export * from "./core/rng.ts";
 export { Sd15Backbone } from "./plugins/sd15/backbone.ts";
 export {
+  type EvalMetrics,
   type EvalResult,
   evaluate,
   formatEvalTable,
   labelImages,
   loadTrainedRun,
+  MetricsAccumulator,
   readImageFolder,
   readTrainRecord,
   TRAIN_DEFAULTS,

@@ -1,12 +1,9 @@
-import { RunError } from "../core/output.ts";
+import { UserError } from "../ffi/errors.ts";
 
-/** Errors that are the user's to fix (bad input, settings, folders, missing models). */
-export async function isUserError(e: unknown): Promise<boolean> {
-  const { ConfigError } = await import("../core/config.ts");
-  const { DatasetError } = await import("../core/dataset.ts");
-  const { ModelNotFoundError } = await import("../core/hub.ts");
-  const { ImageDecodeError } = await import("../core/image.ts");
-  const { PluginError } = await import("../core/plugins.ts");
-  return [ConfigError, DatasetError, RunError, ModelNotFoundError, ImageDecodeError, PluginError]
-    .some((c) => e instanceof c);
+/**
+ * Whether an error is the user's to fix (bad input, settings, folders, model files): front ends
+ * print its message as one line, without a stack.
+ */
+export function isUserError(e: unknown): e is UserError {
+  return e instanceof UserError;
 }

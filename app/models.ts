@@ -5,7 +5,7 @@
  * `h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors`), or `org/name@revision:path` when a
  * revision is given (revisions such as `refs/pr/10` contain slashes themselves).
  */
-import { existsSync, readFileSync, statSync } from "node:fs";
+import { existsSync, statSync } from "node:fs";
 import { join } from "node:path";
 import type { Device, DType } from "../ffi/mod.ts";
 import type { DiffusionBackbone } from "../core/backbone.ts";
@@ -117,19 +117,30 @@ export async function resolveModels(config: RunConfig, adapters: number): Promis
   };
 }
 
-/** The model's native output size: UNet sample size times the VAE's scale factor. */
-export async function defaultImageSize(paths: ModelPaths): Promise<number> {
-  if (paths.model === TINY) {
-    const { TINY_UNET_CONFIG_JSON } = await import("../plugins/sd15/unet_config.ts");
-    const { TINY_VAE_CONFIG } = await import("../plugins/sd15/vae_config.ts");
-    return (TINY_UNET_CONFIG_JSON.sample_size as number) *
-      2 ** (TINY_VAE_CONFIG.blockOutChannels.length - 1);
-  }
-  const read = (f: string) => JSON.parse(readFileSync(join(paths.model, f), "utf8"));
-  const unet = read("unet/config.json"), vae = read("vae/config.json");
-  const ss = unet.sample_size ?? 64;
-  const blocks = Array.isArray(vae.block_out_channels) ? vae.block_out_channels.length : 4;
-  return (Array.isArray(ss) ? ss[0] : ss) * 2 ** (blocks - 1);
+export interface ModelGeometry {
+  /** The native output size: UNet sample size times the VAE's scale factor. */
+  defaultSize: number;
+  /** Image sides must be multiples of it. */
+  vaeScaleFactor: number;
+}
+
+/**
+ * The output geometry from the model's config files, read (and checked) without loading any
+ * weights, so that a bad size or a broken config is refused before anything is written.
+ */
+export async function modelGeometry(paths: ModelPaths): Promise<ModelGeometry> {
+  const { loadUNetConfig, parseUNetConfig, TINY_UNET_CONFIG_JSON } = await import(
+    "../plugins/sd15/unet_config.ts"
+  );
+  const { readVaeConfig, TINY_VAE_CONFIG } = await import("../plugins/sd15/vae_config.ts");
+  const tiny = paths.model === TINY;
+  const unet = tiny
+    ? parseUNetConfig({ ...TINY_UNET_CONFIG_JSON }, "tiny")
+    : loadUNetConfig(join(paths.model, "unet"));
+  const vae = tiny ? TINY_VAE_CONFIG : readVaeConfig(join(paths.model, "vae", "config.json"));
+  const vaeScaleFactor = 2 ** (vae.blockOutChannels.length - 1);
+  const ss = unet.sampleSize ?? 64;
+  return { defaultSize: (typeof ss === "number" ? ss : ss[0]) * vaeScaleFactor, vaeScaleFactor };
 }
 
 /** Loads SD1.5 with as many IP-Adapters as the guidance needs. */

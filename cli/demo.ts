@@ -5,10 +5,10 @@
  * random weights, so the images are noise; the run exercises everything else for real.
  */
 import { join, resolve } from "node:path";
-import { parseArgs } from "node:util";
 import type { RgbImage } from "../core/image.ts";
 import { derive, type Rng } from "../core/rng.ts";
-import { CliError, type Command } from "./command.ts";
+import { UserError } from "../ffi/errors.ts";
+import { type Command, parseFlags } from "./command.ts";
 
 type Rgb = [number, number, number];
 
@@ -103,21 +103,13 @@ out/demo. The tiny models have random weights: the generated images are noise.`;
 export const command: Command = {
   summary: "run the main job end to end on the embedded tiny models",
   async run(args) {
-    let values;
-    try {
-      ({ values } = parseArgs({
-        args,
-        options: {
-          help: { type: "boolean", short: "h" },
-          out: { type: "string" },
-          "per-class": { type: "string" },
-          steps: { type: "string" },
-          epochs: { type: "string" },
-        },
-      }));
-    } catch (e) {
-      throw new CliError(`${e instanceof Error ? e.message : e}\n\n${USAGE}`);
-    }
+    const values = parseFlags(args, {
+      help: { type: "boolean", short: "h" },
+      out: { type: "string" },
+      "per-class": { type: "string" },
+      steps: { type: "string" },
+      epochs: { type: "string" },
+    });
     if (values.help) {
       console.log(USAGE);
       return 0;
@@ -160,7 +152,7 @@ export const command: Command = {
           seed: "0",
         },
         "demo",
-        { textual: true },
+        { textual: true, labels: { perClass: "--per-class", steps: "--steps" } },
       ),
     ]);
 
@@ -185,8 +177,7 @@ export const command: Command = {
       if (code !== 0) return code;
       accuracy = await trainAndEvaluate(root, data, images, values.epochs, controller.signal);
     } catch (e) {
-      const { isUserError } = await import("../app/errors.ts");
-      if (!(await isUserError(e))) throw e;
+      if (!(e instanceof UserError)) throw e;
       console.error(`dipsy demo: ${(e as Error).message}`);
       console.error(`(an earlier demo with other options used ${root}: delete it or use --out)`);
       return 1;

@@ -2,11 +2,13 @@
  * `deno task dipsy <command>`: one CLI, one module per command, loaded on demand so that `--help`
  * and argument errors never need the native library.
  */
+import { UserError } from "../ffi/errors.ts";
 import { CliError, type Command } from "./command.ts";
 
 const COMMANDS: Record<string, () => Promise<{ command: Command }>> = {
   info: () => import("./info.ts"),
   demo: () => import("./demo.ts"),
+  fewshot: () => import("./fewshot.ts"),
   similarity: () => import("./similarity.ts"),
   generate: () => import("./generate.ts"),
   sample: () => import("./sample.ts"),
@@ -23,6 +25,7 @@ function usage(): string {
     "commands:",
     "  info    libtorch / device information of this installation",
     "  demo    run the main job end to end on the embedded tiny models",
+    "  fewshot     draw nested k-shot splits of a training set (seeded, recorded)",
     "  similarity  compute and save the class similarity matrix (reused by generate)",
     "  generate    generate the synthetic dataset (resumable, shardable, deterministic)",
     "  train   fine-tune the classifier (CLIP + LoRA) on real + synthetic images (resumable)",
@@ -50,11 +53,10 @@ export async function main(args: string[]): Promise<number> {
   try {
     return await command.run(rest);
   } catch (e) {
-    if (e instanceof CliError) {
-      console.error(`dipsy ${name}: ${e.message}`);
-      return 2;
-    }
-    throw e;
+    // Anything the user can fix is one line; anything else is a bug and keeps its stack.
+    if (!(e instanceof UserError)) throw e;
+    console.error(`dipsy ${name}: ${e.message}`);
+    return e instanceof CliError ? 2 : 1;
   }
 }
 

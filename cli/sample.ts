@@ -5,9 +5,8 @@
  */
 import { existsSync } from "node:fs";
 import { basename, dirname, join, resolve } from "node:path";
-import { parseArgs } from "node:util";
 import type { Device } from "../ffi/mod.ts";
-import { CliError, type Command } from "./command.ts";
+import { CliError, type Command, parseFlags } from "./command.ts";
 
 export const DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 export const DEFAULT_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors";
@@ -91,38 +90,27 @@ function optionValue(text: string): unknown {
 
 /** Parses and checks the arguments (no native library, no files read); null for --help. */
 export function parseSampleArgs(args: string[]): SampleArgs | null {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      strict: true,
-      allowPositionals: false,
-      options: {
-        help: { type: "boolean", short: "h" },
-        prompt: { type: "string" },
-        seed: { type: "string" },
-        out: { type: "string" },
-        "latents-out": { type: "string" },
-        positive: { type: "string" },
-        negative: { type: "string" },
-        model: { type: "string" },
-        "ip-adapter": { type: "string" },
-        "image-encoder": { type: "string" },
-        guidance: { type: "string" },
-        "guidance-opt": { type: "string", multiple: true },
-        sampler: { type: "string" },
-        steps: { type: "string" },
-        width: { type: "string" },
-        height: { type: "string" },
-        dtype: { type: "string" },
-        device: { type: "string" },
-        force: { type: "boolean" },
-      },
-    });
-  } catch (e) {
-    throw new CliError((e as Error).message);
-  }
-  const v = parsed.values;
+  const v = parseFlags(args, {
+    help: { type: "boolean", short: "h" },
+    prompt: { type: "string" },
+    seed: { type: "string" },
+    out: { type: "string" },
+    "latents-out": { type: "string" },
+    positive: { type: "string" },
+    negative: { type: "string" },
+    model: { type: "string" },
+    "ip-adapter": { type: "string" },
+    "image-encoder": { type: "string" },
+    guidance: { type: "string" },
+    "guidance-opt": { type: "string", multiple: true },
+    sampler: { type: "string" },
+    steps: { type: "string" },
+    width: { type: "string" },
+    height: { type: "string" },
+    dtype: { type: "string" },
+    device: { type: "string" },
+    force: { type: "boolean" },
+  });
   if (v.help) return null;
   for (const flag of ["prompt", "seed", "out"] as const) {
     if (v[flag] === undefined) throw new CliError(`--${flag} is required (see --help)`);
@@ -298,7 +286,7 @@ export async function runSample(a: SampleArgs): Promise<void> {
   await import("../plugins/samplers/mod.ts");
   const { ops, runtimeInfo, saveSafetensors } = await import("../ffi/mod.ts");
   const { readImage, encodeImage } = await import("../core/image.ts");
-  const { prepareSample, sampleImage } = await import("../core/sample.ts");
+  const { prepareSample, sampleImage, sampleSize } = await import("../core/sample.ts");
   const { Sd15Backbone } = await import("../plugins/sd15/backbone.ts");
 
   const spec = {
@@ -334,27 +322,31 @@ export async function runSample(a: SampleArgs): Promise<void> {
   }
   const dtype = a.dtype ?? (device === "cpu" ? "f32" : "f16");
 
+  const tiny = a.model === "tiny";
+  const paths = tiny ? { model: "tiny" } : {
+    model: await asCliError("--model", () => resolveSd15(a.model)),
+    ...(adapters > 0
+      ? {
+        ipAdapter: await asCliError(
+          "--ip-adapter",
+          () => resolveAdapterFile(a.ipAdapter ?? DEFAULT_IP_ADAPTER),
+        ),
+        imageEncoder: await asCliError(
+          "--image-encoder",
+          () => resolveEncoderDir(a.imageEncoder ?? DEFAULT_IMAGE_ENCODER),
+        ),
+      }
+      : {}),
+  };
+  // The size is checked against the model's config files before any weights load.
+  const { modelGeometry } = await import("../app/models.ts");
+  const geometry = await modelGeometry(paths);
+  await asFlagError(() => sampleSize(geometry, spec));
+
   const t0 = performance.now();
-  using bb = a.model === "tiny"
+  using bb = tiny
     ? Sd15Backbone.tiny({ dtype, device, adapters })
-    : await Sd15Backbone.load(
-      {
-        model: await asCliError("--model", () => resolveSd15(a.model)),
-        ...(adapters > 0
-          ? {
-            ipAdapter: await asCliError(
-              "--ip-adapter",
-              () => resolveAdapterFile(a.ipAdapter ?? DEFAULT_IP_ADAPTER),
-            ),
-            imageEncoder: await asCliError(
-              "--image-encoder",
-              () => resolveEncoderDir(a.imageEncoder ?? DEFAULT_IMAGE_ENCODER),
-            ),
-          }
-          : {}),
-      },
-      { dtype, device, adapters },
-    );
+    : await Sd15Backbone.load(paths, { dtype, device, adapters });
   const loaded = performance.now();
   const tty = Deno.stderr.isTerminal();
   const result = await asFlagError(() =>

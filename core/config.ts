@@ -14,7 +14,9 @@ import { existsSync, statSync } from "node:fs";
 import { dirname, isAbsolute, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import YAML from "yaml";
+import { UserError } from "../ffi/errors.ts";
 import { type PluginDef, type PluginKind, type Registry, registry } from "./plugins.ts";
+import { closest } from "./suggest.ts";
 
 /** The Stable Diffusion 1.5 weights (diffusers layout) DIPSY uses. */
 export const DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5";
@@ -74,6 +76,10 @@ export interface RunConfig {
   dataset: string | null;
   /** DataDream layout: the few-shot split ("seed0" or 0) when there are several. */
   fewshotSeed: string | null;
+  /** The first k ranked shots of each class (a nested set from `dipsy fewshot`); null: all. */
+  shots: number | null;
+  /** The last n shots of each class, kept out for validation (the classifier's); null: none. */
+  holdout: number | null;
   /** Class similarity file; null: found or computed (see the generate command). */
   similarity: string | null;
   /** JPEG quality of the generated images. */
@@ -110,6 +116,8 @@ export const DEFAULTS: Readonly<RunConfig> = Object.freeze({
   prompt: null,
   dataset: null,
   fewshotSeed: null,
+  shots: null,
+  holdout: null,
   similarity: null,
   quality: 95,
   skipBad: false,
@@ -236,13 +244,15 @@ export const PRESETS: Readonly<Record<string, Preset>> = {
 // ---------------------------------------------------------------------------------------------
 // Field checks
 
-export class ConfigError extends Error {
+/** Settings that cannot be used; every problem is listed (one alone fits on one line). */
+export class ConfigError extends UserError {
   constructor(readonly problems: string[]) {
     super(
-      `configuration: ${problems.length} problem${problems.length === 1 ? "" : "s"}\n` +
-        problems.map((p) => `  - ${p}`).join("\n"),
+      problems.length === 1
+        ? `configuration: ${problems[0]}`
+        : `configuration: ${problems.length} problems\n` +
+          problems.map((p) => `  - ${p}`).join("\n"),
     );
-    this.name = "ConfigError";
   }
 }
 
@@ -267,18 +277,25 @@ const FIELDS: Record<ScalarKey, FieldSpec> = {
   ipAdapter: { kind: "ref", description: "IP-Adapter file, or org/name/file in a Hub repo" },
   imageEncoder: { kind: "ref", description: "image encoder folder, or org/name/folder" },
   clip: { kind: "ref", nullable: true, description: "CLIP for class similarity, or tiny" },
-  modelSeed: { kind: "int", description: "seed of the tiny models' random weights" },
+  modelSeed: { kind: "int", min: 0, description: "seed of the tiny models' random weights" },
   dtype: { kind: "dtype", description: "auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16" },
   device: { kind: "string", description: "auto, cpu, cuda or cuda:N" },
   steps: { kind: "int", min: 1, max: 1000, description: "denoising steps" },
   width: { kind: "int", nullable: true, min: 8, description: "image width in pixels" },
   height: { kind: "int", nullable: true, min: 8, description: "image height in pixels" },
   perClass: { kind: "int", min: 1, description: "images per class" },
-  seed: { kind: "int", description: "run seed" },
+  seed: { kind: "int", min: 0, description: "run seed" },
   batch: { kind: "int", min: 1, description: "images per model call" },
   prompt: { kind: "string", nullable: true, description: "prompt template with {c}" },
   dataset: { kind: "string", nullable: true, description: "dataset name" },
   fewshotSeed: { kind: "string", nullable: true, description: "DataDream few-shot split" },
+  shots: { kind: "int", nullable: true, min: 1, description: "first k ranked shots per class" },
+  holdout: {
+    kind: "int",
+    nullable: true,
+    min: 0,
+    description: "last n shots per class held out for validation",
+  },
   similarity: { kind: "path", nullable: true, description: "class similarity file" },
   quality: { kind: "int", min: 1, max: 100, description: "JPEG quality" },
   skipBad: { kind: "bool", description: "leave bad shots out" },
@@ -323,10 +340,11 @@ function checkField(
   raw: unknown,
   baseDir: string,
   textual: boolean,
+  label = `"${key}"`,
 ): { value?: unknown; error?: string } {
   const spec = FIELDS[key];
   if (raw === null || (textual && raw === "" && spec.nullable && spec.kind !== "string")) {
-    return spec.nullable ? { value: null } : { error: `"${key}" must not be empty` };
+    return spec.nullable ? { value: null } : { error: `${label} must not be empty` };
   }
   switch (spec.kind) {
     case "string":
@@ -334,10 +352,10 @@ function checkField(
     case "ref": {
       let v = raw;
       if (key === "fewshotSeed" && typeof v === "number") v = String(v);
-      if (typeof v !== "string") return { error: `"${key}" must be a string, got ${show(raw)}` };
+      if (typeof v !== "string") return { error: `${label} must be a string, got ${show(raw)}` };
       if (spec.kind === "path") return { value: v === "" ? null : expandPath(v, baseDir) };
       if (spec.kind === "ref") {
-        if (v.trim() === "") return { error: `"${key}" must not be empty` };
+        if (v.trim() === "") return { error: `${label} must not be empty` };
         return { value: expandRef(v, baseDir) };
       }
       return { value: v };
@@ -345,26 +363,26 @@ function checkField(
     case "int": {
       const v = textual && typeof raw === "string" ? fromText(raw) : raw;
       if (typeof v !== "number" || !Number.isSafeInteger(v)) {
-        return { error: `"${key}" must be an integer, got ${show(raw)}` };
+        return { error: `${label} must be an integer, got ${show(raw)}` };
       }
       if (spec.min !== undefined && v < spec.min) {
-        return { error: `"${key}" must be at least ${spec.min}, got ${v}` };
+        return { error: `${label} must be at least ${spec.min}, got ${v}` };
       }
       if (spec.max !== undefined && v > spec.max) {
-        return { error: `"${key}" must be at most ${spec.max}, got ${v}` };
+        return { error: `${label} must be at most ${spec.max}, got ${v}` };
       }
       return { value: v };
     }
     case "bool": {
       const v = textual && typeof raw === "string" ? fromText(raw) : raw;
       if (typeof v !== "boolean") {
-        return { error: `"${key}" must be true or false, got ${show(raw)}` };
+        return { error: `${label} must be true or false, got ${show(raw)}` };
       }
       return { value: v };
     }
     case "dtype": {
       if (raw !== "auto" && raw !== "f32" && raw !== "f16" && raw !== "bf16") {
-        return { error: `"${key}" must be auto, f32, f16 or bf16, got ${show(raw)}` };
+        return { error: `${label} must be auto, f32, f16 or bf16, got ${show(raw)}` };
       }
       return { value: raw };
     }
@@ -404,34 +422,13 @@ function pluginLayer(
   return { name: name as string | undefined, options: { ...(options ?? {}), ...rest } };
 }
 
-function editDistance(a: string, b: string): number {
-  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
-  for (let i = 1; i <= a.length; i++) {
-    const row = [i];
-    for (let j = 1; j <= b.length; j++) {
-      row[j] = Math.min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
-    }
-    prev = row;
-  }
-  return prev[b.length];
-}
-
-/** The choice a typo most likely meant (case, dashes and up to two edits ignored). */
-function closest(word: string, choices: readonly string[]): string | undefined {
-  const norm = (s: string) => s.toLowerCase().replace(/[-_ ]/g, "");
-  let best: string | undefined, bestD = 3;
-  for (const c of choices) {
-    const d = editDistance(norm(word), norm(c));
-    if (d < bestD) [best, bestD] = [c, d];
-  }
-  return best;
-}
-
 export interface ParseOptions {
   /** Relative paths are taken from here (a file's folder; the working folder for flags). */
   baseDir?: string;
   /** Values are text (command-line flags): numbers and booleans are parsed from it. */
   textual?: boolean;
+  /** How messages name a key, e.g. by its command-line flag (default: the key in quotes). */
+  labels?: Readonly<Record<string, string>>;
 }
 
 /** Checks one source of configuration values; every problem is reported at once. */
@@ -460,7 +457,13 @@ export function parseConfigObject(
         layer.plugins = list.map((p) => expandPath(p, baseDir));
       }
     } else if (key in FIELDS) {
-      const r = checkField(key as ScalarKey, value, baseDir, opts.textual ?? false);
+      const r = checkField(
+        key as ScalarKey,
+        value,
+        baseDir,
+        opts.textual ?? false,
+        opts.labels?.[key],
+      );
       if (r.error) problems.push(r.error);
       else (layer.values as Record<string, unknown>)[key] = r.value;
     } else {

@@ -14,8 +14,9 @@
  *   (removed), never half an image.
  * - Shardable. `i/n` takes every n-th batch starting at i. Shards share one output folder: they
  *   write disjoint files, append whole lines to the manifest (O_APPEND), and agree on run.json.
- * - Safe. The input is checked completely before anything is written, a folder that is not this
- *   run's output is never written into, and finished images are never rewritten.
+ * - Safe. The input, the settings and the model are checked completely before anything is
+ *   written (a refused command leaves nothing that would block the corrected one), a folder that
+ *   is not this run's output is never written into, and finished images are never rewritten.
  */
 import { join, relative, resolve } from "node:path";
 import { ops, type Tensor } from "../ffi/mod.ts";
@@ -28,6 +29,7 @@ import { encodeImage, imageFromTensor, readImage, type RgbImage } from "./image.
 import {
   appendLine,
   checkOutputFolder,
+  checkRecord,
   claimRecord,
   imageFileName,
   listOrNull,
@@ -104,6 +106,11 @@ export interface PlanOptions {
   only?: readonly string[];
   /** Model identifiers for the manifest and run.json (default: from the configuration). */
   modelIds?: Record<string, string>;
+  /**
+   * The model's VAE scale factor, which the image sides must be multiples of. Known before the
+   * model loads (from its config files), it lets a bad size be refused before anything is written.
+   */
+  vaeScaleFactor?: number;
   registry?: Registry;
 }
 
@@ -124,6 +131,21 @@ export interface RunPlan {
   similarity: { matrix: number[][]; from: string } | null;
   similaritySource?: SimilaritySource;
   registry: Registry;
+}
+
+/** Refuses an image size the VAE cannot make: both sides must be multiples of its scale factor. */
+export function checkImageSize(
+  size: { width: number | null; height: number | null },
+  vaeScaleFactor: number,
+): void {
+  const { width, height } = size;
+  if (width === null || height === null) return;
+  if (width % vaeScaleFactor || height % vaeScaleFactor) {
+    throw new RunError(
+      `image size ${width}x${height}: "width" and "height" (--size) must be multiples of ` +
+        `${vaeScaleFactor}, the model's VAE scale factor`,
+    );
+  }
 }
 
 /** IP-Adapters the guidance needs: 2 for a negative image, 1 for a positive only, else 0. */
@@ -189,6 +211,7 @@ export async function planRun(opts: PlanOptions): Promise<RunPlan> {
     throw new Error("planRun: width and height must be resolved (the model's default size)");
   }
   const width = config.width, height = config.height;
+  if (opts.vaeScaleFactor !== undefined) checkImageSize(config, opts.vaeScaleFactor);
   const out = resolve(config.out);
   const shard = opts.shard ?? NO_SHARD;
   const guidance = reg.create<Guidance>("guidance", config.guidance.name, config.guidance.options);
@@ -385,6 +408,15 @@ export interface OpenedRun {
 }
 
 /**
+ * Checks the output folder without writing to it: refuses a folder with other contents or an
+ * incompatible run.json, and finds what is left to do.
+ */
+export async function surveyRun(plan: RunPlan): Promise<OpenedRun> {
+  checkOutputFolder(plan.out, plan.dataset.root);
+  return await findWork(plan, await checkRecord(plan.out, plan.record));
+}
+
+/**
  * Checks the output folder and claims it for this run: refuses a folder with other contents or
  * an incompatible run.json, writes run.json, removes this shard's leftover temporary files and
  * finds what is left to do.
@@ -412,7 +444,12 @@ export async function openRun(plan: RunPlan): Promise<OpenedRun> {
       }
     }
   }
+  return await findWork(plan, notes);
+}
 
+/** The wanted images already finished, the batches still to run (reads only). */
+async function findWork(plan: RunPlan, notes: string[]): Promise<OpenedRun> {
+  const { out } = plan;
   const manifest = await readManifest(out, (f) => plan.wanted.has(f));
   if (manifest.badLines.length) {
     notes.push(
@@ -460,6 +497,8 @@ export interface ExecuteOptions {
   onProgress?: (p: ProgressInfo) => void;
   /** After each image's manifest line is written. */
   onImage?: (entry: ManifestEntry) => void;
+  /** Awaited as each batch starts, after the signal check (lets a test hold the run there). */
+  beforeBatch?: () => Promise<void>;
 }
 
 export interface RunResult {
@@ -515,6 +554,7 @@ export async function executeRun(
         `${backbone.adapterCount}`,
     );
   }
+  checkImageSize(config, backbone.vaeScaleFactor);
   const cache = new ShotCache(64);
   const total = opened.toWrite;
   let written = 0;
@@ -524,6 +564,7 @@ export async function executeRun(
 
   for (const chunk of opened.pending) {
     if (opts.signal?.aborted) break;
+    await opts.beforeBatch?.();
     const requests: SampleRequest[] = [];
     const plans = chunk.images.map((img) => plan.describe(img));
     for (const { choice: c, entry } of plans) {
@@ -620,6 +661,8 @@ export async function validateInput(config: RunConfig, reg?: Registry): Promise<
   return await validateDataset(config.data, {
     dataset: config.dataset ?? undefined,
     fewshotSeed: config.fewshotSeed ?? undefined,
+    shots: config.shots ?? undefined,
+    holdout: config.holdout ?? undefined,
     skipBad: config.skipBad,
     negatives: guidance.usesNegative,
   });
@@ -636,7 +679,10 @@ export interface GenerateOptions extends Omit<PlanOptions, "dataset">, ExecuteOp
   onPlan?: (plan: RunPlan, opened: OpenedRun) => void;
 }
 
-/** Validates the input, plans, claims the output folder, loads the model and generates. */
+/**
+ * Validates the input, plans, checks the output folder, loads the model, then claims the folder
+ * and generates: nothing is written until the configuration and the model have been accepted.
+ */
 export async function generate(opts: GenerateOptions): Promise<RunResult & { plan: RunPlan }> {
   const log = opts.log ?? ((m: string) => console.error(m));
   let dataset = opts.dataset;
@@ -645,19 +691,21 @@ export async function generate(opts: GenerateOptions): Promise<RunResult & { pla
     for (const p of dataset.problems) log(`${p.severity}: ${p.path}: ${p.message}`);
   }
   const plan = await planRun({ ...opts, dataset });
-  const opened = await openRun(plan);
-  for (const n of opened.notes) log(`note: ${n}`);
-  opts.onPlan?.(plan, opened);
-  if (opened.pending.length === 0 || opts.signal?.aborted) {
+  const surveyed = await surveyRun(plan);
+  for (const n of surveyed.notes) log(`note: ${n}`);
+  opts.onPlan?.(plan, surveyed);
+  if (surveyed.pending.length === 0 || opts.signal?.aborted) {
     return {
       plan,
       written: 0,
-      skipped: opened.finished.size,
-      remaining: opened.toWrite,
-      interrupted: opened.toWrite > 0,
+      skipped: surveyed.finished.size,
+      remaining: surveyed.toWrite,
+      interrupted: surveyed.toWrite > 0,
     };
   }
   const backbone = await opts.backbone();
+  // The folder is claimed only now: a model that fails to load leaves it as it was.
+  const opened = await openRun(plan);
   const result = await executeRun(plan, opened, backbone, opts);
   return { ...result, plan };
 }

@@ -14,6 +14,7 @@
  * layout. Pickle checkpoints (`.bin`, `.pt`, ...) are never resolved: they can run code on load.
  */
 import { dirname, isAbsolute, join, normalize, resolve } from "node:path";
+import { UserError } from "../ffi/errors.ts";
 
 const DEFAULT_ENDPOINT = "https://huggingface.co";
 const COMMIT = /^[0-9a-f]{40}$/;
@@ -47,14 +48,13 @@ export interface FileOptions extends HubOptions {
 }
 
 /** A model, revision or file that could not be found or fetched. */
-export class ModelNotFoundError extends Error {
+export class ModelNotFoundError extends UserError {
   constructor(
     message: string,
     readonly ref: string,
     readonly file?: string,
   ) {
     super(message);
-    this.name = "ModelNotFoundError";
   }
 }
 

@@ -4,7 +4,7 @@
  *
  * Decoding uses sharp (libvips with libjpeg-turbo, libpng, libwebp), whose decoders agree with
  * Pillow's pixel for pixel, lossy JPEG and WebP included, once sharp's colour management is
- * switched off. Conversion to RGB then follows Pillow's `convert("RGB")`:
+ * switched off; BMP, which libvips does not read, is decoded as Pillow does it (bmp.ts). Conversion to RGB then follows Pillow's `convert("RGB")`:
  * - alpha is dropped, not composited (RGBA, LA, palette or colour-key transparency);
  * - grayscale and 1-bit images are replicated into three channels;
  * - CMYK (e.g. Adobe JPEG) uses Pillow's naive formula `R = (255 - K) * (1 - C / 255)`, no ICC;
@@ -18,9 +18,17 @@
  */
 import type SharpType from "sharp";
 import { fromHost, ops, type Tensor } from "../ffi/mod.ts";
-import { resample, type ResampleFilter } from "./resample.ts";
+import { UserError } from "../ffi/errors.ts";
+import { normalizeRgb } from "./normalize.ts";
+import { resample, type ResampleFilter, type ResampleOptions } from "./resample.ts";
+import { decodeBmp, isBmp } from "./bmp.ts";
 
-export { RESAMPLE_FILTERS, type ResampleFilter } from "./resample.ts";
+export {
+  type PixelBox,
+  RESAMPLE_FILTERS,
+  type ResampleFilter,
+  type ResampleOptions,
+} from "./resample.ts";
 
 /** An 8-bit RGB image, rows top to bottom, pixels interleaved: `data[(y * width + x) * 3 + c]`. */
 export interface RgbImage {
@@ -29,10 +37,9 @@ export interface RgbImage {
   readonly data: Uint8Array;
 }
 
-export class ImageDecodeError extends Error {
+export class ImageDecodeError extends UserError {
   constructor(readonly source: string, reason: string) {
     super(`cannot decode image ${source}: ${reason}`);
-    this.name = "ImageDecodeError";
   }
 }
 
@@ -67,7 +74,7 @@ export function assertRgbImage(image: RgbImage, what = "image"): void {
 }
 
 /**
- * Decodes an encoded image (JPEG, PNG, WebP, GIF first frame, TIFF, AVIF, ...) to RGB.
+ * Decodes an encoded image (JPEG, PNG, WebP, BMP, GIF first frame, TIFF, AVIF, ...) to RGB.
  * `source` names the input in error messages (a path, a URL, an archive member).
  */
 export async function decodeImage(
@@ -76,15 +83,23 @@ export async function decodeImage(
   opts: DecodeOptions = {},
 ): Promise<RgbImage> {
   if (bytes.length === 0) throw new ImageDecodeError(source, "the file is empty");
+  // libvips has no BMP loader.
+  if (isBmp(bytes)) {
+    try {
+      return decodeBmp(bytes);
+    } catch (e) {
+      throw new ImageDecodeError(source, e instanceof Error ? e.message : String(e));
+    }
+  }
   const sharp = await loadSharp();
   // failOn "error" rejects truncated or broken data as Pillow does, but tolerates the benign
   // warnings (odd ICC chunks, extraneous bytes) that Pillow ignores too.
   const img = sharp(bytes, { ignoreIcc: true, failOn: "error" });
   let raw: { data: Uint8Array; info: { width: number; height: number; channels: number } };
-  let cmyk: boolean;
+  let cmyk = false;
   try {
-    const meta = await img.metadata();
-    cmyk = meta.space === "cmyk";
+    // Asking sharp for the colour space costs a round trip; the header answers for most files.
+    if (mayBeCmyk(bytes)) cmyk = (await img.metadata()).space === "cmyk";
     // Keep the raw CMYK samples: sharp would otherwise convert them through an ICC profile.
     if (cmyk) img.pipelineColourspace("cmyk").toColourspace("cmyk");
     if (opts.exifTranspose) img.autoOrient();
@@ -99,10 +114,42 @@ export async function decodeImage(
   return { width, height, data };
 }
 
+/**
+ * False when the header shows that the image cannot be CMYK: PNG, GIF and WebP never are, and a
+ * JPEG is when its frame has four components. True for anything else (ask the decoder).
+ */
+function mayBeCmyk(b: Uint8Array): boolean {
+  const ascii = (at: number, s: string) =>
+    b.length >= at + s.length && [...s].every((c, i) => b[at + i] === c.charCodeAt(0));
+  if (ascii(1, "PNG") && b[0] === 0x89) return false;
+  if (ascii(0, "GIF8") || (ascii(0, "RIFF") && ascii(8, "WEBP"))) return false;
+  if (b[0] !== 0xff || b[1] !== 0xd8) return true;
+  // JPEG markers up to the start of frame: FF, a code, then (for most) a 2-byte length.
+  let i = 2;
+  while (i + 9 < b.length) {
+    if (b[i] !== 0xff) return true;
+    const code = b[i + 1];
+    if (code === 0xff) {
+      i++; // fill byte
+      continue;
+    }
+    if (code === 0x01 || (code >= 0xd0 && code <= 0xd8)) {
+      i += 2; // no length
+      continue;
+    }
+    // SOF0-SOF15, except DHT (C4), JPG (C8) and DAC (CC): precision, height, width, components.
+    if (code >= 0xc0 && code <= 0xcf && code !== 0xc4 && code !== 0xc8 && code !== 0xcc) {
+      return b[i + 9] === 4;
+    }
+    i += 2 + ((b[i + 2] << 8) | b[i + 3]);
+  }
+  return true;
+}
+
 function explainSharpError(e: unknown): string {
   const msg = e instanceof Error ? e.message : String(e);
   if (/unsupported image format/i.test(msg)) {
-    return "not an image in a supported format (JPEG, PNG, WebP, GIF, TIFF, AVIF)";
+    return "not an image in a supported format (JPEG, PNG, WebP, BMP, GIF, TIFF, AVIF)";
   }
   return `corrupt or truncated data (${msg.trim()})`;
 }
@@ -119,8 +166,12 @@ export async function readImage(path: string, opts: DecodeOptions = {}): Promise
 }
 
 function toRgb(src: Uint8Array, pixels: number, channels: number): Uint8Array {
-  // A copy: sharp returns a Node Buffer, which may view a larger shared allocation.
-  if (channels === 3) return new Uint8Array(src.subarray(0, pixels * 3));
+  if (channels === 3) {
+    // sharp's Node Buffer may view a larger shared allocation: copied unless it owns its memory.
+    const n = pixels * 3;
+    const owned = src.byteOffset === 0 && src.buffer.byteLength === n;
+    return owned ? new Uint8Array(src.buffer, 0, n) : new Uint8Array(src.subarray(0, n));
+  }
   const out = new Uint8Array(pixels * 3);
   if (channels >= 3) {
     for (let i = 0, j = 0; i < pixels; i++, j += channels) {
@@ -212,15 +263,19 @@ export async function writeImage(
 // ---------------------------------------------------------------------------------------------
 // Geometry
 
-/** Pillow-exact `Image.resize((width, height), filter)`; the filter defaults to bicubic. */
+/**
+ * Pillow-exact `Image.resize((width, height), filter)`; the filter defaults to bicubic. `opts`
+ * resizes a window of the image and/or keeps a window of the result (see `ResampleOptions`).
+ */
 export function resizeImage(
   image: RgbImage,
   width: number,
   height: number,
   filter: ResampleFilter = "bicubic",
+  opts: ResampleOptions = {},
 ): RgbImage {
   assertRgbImage(image);
-  const out = resample({ ...image, channels: 3 }, width, height, filter);
+  const out = resample({ ...image, channels: 3 }, width, height, filter, opts);
   return { width: out.width, height: out.height, data: out.data };
 }
 
@@ -403,25 +458,33 @@ export function clipPreprocessHost(
   if (mean.length !== 3 || std.length !== 3) {
     throw new RangeError("clipPreprocess: mean and std need one value per RGB channel");
   }
+  const { data } = resizeCentreCrop(image, size, crop, opts.resample ?? "bicubic", opts.flavor);
+  // transformers rescales by the double 1/255 and casts to float32, torchvision divides in
+  // float32: the same value for every byte. Both normalise in float32 with float32 constants.
+  return normalizeRgb(data, mean, std);
+}
+
+/**
+ * The shortest-edge resize to `size` followed by a centre crop of `crop` x `crop`, resampling
+ * only the pixels that the crop keeps (the same bytes as resizing everything, then cropping).
+ */
+export function resizeCentreCrop(
+  image: RgbImage,
+  size: number,
+  crop: number,
+  filter: ResampleFilter = "bicubic",
+  flavor: PreprocessFlavor = "transformers",
+): RgbImage {
   const target = shortestEdgeSize(image.width, image.height, size);
-  const resized = resizeImage(image, target.width, target.height, opts.resample ?? "bicubic");
-  const { data } = centerCrop(resized, crop, crop, opts.flavor ?? "transformers");
-  const plane = crop * crop;
-  const out = new Float32Array(3 * plane);
-  // transformers rescales in float64 and casts to float32 (torchvision's float32 division gives
-  // the same values).
-  const rescale = 1 / 255;
-  for (let c = 0; c < 3; c++) {
-    // Both libraries normalise in float32 with float32 constants.
-    const m = Math.fround(mean[c]);
-    const s = Math.fround(std[c]);
-    for (let i = 0; i < plane; i++) {
-      const v = data[i * 3 + c];
-      const x = Math.fround(v * rescale);
-      out[c * plane + i] = Math.fround(x - m) / s;
-    }
-  }
-  return out;
+  const left = centerOffset(target.width, crop, flavor);
+  const top = centerOffset(target.height, crop, flavor);
+  // The part of the crop window that lies on the resized image; the rest is black padding.
+  const x0 = Math.max(0, left), x1 = Math.min(target.width, left + crop);
+  const y0 = Math.max(0, top), y1 = Math.min(target.height, top + crop);
+  const region = { left: x0, top: y0, width: x1 - x0, height: y1 - y0 };
+  const kept = resizeImage(image, target.width, target.height, filter, { region });
+  if (region.width === crop && region.height === crop) return kept;
+  return cropImage(kept, left - x0, top - y0, crop, crop);
 }
 
 /** CLIP pixel values for a batch of images: a CPU float32 tensor [B, 3, crop, crop]. */

@@ -4,6 +4,7 @@
  * be checked against it) and atomic writes.
  */
 import { basename, dirname, join, relative } from "node:path";
+import { UserError } from "../ffi/errors.ts";
 
 export const MANIFEST = "manifest.jsonl";
 export const RUN_RECORD = "run.json";
@@ -12,12 +13,7 @@ export const RECORD_FORMAT = "dipsy-generate-run";
 export const RECORD_VERSION = 1;
 
 /** A problem with the job's input, options or output folder: the user's to fix. */
-export class RunError extends Error {
-  constructor(message: string, options?: ErrorOptions) {
-    super(message, options);
-    this.name = "RunError";
-  }
-}
+export class RunError extends UserError {}
 
 /** `<index>.jpg`, zero-padded to 4 digits so that file listings sort in index order. */
 export function imageFileName(index: number): string {
@@ -125,7 +121,6 @@ export class IncompatibleRunError extends RunError {
         `different images:\n${differences.map((d) => `  - ${d}`).join("\n")}\n` +
         "Use a new --out folder, or the previous settings (see its run.json).",
     );
-    this.name = "IncompatibleRunError";
   }
 }
 
@@ -213,6 +208,33 @@ export async function writeAtomic(path: string, bytes: Uint8Array): Promise<void
   }
 }
 
+async function readRecord(path: string): Promise<RunRecord | null> {
+  try {
+    return JSON.parse(await Deno.readTextFile(path)) as RunRecord;
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return null;
+    throw new RunError(`${path}: unreadable run record (${e instanceof Error ? e.message : e})`);
+  }
+}
+
+function compareWith(out: string, previous: RunRecord, record: RunRecord): string[] {
+  if (previous.format !== RECORD_FORMAT) {
+    throw new RunError(`${join(out, RUN_RECORD)}: not a dipsy generate run record`);
+  }
+  const { differences, notes } = compareRecords(previous, record);
+  if (differences.length) throw new IncompatibleRunError(out, differences);
+  return notes;
+}
+
+/**
+ * Checks `record` against the run.json in `out`, if there is one, without writing anything:
+ * an incompatible folder is refused before a model loads. Returns the notes.
+ */
+export async function checkRecord(out: string, record: RunRecord): Promise<string[]> {
+  const previous = await readRecord(join(out, RUN_RECORD));
+  return previous ? compareWith(out, previous, record) : [];
+}
+
 /** Creates run.json, or checks the one there; safe when several shards start at once. */
 export async function claimRecord(
   out: string,
@@ -220,15 +242,7 @@ export async function claimRecord(
 ): Promise<{ created: boolean; notes: string[] }> {
   const path = join(out, RUN_RECORD);
   const text = `${JSON.stringify(record, null, 2)}\n`;
-  const read = async () => JSON.parse(await Deno.readTextFile(path)) as RunRecord;
-  let previous: RunRecord | null = null;
-  try {
-    previous = await read();
-  } catch (e) {
-    if (!(e instanceof Deno.errors.NotFound)) {
-      throw new RunError(`${path}: unreadable run record (${e instanceof Error ? e.message : e})`);
-    }
-  }
+  let previous = await readRecord(path);
   if (!previous) {
     const tmp = join(out, `.${RUN_RECORD}.${crypto.randomUUID().slice(0, 8)}.tmp`);
     await Deno.writeTextFile(tmp, text);
@@ -243,17 +257,13 @@ export async function claimRecord(
         await Deno.rename(tmp, path);
         return { created: true, notes: [] };
       }
-      previous = await read();
+      previous = await readRecord(path);
+      if (!previous) throw new RunError(`${path}: vanished while this run claimed it`);
     } finally {
       await Deno.remove(tmp).catch(() => {});
     }
   }
-  if (previous.format !== RECORD_FORMAT) {
-    throw new RunError(`${path}: not a dipsy generate run record`);
-  }
-  const { differences, notes } = compareRecords(previous, record);
-  if (differences.length) throw new IncompatibleRunError(out, differences);
-  return { created: false, notes };
+  return { created: false, notes: compareWith(out, previous, record) };
 }
 
 /**

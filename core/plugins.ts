@@ -4,6 +4,7 @@
  * flags choose every part of an experiment (each ablation is a configuration, not a code edit).
  */
 import type { Device, Generator, Tensor } from "../ffi/mod.ts";
+import { UserError } from "../ffi/errors.ts";
 
 export type PluginKind = "sampler" | "guidance" | "pairs" | "classifier";
 
@@ -23,12 +24,22 @@ export interface PluginDef<P extends Plugin = Plugin, O = Record<string, unknown
 }
 
 /** An error raised by a plugin, labelled with the plugin that raised it. */
-export class PluginError extends Error {
+export class PluginError extends UserError {
   constructor(readonly kind: PluginKind, readonly pluginName: string, cause: unknown) {
     super(`${kind} plugin "${pluginName}": ${cause instanceof Error ? cause.message : cause}`, {
       cause,
     });
-    this.name = "PluginError";
+  }
+}
+
+/** A plugin name that no registered plugin of its kind has (a typo in a flag or file). */
+export class UnknownPluginError extends UserError {
+  constructor(readonly kind: PluginKind, readonly pluginName: string, available: string[]) {
+    super(
+      `unknown ${kind} plugin "${pluginName}" (available: ${
+        available.join(", ") || "none registered"
+      })`,
+    );
   }
 }
 
@@ -51,13 +62,16 @@ export class Registry {
     return [...this.#defs.values()].filter((d) => !kind || d.kind === kind);
   }
 
+  /** The registration of a plugin; an unknown name is an UnknownPluginError listing the choices. */
+  definition(kind: PluginKind, name: string): PluginDef {
+    const def = this.#defs.get(`${kind}:${name}`);
+    if (!def) throw new UnknownPluginError(kind, name, this.list(kind).map((d) => d.name));
+    return def;
+  }
+
   /** Builds a plugin; unknown names list the choices, factory errors name the plugin. */
   create<P extends Plugin>(kind: P["kind"], name: string, options: object = {}): P {
-    const def = this.#defs.get(`${kind}:${name}`);
-    if (!def) {
-      const names = this.list(kind).map((d) => d.name).join(", ") || "none registered";
-      throw new Error(`unknown ${kind} plugin "${name}" (available: ${names})`);
-    }
+    const def = this.definition(kind, name);
     try {
       return def.create(options as Record<string, unknown>) as P;
     } catch (e) {
@@ -264,6 +278,11 @@ export interface Classifier extends Plugin {
     data: ClassifierTrainData,
     job: ClassifierJob,
   ): Promise<{ complete: boolean; epochsDone: number }>;
-  /** The trained classifier of a complete run folder. */
-  load(out: string, opts?: { modelSource?: string; device?: Device }): Promise<TrainedClassifier>;
+  /** The trained classifier of a complete run folder (`epoch`: that epoch's checkpoint). */
+  load(
+    out: string,
+    opts?: { modelSource?: string; device?: Device; epoch?: number },
+  ): Promise<TrainedClassifier>;
+  /** The epochs of a complete run whose checkpoint `load` can take (for model selection). */
+  epochs?(out: string): number[];
 }

@@ -7,6 +7,7 @@
  * queueing work: `prepareSample` needs only the plugin registry, `sampleImage` the loaded model.
  */
 import { scope, type Tensor } from "../ffi/mod.ts";
+import { UserError } from "../ffi/errors.ts";
 import type { DiffusionBackbone } from "./backbone.ts";
 import { imageFromTensor, type RgbImage } from "./image.ts";
 import {
@@ -35,10 +36,9 @@ export interface SampleSpec {
  * Input the caller has to fix. `field` names the offending input: a SampleSpec key, "positive",
  * "negative", or `guidanceOptions.<option>`.
  */
-export class SampleError extends Error {
+export class SampleError extends UserError {
   constructor(readonly field: string, message: string) {
     super(message);
-    this.name = "SampleError";
   }
 }
 

@@ -12,16 +12,13 @@ import {
   SafetensorsFile,
   type Tensor,
 } from "../ffi/mod.ts";
+import { UserError } from "../ffi/errors.ts";
 
 /** How a random source initialises a tensor that has no file behind it. */
 export type Init = "normal" | "zeros" | "ones";
 
-export class WeightError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "WeightError";
-  }
-}
+/** A weights file that is missing, or whose keys or shapes are not the model's. */
+export class WeightError extends UserError {}
 
 export interface WeightSource {
   readonly dtype: DType;

@@ -162,6 +162,19 @@ export async function quietly<T>(fn: () => Promise<T>, { echo = false } = {}): P
   }
 }
 
+/** Runs `fn` with console.log and console.error captured; returns its result and the lines. */
+export async function withOutput<T>(fn: () => Promise<T>): Promise<{ result: T; lines: string[] }> {
+  const log = console.log, err = console.error;
+  const lines: string[] = [];
+  console.log = console.error = (...a: unknown[]) => lines.push(a.join(" "));
+  try {
+    return { result: await fn(), lines };
+  } finally {
+    console.log = log;
+    console.error = err;
+  }
+}
+
 /** An image of deterministic noise (a linear congruential generator started at `seed`). */
 export function noiseImage(width: number, height: number, seed = 1): RgbImage {
   const data = new Uint8Array(width * height * 3);

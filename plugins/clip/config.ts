@@ -3,6 +3,7 @@
  * `CLIPConfig`. Every value comes from the file; a missing key takes transformers' default (not the
  * value a particular checkpoint happens to use), so a config that omits `hidden_act` is quick_gelu.
  */
+import { UserError } from "../../ffi/errors.ts";
 
 export type ClipActivation =
   | "quick_gelu"
@@ -96,10 +97,11 @@ export const VISION_DEFAULTS: Readonly<ClipVisionConfig> = {
 
 export const CLIP_DEFAULTS = { projectionDim: 512, logitScaleInitValue: 2.6592 } as const;
 
-export class ClipConfigError extends Error {
-  constructor(file: string, key: string, detail: string) {
-    super(`${file}: "${key}" ${detail}`);
-    this.name = "ClipConfigError";
+/** A CLIP `config.json` that cannot be read, or a value this port does not implement. */
+export class ClipConfigError extends UserError {
+  /** `key` null: the file as a whole (missing, not JSON, the wrong kind of model). */
+  constructor(file: string, key: string | null, detail: string) {
+    super(key === null ? `${file}: ${detail}` : `${file}: "${key}" ${detail}`);
   }
 }
 

@@ -13,8 +13,18 @@ import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { type Device, type DType, ops, refusePickle, scope, type Tensor } from "../../ffi/mod.ts";
 import { loadModule, Module } from "../../core/nn.ts";
-import { RandomSource, SafetensorsSource, type WeightSource } from "../../core/weights.ts";
-import { type ClipCheckpoint, type ClipModelConfig, parseClipCheckpointConfig } from "./config.ts";
+import {
+  RandomSource,
+  SafetensorsSource,
+  WeightError,
+  type WeightSource,
+} from "../../core/weights.ts";
+import {
+  type ClipCheckpoint,
+  ClipConfigError,
+  type ClipModelConfig,
+  parseClipCheckpointConfig,
+} from "./config.ts";
 import type { ClipAttention } from "./encoder.ts";
 import {
   type ClipPreset,
@@ -138,13 +148,13 @@ interface OpenedCheckpoint {
 function openFolder(dir: string, opts: ClipLoadOptions): OpenedCheckpoint {
   const configPath = join(dir, "config.json");
   if (!existsSync(configPath)) {
-    throw new Error(`${dir}: no config.json (expected a transformers CLIP folder)`);
+    throw new ClipConfigError(configPath, null, "not found (expected a transformers CLIP folder)");
   }
   let json: Record<string, unknown>;
   try {
     json = JSON.parse(readFileSync(configPath, "utf8"));
   } catch (e) {
-    throw new Error(`${configPath}: not valid JSON (${(e as Error).message})`);
+    throw new ClipConfigError(configPath, null, `not valid JSON (${(e as Error).message})`);
   }
   const info = parseClipCheckpointConfig(json, configPath);
   return { info, weights: openWeights(dir, opts), configPath };
@@ -155,18 +165,21 @@ function openWeights(dir: string, opts: ClipLoadOptions): SafetensorsSource {
   if (existsSync(single)) return SafetensorsSource.open(single, opts.dtype, opts.device);
   const indexPath = join(dir, "model.safetensors.index.json");
   if (existsSync(indexPath)) {
-    const index = JSON.parse(readFileSync(indexPath, "utf8")) as {
-      weight_map?: Record<string, string>;
-    };
-    if (!index.weight_map || typeof index.weight_map !== "object") {
-      throw new Error(`${indexPath}: "weight_map" is missing`);
+    let index: { weight_map?: Record<string, string> } | null;
+    try {
+      index = JSON.parse(readFileSync(indexPath, "utf8"));
+    } catch (e) {
+      throw new WeightError(`${indexPath}: not valid JSON (${(e as Error).message})`);
+    }
+    if (!index?.weight_map || typeof index.weight_map !== "object") {
+      throw new WeightError(`${indexPath}: "weight_map" is missing`);
     }
     const shards = [...new Set(Object.values(index.weight_map))].sort().map((f) => join(dir, f));
     return SafetensorsSource.open(shards, opts.dtype, opts.device);
   }
   const pickle = join(dir, "pytorch_model.bin");
   if (existsSync(pickle)) refusePickle(pickle);
-  throw new Error(`${dir}: no model.safetensors or model.safetensors.index.json`);
+  throw new WeightError(`${dir}: no model.safetensors or model.safetensors.index.json`);
 }
 
 /** Weights of a standalone tower: legacy files nest them under `text_model.` / `vision_model.`. */
@@ -175,7 +188,11 @@ function towerBody(w: WeightSource, prefix: string, probe: string): WeightSource
 }
 
 function wrongKind(configPath: string, got: string, want: string): Error {
-  return new Error(`${configPath}: describes a CLIP ${got} model; ${want} was asked for`);
+  return new ClipConfigError(
+    configPath,
+    null,
+    `describes a CLIP ${got} model; ${want} was asked for`,
+  );
 }
 
 /**

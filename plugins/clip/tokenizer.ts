@@ -16,6 +16,10 @@
  *
  * Fixtures produced by test/reference/tokenizer_ref.py pin this against transformers.
  */
+import { UserError } from "../../ffi/errors.ts";
+
+/** Tokenizer files that cannot be read or describe a tokenizer this port does not implement. */
+export class TokenizerError extends UserError {}
 
 const SOT = "<|startoftext|>";
 const EOT = "<|endoftext|>";
@@ -253,7 +257,9 @@ function parseMergesTxt(text: string, where: string): [string, string][] {
     const parts = line.split(" ");
     if (parts.length !== 2) {
       const what = `line ${i + 1} (${JSON.stringify(line)})`;
-      throw new Error(`ClipTokenizer: ${where} ${what} is not two tokens separated by one space`);
+      throw new TokenizerError(
+        `ClipTokenizer: ${where} ${what} is not two tokens separated by one space`,
+      );
     }
     merges.push([parts[0], parts[1]]);
   }
@@ -269,7 +275,7 @@ function asPair(m: unknown, index: number, where: string): [string, string] {
   ) {
     return m as [string, string];
   }
-  throw new Error(
+  throw new TokenizerError(
     `ClipTokenizer: merge #${index} in ${where} is not two tokens ("a b" or ["a", "b"]): ` +
       JSON.stringify(m),
   );
@@ -307,7 +313,9 @@ export class ClipTokenizer {
     for (const id of vocab.values()) if (id > maxId) maxId = id;
     this.stride = maxId + 1;
     if (this.stride * this.stride > Number.MAX_SAFE_INTEGER) {
-      throw new Error(`ClipTokenizer: vocabulary ids in ${where} are too large (max ${maxId})`);
+      throw new TokenizerError(
+        `ClipTokenizer: vocabulary ids in ${where} are too large (max ${maxId})`,
+      );
     }
 
     // Later duplicates overwrite earlier ones, as collecting into tokenizers' HashMap does.
@@ -320,7 +328,7 @@ export class ClipTokenizer {
       const ir = vocab.get(a + b);
       if (ia === undefined || ib === undefined || ir === undefined) {
         const tok = JSON.stringify(ia === undefined ? a : ib === undefined ? b : a + b);
-        throw new Error(
+        throw new TokenizerError(
           `ClipTokenizer: merge #${rank} "${a} ${b}" in ${where} uses ${tok}, ` +
             "which is not in the vocabulary",
         );
@@ -345,7 +353,7 @@ export class ClipTokenizer {
       if (t.content === "") continue;
       if (t.lstrip || t.rstrip || t.singleWord) {
         // Not used by any CLIP checkpoint; failing beats silently producing other ids.
-        throw new Error(
+        throw new TokenizerError(
           `ClipTokenizer: added token ${JSON.stringify(t.content)} in ${where} sets ` +
             "lstrip/rstrip/single_word, which this tokenizer does not implement",
         );
@@ -368,7 +376,7 @@ export class ClipTokenizer {
     const idOf = (tok: string, role: string) => {
       const id = addedIds.get(tok) ?? vocab.get(tok);
       if (id === undefined) {
-        throw new Error(
+        throw new TokenizerError(
           `ClipTokenizer: ${role} token ${JSON.stringify(tok)} has no id in ${where}`,
         );
       }
@@ -399,7 +407,9 @@ export class ClipTokenizer {
         return await Deno.readTextFile(path(name));
       } catch (e) {
         if (e instanceof Deno.errors.NotFound) return null;
-        throw e;
+        throw new TokenizerError(
+          `ClipTokenizer: cannot read ${path(name)} (${(e as Error).message})`,
+        );
       }
     };
     const readJson = async (name: string): Promise<Record<string, unknown> | null> => {
@@ -408,7 +418,9 @@ export class ClipTokenizer {
       try {
         return JSON.parse(text);
       } catch (e) {
-        throw new Error(`ClipTokenizer: ${path(name)} is not valid JSON: ${(e as Error).message}`);
+        throw new TokenizerError(
+          `ClipTokenizer: ${path(name)} is not valid JSON: ${(e as Error).message}`,
+        );
       }
     };
 
@@ -425,13 +437,13 @@ export class ClipTokenizer {
       const where = path("tokenizer.json");
       const model = tokenizerJson.model as Record<string, unknown> | undefined;
       if (model?.type !== undefined && model.type !== "BPE") {
-        throw new Error(`ClipTokenizer: ${where} holds a ${model.type} model, not BPE`);
+        throw new TokenizerError(`ClipTokenizer: ${where} holds a ${model.type} model, not BPE`);
       }
       if (!model || typeof model.vocab !== "object" || !Array.isArray(model.merges)) {
-        throw new Error(`ClipTokenizer: ${where} has no model.vocab / model.merges`);
+        throw new TokenizerError(`ClipTokenizer: ${where} has no model.vocab / model.merges`);
       }
       if (tokenizerJson.truncation != null || tokenizerJson.padding != null) {
-        throw new Error(
+        throw new TokenizerError(
           `ClipTokenizer: ${where} bakes in truncation/padding, which this tokenizer ` +
             "does not apply",
         );
@@ -449,7 +461,7 @@ export class ClipTokenizer {
           : mergesTxt !== null
           ? "vocab.json"
           : "vocab.json and merges.txt";
-        throw new Error(
+        throw new TokenizerError(
           `ClipTokenizer: ${dir} has no ${missing}; expected vocab.json + merges.txt ` +
             `(diffusers tokenizer/ layout) or tokenizer.json`,
         );
@@ -457,7 +469,7 @@ export class ClipTokenizer {
       try {
         vocab = JSON.parse(vocabJson);
       } catch (e) {
-        throw new Error(
+        throw new TokenizerError(
           `ClipTokenizer: ${path("vocab.json")} is not valid JSON: ${(e as Error).message}`,
         );
       }
@@ -472,7 +484,7 @@ export class ClipTokenizer {
     for (const key of ["padding_side", "truncation_side"]) {
       const side = config?.[key];
       if (side !== undefined && side !== "right") {
-        throw new Error(`ClipTokenizer: ${key} ${JSON.stringify(side)} is not supported`);
+        throw new TokenizerError(`ClipTokenizer: ${key} ${JSON.stringify(side)} is not supported`);
       }
     }
     return new ClipTokenizer(
@@ -737,12 +749,14 @@ export class ClipTokenizer {
 
 function vocabMap(vocab: Record<string, number>, where: string): Map<string, number> {
   if (vocab === null || typeof vocab !== "object" || Array.isArray(vocab)) {
-    throw new Error(`ClipTokenizer: the vocabulary in ${where} is not a token -> id object`);
+    throw new TokenizerError(
+      `ClipTokenizer: the vocabulary in ${where} is not a token -> id object`,
+    );
   }
   const m = new Map<string, number>();
   for (const [tok, id] of Object.entries(vocab)) {
     if (!Number.isInteger(id) || id < 0) {
-      throw new Error(
+      throw new TokenizerError(
         `ClipTokenizer: vocabulary entry ${JSON.stringify(tok)} in ${where} has id ${
           JSON.stringify(id)
         }, not a non-negative integer`,
@@ -757,7 +771,7 @@ function vocabMap(vocab: Record<string, number>, where: string): Map<string, num
 function tokenFromJson(v: unknown, specialDefault: boolean): AddedToken {
   const o = v as Record<string, unknown>;
   if (typeof o?.content !== "string") {
-    throw new Error(`ClipTokenizer: malformed added token ${JSON.stringify(v)}`);
+    throw new TokenizerError(`ClipTokenizer: malformed added token ${JSON.stringify(v)}`);
   }
   return addedToken({
     content: o.content,
@@ -845,7 +859,9 @@ function resolveSpecialTokens(
   const req = (key: string) => {
     const v = values[key];
     if (v === null) {
-      throw new Error(`ClipTokenizer: the tokenizer config sets ${key} to null; CLIP needs one`);
+      throw new TokenizerError(
+        `ClipTokenizer: the tokenizer config sets ${key} to null; CLIP needs one`,
+      );
     }
     return contentOf(v);
   };

@@ -11,7 +11,10 @@
 import { readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
 import type { SamplerOptions, SchedulerConfig } from "../../core/plugins.ts";
-import { fromHost, ops, scalar, scope, type Tensor } from "../../ffi/mod.ts";
+import { fromHost, ops, scalar, scope, type Tensor, UserError } from "../../ffi/mod.ts";
+
+/** A `scheduler_config.json` that cannot be read. */
+export class SchedulerConfigError extends UserError {}
 
 // ---------------------------------------------------------------------------------------------
 // scheduler_config.json
@@ -59,7 +62,7 @@ export function parseSchedulerConfig(
   source = "scheduler_config.json",
 ): SchedulerConfig {
   if (json === null || typeof json !== "object" || Array.isArray(json)) {
-    throw new Error(`${source}: expected a JSON object`);
+    throw new SchedulerConfigError(`${source}: expected a JSON object`);
   }
   const raw = json as Record<string, unknown>;
   const defaulted = new Set<string>(
@@ -97,7 +100,9 @@ export function readSchedulerConfig(path: string): SchedulerConfig {
   try {
     text = readFileSync(file, "utf8");
   } catch (e) {
-    throw new Error(`${file}: cannot read the scheduler config (${(e as Error).message})`);
+    throw new SchedulerConfigError(
+      `${file}: cannot read the scheduler config (${(e as Error).message})`,
+    );
   }
   let json: unknown;
   try {
@@ -109,7 +114,7 @@ export function readSchedulerConfig(path: string): SchedulerConfig {
           : v,
     );
   } catch (e) {
-    throw new Error(`${file}: not valid JSON (${(e as Error).message})`);
+    throw new SchedulerConfigError(`${file}: not valid JSON (${(e as Error).message})`);
   }
   return parseSchedulerConfig(json, file);
 }
