@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU machine: one NVIDIA GPU, a python3 with a CUDA torch (2.11 to
-# 2.14), no internet and no Deno. It builds the native shim against that torch, runs
+# The one command for a GPU machine: one NVIDIA GPU, a python3 with a CUDA torch (2.11 to 2.14),
+# no internet and no Deno. It builds the native shim against that torch, runs
 # test/cuda_test.ts, then bench/gpu_bench.ts, which prints one JSON line per figure. What it needs
 # beside the repository comes from bench/gpu_prepare.sh (run where there is internet) in
 # .cache/gpu-carry/: carry that folder along.

@@ -6,7 +6,7 @@
  * and the ratios. An image's time covers the whole batch: prompt and image encoding, the steps,
  * the VAE decode and the copy of the pixels to the host; the first batch of each kind is warm-up.
  *
- *   deno run -A bench/gpu_bench.ts            (bench/gpu.sh runs it on a lent GPU machine)
+ *   deno run -A bench/gpu_bench.ts            (bench/gpu.sh runs it on a GPU machine)
  *   deno run -A bench/gpu_bench.ts --smoke    tiny models on the CPU, 2 steps: checks the code
  *                                             of both sides, measures nothing
  *

@@ -155,6 +155,8 @@ async function generate(
     signal,
     log,
     backbone: () => backbone!,
+    // Lets planRun refuse a bad image size before run.json is written.
+    vaeScaleFactor: backbone!.vaeScaleFactor,
     onProgress: (progress) => port.postMessage({ type: "progress", id: m.id, progress }),
     onImage: (entry) => port.postMessage({ type: "image", id: m.id, file: entry.file }),
     ...(m.hold

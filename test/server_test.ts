@@ -17,7 +17,14 @@ import { checkExposure, isLoopback } from "../server/auth.ts";
 import type { RunningServer } from "../server/app.ts";
 import { WorkQueue } from "../server/engine.ts";
 import { CliError } from "../cli/command.ts";
-import { noiseImage, quietly, readTree, withTempDir, writeTinyDataset } from "./util.ts";
+import {
+  noiseImage,
+  quickGenerateFlags,
+  quietly,
+  readTree,
+  withTempDir,
+  writeTinyDataset,
+} from "./util.ts";
 import {
   assertSameRun,
   BatchGate,
@@ -28,6 +35,7 @@ import {
   type Reply,
   serverTest,
   waitFor,
+  whenListening,
 } from "./server_util.ts";
 
 // One thread: thread counts change float rounding, and the tiny models gain nothing from more.
@@ -223,16 +231,7 @@ serverTest("server: a job equals `dipsy generate` and reports progress as events
       DATA,
       "--out",
       cliOut,
-      "--per-class",
-      "4",
-      "--steps",
-      "2",
-      "--size",
-      "32",
-      "--batch",
-      "2",
-      "--seed",
-      "5",
+      ...quickGenerateFlags(4, 5),
     ])
   );
   assert.equal(code, 0);
@@ -241,6 +240,25 @@ serverTest("server: a job equals `dipsy generate` and reports progress as events
   assertSameRun(served, cli);
   assert.deepEqual(served.get("run.json"), cli.get("run.json"));
 });
+
+serverTest(
+  "server: a job refused for its image size writes nothing; the corrected job then runs there",
+  async () => {
+    const bad = await postJob({ ...JOB, out: "out-size", width: 13, height: 13 });
+    assert.equal(bad.status, 202, JSON.stringify(bad.json));
+    const last = (await client.jobEvents(bad.json.id)).at(-1)!.data;
+    assert.equal(last.status, "failed");
+    assert.match(last.error, /must be multiples of \d+/);
+    const left = await readTree(join(ROOT, "out-size")).catch(() => new Map());
+    assert.deepEqual([...left.keys()], [], "nothing written for the refused job");
+
+    const good = await postJob({ ...JOB, out: "out-size" });
+    assert.equal(good.status, 202, JSON.stringify(good.json));
+    const done = (await client.jobEvents(good.json.id)).at(-1)!.data;
+    assert.equal(done.status, "succeeded", JSON.stringify(done));
+    assert.equal(done.result.written, 8);
+  },
+);
 
 serverTest(
   "server: cancel stops after the batch in flight; the same request resumes, losing nothing",
@@ -988,15 +1006,7 @@ serverTest(
       stdout: "piped",
       stderr: "piped",
     }).spawn();
-    const stderr = new Response(child.stderr).text();
-    const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-    let head = "";
-    while (!/listening on (\S+)/.test(head)) {
-      const { value, done } = await lines.read();
-      if (done) throw new Error(`serve ended early: ${head}\n${await stderr}`);
-      head += value;
-    }
-    const url = /listening on (\S+)/.exec(head)![1];
+    const { url, stderr, release } = await whenListening(child);
     const res = await fetch(`${url}/v1/jobs`, {
       method: "POST",
       headers: { ...AUTH, "content-type": "application/json" },
@@ -1012,8 +1022,7 @@ serverTest(
       }
     });
     const status = await child.status;
-    lines.releaseLock();
-    await child.stdout.cancel().catch(() => {});
+    await release();
     assert.equal(status.code, 0, await stderr);
     const last = events.at(-1)!.data;
     assert.equal(last.status, "cancelled");
