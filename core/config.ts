@@ -590,13 +590,25 @@ export function resolveConfig(layers: readonly ConfigLayer[], reg: Registry = re
   config.plugins = pluginFiles(layers);
 
   for (const key of PLUGIN_KEYS) {
-    const { name } = config[key];
+    const { name, options } = config[key];
     if (!reg.has(PLUGIN_KIND[key], name)) {
       const names = reg.list(PLUGIN_KIND[key]).map((d) => d.name);
       const guess = closest(name, names);
       problems.push(
         `unknown ${key} plugin "${name}"${guess ? ` (did you mean "${guess}"?)` : ""} ` +
           `(available: ${names.join(", ") || "none registered"}; --plugin FILE adds more)`,
+      );
+      continue;
+    }
+    // A misspelt option would otherwise run with the default and be recorded as if it had
+    // been applied: a sweep with one typo would silently produce wrong data.
+    const declared = [...(declaredOptions(reg, key, name) ?? [])];
+    for (const k of Object.keys(options)) {
+      if (declared.includes(k)) continue;
+      const guess = closest(k, declared);
+      problems.push(
+        `${key} "${name}" has no option "${k}"${guess ? ` (did you mean "${guess}"?)` : ""} ` +
+          `(options: ${declared.join(", ") || "none"})`,
       );
     }
   }

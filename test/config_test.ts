@@ -111,6 +111,26 @@ Deno.test("--set reads YAML scalars and dotted plugin options", () => {
   assert.throws(() => parseSets(["seed.x=1"]), /dotted/);
 });
 
+Deno.test("a misspelt plugin option is refused, naming the valid ones", () => {
+  for (
+    const set of ["guidance.negativScale=4", "sampler.timestep_spacin=trailing", "pairs.agment=0"]
+  ) {
+    assert.throws(
+      () => resolveConfig([parseSets([set])]),
+      (e: unknown) => e instanceof ConfigError && /has no option/.test(e.message),
+      set,
+    );
+  }
+  assert.throws(
+    () => resolveConfig([parseSets(["guidance.negativScale=4"])]),
+    /guidance "dipsy" has no option "negativScale" \(did you mean "negativeScale"\?\) \(options: .*positiveScale/,
+  );
+  assert.throws(
+    () => resolveConfig([parseConfigObject({ guidance: { name: "cfg", positiveScale: 2 } }, "f")]),
+    /guidance "cfg" has no option "positiveScale"/,
+  );
+});
+
 Deno.test("problems are reported together, with hints", () => {
   try {
     parseConfigObject(

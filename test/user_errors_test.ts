@@ -188,6 +188,11 @@ Deno.test("bad flags and values: one line naming the flag or field, no stack", a
       says: /unknown option --per-clas \(did you mean --per-class\?\)/,
     },
     {
+      args: [...gen("option"), "--set", "guidance.negativScale=4"],
+      code: 1,
+      says: /guidance "dipsy" has no option "negativScale" \(did you mean "negativeScale"\?\)/,
+    },
+    {
       args: ["sample", "--prompt", "a cat", "--out", join(ROOT, "x.png"), "--seed=-1"],
       code: 2,
       says: /--seed must be a non-negative integer, got "-1"/,
@@ -203,7 +208,7 @@ Deno.test("bad flags and values: one line naming the flag or field, no stack", a
     assertOneLine(c.args.join(" "), c.args[0], r, c.code, c.says);
     assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
   });
-  for (const out of ["seed", "per-class", "typo", "train"]) {
+  for (const out of ["seed", "per-class", "typo", "option", "train"]) {
     assert.ok(!existsSync(join(ROOT, out)), `a refused command created ${out}`);
   }
 });
