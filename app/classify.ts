@@ -9,11 +9,12 @@
  * numbers. Ties go to the earliest epoch (DataDream keeps a new best only when it is higher).
  */
 import { existsSync, readFileSync } from "node:fs";
-import { join, resolve } from "node:path";
+import { basename, join, resolve } from "node:path";
 import type { Device } from "../ffi/mod.ts";
 import { TINY } from "../core/config.ts";
 import { RunError, writeAtomic } from "../core/output.ts";
 import { Progress } from "../core/progress.ts";
+import { type Provenance, provenance } from "../core/provenance.ts";
 import {
   type Classifier,
   type ClassifierTrainData,
@@ -47,6 +48,8 @@ interface ClassifierRecord {
   name: string;
   settings: Record<string, unknown>;
   classNames: string[];
+  /** The device it was trained on (the default of its evaluation). */
+  device?: string;
 }
 
 export async function resolveClipSource(ref: string): Promise<string> {
@@ -208,6 +211,7 @@ async function trainOnly(
       name: classifier.name,
       settings: { ...classifier.settings },
       classNames: [...data.classNames],
+      device,
     };
     await writeAtomic(
       join(out, CLASSIFIER_RECORD),
@@ -283,6 +287,7 @@ export interface EvalRecord extends EvalResult {
   selection: Selection;
   /** Test metrics of every epoch (with perEpoch or best-test). */
   perEpoch?: EpochMetrics[];
+  provenance?: Provenance;
   /** The run's validation results, when it has a validation split. */
   validation?: { from: string; images: number; epochs: EpochMetrics[] };
 }
@@ -477,7 +482,7 @@ export async function evalStage(opts: EvalStageOptions): Promise<EvalRecord & { 
   const result = (which !== undefined ? perEpoch?.get(which) : undefined) ??
     (await evaluateEpochs(classifier, run, images, [which], "eval", epochOpts)).get(which)!;
 
-  const file = resolve(opts.out ?? join(run, EVAL_RECORD));
+  const file = opts.out === undefined ? evalFileFor(run, opts.test) : resolve(opts.out);
   const json: EvalRecord = {
     model: run,
     test: resolve(opts.test),
@@ -489,7 +494,38 @@ export async function evalStage(opts: EvalStageOptions): Promise<EvalRecord & { 
         validation: { from: validation.from, images: validation.images, epochs: validation.epochs },
       }
       : {}),
+    provenance: await provenance({
+      device: opts.device ? await resolveDevice(opts.device) : record.device ?? "unknown",
+      dtype: String(record.settings.dtype ?? "unknown"),
+    }),
   };
   await writeAtomic(file, new TextEncoder().encode(JSON.stringify(json, null, 2) + "\n"));
   return { ...json, file };
+}
+
+/**
+ * RUN/eval.json, unless it holds the results of another test folder: then
+ * RUN/eval-<folder name>.json, so that evaluating on a second test set keeps the first.
+ */
+export function evalFileFor(run: string, test: string): string {
+  const testDir = resolve(test);
+  const held = (file: string) => {
+    try {
+      return (JSON.parse(readFileSync(file, "utf8")) as { test?: string }).test ?? null;
+    } catch {
+      return null; // missing or unreadable: free to (re)write
+    }
+  };
+  const own = join(run, EVAL_RECORD);
+  const first = held(own);
+  if (first === null || first === testDir) return own;
+  const other = join(run, `eval-${basename(testDir)}.json`);
+  const second = held(other);
+  if (second !== null && second !== testDir) {
+    throw new RunError(
+      `${other} holds the results of ${second}, another test folder named like ${testDir}: ` +
+        "give --out FILE",
+    );
+  }
+  return other;
 }

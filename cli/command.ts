@@ -6,6 +6,10 @@ import { closest } from "../core/suggest.ts";
 export interface Command {
   /** One line for the command list. */
   summary: string;
+  /** What `--help` prints. */
+  usage: string;
+  /** The flags `run` accepts (checked against `usage` by the tests). */
+  flags: ParseArgsOptionsConfig;
   /** Runs with the arguments after the command name; returns the exit code. */
   run(args: string[]): Promise<number>;
 }

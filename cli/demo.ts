@@ -100,16 +100,20 @@ per class (tiny SD1.5 with dual IP-Adapter guidance) into DIR/images, trains the
 (tiny CLIP + LoRA) on both into DIR/classifier and evaluates it on DIR/test. Default DIR:
 out/demo. The tiny models have random weights: the generated images are noise.`;
 
+const FLAGS = {
+  help: { type: "boolean", short: "h" },
+  out: { type: "string" },
+  "per-class": { type: "string" },
+  steps: { type: "string" },
+  epochs: { type: "string" },
+} as const;
+
 export const command: Command = {
   summary: "run the main job end to end on the embedded tiny models",
+  usage: USAGE,
+  flags: FLAGS,
   async run(args) {
-    const values = parseFlags(args, {
-      help: { type: "boolean", short: "h" },
-      out: { type: "string" },
-      "per-class": { type: "string" },
-      steps: { type: "string" },
-      epochs: { type: "string" },
-    });
+    const values = parseFlags(args, FLAGS);
     if (values.help) {
       console.log(USAGE);
       return 0;

@@ -11,12 +11,13 @@ const USAGE = `usage: deno task dipsy eval --model RUN --test DIR [options]
 Evaluates the classifier trained in RUN (by train or run) on the test images in DIR
 (DIR/<class>/*, class names as in training). Prints a table and writes RUN/eval.json: top-1,
 top-5, per-class accuracy, their mean, the confusion matrix, and which epoch was evaluated and
-how it was chosen.
+how it was chosen. When RUN/eval.json holds another test folder's results, they are kept and
+this one's go to RUN/eval-<DIR's name>.json.
 
 options:
   --model RUN      training run folder
   --test DIR       test images, one folder per class
-  --out FILE       where to write the JSON (default RUN/eval.json)
+  --out FILE       where to write the JSON (default RUN/eval.json or RUN/eval-<name>.json)
   --dataset NAME   dataset name (DataDream layout, benchmark class names; default: the run's)
   --batch N        images per forward (default 64)
   --device D       auto, cpu, cuda, cuda:N (default: the training device)
@@ -24,20 +25,24 @@ options:
 
 ${SELECT_USAGE}`;
 
+const FLAGS = {
+  help: { type: "boolean", short: "h" },
+  model: { type: "string" },
+  test: { type: "string" },
+  out: { type: "string" },
+  dataset: { type: "string" },
+  batch: { type: "string" },
+  device: { type: "string" },
+  workers: { type: "string" },
+  ...SELECT_FLAGS,
+} as const;
+
 export const command: Command = {
   summary: "evaluate a trained classifier on a test folder",
+  usage: USAGE,
+  flags: FLAGS,
   async run(args) {
-    const values = parseFlags(args, {
-      help: { type: "boolean", short: "h" },
-      model: { type: "string" },
-      test: { type: "string" },
-      out: { type: "string" },
-      dataset: { type: "string" },
-      batch: { type: "string" },
-      device: { type: "string" },
-      workers: { type: "string" },
-      ...SELECT_FLAGS,
-    });
+    const values = parseFlags(args, FLAGS);
     if (values.help) {
       console.log(USAGE);
       return 0;

@@ -23,19 +23,23 @@ options:
   --skip-bad           pass over unreadable or broken images (the next drawn takes the rank)
   --force              replace seed folders that hold another split`;
 
+const FLAGS = {
+  help: { type: "boolean", short: "h" },
+  from: { type: "string" },
+  out: { type: "string" },
+  dataset: { type: "string" },
+  shots: { type: "string" },
+  seeds: { type: "string" },
+  "skip-bad": { type: "boolean" },
+  force: { type: "boolean" },
+} as const;
+
 export const command: Command = {
   summary: "draw nested k-shot splits of a training set (seeded, recorded)",
+  usage: USAGE,
+  flags: FLAGS,
   async run(args) {
-    const values = parseFlags(args, {
-      help: { type: "boolean", short: "h" },
-      from: { type: "string" },
-      out: { type: "string" },
-      dataset: { type: "string" },
-      shots: { type: "string" },
-      seeds: { type: "string" },
-      "skip-bad": { type: "boolean" },
-      force: { type: "boolean" },
-    });
+    const values = parseFlags(args, FLAGS);
     if (values.help) {
       console.log(USAGE);
       return 0;

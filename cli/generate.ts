@@ -5,9 +5,16 @@
  */
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { parseArgs } from "node:util";
+import type { parseArgs } from "node:util";
 import type { DiffusionBackbone } from "../core/backbone.ts";
-import type { ConfigLayer, RunConfig } from "../core/config.ts";
+import {
+  type ConfigLayer,
+  DEFAULT_CLIP,
+  DEFAULT_IMAGE_ENCODER,
+  DEFAULT_IP_ADAPTER,
+  DEFAULT_MODEL,
+  type RunConfig,
+} from "../core/config.ts";
 import type { Dataset } from "../core/dataset.ts";
 import type { Shard } from "../core/shard.ts";
 import type { Guidance, Sampler } from "../core/plugins.ts";
@@ -51,23 +58,25 @@ what to generate:
   --plugin FILE         load plugins from a module (repeatable); see docs/plugins.md
 
 models:
-  --model REF           SD1.5 diffusers folder or Hub id (default stable-diffusion-v1-5/
-                        stable-diffusion-v1-5); "tiny": embedded random weights, no files
+  --model REF           SD1.5 diffusers folder or Hub id, or "tiny" (embedded random weights,
+                        no files); default ${DEFAULT_MODEL}
   --tiny                the tiny models for everything (noise images; for trying things out)
   --ip-adapter REF      IP-Adapter file, or org/name/file in a Hub repo (default
-                        h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors)
-  --image-encoder REF   its image encoder (default h94/IP-Adapter/models/image_encoder)
-  --clip REF            CLIP for class similarity (default openai/clip-vit-base-patch16)
+                        ${DEFAULT_IP_ADAPTER})
+  --image-encoder REF   its image encoder (default ${DEFAULT_IMAGE_ENCODER})
+  --clip REF            CLIP for class similarity (default ${DEFAULT_CLIP})
   --device D            auto, cpu, cuda, cuda:N (default auto)
   --dtype T             auto (f16 on CUDA, f32 on CPU), f32, f16, bf16
   --batch B             images per model call (default 4)
   --quality Q           JPEG quality (default 95)
 
 running:
-  --shard I/N           do shard I of N (also from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT,
-                        or JOB_COMPLETION_INDEX with --shard-count N or DIPSY_SHARD_COUNT)
+  --shard I/N           do shard I of N, I counting from 0 (0/2 and 1/2 are the two halves;
+                        also from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, or
+                        JOB_COMPLETION_INDEX with --shard-count N or DIPSY_SHARD_COUNT)
   --shard-count N       the shard count for JOB_COMPLETION_INDEX; with SLURM_ARRAY_TASK_ID, the
-                        task id is then the shard index (an array resubmitted as --array=1,3)
+                        task id is then the shard index (for an array resubmitted as
+                        \`sbatch --array=1,3\`)
   --devices LIST        one worker process per device, e.g. cuda:0,cuda:1 or all (every GPU),
                         each a shard of this run (or of --shard's), all into OUT; not with --device
   --only CLASS:INDEX    (re)make just these images (repeatable); their batch is computed whole
@@ -398,6 +407,8 @@ export function holdAfterFirstBatch(dir: string, shard: Shard): () => Promise<vo
 
 export const command: Command = {
   summary: "generate the synthetic dataset (resumable, shardable)",
+  usage: USAGE,
+  flags: GENERATE_FLAGS,
   async run(args) {
     const flags: GenerateFlags = parseFlags(args, GENERATE_FLAGS);
     if (flags.help) {

@@ -1,16 +1,21 @@
 /** `dipsy info`: what libtorch this installation runs on. */
-import { parseArgs } from "node:util";
-import type { Command } from "./command.ts";
+import { type Command, parseFlags } from "./command.ts";
+
+const USAGE = `usage: deno task dipsy info
+
+Prints the runtime information as JSON: libtorch, the CUDA devices, and which attention kernel
+SD1.5 at 512 px runs on the default device.`;
+
+const FLAGS = { help: { type: "boolean", short: "h" } } as const;
 
 export const command: Command = {
   summary: "libtorch / device information",
+  usage: USAGE,
+  flags: FLAGS,
   async run(args) {
-    const { values } = parseArgs({ args, options: { help: { type: "boolean", short: "h" } } });
+    const values = parseFlags(args, FLAGS);
     if (values.help) {
-      console.log(
-        "usage: deno task dipsy info\n\nPrints the runtime information as JSON: libtorch, the " +
-          "CUDA devices, and which attention kernel SD1.5 at 512 px runs on the default device.",
-      );
+      console.log(USAGE);
       return 0;
     }
     const { runtimeInfo, libraryPath } = await import("../ffi/mod.ts");

@@ -2,40 +2,76 @@
  * `deno task dipsy <command>`: one CLI, one module per command, loaded on demand so that `--help`
  * and argument errors never need the native library.
  */
+import { resolve } from "node:path";
 import { UserError } from "../ffi/errors.ts";
 import { CliError, type Command } from "./command.ts";
 
-const COMMANDS: Record<string, () => Promise<{ command: Command }>> = {
-  info: () => import("./info.ts"),
-  demo: () => import("./demo.ts"),
-  fewshot: () => import("./fewshot.ts"),
-  similarity: () => import("./similarity.ts"),
-  generate: () => import("./generate.ts"),
-  sample: () => import("./sample.ts"),
-  train: () => import("./train.ts"),
-  eval: () => import("./eval.ts"),
-  run: () => import("./run.ts"),
-  serve: () => import("./serve.ts"),
+/** Each command: its line in the command list, and its module. */
+export const COMMANDS: Record<string, [string, () => Promise<{ command: Command }>]> = {
+  info: ["libtorch / device information of this installation", () => import("./info.ts")],
+  demo: ["run the main job end to end on the embedded tiny models", () => import("./demo.ts")],
+  fewshot: [
+    "draw nested k-shot splits of a training set (seeded, recorded)",
+    () => import("./fewshot.ts"),
+  ],
+  similarity: [
+    "compute and save the class similarity matrix (reused by generate)",
+    () => import("./similarity.ts"),
+  ],
+  generate: [
+    "generate the synthetic dataset (resumable, shardable, deterministic)",
+    () => import("./generate.ts"),
+  ],
+  train: [
+    "fine-tune the classifier (CLIP + LoRA) on real + synthetic images (resumable)",
+    () => import("./train.ts"),
+  ],
+  eval: [
+    "top-1 and per-class accuracy of a trained classifier on a test folder",
+    () => import("./eval.ts"),
+  ],
+  run: [
+    "similarity -> generate -> train -> eval in one command, with a report",
+    () => import("./run.ts"),
+  ],
+  sample: [
+    "generate one image from explicit reference images (for trying scales)",
+    () => import("./sample.ts"),
+  ],
+  serve: ["serve sample and generate over HTTP (models stay loaded)", () => import("./serve.ts")],
 };
 
-function usage(): string {
+export function usage(): string {
+  const width = Math.max(...Object.keys(COMMANDS).map((name) => name.length)) + 2;
   return [
     "usage: deno task dipsy <command> [options]",
     "",
     "commands:",
-    "  info    libtorch / device information of this installation",
-    "  demo    run the main job end to end on the embedded tiny models",
-    "  fewshot     draw nested k-shot splits of a training set (seeded, recorded)",
-    "  similarity  compute and save the class similarity matrix (reused by generate)",
-    "  generate    generate the synthetic dataset (resumable, shardable, deterministic)",
-    "  train   fine-tune the classifier (CLIP + LoRA) on real + synthetic images (resumable)",
-    "  eval    top-1 and per-class accuracy of a trained classifier on a test folder",
-    "  run     similarity -> generate -> train -> eval in one command, with a report",
-    "  sample  generate one image from explicit reference images (for trying scales)",
-    "  serve   serve sample and generate over HTTP (models stay loaded)",
+    ...Object.entries(COMMANDS).map(([name, [summary]]) => `  ${name.padEnd(width)}${summary}`),
     "",
     "`deno task dipsy <command> --help` shows a command's options.",
   ].join("\n");
+}
+
+/**
+ * `deno task` runs in the folder of deno.json and records the caller's folder in INIT_CWD:
+ * relative paths on the command line are meant from there. Module and native-library paths
+ * come from import.meta.url; the native-library variables are pinned first, because the
+ * bootstrap that ran before this process read them from the task's folder.
+ */
+export function enterCallerFolder(): void {
+  const caller = Deno.env.get("INIT_CWD");
+  if (!caller) return;
+  try {
+    if (!Deno.statSync(caller).isDirectory) return;
+  } catch {
+    return; // a stale INIT_CWD (a folder since removed) leaves the working folder as it is
+  }
+  for (const name of ["DIPSY_NATIVE_CACHE", "DIPSY_LIB"]) {
+    const value = Deno.env.get(name);
+    if (value) Deno.env.set(name, resolve(value));
+  }
+  Deno.chdir(caller);
 }
 
 export async function main(args: string[]): Promise<number> {
@@ -44,7 +80,7 @@ export async function main(args: string[]): Promise<number> {
     console.log(usage());
     return name ? 0 : 2;
   }
-  const load = COMMANDS[name];
+  const load = COMMANDS[name]?.[1];
   if (!load) {
     console.error(`dipsy: unknown command "${name}"\n\n${usage()}`);
     return 2;
@@ -61,5 +97,6 @@ export async function main(args: string[]): Promise<number> {
 }
 
 if (import.meta.main) {
+  enterCallerFolder();
   Deno.exit(await main(Deno.args));
 }

@@ -5,14 +5,21 @@
  */
 import { existsSync, readFileSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
-import type { RunConfig } from "../core/config.ts";
+import {
+  DEFAULT_CLIP,
+  DEFAULT_IMAGE_ENCODER,
+  DEFAULT_IP_ADAPTER,
+  DEFAULT_MODEL,
+  type RunConfig,
+} from "../core/config.ts";
 import { RunError } from "../core/output.ts";
+import { provenance } from "../core/provenance.ts";
 import { GENERATE_FLAGS, type GenerateFlags } from "./generate.ts";
 import { CliError, type Command, parseFlags } from "./command.ts";
 import {
   CLASSIFIER_FLAGS,
-  CLASSIFIER_USAGE,
   classifierOptions,
+  classifierUsage,
   intFlag,
   SELECT_FLAGS,
   SELECT_USAGE,
@@ -46,19 +53,43 @@ input and output:
   --workers N           image preparation threads for training and evaluation
 
 generation (as \`dipsy generate\`; see its --help):
-  --config FILE  --preset NAME  --per-class N  --steps N  --size N|WxH  --prompt T
-  --guidance NAME  --sampler NAME  --pairs NAME  --seed S  --gen-batch B  --set KEY=VALUE
-  --model REF  --ip-adapter REF  --image-encoder REF  --tiny  --dtype T  --plugin FILE
-  --clip REF            CLIP for the class similarity and the classifier
+  --config FILE         generation settings from a JSON or YAML file (flags override it)
+  --preset NAME         generation preset (default dipsy; \`dipsy generate --list\`)
+  --per-class N         synthetic images per class (default 200)
+  --steps N             denoising steps (default 50)
+  --size N | WxH        image size (default: the model's, 512 for SD1.5)
+  --prompt TEMPLATE     e.g. "A photo of a {class}"; "" for the empty prompt
+  --guidance NAME       guidance plugin (default dipsy)
+  --sampler NAME        sampler plugin (default dpm-solver++)
+  --pairs NAME          reference pair plugin (default class-similarity)
+  --seed S              generation seed (default 0); the classifier's is --train-seed
+  --gen-batch B         images per model call (default 4); --batch is the classifier's
+  --set KEY=VALUE       any generation setting or plugin option (repeatable); the
+                        classifier's are --train-set
+  --plugin FILE         load plugins from a module (repeatable); see docs/plugins.md
+  --model REF           SD1.5 diffusers folder or Hub id (default
+                        ${DEFAULT_MODEL})
+  --ip-adapter REF      IP-Adapter file (default
+                        ${DEFAULT_IP_ADAPTER})
+  --image-encoder REF   its image encoder (default ${DEFAULT_IMAGE_ENCODER})
+  --tiny                the tiny models for everything (noise images; for trying things out)
+  --dtype T             auto (f16 on CUDA, f32 on CPU), f32, f16, bf16: generation and the
+                        classifier's weights
+  --clip REF            CLIP for the class similarity and the classifier (default
+                        ${DEFAULT_CLIP})
 
 running:
   --stage NAME          run one stage only: similarity, generate (sharded like \`generate\`: in
                         a Slurm array or Kubernetes indexed Job each task does its shard) or
                         train (train, eval and the report; the other stages must be complete)
 
-classifier: the train command's options, except that its seed is --train-seed, its batch
---batch, and --set is --train-set.
-${CLASSIFIER_USAGE.split("\n").slice(1).join("\n").replace(/^ {2}--clip[^\n]*\n/m, "")}
+${
+  classifierUsage(
+    "classifier (as \`dipsy train\`; --clip and --dtype above):",
+    { seed: "train-seed", set: "train-set" },
+    ["clip", "dtype"],
+  )
+}
 
 ${VALIDATION_USAGE}
 
@@ -116,26 +147,30 @@ interface StageReport {
   output?: string;
 }
 
+const FLAGS = {
+  help: { type: "boolean", short: "h" },
+  data: { type: "string" },
+  test: { type: "string" },
+  out: { type: "string" },
+  dataset: { type: "string" },
+  "fewshot-seed": { type: "string" },
+  shots: { type: "string" },
+  device: { type: "string" },
+  workers: { type: "string" },
+  stage: { type: "string" },
+  ...VALIDATION_FLAGS,
+  ...SELECT_FLAGS,
+  ...GEN_FLAGS,
+  ...TRAIN_FLAGS,
+  ...SLURM_FLAGS,
+} as const;
+
 export const command: Command = {
   summary: "similarity -> generate -> train -> eval, with a report",
+  usage: USAGE,
+  flags: FLAGS,
   async run(args) {
-    const values = parseFlags(args, {
-      help: { type: "boolean", short: "h" },
-      data: { type: "string" },
-      test: { type: "string" },
-      out: { type: "string" },
-      dataset: { type: "string" },
-      "fewshot-seed": { type: "string" },
-      shots: { type: "string" },
-      device: { type: "string" },
-      workers: { type: "string" },
-      stage: { type: "string" },
-      ...VALIDATION_FLAGS,
-      ...SELECT_FLAGS,
-      ...GEN_FLAGS,
-      ...TRAIN_FLAGS,
-      ...SLURM_FLAGS,
-    });
+    const values = parseFlags(args, FLAGS);
     if (values.help) {
       console.log(USAGE);
       return 0;
@@ -357,7 +392,8 @@ async function runExperiment(v: Values, signal: AbortSignal, only?: Stage): Prom
   const result = await timed("eval", async () => {
     const prior = existsSync(evalFile) ? JSON.parse(readFileSync(evalFile, "utf8")) : null;
     const newer = (f: string) => existsSync(f) && statSync(f).mtimeMs > statSync(evalFile).mtimeMs;
-    const fresh = prior?.selection && !newer(join(trainDir, "train.json")) &&
+    const fresh = prior?.selection && prior.test === resolve(v.test as string) &&
+      !newer(join(trainDir, "train.json")) &&
       !newer(join(trainDir, app.VALIDATION_RECORD)) &&
       (select === undefined || prior.selection.rule === select) &&
       (!v["per-epoch"] || prior.perEpoch);
@@ -383,7 +419,8 @@ async function runExperiment(v: Values, signal: AbortSignal, only?: Stage): Prom
     out,
     classes: dataset.classes.length,
     shotsPerClass: dataset.classes.map((c) => c.shots.length),
-    generation: genConfig,
+    // The device and dtype generation resolved, not "auto".
+    generation: { ...prepared.config, similarity: genConfig.similarity },
     classifier: { name: classifier.name, ...classifier.settings },
     device,
     stages,
@@ -395,6 +432,7 @@ async function runExperiment(v: Values, signal: AbortSignal, only?: Stage): Prom
     },
     selection: result.selection,
     perClass: result.perClass,
+    provenance: await provenance(prepared.config),
   };
   const { writeAtomic } = await import("../core/output.ts");
   await writeAtomic(

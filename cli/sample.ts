@@ -8,9 +8,7 @@ import { basename, dirname, join, resolve } from "node:path";
 import type { Device } from "../ffi/mod.ts";
 import { CliError, type Command, parseFlags } from "./command.ts";
 
-export const DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5";
-export const DEFAULT_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors";
-export const DEFAULT_IMAGE_ENCODER = "h94/IP-Adapter/models/image_encoder";
+import { DEFAULT_IMAGE_ENCODER, DEFAULT_IP_ADAPTER, DEFAULT_MODEL } from "../core/config.ts";
 
 const USAGE = `usage: deno task dipsy sample --prompt TEXT --seed S --out OUT.png [options]
 
@@ -32,7 +30,7 @@ options:
                            ${DEFAULT_IP_ADAPTER})
   --image-encoder REF      the adapter's CLIP image encoder folder, or one in a Hub repo
                            (default ${DEFAULT_IMAGE_ENCODER})
-  --guidance NAME          guidance plugin (default dipsy; see the list below)
+  --guidance NAME          guidance plugin (default dipsy; \`dipsy generate --list\` lists them)
   --guidance-opt K=V       guidance option, repeatable; V is JSON or a string
                            (e.g. textScale=7.5 negativeScale=4 interval=[0.2,0.8])
   --sampler NAME           dpm-solver++ (default), ddim or euler
@@ -88,29 +86,31 @@ function optionValue(text: string): unknown {
   }
 }
 
+const FLAGS = {
+  help: { type: "boolean", short: "h" },
+  prompt: { type: "string" },
+  seed: { type: "string" },
+  out: { type: "string" },
+  "latents-out": { type: "string" },
+  positive: { type: "string" },
+  negative: { type: "string" },
+  model: { type: "string" },
+  "ip-adapter": { type: "string" },
+  "image-encoder": { type: "string" },
+  guidance: { type: "string" },
+  "guidance-opt": { type: "string", multiple: true },
+  sampler: { type: "string" },
+  steps: { type: "string" },
+  width: { type: "string" },
+  height: { type: "string" },
+  dtype: { type: "string" },
+  device: { type: "string" },
+  force: { type: "boolean" },
+} as const;
+
 /** Parses and checks the arguments (no native library, no files read); null for --help. */
 export function parseSampleArgs(args: string[]): SampleArgs | null {
-  const v = parseFlags(args, {
-    help: { type: "boolean", short: "h" },
-    prompt: { type: "string" },
-    seed: { type: "string" },
-    out: { type: "string" },
-    "latents-out": { type: "string" },
-    positive: { type: "string" },
-    negative: { type: "string" },
-    model: { type: "string" },
-    "ip-adapter": { type: "string" },
-    "image-encoder": { type: "string" },
-    guidance: { type: "string" },
-    "guidance-opt": { type: "string", multiple: true },
-    sampler: { type: "string" },
-    steps: { type: "string" },
-    width: { type: "string" },
-    height: { type: "string" },
-    dtype: { type: "string" },
-    device: { type: "string" },
-    force: { type: "boolean" },
-  });
+  const v = parseFlags(args, FLAGS);
   if (v.help) return null;
   for (const flag of ["prompt", "seed", "out"] as const) {
     if (v[flag] === undefined) throw new CliError(`--${flag} is required (see --help)`);
@@ -393,6 +393,8 @@ export async function runSample(a: SampleArgs): Promise<void> {
 
 export const command: Command = {
   summary: "generate one image from explicit reference images",
+  usage: USAGE,
+  flags: FLAGS,
   async run(args) {
     const a = parseSampleArgs(args);
     if (!a) {

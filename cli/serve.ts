@@ -5,6 +5,7 @@
  */
 import { parseArgs } from "node:util";
 import type { ServerOptions } from "../server/app.ts";
+import { DEFAULT_CLIP, DEFAULT_MODEL } from "../core/config.ts";
 import { CliError, type Command } from "./command.ts";
 
 export const DEFAULT_PORT = 8765;
@@ -28,11 +29,11 @@ network:
 
 models (as \`dipsy sample\` and \`dipsy generate\`):
   --model REF           "tiny" (embedded random model), a diffusers SD1.5 folder, or a Hub id
-                        (default stable-diffusion-v1-5/stable-diffusion-v1-5)
+                        (default ${DEFAULT_MODEL})
   --ip-adapter REF      h94-layout .safetensors file, or org/name/path in a Hub repo
   --image-encoder REF   the adapter's CLIP image encoder folder
   --clip REF            CLIP for class similarity in jobs (default: tiny with --model tiny,
-                        else openai/clip-vit-base-patch16)
+                        else ${DEFAULT_CLIP})
   --dtype T             auto (f16 on CUDA, f32 on the CPU), f32, f16, bf16
   --device D            auto, cpu, cuda, cuda:N (default auto)
   --plugin FILE         load plugins from a module (repeatable); see docs/plugins.md
@@ -232,5 +233,7 @@ export async function runServe(
 
 export const command: Command = {
   summary: "serve sampling and dataset generation over HTTP",
+  usage: USAGE,
+  flags: OPTIONS,
   run: (args) => runServe(args),
 };

@@ -31,7 +31,8 @@ options:
   --out PATH           where to save: a .json file, a .npz file (the official script's format:
                        similarity_matrix, class_names = folder names) or a folder
                        (default: DIR/${SIMILARITY_FILE} in the class root)
-  --clip REF           CLIP folder or Hub id (default ${DEFAULT_CLIP}); "tiny": random weights
+  --clip REF           CLIP folder or Hub id, or "tiny" (random weights); default
+                       ${DEFAULT_CLIP}
   --dataset NAME       dataset name: DataDream layout, and a benchmark's class names
   --fewshot-seed S     DataDream few-shot split (seed0, ...) when there are several
   --shots K            the first K shots of each class (by their rank from \`dipsy fewshot\`)
@@ -42,24 +43,28 @@ options:
   --dtype T            auto, f32, f16, bf16 (default auto)
   --seed N             seed of the tiny CLIP's random weights (default 0)`;
 
+const FLAGS = {
+  help: { type: "boolean", short: "h" },
+  data: { type: "string" },
+  out: { type: "string" },
+  clip: { type: "string" },
+  dataset: { type: "string" },
+  "fewshot-seed": { type: "string" },
+  shots: { type: "string" },
+  "skip-bad": { type: "boolean" },
+  top: { type: "string" },
+  force: { type: "boolean" },
+  device: { type: "string" },
+  dtype: { type: "string" },
+  seed: { type: "string" },
+} as const;
+
 export const command: Command = {
   summary: "compute and save the class similarity matrix",
+  usage: USAGE,
+  flags: FLAGS,
   async run(args) {
-    const values = parseFlags(args, {
-      help: { type: "boolean", short: "h" },
-      data: { type: "string" },
-      out: { type: "string" },
-      clip: { type: "string" },
-      dataset: { type: "string" },
-      "fewshot-seed": { type: "string" },
-      shots: { type: "string" },
-      "skip-bad": { type: "boolean" },
-      top: { type: "string" },
-      force: { type: "boolean" },
-      device: { type: "string" },
-      dtype: { type: "string" },
-      seed: { type: "string" },
-    });
+    const values = parseFlags(args, FLAGS);
     if (values.help) {
       console.log(USAGE);
       return 0;

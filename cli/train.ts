@@ -40,23 +40,27 @@ ${VALIDATION_USAGE}
 
 ${CLASSIFIER_USAGE}`;
 
+const FLAGS = {
+  help: { type: "boolean", short: "h" },
+  real: { type: "string" },
+  synthetic: { type: "string" },
+  out: { type: "string" },
+  dataset: { type: "string" },
+  "fewshot-seed": { type: "string" },
+  shots: { type: "string" },
+  "skip-bad": { type: "boolean" },
+  device: { type: "string" },
+  workers: { type: "string" },
+  ...VALIDATION_FLAGS,
+  ...CLASSIFIER_FLAGS,
+} as const;
+
 export const command: Command = {
   summary: "fine-tune the classifier on real + synthetic images",
+  usage: USAGE,
+  flags: FLAGS,
   async run(args) {
-    const values = parseFlags(args, {
-      help: { type: "boolean", short: "h" },
-      real: { type: "string" },
-      synthetic: { type: "string" },
-      out: { type: "string" },
-      dataset: { type: "string" },
-      "fewshot-seed": { type: "string" },
-      shots: { type: "string" },
-      "skip-bad": { type: "boolean" },
-      device: { type: "string" },
-      workers: { type: "string" },
-      ...VALIDATION_FLAGS,
-      ...CLASSIFIER_FLAGS,
-    });
+    const values = parseFlags(args, FLAGS);
     if (values.help) {
       console.log(USAGE);
       return 0;

@@ -3,6 +3,7 @@
  * (`--warmup-epochs 3` -> `warmupEpochs: "3"`; the plugin checks the values); the validation
  * split flags (train, run) and the model selection flags (eval, run).
  */
+import { DEFAULT_CLIP } from "../core/config.ts";
 import { CliError } from "./command.ts";
 import type { SelectRule } from "../app/classify.ts";
 
@@ -30,27 +31,63 @@ export const CLASSIFIER_FLAGS = {
   set: { type: "string", multiple: true },
 } as const;
 
-export const CLASSIFIER_USAGE = `classifier options (defaults: DataDream's recipe):
-  --classifier NAME    classifier plugin (default clip-lora)
-  --clip REF           CLIP folder or Hub id (default openai/clip-vit-base-patch16); "tiny"
-  --epochs N           training epochs (default 10)
-  --warmup-epochs N    linear warm-up epochs (default 3)
-  --batch N            images per step (default 64)
-  --lr X               peak learning rate (default 1e-4)
-  --min-lr X           warm-up start and cosine end (default 1e-8)
-  --weight-decay X     AdamW weight decay (default 1e-4)
-  --lambda X           weight of the real part of the loss (default 0.8)
-  --mode M             mixed, real (real-only) or synthetic (synthetic-only); default mixed
-  --rank N --alpha X --lora-dropout X   LoRA (default 16, 32, 0.1)
-  --target-modules L   attention projections with LoRA (default q_proj,v_proj)
-  --towers L           CLIP towers with LoRA (default text,vision)
-  --class-prompt T     prompt per class, with {class} and optionally {word} (the dataset's
-                       word, e.g. "pet "); default "a {word}photo of a {class}"
-  --repeat-real N      repeats of the real shots per epoch (default: synthetic / real, floored)
-  --no-augment         no training augmentation (the test transform only)
-  --seed N             seed of shuffling, augmentation, dropout and the LoRA init (default 0)
-  --dtype T            f32, bf16 or f16 weights (default: f16 on CUDA, f32 on CPU)
-  --set KEY=VALUE      any classifier plugin option (repeatable)`;
+/** Each classifier flag's help: flag, value name, text (continued lines after "\n"). */
+const CLASSIFIER_HELP: [string, string, string][] = [
+  ["classifier", "NAME", "classifier plugin (default clip-lora)"],
+  ["clip", "REF", `CLIP folder or Hub id, or "tiny" (default\n${DEFAULT_CLIP})`],
+  ["epochs", "N", "training epochs (default 10)"],
+  [
+    "warmup-epochs",
+    "N",
+    "linear warm-up epochs (default 3); as many as --epochs leaves no cosine\n" +
+    "decay, only a rising rate (warned about)",
+  ],
+  ["batch", "N", "images per step (default 64)"],
+  ["lr", "X", "peak learning rate (default 1e-4)"],
+  ["min-lr", "X", "warm-up start and cosine end (default 1e-8)"],
+  ["weight-decay", "X", "AdamW weight decay (default 1e-4)"],
+  ["lambda", "X", "weight of the real part of the loss (default 0.8)"],
+  ["mode", "M", "mixed, real (real-only) or synthetic (synthetic-only); default mixed"],
+  ["rank", "N", "LoRA rank (default 16)"],
+  ["alpha", "X", "LoRA alpha (default 32)"],
+  ["lora-dropout", "X", "LoRA dropout (default 0.1)"],
+  ["target-modules", "L", "attention projections with LoRA (default q_proj,v_proj)"],
+  ["towers", "L", "CLIP towers with LoRA (default text,vision)"],
+  [
+    "class-prompt",
+    "T",
+    "prompt per class, with {class} and optionally {word} (the dataset's\n" +
+    'word, e.g. "pet "); default "a {word}photo of a {class}"',
+  ],
+  ["repeat-real", "N", "repeats of the real shots per epoch (default: synthetic / real, floored)"],
+  ["no-augment", "", "no training augmentation (the test transform only)"],
+  ["seed", "N", "seed of shuffling, augmentation, dropout and the LoRA init (default 0)"],
+  ["dtype", "T", "f32, bf16 or f16 weights (default: f16 on CUDA, f32 on CPU)"],
+  ["set", "KEY=VALUE", "any classifier plugin option (repeatable)"],
+];
+
+/**
+ * The classifier options' help under `title`. `rename` gives the flags a command spells
+ * differently (run: --seed is --train-seed); `omit` leaves out those it describes elsewhere.
+ */
+export function classifierUsage(
+  title = "classifier options (defaults: DataDream's recipe):",
+  rename: Record<string, string> = {},
+  omit: readonly string[] = [],
+): string {
+  const width = 21;
+  const lines = [title];
+  for (const [flag, value, text] of CLASSIFIER_HELP) {
+    if (omit.includes(flag)) continue;
+    const label = `--${rename[flag] ?? flag}${value ? ` ${value}` : ""}`;
+    const [first, ...rest] = text.split("\n");
+    lines.push(`  ${label.length < width - 1 ? label.padEnd(width) : `${label}  `}${first}`);
+    for (const more of rest) lines.push(`  ${" ".repeat(width)}${more}`);
+  }
+  return lines.join("\n");
+}
+
+export const CLASSIFIER_USAGE = classifierUsage();
 
 const camel = (k: string) => k.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
 

@@ -54,6 +54,7 @@ import {
   type SamplerPair,
   type ShotRef,
 } from "./plugins.ts";
+import { provenance } from "./provenance.ts";
 import { imageSeed } from "./rng.ts";
 import { sampleLatents, type SampleRequest } from "./sampling.ts";
 import {
@@ -368,6 +369,7 @@ export async function planRun(opts: PlanOptions): Promise<RunPlan> {
       device: config.device,
       clip: pairs.needsSimilarity ? config.clip : null,
     },
+    provenance: await provenance(config),
   };
 
   return {

@@ -5,6 +5,7 @@
  */
 import { basename, dirname, join, relative } from "node:path";
 import { UserError } from "../ffi/errors.ts";
+import type { Provenance } from "./provenance.ts";
 
 export const MANIFEST = "manifest.jsonl";
 export const RUN_RECORD = "run.json";
@@ -112,6 +113,8 @@ export interface RunRecord {
   dataset: { classes: { name: string; folder: string; shots: string[] }[] };
   /** May change between sessions (with a note). */
   settings: { batch: number; perClass: number; device: string; clip: string | null };
+  /** Who made the run (of the session that created run.json); never compared. */
+  provenance?: Provenance;
 }
 
 export class IncompatibleRunError extends RunError {

@@ -18,7 +18,12 @@ function shardOf(index: number, count: number, source: string): Shard {
     throw new RunError(`${source}: the shard count must be a positive integer, got ${count}`);
   }
   if (!Number.isInteger(index) || index < 0 || index >= count) {
-    throw new RunError(`${source}: shard index ${index} is not in [0, ${count})`);
+    const valid = count === 1
+      ? "0/1"
+      : `0/${count} ${count === 2 ? "and" : "to"} ${count - 1}/${count}`;
+    throw new RunError(
+      `${source}: there is no shard ${index} of ${count}: shards count from 0 (${valid})`,
+    );
   }
   return { index, count, source };
 }
@@ -48,7 +53,9 @@ export function resolveShard(
 ): Shard {
   if (flag !== undefined) {
     const m = /^\s*(\d+)\s*\/\s*(\d+)\s*$/.exec(flag);
-    if (!m) throw new RunError(`--shard must be i/n (e.g. 0/4), got "${flag}"`);
+    if (!m) {
+      throw new RunError(`--shard must be i/n, i counting from 0 (e.g. 0/4), got "${flag}"`);
+    }
     return shardOf(Number(m[1]), Number(m[2]), "--shard");
   }
   const slurmId = envInt(env, "SLURM_ARRAY_TASK_ID");

@@ -38,6 +38,7 @@ import {
 import type { ClassifierProgress, ClassifierTrainData, LabeledImage } from "../../core/plugins.ts";
 import { DEFAULT_CLIP } from "../../core/config.ts";
 import { RunError } from "../../core/output.ts";
+import { type Provenance, provenance } from "../../core/provenance.ts";
 import { deriveSeed } from "../../core/rng.ts";
 import {
   type ClipLoraClassifier,
@@ -141,6 +142,8 @@ export interface TrainRecord {
   epochsDone: number;
   history: EpochRecord[];
   seconds: number;
+  /** Who trained it (of the latest session); never compared on resume. */
+  provenance?: Provenance;
 }
 
 export type TrainData = ClassifierTrainData;
@@ -419,6 +422,12 @@ export async function trainRun(
     }
   }
 
+  if (settings.warmupEpochs > 0 && settings.warmupEpochs >= settings.epochs) {
+    log(
+      `warning: ${settings.warmupEpochs} warm-up epoch(s) of ${settings.epochs}: the learning ` +
+        "rate only rises, with no cosine decay (give --warmup-epochs below --epochs)",
+    );
+  }
   const clf = await openClassifier(settings, data.classNames, opts.modelSource, opts.device, {
     itersPerEpoch: batches.length,
   });
@@ -450,6 +459,7 @@ export async function trainRun(
       epochsDone: done,
       history: checkpointHistory(out, done),
       seconds: previous?.seconds ?? 0,
+      provenance: await provenance({ device: opts.device, dtype: settings.dtype }),
     };
     if (done > 0) {
       loadCheckpoint(clf, out, done);

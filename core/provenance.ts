@@ -1,0 +1,62 @@
+/**
+ * What produced a record: the dipsy version and commit, the libtorch version, the device and
+ * dtype that ran, and a digest of each plugin file. Kept apart from the settings a resume
+ * compares, so that a newer checkout still continues an older run.
+ */
+import { execFileSync } from "node:child_process";
+import { readFileSync } from "node:fs";
+import { resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import project from "../deno.json" with { type: "json" };
+
+export interface Provenance {
+  dipsy: { name: string; version: string; commit: string };
+  libtorch: string;
+  device: string;
+  dtype: string;
+  /** Each file loaded with --plugin (absolute path) and the SHA-256 of its bytes. */
+  plugins: { file: string; sha256: string }[];
+}
+
+const CHECKOUT = fileURLToPath(new URL("..", import.meta.url));
+let commit: string | undefined;
+
+/** The checkout's commit, read once; "unknown" outside a git repository or without git. */
+export function dipsyCommit(): string {
+  if (commit === undefined) {
+    try {
+      commit = execFileSync("git", ["rev-parse", "HEAD"], {
+        cwd: CHECKOUT,
+        encoding: "utf8",
+        stdio: ["ignore", "pipe", "ignore"],
+      }).trim() || "unknown";
+    } catch {
+      commit = "unknown";
+    }
+  }
+  return commit;
+}
+
+async function sha256File(path: string): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", readFileSync(path));
+  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** The provenance of a record made on `device` in `dtype` (both as resolved, never "auto"). */
+export async function provenance(
+  run: { device: string; dtype: string; plugins?: readonly string[] },
+): Promise<Provenance> {
+  const { runtimeInfo } = await import("../ffi/mod.ts");
+  const plugins = [];
+  for (const p of run.plugins ?? []) {
+    const file = resolve(p);
+    plugins.push({ file, sha256: await sha256File(file) });
+  }
+  return {
+    dipsy: { name: project.name, version: project.version, commit: dipsyCommit() },
+    libtorch: runtimeInfo().torch_version,
+    device: run.device,
+    dtype: run.dtype,
+    plugins,
+  };
+}
