@@ -17,7 +17,7 @@ import { parse as parseYaml } from "yaml";
 import { expandTasks, type JobRecord, parseJobRecords } from "../cli/slurm.ts";
 import { planChunks, resolveShard, shardChunks, workerShard } from "../core/shard.ts";
 import { type Cluster, clusterUnavailable, startCluster } from "./slurm_cluster.ts";
-import { readTree, writeTinyDataset } from "./util.ts";
+import { quickGenerateFlags, readTree, writeTinyDataset } from "./util.ts";
 
 const REPO = fileURLToPath(new URL("..", import.meta.url));
 const MAIN = join(REPO, "cli", "main.ts");
@@ -39,16 +39,7 @@ const GENERATE = [
   "--data",
   DATA,
   "--tiny",
-  "--per-class",
-  "12",
-  "--steps",
-  "2",
-  "--size",
-  "32",
-  "--batch",
-  "2",
-  "--seed",
-  "7",
+  ...quickGenerateFlags(12, 7),
   "--dtype",
   "f32",
 ];
@@ -321,8 +312,9 @@ Deno.test({
         await cluster.waitFor(task2, "cancelled", inState("CANCELLED"));
         await cluster.run("scontrol", ["requeue", task2]);
         await cluster.waitFor(task2, "pending", inState("PENDING"));
-        // A requeued job waits out the credential lifetime first; no need here.
-        await cluster.run("scontrol", ["update", `jobid=${task2}`, "StartTime=now"]);
+        // Slurm starts it again once the cancelled run's credential has expired (cred_expire,
+        // 10 s on this cluster); forcing StartTime=now can beat that and get the launch refused
+        // ("Job credential revoked").
         await waitForLines(held, 2, 300, logs);
         const [rerun] = await cluster.jobs(task2);
         assert.equal(rerun.restarts, 1);
