@@ -20,7 +20,7 @@ import {
   type ValidationRecord,
 } from "../app/classify.ts";
 import { writeFewshot } from "../core/fewshot.ts";
-import { fixture, withOutput, withTempDir } from "./util.ts";
+import { fixture, tinyRunArgs, withOutput, withTempDir } from "./util.ts";
 
 interface MetricsCase {
   name: string;
@@ -207,36 +207,19 @@ Deno.test("run --shots k --val-shots n: the validation shots guide no image, tra
     });
     const out = join(dir, "exp");
     const { result: code, lines } = await withOutput(() =>
-      main([
-        "run",
-        "--data",
-        join(dir, "data"),
-        "--test",
-        join(dir, "test"),
-        "--out",
-        out,
-        "--shots",
-        "4",
-        "--val-shots",
-        "1",
-        "--select",
-        "best-val",
-        "--tiny",
-        "--per-class",
-        "2",
-        "--steps",
-        "2",
-        "--size",
-        "32",
-        "--epochs",
-        "2",
-        "--warmup-epochs",
-        "1",
-        "--batch",
-        "8",
-        "--workers",
-        "1",
-      ])
+      main(
+        tinyRunArgs(
+          join(dir, "data"),
+          join(dir, "test"),
+          out,
+          "--shots",
+          "4",
+          "--val-shots",
+          "1",
+          "--select",
+          "best-val",
+        ),
+      )
     );
     assert.equal(code, 0, lines.join("\n"));
     // Generation drew its references from ranks 0-2 only; rank 3 validates, rank 4 is unused.

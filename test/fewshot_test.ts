@@ -13,6 +13,7 @@ import {
   drawOrder,
   FEWSHOT_MANIFEST,
   type FewshotManifest,
+  type FewshotOptions,
   parseCounts,
   writeFewshot,
 } from "../core/fewshot.ts";
@@ -130,6 +131,18 @@ Deno.test("fewshot: refused before anything is written; reruns after a kill; --f
   await withTempDir(async (dir) => {
     const full = await source(dir);
     const out = join(dir, "out");
+    // The one split that the --force, rerun and deleted-file steps below all ask for.
+    const twoShots = (more: Partial<FewshotOptions> = {}) =>
+      writeFewshot({
+        source: full,
+        out,
+        dataset: "toy",
+        shots: [2],
+        seeds: [0],
+        skipBad: true,
+        ...more,
+      });
+
     // Fewer images than the largest shot count: one line per class, nothing written.
     await assert.rejects(
       () => writeFewshot({ source: full, out, dataset: "toy", shots: [4, 16], seeds: [0] }),
@@ -167,40 +180,23 @@ Deno.test("fewshot: refused before anything is written; reruns after a kill; --f
     // Another split in the seed folder is refused, then replaced with --force.
     const seedDir = join(out, "toy", "real_train_fewshot", "seed0");
     await assert.rejects(
-      () =>
-        writeFewshot({ source: full, out, dataset: "toy", shots: [2], seeds: [0], skipBad: true }),
+      () => twoShots(),
       /seed0 holds another split \(shots 4 there, 2 asked for\); --force replaces it/,
     );
-    const forced = await writeFewshot({
-      source: full,
-      out,
-      dataset: "toy",
-      shots: [2],
-      seeds: [0],
-      skipBad: true,
-      force: true,
-    });
+    const forced = await twoShots({ force: true });
     assert.deepEqual(forced.map((r) => r.status), ["replaced"]);
     assert.deepEqual(manifestOf(out, 0).shots, [2]);
 
     // A run killed while copying leaves only a hidden folder, which the next run clears.
     const splits = join(out, "toy", "real_train_fewshot");
     renameSync(seedDir, join(splits, ".seed0.tmp-deadbeef"));
-    const resumed = await writeFewshot({
-      source: full,
-      out,
-      dataset: "toy",
-      shots: [2],
-      seeds: [0],
-      skipBad: true,
-    });
+    const resumed = await twoShots();
     assert.deepEqual(resumed.map((r) => r.status), ["written"]);
     assert.deepEqual(readdir(splits), ["seed0"]);
     // A deleted file is noticed.
     Deno.removeSync(join(seedDir, "cat", manifestOf(out, 0).classes[0].files[1].file));
     await assert.rejects(
-      () =>
-        writeFewshot({ source: full, out, dataset: "toy", shots: [2], seeds: [0], skipBad: true }),
+      () => twoShots(),
       /cat\/001_.* is missing or changed/,
     );
   });

@@ -25,7 +25,13 @@ import { similaritySource } from "../app/similarity.ts";
 import "../plugins/guidance/mod.ts";
 import "../plugins/samplers/mod.ts";
 import "../plugins/pairs/mod.ts";
-import { readTree, TINY_DATASET_CLASSES, writeNoiseImage, writeTinyDataset } from "./util.ts";
+import {
+  quickGenerateFlags,
+  readTree,
+  TINY_DATASET_CLASSES,
+  writeNoiseImage,
+  writeTinyDataset,
+} from "./util.ts";
 
 // The tiny models gain nothing from threads, and busy-waiting OpenMP threads slow everything
 // down many times over when other processes share the cores (as parallel test files do). The CLI
@@ -270,16 +276,7 @@ Deno.test("killed with SIGKILL, then stopped with Ctrl-C, then resumed: same as 
     "--out",
     out,
     "--tiny",
-    "--per-class",
-    String(PER_CLASS),
-    "--steps",
-    "2",
-    "--size",
-    "32",
-    "--batch",
-    "2",
-    "--seed",
-    "7",
+    ...quickGenerateFlags(PER_CLASS, 7),
     "--device",
     "cpu",
     "--dtype",

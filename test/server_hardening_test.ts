@@ -21,6 +21,7 @@ import {
   type RawReply,
   serverTest,
   waitFor,
+  whenListening,
 } from "./server_util.ts";
 
 setNumThreads(1);
@@ -37,11 +38,11 @@ const QUEUE = 2;
 /** --max-body-mb: every body of OVER bytes is over the limit of each route (JSON: 1 MiB). */
 const LIMIT = 1 << 20;
 const OVER = 3 << 20;
-const server: RunningServer = await startFromSettings(
-  parseServeArgs([
+
+/** Serve flags with the token file, ROOT as the only root, QUEUE and `limit` bytes of body. */
+function serveFlags(limit: number): string[] {
+  return [
     ...MODEL_FLAGS,
-    "--port",
-    "0",
     "--token-file",
     join(ROOT, "token"),
     "--roots",
@@ -49,8 +50,11 @@ const server: RunningServer = await startFromSettings(
     "--queue",
     String(QUEUE),
     "--max-body-mb",
-    String(LIMIT >> 20),
-  ])!,
+    String(limit >> 20),
+  ];
+}
+const server: RunningServer = await startFromSettings(
+  parseServeArgs([...serveFlags(LIMIT), "--port", "0"])!,
   () => {},
 );
 const client = new Client(server.url, server.port, TOKEN);
@@ -154,15 +158,7 @@ async function spawnServe(args: string[], opts: { holdBatch?: number } = {}): Pr
     stdout: "piped",
     stderr: "piped",
   }).spawn();
-  const stderr = new Response(child.stderr).text();
-  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let out = "";
-  while (!/listening on (\S+)/.test(out)) {
-    const { value, done } = await lines.read();
-    if (done) throw new Error(`serve ended early: ${out}\n${await stderr}`);
-    out += value;
-  }
-  const url = /listening on (\S+)/.exec(out)![1];
+  const { url, stderr, release } = await whenListening(child);
   const token = args.includes("--token-file") ? TOKEN : null;
   return {
     client: new Client(url, Number(new URL(url).port), token),
@@ -171,8 +167,7 @@ async function spawnServe(args: string[], opts: { holdBatch?: number } = {}): Pr
         child.kill("SIGTERM");
       } catch { /* it has exited already: its code says how */ }
       const { code } = await child.status;
-      lines.releaseLock();
-      await child.stdout.cancel().catch(() => {});
+      await release();
       return { code, stderr: await stderr };
     },
   };
@@ -627,17 +622,7 @@ serverTest(
     // one); it holds each job as its first batch starts until the job is cancelled. Its sample
     // bodies may be 4 MiB, so that an oversized one holds 4 MiB before its 413.
     const SOAK_LIMIT = 4 << 20, SOAK_OVER = 6 << 20;
-    const served = await spawnServe([
-      ...MODEL_FLAGS,
-      "--token-file",
-      join(ROOT, "token"),
-      "--roots",
-      ROOT,
-      "--queue",
-      String(QUEUE),
-      "--max-body-mb",
-      String(SOAK_LIMIT >> 20),
-    ], { holdBatch: 0 });
+    const served = await spawnServe(serveFlags(SOAK_LIMIT), { holdBatch: 0 });
     const remote = served.client;
     const ROUNDS = 30;
     const counts = new Map<string, number>();

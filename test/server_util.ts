@@ -246,6 +246,39 @@ export class Client {
   }
 }
 
+/** A `dipsy serve` child that has said where it listens. */
+export interface Listening {
+  url: string;
+  /** Everything the child writes to stderr, once it exits. */
+  stderr: Promise<string>;
+  /** Frees the child's stdout; call it once the child has exited. */
+  release(): Promise<void>;
+}
+
+/**
+ * Reads the stdout of `child` (a `dipsy serve` with stdout and stderr piped) until it says where
+ * it listens. Its stderr is drained from the start, so a chatty child never blocks on the pipe,
+ * and an early exit fails with what the child said.
+ */
+export async function whenListening(child: Deno.ChildProcess): Promise<Listening> {
+  const stderr = new Response(child.stderr).text();
+  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let out = "";
+  while (!/listening on (\S+)/.test(out)) {
+    const { value, done } = await lines.read();
+    if (done) throw new Error(`serve ended early: ${out}\n${await stderr}`);
+    out += value;
+  }
+  return {
+    url: /listening on (\S+)/.exec(out)![1],
+    stderr,
+    async release() {
+      lines.releaseLock();
+      await child.stdout.cancel().catch(() => {});
+    },
+  };
+}
+
 /** A multipart form; byte fields become PNG file uploads named after the field. */
 export function form(fields: Record<string, string | Uint8Array>): FormData {
   const f = new FormData();

@@ -31,7 +31,7 @@ import {
   trainRun,
   type TrainSettings,
 } from "../plugins/classifiers/trainer.ts";
-import { withTempDir } from "./util.ts";
+import { TINY_TRAIN_FLAGS, tinyRunArgs, withTempDir } from "./util.ts";
 
 /** Settings under which the tiny CLIP learns the demo's shapes in seconds. */
 const TINY: TrainSettings = {
@@ -253,18 +253,7 @@ Deno.test("cli: train, eval and run on the tiny models; bad input fails early an
   await withTempDir(async (dir) => {
     await drawDataset(join(dir, "data"), 3, 0);
     await drawDataset(join(dir, "test"), 2, 1);
-    const common = [
-      "--clip",
-      "tiny",
-      "--epochs",
-      "2",
-      "--warmup-epochs",
-      "1",
-      "--batch",
-      "8",
-      "--workers",
-      "1",
-    ];
+    const common = ["--clip", "tiny", ...TINY_TRAIN_FLAGS];
     const run = async (args: string[]) => {
       const lines: string[] = [];
       const log = console.log, err = console.error;
@@ -279,30 +268,7 @@ Deno.test("cli: train, eval and run on the tiny models; bad input fails early an
 
     // run: similarity -> generate -> train -> eval, then everything skipped on a second call.
     const out = join(dir, "exp");
-    const args = [
-      "run",
-      "--data",
-      join(dir, "data"),
-      "--test",
-      join(dir, "test"),
-      "--out",
-      out,
-      "--tiny",
-      "--per-class",
-      "2",
-      "--steps",
-      "2",
-      "--size",
-      "32",
-      "--epochs",
-      "2",
-      "--warmup-epochs",
-      "1",
-      "--batch",
-      "8",
-      "--workers",
-      "1",
-    ];
+    const args = tinyRunArgs(join(dir, "data"), join(dir, "test"), out);
     const first = await run(args);
     assert.equal(first.code, 0, first.text);
     const report = JSON.parse(readFileSync(join(out, "report.json"), "utf8"));

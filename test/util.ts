@@ -216,6 +216,66 @@ export async function writeTinyDataset(dir: string): Promise<void> {
   await saveSimilarityFile(join(dir, "similarity.json"), TINY_DATASET_CLASSES, similarity, {});
 }
 
+/**
+ * `dipsy generate` flags that keep a run on the tiny models to seconds: `perClass` images per
+ * class, 2 steps at 32x32, in batches of 2, from `seed`.
+ */
+export function quickGenerateFlags(perClass: number, seed: number): string[] {
+  return [
+    "--per-class",
+    String(perClass),
+    "--steps",
+    "2",
+    "--size",
+    "32",
+    "--batch",
+    "2",
+    "--seed",
+    String(seed),
+  ];
+}
+
+/**
+ * Training flags that keep a run on the tiny models to seconds: 2 epochs (1 of warm-up) in
+ * batches of 8 on one loader worker.
+ */
+export const TINY_TRAIN_FLAGS = [
+  "--epochs",
+  "2",
+  "--warmup-epochs",
+  "1",
+  "--batch",
+  "8",
+  "--workers",
+  "1",
+];
+
+/**
+ * `dipsy run` on `data` and `test` into `out`, with every stage on the tiny models kept to
+ * seconds: 2 images per class, 2 steps at 32x32, then TINY_TRAIN_FLAGS. `flags` come last, so
+ * they may override any of these.
+ */
+export function tinyRunArgs(data: string, test: string, out: string, ...flags: string[]): string[] {
+  return [
+    "run",
+    "--data",
+    data,
+    "--test",
+    test,
+    "--out",
+    out,
+    "--tiny",
+    "--per-class",
+    "2",
+    "--steps",
+    "2",
+    "--size",
+    "32",
+    ...TINY_TRAIN_FLAGS,
+    ...flags,
+  ];
+}
+
 /** Every file under `dir`, by path relative to it ("a/b.jpg") -> bytes. */
 export async function readTree(dir: string): Promise<Map<string, Uint8Array>> {
   const files = new Map<string, Uint8Array>();
