@@ -69,12 +69,16 @@ export class SafetensorsSource extends BaseSource {
     dtype: DType = "f32",
     device: Device = "cpu",
     prefix = "",
-    used = new Set<string>(),
+    used: Set<string> = new Set<string>(),
   ) {
     super(prefix, dtype, device, used);
   }
 
-  static open(paths: string | string[], dtype: DType = "f32", device: Device = "cpu") {
+  static open(
+    paths: string | string[],
+    dtype: DType = "f32",
+    device: Device = "cpu",
+  ): SafetensorsSource {
     const list = Array.isArray(paths) ? paths : [paths];
     return new SafetensorsSource(list.map((p) => SafetensorsFile.open(p)), dtype, device);
   }
@@ -150,7 +154,7 @@ export class RandomSource extends BaseSource {
     device: Device = "cpu",
     readonly std = 0.02,
     prefix = "",
-    used = new Set<string>(),
+    used: Set<string> = new Set<string>(),
   ) {
     super(prefix, dtype, device, used);
   }
@@ -197,7 +201,7 @@ export class MapSource extends BaseSource {
     dtype: DType = "f32",
     device: Device = "cpu",
     prefix = "",
-    used = new Set<string>(),
+    used: Set<string> = new Set<string>(),
   ) {
     super(prefix, dtype, device, used);
   }

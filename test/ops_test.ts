@@ -30,7 +30,7 @@ import {
   saveSafetensors,
   scope,
   setGradEnabled,
-  Tensor,
+  type Tensor,
   TorchError,
 } from "../ffi/mod.ts";
 import { fixture, howToGenerate, noLeak, withTempDirSync } from "./util.ts";

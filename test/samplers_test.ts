@@ -13,8 +13,8 @@ import "../plugins/samplers/mod.ts";
 import {
   DDIM_KEYS,
   DEFAULT_SAMPLER,
-  DpmSolverSampler,
-  EulerSampler,
+  type DpmSolverSampler,
+  type EulerSampler,
   readSchedulerConfig,
   SD15_SCHEDULER_CONFIG,
 } from "../plugins/samplers/mod.ts";

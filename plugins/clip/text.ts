@@ -7,7 +7,7 @@ import { type Device, ops, scope, type Tensor } from "../../ffi/mod.ts";
 import { Embedding, LayerNorm, Linear, Module } from "../../core/nn.ts";
 import type { WeightSource } from "../../core/weights.ts";
 import type { ClipTextConfig } from "./config.ts";
-import { ClipAttention, ClipEncoder } from "./encoder.ts";
+import { type ClipAttention, ClipEncoder } from "./encoder.ts";
 
 export interface ClipTextOutput {
   /** [B, L, D] after `final_layer_norm`. */

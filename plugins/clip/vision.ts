@@ -8,7 +8,7 @@ import { ops, scope, type Tensor } from "../../ffi/mod.ts";
 import { Conv2d, Embedding, LayerNorm, Linear, Module } from "../../core/nn.ts";
 import type { WeightSource } from "../../core/weights.ts";
 import type { ClipVisionConfig } from "./config.ts";
-import { ClipAttention, ClipEncoder } from "./encoder.ts";
+import { type ClipAttention, ClipEncoder } from "./encoder.ts";
 
 export interface ClipVisionOutput {
   /** [B, 1 + patches, D], the last layer's output (no LayerNorm). */
@@ -86,7 +86,7 @@ export class ClipVisionTransformer extends Module {
     return scope(() => this.preLayrnorm.forward(this.embeddings.forward(pixels)));
   }
 
-  forward(pixels: Tensor) {
+  forward(pixels: Tensor): Omit<ClipVisionOutput, "imageEmbeds"> {
     return scope(() => {
       const enc = this.encoder;
       const n = enc.layers.length;
