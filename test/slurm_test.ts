@@ -126,7 +126,10 @@ Deno.test("shards: worker shards split their shard exactly; a fixed count keeps 
     SLURM_ARRAY_TASK_COUNT: "2",
     SLURM_ARRAY_TASK_MIN: "1",
   };
-  assert.throws(() => resolveShard(undefined, undefined, resubmitted), /not in \[0, 2\)/);
+  assert.throws(
+    () => resolveShard(undefined, undefined, resubmitted),
+    /there is no shard 2 of 2: shards count from 0/,
+  );
   assert.deepEqual(resolveShard(undefined, undefined, { ...resubmitted, DIPSY_SHARD_COUNT: "4" }), {
     index: 3,
     count: 4,
@@ -134,7 +137,7 @@ Deno.test("shards: worker shards split their shard exactly; a fixed count keeps 
   });
   assert.throws(
     () => resolveShard(undefined, 3, resubmitted),
-    /SLURM_ARRAY_TASK_ID: shard index 3 is not in \[0, 3\)/,
+    /SLURM_ARRAY_TASK_ID: there is no shard 3 of 3: shards count from 0 \(0\/3 to 2\/3\)/,
   );
 });
 
