@@ -40,7 +40,7 @@ function isFile(p: string): boolean {
  * Splits a reference into a Hub repo and a path inside it: `repo:path` (Hub ids and revisions
  * never contain ":"), or `org/name/path` without a revision. Null: the whole repo.
  */
-function splitRef(ref: string): { repo: string; path: string } | null {
+export function splitRef(ref: string): { repo: string; path: string } | null {
   if (/^[./~\\]/.test(ref) || /^[A-Za-z]:[\\/]/.test(ref)) return null;
   const colon = ref.indexOf(":");
   if (colon > 0) {
@@ -102,6 +102,8 @@ export async function resolvePlacement(config: RunConfig): Promise<Placement> {
 export interface ModelPaths {
   model: string;
   ipAdapter?: string;
+  /** The negative image's adapter, when it is another file than `ipAdapter`. */
+  negativeIpAdapter?: string;
   imageEncoder?: string;
 }
 
@@ -110,11 +112,50 @@ export async function resolveModels(config: RunConfig, adapters: number): Promis
   if (config.model === TINY) return { model: TINY };
   const model = await resolveFolderRef(config.model, SD15_FILES);
   if (adapters === 0) return { model };
-  return {
+  const paths: ModelPaths = {
     model,
     ipAdapter: await resolveFileRef(config.ipAdapter),
     imageEncoder: await resolveFolderRef(config.imageEncoder, HF_MODEL_FILES),
   };
+  const negative = adapters > 1 ? config.negativeIpAdapter ?? null : null;
+  if (negative !== null && negative !== config.ipAdapter) {
+    paths.negativeIpAdapter = await resolveFileRef(negative);
+  }
+  await checkAdapterFiles(paths);
+  return paths;
+}
+
+/**
+ * The adapters against each other and their image encoder, from the file headers and the
+ * encoder's config.json: a mismatch is refused before anything is written or loaded.
+ */
+export async function checkAdapterFiles(paths: ModelPaths): Promise<void> {
+  if (!paths.ipAdapter || !paths.imageEncoder) return;
+  const ip = await import("../plugins/sd15/ip_adapter.ts");
+  const { parseClipCheckpointConfig } = await import("../plugins/clip/config.ts");
+  const positive = { path: paths.ipAdapter, config: ip.readIpAdapterConfig(paths.ipAdapter) };
+  const files = [positive];
+  if (paths.negativeIpAdapter && paths.negativeIpAdapter !== paths.ipAdapter) {
+    const path = paths.negativeIpAdapter;
+    const negative = { path, config: ip.readIpAdapterConfig(path) };
+    ip.checkAdapterPair(positive, negative);
+    files.push(negative);
+  }
+  const configPath = join(paths.imageEncoder, "config.json");
+  let json: Record<string, unknown>;
+  try {
+    json = JSON.parse(await Deno.readTextFile(configPath));
+  } catch (e) {
+    throw new RunError(`${configPath}: unreadable (${e instanceof Error ? e.message : e})`);
+  }
+  const checkpoint = parseClipCheckpointConfig(json, configPath);
+  if (checkpoint.kind !== "vision") return;
+  const features = {
+    path: paths.imageEncoder,
+    hiddenSize: checkpoint.config.hiddenSize,
+    projectionDim: checkpoint.projection === false ? null : checkpoint.config.projectionDim,
+  };
+  for (const f of files) ip.checkEncoderFit(f, features);
 }
 
 export interface ModelGeometry {
@@ -155,7 +196,12 @@ export async function loadBackbone(
     return Sd15Backbone.tiny({ seed: config.modelSeed, adapters, ...placement });
   }
   return await Sd15Backbone.load(
-    { model: paths.model, ipAdapter: paths.ipAdapter, imageEncoder: paths.imageEncoder },
+    {
+      model: paths.model,
+      ipAdapter: paths.ipAdapter,
+      negativeIpAdapter: paths.negativeIpAdapter,
+      imageEncoder: paths.imageEncoder,
+    },
     { adapters, ...placement },
   );
 }

@@ -1,4 +1,5 @@
 /** Registers the built-in plugins (core only reaches plugins through the registry). */
 export async function loadDefaultPlugins(): Promise<void> {
-  await import("../plugins/mod.ts");
+  const { registerDefaults } = await import("../plugins/defaults.ts");
+  registerDefaults();
 }

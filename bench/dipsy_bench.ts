@@ -31,12 +31,14 @@ import type { DiffusionBackbone, ImagePrompt } from "../core/backbone.ts";
 import type { RgbImage } from "../core/image.ts";
 import { type Guidance, registry, type Sampler } from "../core/plugins.ts";
 import { sampleLatents } from "../core/sampling.ts";
-import "../plugins/guidance/mod.ts";
+import { registerDefaults } from "../plugins/defaults.ts";
 import { SD15_SCHEDULER_CONFIG } from "../plugins/samplers/mod.ts";
 import { IpAdapter, SD15_IP_PLUS } from "../plugins/sd15/ip_adapter.ts";
 import { UNet2DConditionModel } from "../plugins/sd15/unet.ts";
 import { SD15_UNET_CONFIG_JSON } from "../plugins/sd15/unet_config.ts";
 import { type BenchResult, ReferenceProcess } from "./harness.ts";
+
+registerDefaults();
 
 const CACHE = join(ROOT, ".cache", "bench", "dipsy");
 const SCRIPT = join(ROOT, "bench", "reference", "dipsy_bench.py");

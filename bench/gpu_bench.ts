@@ -31,7 +31,7 @@ import type { RgbImage } from "../core/image.ts";
 import type { Init, WeightSource } from "../core/weights.ts";
 import { type Guidance, registry, type Sampler } from "../core/plugins.ts";
 import { sampleLatents } from "../core/sampling.ts";
-import "../plugins/mod.ts";
+import { registerDefaults } from "../plugins/defaults.ts";
 import type { ClipTextConfig, ClipVisionConfig } from "../plugins/clip/config.ts";
 import { ClipTokenizer } from "../plugins/clip/tokenizer.ts";
 import { Sd15Backbone } from "../plugins/sd15/backbone.ts";
@@ -40,6 +40,8 @@ import { sd15AttentionReport } from "../plugins/sd15/unet.ts";
 import { SD15_UNET_CONFIG_JSON } from "../plugins/sd15/unet_config.ts";
 import { SD15_VAE_CONFIG } from "../plugins/sd15/vae_config.ts";
 import { referencePython } from "./harness.ts";
+
+registerDefaults();
 
 const TARGET_S_PER_IMAGE = 0.4;
 const TARGET_RATIO = 0.5;

@@ -7,6 +7,7 @@ import type { Device, DType, Tensor } from "../ffi/mod.ts";
 import type { RgbImage } from "./image.ts";
 import type { SchedulerConfig } from "./plugins.ts";
 
+/** The IP-Adapter conditioning of a UNet batch. */
 export interface ImagePrompt {
   /** Image tokens per attached adapter, each [B, T, cross_dim]. */
   tokens: readonly Tensor[];
@@ -14,14 +15,19 @@ export interface ImagePrompt {
   scales: Tensor;
 }
 
+/** A loaded diffusion model: text and image encoders, the noise predictor and the decoder. */
 export interface DiffusionBackbone extends Disposable {
+  /** The weights' dtype. */
   readonly dtype: DType;
+  /** Where the weights live. */
   readonly device: Device;
+  /** Channels of the latent space (4 for SD1.5). */
   readonly latentChannels: number;
   /** Pixels per latent cell along each side (8 for SD1.5). */
   readonly vaeScaleFactor: number;
   /** Default output size in pixels (the UNet's sample_size times vaeScaleFactor). */
   readonly defaultSize: number;
+  /** The model's scheduler settings, which samplers are built from. */
   readonly schedulerConfig: SchedulerConfig;
   /** IP-Adapters attached to the UNet (DIPSY attaches the same weights twice). */
   readonly adapterCount: number;
@@ -30,8 +36,11 @@ export interface DiffusionBackbone extends Disposable {
 
   /** Text-encoder states for prompts: [N, L, cross_dim]. */
   encodePrompts(prompts: readonly string[]): Tensor;
-  /** IP-Adapter image tokens for reference images: [N, T, cross_dim]. */
-  encodeImages(images: readonly RgbImage[]): Tensor;
+  /**
+   * IP-Adapter image tokens for reference images: [N, T, cross_dim], by the projection of adapter
+   * slot `adapter` (0, the default: positive; 1: negative, which may have its own file).
+   */
+  encodeImages(images: readonly RgbImage[], adapter?: number): Tensor;
   /** The UNet's noise prediction for a batch. */
   predictNoise(latents: Tensor, timestep: number, text: Tensor, ip: ImagePrompt | null): Tensor;
   /** Final latents to images in [0, 1]: [B, 3, H, W] float32 on the CPU. */

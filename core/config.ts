@@ -15,7 +15,18 @@ import { dirname, isAbsolute, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import YAML from "yaml";
 import { UserError } from "../ffi/errors.ts";
-import { type PluginDef, type PluginKind, type Registry, registry } from "./plugins.ts";
+import {
+  type Guidance,
+  type Plugin,
+  type PluginDef,
+  type PluginKind,
+  type Registry,
+  registry,
+  type Sampler,
+  type SamplerPair,
+  type SchedulerConfig,
+} from "./plugins.ts";
+import * as s from "./schema.ts";
 import { closest } from "./suggest.ts";
 
 /** The Stable Diffusion 1.5 weights (diffusers layout) DIPSY uses. */
@@ -29,13 +40,18 @@ export const DEFAULT_CLIP = "openai/clip-vit-base-patch16@refs/pr/10";
 /** The model name that selects the embedded tiny models (random weights, no files). */
 export const TINY = "tiny";
 
+/** A plugin as the configuration chooses it: its name and the options given for it. */
 export interface PluginChoice {
+  /** The registered name. */
   name: string;
+  /** The options given (the plugin's schema fills in the rest). */
   options: Record<string, unknown>;
 }
 
+/** The weights' dtype; "auto": f16 on CUDA, f32 on the CPU. */
 export type DTypeChoice = "auto" | "f32" | "f16" | "bf16";
 
+/** Everything a generation run is made of (RUN_FIELDS documents each field). */
 export interface RunConfig {
   /** The preset the configuration started from. */
   preset: string;
@@ -48,6 +64,9 @@ export interface RunConfig {
   /** IP-Adapter safetensors: a file, or a file in a Hub repo (`org/name/path`,
    * `org/name@revision:path`). Unused by text-only guidance. */
   ipAdapter: string;
+  /** The negative image's IP-Adapter (same forms as ipAdapter, same kind and token count);
+   * null: ipAdapter for both images. */
+  negativeIpAdapter: string | null;
   /** The IP-Adapter's image encoder folder: a folder, or one in a Hub repo (as ipAdapter). */
   imageEncoder: string;
   /** CLIP for class similarity: folder, Hub id or "tiny"; null: tiny with a tiny model, else
@@ -55,19 +74,27 @@ export interface RunConfig {
   clip: string | null;
   /** Seed of the tiny models' random weights. */
   modelSeed: number;
+  /** The weights' dtype. */
   dtype: DTypeChoice;
   /** "auto" (CUDA when available), "cpu", "cuda" or "cuda:N". */
   device: string;
+  /** How the UNet predictions of a step are combined (Eq. 9 by default). */
   guidance: PluginChoice;
+  /** The diffusion scheduler. */
   sampler: PluginChoice;
+  /** How each image's positive and negative references are chosen. */
   pairs: PluginChoice;
+  /** Denoising steps. */
   steps: number;
   /** Output size in pixels; null: the model's default (512 for SD1.5). */
   width: number | null;
+  /** See width. */
   height: number | null;
+  /** Images per class. */
   perClass: number;
   /** The run seed every random choice derives from. */
   seed: number;
+  /** Images per model call (a fixed batch: resumed and sharded runs give the same bytes). */
   batch: number;
   /** Prompt template with `{c}` (or `{class}`) for the class name; "" is the empty prompt;
    * null: the dataset's template. */
@@ -90,46 +117,19 @@ export interface RunConfig {
   plugins: string[];
 }
 
-type PluginKey = "guidance" | "sampler" | "pairs";
-type ScalarKey = Exclude<keyof RunConfig, PluginKey | "plugins">;
-
-export const DEFAULTS: Readonly<RunConfig> = Object.freeze({
-  preset: "dipsy",
-  data: null,
-  out: null,
-  model: DEFAULT_MODEL,
-  ipAdapter: DEFAULT_IP_ADAPTER,
-  imageEncoder: DEFAULT_IMAGE_ENCODER,
-  clip: null,
-  modelSeed: 0,
-  dtype: "auto",
-  device: "auto",
-  guidance: { name: "dipsy", options: {} },
-  sampler: { name: "dpm-solver++", options: {} },
-  pairs: { name: "class-similarity", options: {} },
-  steps: 50,
-  width: null,
-  height: null,
-  perClass: 200,
-  seed: 0,
-  batch: 4,
-  prompt: null,
-  dataset: null,
-  fewshotSeed: null,
-  shots: null,
-  holdout: null,
-  similarity: null,
-  quality: 95,
-  skipBad: false,
-  plugins: [],
-}) as RunConfig;
+/** The configuration keys that choose a plugin. */
+export type PluginKey = "guidance" | "sampler" | "pairs";
+/** The configuration keys that are plain settings (RUN_FIELDS). */
+export type ScalarKey = Exclude<keyof RunConfig, PluginKey | "plugins">;
 
 // ---------------------------------------------------------------------------------------------
 // Presets
 
+/** One layer's choice of a plugin. */
 export interface PluginLayer {
   /** Absent: keep the current plugin and add options to it. */
   name?: string;
+  /** Options given by this layer. */
   options: Record<string, unknown>;
 }
 
@@ -137,9 +137,13 @@ export interface PluginLayer {
 export interface ConfigLayer {
   /** Where the values came from, for error messages. */
   source: string;
+  /** The settings this layer gives, checked. */
   values: Partial<Pick<RunConfig, ScalarKey>>;
+  /** The guidance plugin or options it chooses. */
   guidance?: PluginLayer;
+  /** The sampler plugin or options it chooses. */
   sampler?: PluginLayer;
+  /** The pair sampler or options it chooses. */
   pairs?: PluginLayer;
   plugins?: string[];
 }
@@ -256,61 +260,103 @@ export class ConfigError extends UserError {
   }
 }
 
-type Kind = "string" | "path" | "ref" | "int" | "bool" | "dtype";
+/** Fields whose text is a path (relative to the file or the caller) or a model reference. */
+const PATHS = new WeakSet<s.Schema<unknown>>(), REFS = new WeakSet<s.Schema<unknown>>();
 
-interface FieldSpec {
-  kind: Kind;
-  nullable?: boolean;
-  min?: number;
-  max?: number;
-  description: string;
+function path(description: string): s.Schema<string | null> {
+  const field = s.nullable(s.string(), { default: null, description });
+  PATHS.add(field);
+  return field;
 }
 
-const FIELDS: Record<ScalarKey, FieldSpec> = {
-  preset: {
-    kind: "string",
+function ref(description: string, value: string): s.Schema<string>;
+function ref(description: string, value: null): s.Schema<string | null>;
+function ref(description: string, value: string | null): s.Schema<string | null> {
+  const rule = { pattern: /\S/, patternText: "a folder, file or Hub id (not empty)" };
+  const field = value === null
+    ? s.nullable(s.string(rule), { default: null, description })
+    : s.string({ ...rule, default: value, description });
+  REFS.add(field);
+  return field;
+}
+
+const count = (description: string, value: number, min: number, max?: number) =>
+  s.integer({ min, max, default: value, description });
+const nullableCount = (description: string, min: number) =>
+  s.nullable(s.integer({ min }), { default: null, description });
+const text = (description: string) => s.nullable(s.string(), { default: null, description });
+
+/** The run's settings besides its plugins: one declaration each (type, default, bounds, doc). */
+export const RUN_FIELDS: s.ObjectSchema = s.options({
+  preset: s.string({
+    default: "dipsy",
     description: `named configuration (${Object.keys(PRESETS).join(", ")})`,
-  },
-  data: { kind: "path", nullable: true, description: "few-shot input folder" },
-  out: { kind: "path", nullable: true, description: "output folder" },
-  model: { kind: "ref", description: "SD1.5 diffusers folder or Hub id, or tiny" },
-  ipAdapter: { kind: "ref", description: "IP-Adapter file, or org/name/file in a Hub repo" },
-  imageEncoder: { kind: "ref", description: "image encoder folder, or org/name/folder" },
-  clip: { kind: "ref", nullable: true, description: "CLIP for class similarity, or tiny" },
-  modelSeed: { kind: "int", min: 0, description: "seed of the tiny models' random weights" },
-  dtype: { kind: "dtype", description: "auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16" },
-  device: { kind: "string", description: "auto, cpu, cuda or cuda:N" },
-  steps: { kind: "int", min: 1, max: 1000, description: "denoising steps" },
-  width: { kind: "int", nullable: true, min: 8, description: "image width in pixels" },
-  height: { kind: "int", nullable: true, min: 8, description: "image height in pixels" },
-  perClass: { kind: "int", min: 1, description: "images per class" },
-  seed: { kind: "int", min: 0, description: "run seed" },
-  batch: { kind: "int", min: 1, description: "images per model call" },
-  prompt: { kind: "string", nullable: true, description: "prompt template with {c}" },
-  dataset: { kind: "string", nullable: true, description: "dataset name" },
-  fewshotSeed: { kind: "string", nullable: true, description: "DataDream few-shot split" },
-  shots: { kind: "int", nullable: true, min: 1, description: "first k ranked shots per class" },
-  holdout: {
-    kind: "int",
-    nullable: true,
-    min: 0,
-    description: "last n shots per class held out for validation",
-  },
-  similarity: { kind: "path", nullable: true, description: "class similarity file" },
-  quality: { kind: "int", min: 1, max: 100, description: "JPEG quality" },
-  skipBad: { kind: "bool", description: "leave bad shots out" },
+  }),
+  data: path("few-shot input folder"),
+  out: path("output folder"),
+  model: ref("SD1.5 diffusers folder or Hub id, or tiny", DEFAULT_MODEL),
+  ipAdapter: ref("IP-Adapter file, or org/name/file in a Hub repo", DEFAULT_IP_ADAPTER),
+  negativeIpAdapter: ref("the negative image's IP-Adapter file (default: ipAdapter)", null),
+  imageEncoder: ref("image encoder folder, or org/name/folder", DEFAULT_IMAGE_ENCODER),
+  clip: ref(`CLIP for class similarity, or tiny (default: ${DEFAULT_CLIP}, tiny with tiny)`, null),
+  modelSeed: count("seed of the tiny models' random weights", 0, 0),
+  dtype: s.string({
+    enum: ["auto", "f32", "f16", "bf16"],
+    default: "auto",
+    description: "auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16",
+  }),
+  device: s.string({
+    pattern: /^(auto|cpu|cuda(:\d+)?)$/,
+    patternText: "auto, cpu, cuda or cuda:N",
+    default: "auto",
+    description: "auto, cpu, cuda or cuda:N",
+  }),
+  steps: count("denoising steps", 50, 1, 1000),
+  width: nullableCount("image width in pixels (default: the model's)", 8),
+  height: nullableCount("image height in pixels (default: the model's)", 8),
+  perClass: count("images per class", 200, 1),
+  seed: count("run seed", 0, 0),
+  batch: count("images per model call", 4, 1),
+  prompt: text('prompt template with {c}; "" for the empty prompt; null: the dataset\'s'),
+  dataset: text("dataset name"),
+  fewshotSeed: s.nullable(
+    s.oneOf<string | number>([s.string(), s.integer({ min: 0 })], {
+      expected: "a split name or number",
+    }),
+    { default: null, description: "DataDream few-shot split" },
+  ),
+  shots: nullableCount("first k ranked shots per class", 1),
+  holdout: nullableCount("last n shots per class held out for validation", 0),
+  similarity: path("class similarity file"),
+  quality: count("JPEG quality", 95, 1, 100),
+  skipBad: s.boolean({ default: false, description: "leave bad shots out" }),
+});
+
+const PLUGIN_DEFAULTS: Record<PluginKey, string> = {
+  guidance: "dipsy",
+  sampler: "dpm-solver++",
+  pairs: "class-similarity",
 };
 
+/** The built-in values of every setting (RUN_FIELDS' defaults and the default plugins). */
+export const DEFAULTS: Readonly<RunConfig> = Object.freeze({
+  ...s.defaultsOf(RUN_FIELDS),
+  ...Object.fromEntries(
+    Object.entries(PLUGIN_DEFAULTS).map(([k, name]) => [k, { name, options: {} }]),
+  ),
+  plugins: [],
+}) as unknown as RunConfig;
+
 const PLUGIN_KEYS: readonly PluginKey[] = ["guidance", "sampler", "pairs"];
-const PLUGIN_KIND: Record<PluginKey, PluginKind> = {
-  guidance: "guidance",
-  sampler: "sampler",
-  pairs: "pairs",
-};
+
+/** The run's settings for help texts: name, type, default, description. */
+export function configFieldDocs(): s.FieldDoc[] {
+  return s.fieldDocs(RUN_FIELDS);
+}
 
 /** Field names and descriptions, for help texts. */
 export function fieldDescriptions(): [string, string][] {
-  return Object.entries(FIELDS).map(([k, f]) => [k, f.description]);
+  return configFieldDocs().map((d) => [d.name, d.description]);
 }
 
 function expandPath(p: string, baseDir: string): string {
@@ -332,60 +378,6 @@ function fromText(text: string): unknown {
     return YAML.parse(text);
   } catch {
     return text;
-  }
-}
-
-function checkField(
-  key: ScalarKey,
-  raw: unknown,
-  baseDir: string,
-  textual: boolean,
-  label = `"${key}"`,
-): { value?: unknown; error?: string } {
-  const spec = FIELDS[key];
-  if (raw === null || (textual && raw === "" && spec.nullable && spec.kind !== "string")) {
-    return spec.nullable ? { value: null } : { error: `${label} must not be empty` };
-  }
-  switch (spec.kind) {
-    case "string":
-    case "path":
-    case "ref": {
-      let v = raw;
-      if (key === "fewshotSeed" && typeof v === "number") v = String(v);
-      if (typeof v !== "string") return { error: `${label} must be a string, got ${show(raw)}` };
-      if (spec.kind === "path") return { value: v === "" ? null : expandPath(v, baseDir) };
-      if (spec.kind === "ref") {
-        if (v.trim() === "") return { error: `${label} must not be empty` };
-        return { value: expandRef(v, baseDir) };
-      }
-      return { value: v };
-    }
-    case "int": {
-      const v = textual && typeof raw === "string" ? fromText(raw) : raw;
-      if (typeof v !== "number" || !Number.isSafeInteger(v)) {
-        return { error: `${label} must be an integer, got ${show(raw)}` };
-      }
-      if (spec.min !== undefined && v < spec.min) {
-        return { error: `${label} must be at least ${spec.min}, got ${v}` };
-      }
-      if (spec.max !== undefined && v > spec.max) {
-        return { error: `${label} must be at most ${spec.max}, got ${v}` };
-      }
-      return { value: v };
-    }
-    case "bool": {
-      const v = textual && typeof raw === "string" ? fromText(raw) : raw;
-      if (typeof v !== "boolean") {
-        return { error: `${label} must be true or false, got ${show(raw)}` };
-      }
-      return { value: v };
-    }
-    case "dtype": {
-      if (raw !== "auto" && raw !== "f32" && raw !== "f16" && raw !== "bf16") {
-        return { error: `${label} must be auto, f32, f16 or bf16, got ${show(raw)}` };
-      }
-      return { value: raw };
-    }
   }
 }
 
@@ -443,7 +435,8 @@ export function parseConfigObject(
   }
   const problems: string[] = [];
   const layer: ConfigLayer = { source, values: {} };
-  const known = [...Object.keys(FIELDS), ...PLUGIN_KEYS, "plugins"];
+  const fields = RUN_FIELDS.shape;
+  const known = [...Object.keys(fields), ...PLUGIN_KEYS, "plugins"];
   for (const [key, value] of Object.entries(raw)) {
     if (value === undefined) continue;
     if ((PLUGIN_KEYS as readonly string[]).includes(key)) {
@@ -456,22 +449,21 @@ export function parseConfigObject(
       } else {
         layer.plugins = list.map((p) => expandPath(p, baseDir));
       }
-    } else if (key in FIELDS) {
-      const r = checkField(
-        key as ScalarKey,
-        value,
-        baseDir,
-        opts.textual ?? false,
-        opts.labels?.[key],
-      );
-      if (r.error) problems.push(r.error);
-      else (layer.values as Record<string, unknown>)[key] = r.value;
+    } else if (Object.hasOwn(fields, key)) {
+      const schema = fields[key].schema;
+      const ctx: s.CheckContext = { issues: [], text: opts.textual ?? false };
+      // An empty flag unsets a model reference or path ("--clip ''": the default).
+      const empty = ctx.text && value === "" && schema.type.endsWith(" | null");
+      let v = empty ? null : schema.check(value, key, ctx);
+      const label = opts.labels?.[key] ?? `"${key}"`;
+      problems.push(...ctx.issues.map((i) => `${label} ${i.message}`));
+      if (ctx.issues.length) continue;
+      if (typeof v === "string" && PATHS.has(schema)) v = v === "" ? null : expandPath(v, baseDir);
+      if (typeof v === "string" && REFS.has(schema)) v = expandRef(v, baseDir);
+      if (key === "fewshotSeed" && typeof v === "number") v = String(v);
+      (layer.values as Record<string, unknown>)[key] = v;
     } else {
-      const guess = closest(key, known);
-      problems.push(
-        `unknown setting "${key}"${guess ? ` (did you mean "${guess}"?)` : ""}; known: ` +
-          known.join(", "),
-      );
+      problems.push(s.unknownKey(key, known, "setting"));
     }
   }
   if (problems.length) throw new ConfigError(problems.map((p) => `${source}: ${p}`));
@@ -524,10 +516,8 @@ export function parseSets(specs: readonly string[], source = "--set"): ConfigLay
       }
       const obj = (raw[head] ??= {}) as Record<string, unknown>;
       obj[option] = option === "name" ? text : fromText(text);
-    } else if (key in FIELDS && ["string", "path", "ref"].includes(FIELDS[key as ScalarKey].kind)) {
-      raw[key] = text;
     } else {
-      raw[key] = key in FIELDS ? text : fromText(text);
+      raw[key] = Object.hasOwn(RUN_FIELDS.shape, key) ? text : fromText(text);
     }
   }
   if (problems.length) throw new ConfigError(problems);
@@ -538,8 +528,7 @@ export function parseSets(specs: readonly string[], source = "--set"): ConfigLay
 // Resolution
 
 function declaredOptions(reg: Registry, key: PluginKey, name: string): Set<string> | null {
-  const def = reg.list(PLUGIN_KIND[key]).find((d) => d.name === name);
-  return def ? new Set(Object.keys(def.options ?? {})) : null;
+  return reg.has(key, name) ? new Set(Object.keys(reg.definition(key, name).schema.shape)) : null;
 }
 
 function mergePlugin(
@@ -591,8 +580,8 @@ export function resolveConfig(layers: readonly ConfigLayer[], reg: Registry = re
 
   for (const key of PLUGIN_KEYS) {
     const { name, options } = config[key];
-    if (!reg.has(PLUGIN_KIND[key], name)) {
-      const names = reg.list(PLUGIN_KIND[key]).map((d) => d.name);
+    if (!reg.has(key, name)) {
+      const names = reg.list(key).map((d) => d.name);
       const guess = closest(name, names);
       problems.push(
         `unknown ${key} plugin "${name}"${guess ? ` (did you mean "${guess}"?)` : ""} ` +
@@ -602,14 +591,11 @@ export function resolveConfig(layers: readonly ConfigLayer[], reg: Registry = re
     }
     // A misspelt option would otherwise run with the default and be recorded as if it had
     // been applied: a sweep with one typo would silently produce wrong data.
-    const declared = [...(declaredOptions(reg, key, name) ?? [])];
-    for (const k of Object.keys(options)) {
-      if (declared.includes(k)) continue;
-      const guess = closest(k, declared);
-      problems.push(
-        `${key} "${name}" has no option "${k}"${guess ? ` (did you mean "${guess}"?)` : ""} ` +
-          `(options: ${declared.join(", ") || "none"})`,
-      );
+    try {
+      reg.resolve(key, name, options);
+    } catch (e) {
+      if (!(e instanceof UserError)) throw e;
+      problems.push(e.message);
     }
   }
   if (config.prompt !== null) {
@@ -625,11 +611,69 @@ export function resolveConfig(layers: readonly ConfigLayer[], reg: Registry = re
   if ((config.width === null) !== (config.height === null)) {
     problems.push("set both width and height (or --size), or neither");
   }
-  if (!/^(auto|cpu|cuda(:\d+)?)$/.test(config.device)) {
-    problems.push(`device must be auto, cpu, cuda or cuda:N, got "${config.device}"`);
-  }
   if (problems.length) throw new ConfigError(problems);
   return config;
+}
+
+/**
+ * A configuration with its plugins built once, from their resolved options: what `generate`,
+ * the CLI and the server hand down instead of rebuilding them.
+ */
+export interface ResolvedRun {
+  config: RunConfig;
+  guidance: Guidance;
+  pairs: SamplerPair;
+  /** Each plugin as manifests record it: its name (the sampler's steps) and resolved options. */
+  records: {
+    guidance: PluginRecord;
+    sampler: PluginRecord & { steps: number };
+    pairs: PluginRecord;
+  };
+  /** A fresh sampler (samplers keep multistep history) for the model's scheduler config. */
+  sampler(schedulerConfig: SchedulerConfig): Sampler;
+}
+
+export interface PluginRecord {
+  name: string;
+  [option: string]: unknown;
+}
+
+/** Builds the plugins of a resolved configuration; a bad option is a ConfigError naming it. */
+export function resolveRun(config: RunConfig, reg: Registry = registry): ResolvedRun {
+  const problems: string[] = [];
+  const settings = {} as Record<PluginKey, Record<string, unknown>>;
+  for (const key of PLUGIN_KEYS) {
+    try {
+      settings[key] = reg.resolve(key, config[key].name, config[key].options);
+    } catch (e) {
+      if (!(e instanceof UserError)) throw e;
+      problems.push(e.message);
+    }
+  }
+  if (problems.length) throw new ConfigError(problems);
+  const build = <P extends Plugin>(key: PluginKey): P => {
+    try {
+      return reg.create<P>(key, config[key].name, settings[key]);
+    } catch (e) {
+      throw e instanceof UserError ? new ConfigError([e.message]) : e;
+    }
+  };
+  return {
+    config,
+    guidance: build<Guidance>("guidance"),
+    pairs: build<SamplerPair>("pairs"),
+    records: {
+      guidance: { name: config.guidance.name, ...settings.guidance },
+      sampler: { name: config.sampler.name, steps: config.steps, ...settings.sampler },
+      pairs: { name: config.pairs.name, ...settings.pairs },
+    },
+    sampler: (schedulerConfig) =>
+      reg.create<Sampler>("sampler", config.sampler.name, {
+        ...settings.sampler,
+        steps: config.steps,
+        config: schedulerConfig,
+      }),
+  };
 }
 
 /** The CLIP used for class similarity (the `clip` setting with its default filled in). */
@@ -663,11 +707,11 @@ function checkDef(d: unknown, where: string): PluginDef {
   const def = d as PluginDef;
   if (
     !isObject(d) || !PLUGIN_KINDS.includes(def.kind) || typeof def.name !== "string" ||
-    !def.name || typeof def.create !== "function"
+    !def.name || typeof def.create !== "function" || !isObject(def.schema?.shape)
   ) {
     throw new ConfigError([
       `${where}: every entry of "plugins" must be { kind (${PLUGIN_KINDS.join(", ")}), name, ` +
-      `description, create(options) }`,
+      `description, schema (an options schema of core/schema.ts), create(options) }`,
     ]);
   }
   return def;
@@ -731,17 +775,11 @@ export async function loadPluginFiles(
   return out;
 }
 
-/** The option values a plugin runs with: its declared defaults overlaid with the chosen ones. */
+/** The option values a plugin runs with: its defaults overlaid with the chosen ones. */
 export function effectiveOptions(
   kind: PluginKind,
   choice: PluginChoice,
   reg: Registry = registry,
 ): Record<string, unknown> {
-  const def = reg.list(kind).find((d) => d.name === choice.name);
-  const defaults: Record<string, unknown> = {};
-  for (const [k, o] of Object.entries(def?.options ?? {})) {
-    if (o.default !== undefined && typeof o.default !== "string") defaults[k] = o.default;
-    else if (typeof o.default === "string" && !/^from /.test(o.default)) defaults[k] = o.default;
-  }
-  return { ...defaults, ...choice.options };
+  return reg.resolve(kind, choice.name, choice.options);
 }

@@ -23,10 +23,11 @@ import { ops, type Tensor } from "../ffi/mod.ts";
 import { applyAugment } from "./augment.ts";
 import type { DiffusionBackbone } from "./backbone.ts";
 import type { RunConfig } from "./config.ts";
-import { effectiveOptions, TINY } from "./config.ts";
+import { type ResolvedRun, resolveRun, TINY } from "./config.ts";
 import { type Dataset, promptFor, promptTemplate, validateDataset } from "./dataset.ts";
 import { encodeImage, imageFromTensor, readImage, type RgbImage } from "./image.ts";
 import {
+  type AdapterRecord,
   appendLine,
   checkOutputFolder,
   checkRecord,
@@ -50,13 +51,12 @@ import {
   type PairContext,
   type Registry,
   registry as defaultRegistry,
-  type Sampler,
   type SamplerPair,
   type ShotRef,
 } from "./plugins.ts";
 import { provenance } from "./provenance.ts";
 import { imageSeed } from "./rng.ts";
-import { sampleLatents, type SampleRequest } from "./sampling.ts";
+import { negativeScale, sampleLatents, type SampleRequest } from "./sampling.ts";
 import {
   type Chunk,
   NO_SHARD,
@@ -112,6 +112,8 @@ export interface PlanOptions {
    * model loads (from its config files), it lets a bad size be refused before anything is written.
    */
   vaeScaleFactor?: number;
+  /** The configuration's plugins, built once (default: built from `config` and `registry`). */
+  run?: ResolvedRun;
   registry?: Registry;
 }
 
@@ -131,7 +133,7 @@ export interface RunPlan {
   record: RunRecord;
   similarity: { matrix: number[][]; from: string } | null;
   similaritySource?: SimilaritySource;
-  registry: Registry;
+  run: ResolvedRun;
 }
 
 /** Refuses an image size the VAE cannot make: both sides must be multiples of its scale factor. */
@@ -160,10 +162,36 @@ export function configModelIds(config: RunConfig, adapters: number): Record<stri
   const ids: Record<string, string> = { model: config.model };
   if (adapters > 0) {
     ids.ipAdapter = config.ipAdapter;
+    const negative = negativeAdapterFile(config, adapters);
+    if (negative !== config.ipAdapter) ids.negativeIpAdapter = negative;
     ids.imageEncoder = config.imageEncoder;
     ids.adapters = String(adapters);
   }
   return ids;
+}
+
+/** The negative image's adapter file as configured (the positive's unless set). */
+function negativeAdapterFile(config: RunConfig, adapters: number): string {
+  const own = adapters > 1 ? config.negativeIpAdapter ?? null : null;
+  return own ?? config.ipAdapter;
+}
+
+/** Each adapter slot as the run uses it: which image, which file, at which scale. */
+export function adapterRecords(
+  config: RunConfig,
+  guidance: Guidance,
+  adapters: number,
+): AdapterRecord[] {
+  if (adapters === 0) return [];
+  const tiny = config.model === TINY ? `${TINY} (seed ${config.modelSeed})` : null;
+  const out: AdapterRecord[] = [
+    { image: "positive", file: tiny ?? config.ipAdapter, scale: guidance.adapterScale },
+  ];
+  if (adapters > 1) {
+    const file = tiny ?? negativeAdapterFile(config, adapters);
+    out.push({ image: "negative", file, scale: negativeScale(guidance) });
+  }
+  return out;
 }
 
 function parseOnly(spec: string, dataset: Dataset, perClass: number): WorkItem {
@@ -206,7 +234,7 @@ function shotRecord(
  */
 export async function planRun(opts: PlanOptions): Promise<RunPlan> {
   const { config, dataset } = opts;
-  const reg = opts.registry ?? defaultRegistry;
+  const run = opts.run ?? resolveRun(config, opts.registry ?? defaultRegistry);
   if (!config.out) throw new RunError("no output folder (--out)");
   if (config.width === null || config.height === null) {
     throw new Error("planRun: width and height must be resolved (the model's default size)");
@@ -215,8 +243,7 @@ export async function planRun(opts: PlanOptions): Promise<RunPlan> {
   if (opts.vaeScaleFactor !== undefined) checkImageSize(config, opts.vaeScaleFactor);
   const out = resolve(config.out);
   const shard = opts.shard ?? NO_SHARD;
-  const guidance = reg.create<Guidance>("guidance", config.guidance.name, config.guidance.options);
-  const pairs = reg.create<SamplerPair>("pairs", config.pairs.name, config.pairs.options);
+  const { guidance, pairs } = run;
   // Before the similarity, which may take minutes to compute.
   checkOutputFolder(out, dataset.root);
 
@@ -246,13 +273,8 @@ export async function planRun(opts: PlanOptions): Promise<RunPlan> {
   const prompts = classNames.map((c) => template === "" ? "" : promptFor(template, c));
   const adapters = adaptersFor(guidance);
   const models = opts.modelIds ?? configModelIds(config, adapters);
-  const pairsInfo = { name: pairs.name, ...effectiveOptions("pairs", config.pairs, reg) };
-  // Only the sampler options given: the others follow the model's scheduler config.
-  const samplerInfo = { name: config.sampler.name, steps: config.steps, ...config.sampler.options };
-  const guidanceInfo = {
-    name: guidance.name,
-    ...effectiveOptions("guidance", config.guidance, reg),
-  };
+  // Sampler overrides not given follow the model's scheduler config, so they are not listed.
+  const { pairs: pairsInfo, sampler: samplerInfo, guidance: guidanceInfo } = run.records;
 
   let chunks = planChunks(dataset.classes.length, config.perClass, config.batch);
   let wantedItems: WorkItem[] | null = null;
@@ -369,6 +391,7 @@ export async function planRun(opts: PlanOptions): Promise<RunPlan> {
       device: config.device,
       clip: pairs.needsSimilarity ? config.clip : null,
     },
+    adapters: adapterRecords(config, guidance, adapters),
     provenance: await provenance(config),
   };
 
@@ -385,7 +408,7 @@ export async function planRun(opts: PlanOptions): Promise<RunPlan> {
     record,
     similarity,
     similaritySource: opts.similarity,
-    registry: reg,
+    run,
   };
 }
 
@@ -484,6 +507,7 @@ async function findWork(plan: RunPlan, notes: string[]): Promise<OpenedRun> {
 // ---------------------------------------------------------------------------------------------
 // Execution
 
+/** How far a run is, as `onProgress` reports it. */
 export interface ProgressInfo {
   /** Images written so far by this invocation. */
   done: number;
@@ -618,12 +642,8 @@ function generateBatch(
   requests: SampleRequest[],
   onStep: (index: number, total: number) => void,
 ): RgbImage[] {
-  const { config, guidance, registry: reg } = plan;
-  using sampler = reg.create<Sampler>("sampler", config.sampler.name, {
-    ...config.sampler.options,
-    steps: config.steps,
-    config: backbone.schedulerConfig,
-  });
+  const { config, guidance } = plan;
+  using sampler = plan.run.sampler(backbone.schedulerConfig);
   let latents: Tensor | null = null, pixels: Tensor | null = null;
   try {
     latents = sampleLatents(backbone, requests, {
@@ -653,20 +673,18 @@ function generateBatch(
  * Finds and checks the few-shot data of a configuration: every image is decoded, and all
  * problems are reported at once (a DatasetError) before anything else happens.
  */
-export async function validateInput(config: RunConfig, reg?: Registry): Promise<Dataset> {
+export async function validateInput(
+  config: RunConfig,
+  run: ResolvedRun = resolveRun(config),
+): Promise<Dataset> {
   if (!config.data) throw new RunError("no few-shot data folder (--data)");
-  const guidance = (reg ?? defaultRegistry).create<Guidance>(
-    "guidance",
-    config.guidance.name,
-    config.guidance.options,
-  );
   return await validateDataset(config.data, {
     dataset: config.dataset ?? undefined,
     fewshotSeed: config.fewshotSeed ?? undefined,
     shots: config.shots ?? undefined,
     holdout: config.holdout ?? undefined,
     skipBad: config.skipBad,
-    negatives: guidance.usesNegative,
+    negatives: run.guidance.usesNegative,
   });
 }
 
@@ -687,12 +705,13 @@ export interface GenerateOptions extends Omit<PlanOptions, "dataset">, ExecuteOp
  */
 export async function generate(opts: GenerateOptions): Promise<RunResult & { plan: RunPlan }> {
   const log = opts.log ?? ((m: string) => console.error(m));
+  const run = opts.run ?? resolveRun(opts.config, opts.registry ?? defaultRegistry);
   let dataset = opts.dataset;
   if (!dataset) {
-    dataset = await validateInput(opts.config, opts.registry);
+    dataset = await validateInput(opts.config, run);
     for (const p of dataset.problems) log(`${p.severity}: ${p.path}: ${p.message}`);
   }
-  const plan = await planRun({ ...opts, dataset });
+  const plan = await planRun({ ...opts, dataset, run });
   const surveyed = await surveyRun(plan);
   for (const n of surveyed.notes) log(`note: ${n}`);
   opts.onPlan?.(plan, surveyed);

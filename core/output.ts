@@ -10,7 +10,9 @@ import type { Provenance } from "./provenance.ts";
 export const MANIFEST = "manifest.jsonl";
 export const RUN_RECORD = "run.json";
 export const SIMILARITY_FILE = "similarity.json";
+/** The `format` of run.json. */
 export const RECORD_FORMAT = "dipsy-generate-run";
+/** The `version` of run.json's layout. */
 export const RECORD_VERSION = 1;
 
 /** A problem with the job's input, options or output folder: the user's to fix. */
@@ -24,32 +26,49 @@ export function imageFileName(index: number): string {
 // ---------------------------------------------------------------------------------------------
 // Manifest
 
+/** A reference image of a manifest line: which shot, and how it was augmented. */
 export interface ShotRecord {
+  /** Its class name. */
   class: string;
   /** Path relative to the dataset's class root. */
   file: string;
+  /** Its index among the class's shots. */
   shot: number;
+  /** The flip, crop (x, y, side) and rotation applied to it; null: used as it is. */
   augment: { flip: boolean; crop: [number, number, number] | null; angle: number } | null;
 }
 
 /** One manifest line. */
 export interface ManifestEntry {
+  /** The target class's name. */
   class: string;
+  /** Its index in the dataset's class order. */
   classIndex: number;
+  /** The image's index within its class. */
   index: number;
   /** The image, relative to the output folder. */
   file: string;
   /** Seed of the initial noise. */
   seed: number;
+  /** The run seed it derives from. */
   runSeed: number;
+  /** The text prompt. */
   prompt: string;
+  /** The positive reference image; null for text-only guidance. */
   positive: ShotRecord | null;
+  /** The negative reference image; null without negative guidance. */
   negative: ShotRecord | null;
+  /** The pair plugin and its options. */
   pairs: { name: string; [option: string]: unknown };
+  /** The sampler, its steps and the options given. */
   sampler: { name: string; steps: number; [option: string]: unknown };
+  /** The guidance plugin and its options. */
   guidance: { name: string; [option: string]: unknown };
+  /** Image width in pixels. */
   width: number;
+  /** Image height in pixels. */
   height: number;
+  /** Model identifiers (portable: Hub ids, not local paths). */
   models: Record<string, string>;
 }
 
@@ -103,9 +122,21 @@ export async function appendLine(path: string, line: string): Promise<void> {
 // ---------------------------------------------------------------------------------------------
 // Run record
 
+/** One IP-Adapter slot of a run: the reference image it conditions, its file and its scale. */
+export interface AdapterRecord {
+  /** The reference image the slot conditions. */
+  image: "positive" | "negative";
+  /** As the configuration names it (a Hub path stays portable across machines). */
+  file: string;
+  /** The scale (lambda) it runs at wherever its image is on. */
+  scale: number;
+}
+
 /** What run.json holds: everything that decides the images' contents. */
 export interface RunRecord {
+  /** Always RECORD_FORMAT. */
   format: typeof RECORD_FORMAT;
+  /** The record layout's version. */
   version: typeof RECORD_VERSION;
   /** Must match for a run to be resumed or extended. */
   output: Record<string, unknown>;
@@ -113,6 +144,11 @@ export interface RunRecord {
   dataset: { classes: { name: string; folder: string; shots: string[] }[] };
   /** May change between sessions (with a note). */
   settings: { batch: number; perClass: number; device: string; clip: string | null };
+  /**
+   * The adapter slots as used, for readers; never compared, as they follow from `output.models`
+   * and `output.guidance`, which are (so a run made before they were recorded still resumes).
+   */
+  adapters?: AdapterRecord[];
   /** Who made the run (of the session that created run.json); never compared. */
   provenance?: Provenance;
 }

@@ -18,6 +18,7 @@ import {
   type SchedulerConfig,
 } from "./plugins.ts";
 import { sampleLatents } from "./sampling.ts";
+import { issueText, validate } from "./schema.ts";
 
 export interface SampleSpec {
   prompt: string;
@@ -26,6 +27,8 @@ export interface SampleSpec {
   guidance: string;
   guidanceOptions: Record<string, unknown>;
   sampler: string;
+  /** The sampler's own options (e.g. `timestep_spacing`), besides the steps. */
+  samplerOptions?: Record<string, unknown>;
   steps: number;
   /** Output size in pixels; null: the model's default. */
   width: number | null;
@@ -76,14 +79,13 @@ export function prepareSample(
     const names = reg.list("guidance").map((d) => d.name).join(", ");
     throw new SampleError("guidance", `unknown guidance "${spec.guidance}" (available: ${names})`);
   }
-  for (const k of Object.keys(spec.guidanceOptions)) {
-    if (!def.options || !(k in def.options)) {
-      const known = Object.keys(def.options ?? {}).join(", ") || "none";
-      throw new SampleError(
-        `guidanceOptions.${k}`,
-        `guidance "${spec.guidance}" has no option "${k}" (options: ${known})`,
-      );
-    }
+  const checked = validate(def.schema, spec.guidanceOptions);
+  if (!checked.ok) {
+    const issue = checked.issues[0];
+    throw new SampleError(
+      `guidanceOptions.${issue.field}`,
+      `guidance "${spec.guidance}": ${issueText(issue, "option")}`,
+    );
   }
   if (!reg.has("sampler", spec.sampler)) {
     const names = reg.list("sampler").map((d) => d.name).join(", ");
@@ -117,7 +119,11 @@ export function prepareSample(
 
 function createSampler(spec: SampleSpec, config: SchedulerConfig, reg: Registry): Sampler {
   try {
-    return reg.create<Sampler>("sampler", spec.sampler, { steps: spec.steps, config });
+    return reg.create<Sampler>("sampler", spec.sampler, {
+      ...spec.samplerOptions,
+      steps: spec.steps,
+      config,
+    });
   } catch (e) {
     throw new SampleError("sampler", message(e));
   }

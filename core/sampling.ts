@@ -3,6 +3,8 @@
  * batch, runs in ONE UNet call: the conditionings differ only in the text states and in the
  * per-sample adapter scales, and an adapter at scale 0 contributes exactly nothing. DIPSY's four
  * predictions thus cost one batch-4 call per image instead of the official three batch-2 calls.
+ * The positive image goes through adapter slot 1 at the guidance's `adapterScale`, the negative
+ * through slot 2 (which may hold another file) at `negativeAdapterScale`, or the same scale.
  *
  * On a GPU the loop waits for the device only at the ends of a batch: everything made on the
  * host (noise, row indices, adapter scales) is made and moved before the first step, and nothing
@@ -60,6 +62,11 @@ function checkRequests(bb: DiffusionBackbone, reqs: readonly SampleRequest[], g:
   }
 }
 
+/** The negative image's adapter scale: its own when the guidance sets one, else lambda's. */
+export function negativeScale(g: Guidance): number {
+  return g.negativeAdapterScale ?? g.adapterScale;
+}
+
 /** Denoises a batch and returns its final latents [B, C, h, w] (model dtype and device). */
 export function sampleLatents(
   bb: DiffusionBackbone,
@@ -91,7 +98,7 @@ export function sampleLatents(
     if (guidance.usesImages) {
       pos = bb.encodeImages(reqs.map((r) => r.positive!));
       // Adapter 2 is off wherever no negative exists; its tokens then only fill the batch.
-      neg = guidance.usesNegative ? bb.encodeImages(reqs.map((r) => r.negative!)) : pos.clone();
+      neg = guidance.usesNegative ? bb.encodeImages(reqs.map((r) => r.negative!), 1) : pos.clone();
     }
     const noise = ops.cat(reqs.map((r) => initialNoise(r.seed, bb.latentChannels, h, w)), 0);
     const latents = ops.to(ops.mulScalar(noise, sampler.initNoiseSigma), bb.dtype, bb.device);
@@ -110,11 +117,12 @@ export function sampleLatents(
         const text = ops.cat(parsed.map((p) => p.text === "empty" ? cond.empty : cond.text), 0);
         if (!cond.pos || bb.adapterCount === 0) return { text, ip: null };
         const lambda = guidance.adapterScale;
+        const lambdaNeg = negativeScale(guidance);
         const scales: number[] = [];
         for (const p of parsed) {
           for (let r = 0; r < b; r++) {
             scales.push(p.positive ? lambda : 0);
-            if (bb.adapterCount > 1) scales.push(p.negative ? lambda : 0);
+            if (bb.adapterCount > 1) scales.push(p.negative ? lambdaNeg : 0);
           }
         }
         const tokens = [ops.cat(needs.map(() => cond.pos!), 0)];

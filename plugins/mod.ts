@@ -1,10 +1,3 @@
-/**
- * Registers every default plugin (samplers, guidance, pair samplers) in `core/plugins.ts`'s
- * registry. Import this once before choosing plugins by name.
- */
-import "./samplers/mod.ts";
-import "./guidance/mod.ts";
-import "./pairs/mod.ts";
-import "./classifiers/mod.ts";
-
+/** The built-in plugins and the call that registers them (see defaults.ts). */
+export { DEFAULT_PLUGINS, registerDefaults } from "./defaults.ts";
 export { registry } from "../core/plugins.ts";

@@ -6,7 +6,7 @@
 import { Buffer } from "node:buffer";
 import type { Answer } from "./http.ts";
 import { BodyError } from "./request_body.ts";
-import type { Issue } from "./schema.ts";
+import type { Issue } from "../core/schema.ts";
 
 /** An HTTP error answered as JSON: `{ error: { status, message, issues? } }`. */
 export class HttpError extends Error {

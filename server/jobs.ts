@@ -12,12 +12,14 @@ import {
   parseConfigObject,
   PRESETS,
   resolveConfig,
+  resolveRun,
   type RunConfig,
 } from "../core/config.ts";
 import { type ProgressInfo, resolveShard, type Shard } from "../core/generate.ts";
-import type { Guidance, Registry, Sampler, SamplerPair, SchedulerConfig } from "../core/plugins.ts";
+import type { Registry, SchedulerConfig } from "../core/plugins.ts";
 import { ClosedError, type Engine, type GenerateSummary } from "./engine.ts";
-import * as s from "./schema.ts";
+import * as s from "../core/schema.ts";
+import { pluginChoiceSchema } from "./openapi.ts";
 import { UserError } from "../ffi/errors.ts";
 
 // ---------------------------------------------------------------------------------------------
@@ -74,6 +76,20 @@ export const JOB_REQUEST = s.object({
 }, { description: "settings of `dipsy generate`; the model settings are the server's" });
 
 export type JobRequest = s.Infer<typeof JOB_REQUEST>;
+
+/** JOB_REQUEST's JSON Schema with each plugin field's options drawn from the plugins' schemas. */
+export function jobRequestJson(reg: Registry): s.JsonSchema {
+  const json = JOB_REQUEST.jsonSchema();
+  const properties = { ...json.properties as Record<string, s.JsonSchema> };
+  for (const kind of ["guidance", "sampler", "pairs"] as const) {
+    properties[kind] = pluginChoiceSchema(
+      reg,
+      kind,
+      `${kind} plugin: a name, or { name, ...options }`,
+    );
+  }
+  return { ...json, properties };
+}
 
 /** A request the server refuses; `status` is the HTTP status, `field` the offending input. */
 export class JobRequestError extends UserError {
@@ -169,6 +185,11 @@ export interface JobPlan {
 function configIssues(problems: readonly string[]): s.Issue[] {
   const patterns: [RegExp, (m: RegExpExecArray) => string][] = [
     [/^unknown (guidance|sampler|pairs) plugin/, (m) => m[1]],
+    [
+      /^(guidance|sampler|pairs) plugin "[^"]*": (?:unknown )?option "([^"]+)"/,
+      (m) => `${m[1]}.${m[2]}`,
+    ],
+    [/^(guidance|sampler|pairs) plugin/, (m) => m[1]],
     [/^unknown setting "([^"]+)"/, (m) => m[1]],
     [/^unknown preset/, () => "preset"],
     [/^prompt /, () => "prompt"],
@@ -219,29 +240,14 @@ export async function planJob(req: JobRequest, d: JobDefaults): Promise<JobPlan>
   }
   config.width ??= d.defaultSize;
   config.height ??= d.defaultSize;
-  const checks: [string, () => object][] = [
-    [
-      "guidance",
-      () => d.registry.create<Guidance>("guidance", config.guidance.name, config.guidance.options),
-    ],
-    [
-      "pairs",
-      () => d.registry.create<SamplerPair>("pairs", config.pairs.name, config.pairs.options),
-    ],
-    ["sampler", () =>
-      d.registry.create<Sampler>("sampler", config.sampler.name, {
-        ...config.sampler.options,
-        steps: config.steps,
-        config: d.schedulerConfig,
-      })],
-  ];
-  for (const [field, make] of checks) {
-    try {
-      const made = make() as Partial<Disposable>;
-      made[Symbol.dispose]?.();
-    } catch (e) {
-      throw new JobRequestError(400, [{ field, message: message(e) }]);
-    }
+  // The sampler is built now (with the server's scheduler config) so that a bad option is
+  // refused before the job queues.
+  try {
+    resolveRun(config, d.registry).sampler(d.schedulerConfig)[Symbol.dispose]();
+  } catch (e) {
+    const text = message(e).replace(/^configuration: /, "");
+    const field = /^(guidance|sampler|pairs) plugin/.exec(text)?.[1] ?? "sampler";
+    throw new JobRequestError(400, [{ field, message: text }]);
   }
   let shard: Shard;
   try {

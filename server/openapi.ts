@@ -1,10 +1,56 @@
 /**
  * The OpenAPI 3.1 document. Request bodies are the JSON Schema of the very schemas that check
- * the requests (schema.ts), so the document cannot drift from what the server accepts.
+ * the requests (core/schema.ts), so the document cannot drift from what the server accepts.
  */
-import type { JsonSchema } from "./schema.ts";
+import type { PluginKind, Registry } from "../core/plugins.ts";
+import type { JsonSchema } from "../core/schema.ts";
 
 export const API_VERSION = "1";
+
+/**
+ * "When the `kind` field names plugin N (or is absent and N is the default), `field` follows N's
+ * option schema": one condition per registered plugin, from the schema that checks its options.
+ */
+export function pluginOptionSchemas(
+  reg: Registry,
+  kind: PluginKind,
+  defaultName: string,
+  field: string,
+): JsonSchema[] {
+  return reg.list(kind).map((d) => ({
+    if: {
+      ...(d.name === defaultName ? {} : { required: [kind] }),
+      properties: { [kind]: { enum: [d.name] } },
+    },
+    then: { properties: { [field]: d.schema.jsonSchema() } },
+  }));
+}
+
+/**
+ * A plugin field of a job: a plugin's name, or `{ name, ...options }` with that plugin's option
+ * schema (without a name, the options are for the plugin the preset chose).
+ */
+export function pluginChoiceSchema(
+  reg: Registry,
+  kind: PluginKind,
+  description: string,
+): JsonSchema {
+  const defs = reg.list(kind);
+  return {
+    description,
+    anyOf: [
+      { type: "string", enum: defs.map((d) => d.name) },
+      ...defs.map((d) => {
+        const options = d.schema.jsonSchema();
+        return {
+          ...options,
+          description: d.description,
+          properties: { name: { enum: [d.name] }, ...options.properties as object },
+        };
+      }),
+    ],
+  };
+}
 
 export interface RouteDoc {
   method: "get" | "post" | "delete";

@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import {
   ConfigError,
+  configFieldDocs,
   DEFAULTS,
   formatConfig,
   loadPluginFile,
@@ -15,15 +16,19 @@ import {
   PRESETS,
   readConfigFile,
   resolveConfig,
+  resolveRun,
+  RUN_FIELDS,
+  type RunConfig,
   similarityClip,
 } from "../core/config.ts";
-import { Registry } from "../core/plugins.ts";
+import { type Guidance, type PluginKind, Registry, registry } from "../core/plugins.ts";
 import { formatDuration, formatRate, Progress } from "../core/progress.ts";
 import { NO_SHARD, planChunks, resolveShard, RunError, shardChunks } from "../core/generate.ts";
-import "../plugins/guidance/mod.ts";
-import "../plugins/samplers/mod.ts";
-import "../plugins/pairs/mod.ts";
+import { closest } from "../core/suggest.ts";
+import { registerDefaults } from "../plugins/defaults.ts";
 import { withTempDir } from "./util.ts";
+
+registerDefaults();
 
 const flags = (raw: Record<string, unknown>) =>
   parseConfigObject(raw, "command line", { textual: true });
@@ -117,18 +122,145 @@ Deno.test("a misspelt plugin option is refused, naming the valid ones", () => {
   ) {
     assert.throws(
       () => resolveConfig([parseSets([set])]),
-      (e: unknown) => e instanceof ConfigError && /has no option/.test(e.message),
+      (e: unknown) => e instanceof ConfigError && /plugin "[^"]+": unknown option/.test(e.message),
       set,
     );
   }
   assert.throws(
     () => resolveConfig([parseSets(["guidance.negativScale=4"])]),
-    /guidance "dipsy" has no option "negativScale" \(did you mean "negativeScale"\?\) \(options: .*positiveScale/,
+    /guidance plugin "dipsy": unknown option "negativScale" \(did you mean negativeScale\? options: .*positiveScale/,
   );
   assert.throws(
     () => resolveConfig([parseConfigObject({ guidance: { name: "cfg", positiveScale: 2 } }, "f")]),
-    /guidance "cfg" has no option "positiveScale"/,
+    /guidance plugin "cfg": unknown option "positiveScale" \(options: textScale\)/,
   );
+});
+
+const KINDS: readonly PluginKind[] = ["guidance", "sampler", "pairs", "classifier"];
+const escape = (t: string) => t.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+
+/** `key` with one letter dropped (or one added), spelt so that it suggests `key` alone. */
+function typo(key: string, known: readonly string[]): string {
+  const tries = [...Array.from(key, (_, i) => key.slice(0, i) + key.slice(i + 1)), `${key}x`];
+  const t = tries.find((t) => !known.includes(t) && closest(t, known) === key);
+  assert.ok(t, `no unambiguous typo of ${key}`);
+  return t;
+}
+
+Deno.test("a typo in any option of every registered plugin is refused, naming the valid keys", () => {
+  let checked = 0;
+  for (const kind of KINDS) {
+    assert.ok(registry.list(kind).length > 0, `no ${kind} plugin registered`);
+    for (const def of registry.list(kind)) {
+      const keys = Object.keys(def.schema.shape);
+      for (const key of keys) {
+        const bad = typo(key, keys);
+        const want = new RegExp(
+          `${kind} plugin "${escape(def.name)}": unknown option "${escape(bad)}" ` +
+            `\\(did you mean ${escape(key)}\\? options: ${escape(keys.join(", "))}\\)`,
+        );
+        const label = `${kind} ${def.name} ${bad}`;
+        assert.throws(() => registry.resolve(kind, def.name, { [bad]: 1 }), want, label);
+        assert.throws(() => registry.create(kind, def.name, { [bad]: 1 }), want, label);
+        if (kind === "classifier") continue;
+        const file = parseConfigObject({ [kind]: { name: def.name, [bad]: 1 } }, "config file f");
+        assert.throws(
+          () => resolveConfig([file]),
+          (e: unknown) => e instanceof ConfigError && want.test(e.message),
+          label,
+        );
+        const sets = parseSets([`${kind}.name=${def.name}`, `${kind}.${bad}=1`]);
+        assert.throws(() => resolveConfig([sets]), want, label);
+        checked++;
+      }
+    }
+  }
+  assert.ok(checked > 20, `only ${checked} options checked`);
+});
+
+Deno.test("a typo in any configuration key is refused, naming the valid keys", async () => {
+  const keys = [...Object.keys(RUN_FIELDS.shape), "guidance", "sampler", "pairs", "plugins"];
+  await withTempDir(async (dir) => {
+    for (const key of keys) {
+      const bad = typo(key, keys);
+      const want = `unknown setting "${bad}" (did you mean ${key}? settings: ${keys.join(", ")})`;
+      const file = join(dir, "config.yaml");
+      await Deno.writeTextFile(file, `${bad}: 1\n`);
+      await assert.rejects(
+        () => readConfigFile(file),
+        (e: unknown) =>
+          e instanceof ConfigError && e.message.includes(want) && e.message.includes(file),
+        key,
+      );
+      assert.throws(() => parseSets([`${bad}=1`]), (e: unknown) => String(e).includes(want), key);
+    }
+  });
+});
+
+Deno.test("a printed configuration reads back as the same run, for every preset", async () => {
+  await withTempDir(async (dir) => {
+    for (const preset of Object.keys(PRESETS)) {
+      const config = resolveConfig([
+        flags({ preset, data: "shots", steps: "30", seed: "7" }),
+        parseSets(["guidance.textScale=5", "sampler.timestep_spacing=trailing", "shots=2"]),
+      ]);
+      const file = join(dir, `${preset}.yaml`);
+      await Deno.writeTextFile(file, formatConfig(config));
+      const again: RunConfig = resolveConfig([await readConfigFile(file)]);
+      assert.deepEqual(again, config, preset);
+      assert.deepEqual(resolveRun(again).records, resolveRun(config).records, preset);
+      assert.equal(resolveRun(again).records.guidance.textScale, 5, preset);
+    }
+  });
+});
+
+Deno.test("resolved defaults are the documented ones; records hold resolved settings", () => {
+  for (const kind of KINDS) {
+    for (const def of registry.list(kind)) {
+      const documented = Object.fromEntries(
+        registry.docs(kind, def.name).filter((d) => "default" in d).map((d) => [d.name, d.default]),
+      );
+      assert.deepEqual(registry.resolve(kind, def.name, {}), documented, `${kind} ${def.name}`);
+    }
+  }
+  const docs = configFieldDocs();
+  assert.deepEqual(docs.map((d) => d.name), Object.keys(RUN_FIELDS.shape));
+  for (const d of docs) {
+    assert.ok(d.description, `${d.name} has a description`);
+    assert.deepEqual(DEFAULTS[d.name as keyof RunConfig], d.default, d.name);
+  }
+  const run = resolveRun(resolveConfig([parseSets(["guidance.negativeScale=4"])]));
+  assert.deepEqual(run.records.guidance, {
+    ...registry.resolve("guidance", "dipsy", {}),
+    name: "dipsy",
+    negativeScale: 4,
+  });
+  assert.deepEqual(run.records.sampler, { name: "dpm-solver++", steps: 50 });
+  const { name: _, ...settings } = run.records.guidance;
+  assert.deepEqual(run.guidance.settings, settings, "the plugin carries what is recorded");
+  // A configuration put together by hand cannot smuggle a misspelt key into a record.
+  const bad = { ...DEFAULTS, guidance: { name: "dipsy", options: { negativScale: 4 } } };
+  assert.throws(() => resolveRun(bad), /unknown option "negativScale"/);
+});
+
+Deno.test("negativeAdapterScale: the negative image's lambda, null meaning adapterScale", () => {
+  const dipsy = registry.create<Guidance>("guidance", "dipsy");
+  assert.equal(dipsy.negativeAdapterScale, null);
+  const set = registry.create<Guidance>("guidance", "dipsy", { negativeAdapterScale: 0.3 });
+  assert.equal(set.negativeAdapterScale, 0.3);
+  assert.equal(set.adapterScale, registry.resolve("guidance", "dipsy", {}).adapterScale);
+  assert.throws(
+    () => registry.create("guidance", "dipsy", { negativeAdapterScale: -1 }),
+    /option "negativeAdapterScale" must be at least 0/,
+  );
+  for (const def of registry.list("guidance")) {
+    const g = registry.create<Guidance>("guidance", def.name);
+    assert.equal(
+      "negativeAdapterScale" in def.schema.shape,
+      g.usesNegative,
+      `${def.name}: the option exactly where a negative image is used`,
+    );
+  }
 });
 
 Deno.test("problems are reported together, with hints", () => {
@@ -141,10 +273,10 @@ Deno.test("problems are reported together, with hints", () => {
   } catch (e) {
     assert.ok(e instanceof ConfigError);
     assert.equal(e.problems.length, 6, e.message);
-    assert.match(e.message, /unknown setting "stepz" \(did you mean "steps"\?\)/);
+    assert.match(e.message, /unknown setting "stepz" \(did you mean steps\? settings: preset, /);
     assert.match(e.message, /"perClass" must be at least 1/);
     assert.match(e.message, /"batch" must be an integer/);
-    assert.match(e.message, /"dtype" must be auto, f32, f16 or bf16/);
+    assert.match(e.message, /"dtype" must be one of auto, f32, f16, bf16; got "f64"/);
     assert.match(e.message, /config file x.yaml/);
   }
   assert.throws(
@@ -204,8 +336,9 @@ Deno.test("plugin files: exported or self-registered plugins; clear errors", asy
     const exported = join(dir, "exported.ts");
     await Deno.writeTextFile(
       exported,
-      `export const plugins = [{ kind: "pairs", name: "mine", description: "test", ` +
-        `options: { k: { description: "k", default: 1 } }, create: () => ({ kind: "pairs", ` +
+      `import * as s from "${new URL("../core/schema.ts", import.meta.url).href}";\n` +
+        `export const plugins = [{ kind: "pairs", name: "mine", description: "test", ` +
+        `schema: s.options({ k: s.integer({ default: 1 }) }), create: () => ({ kind: "pairs", ` +
         `name: "mine", needsSimilarity: false, choose() { throw new Error("x"); } }) }];\n`,
     );
     const added = await loadPluginFile(exported, reg);
@@ -220,6 +353,17 @@ Deno.test("plugin files: exported or self-registered plugins; clear errors", asy
     const broken = join(dir, "broken.ts");
     await Deno.writeTextFile(broken, "export const plugins = [{ kind: 'x' }];\n");
     await assert.rejects(() => loadPluginFile(broken, reg), /every entry of "plugins"/);
+    const unchecked = join(dir, "unchecked.ts");
+    await Deno.writeTextFile(
+      unchecked,
+      `export const plugins = [{ kind: "pairs", name: "old", description: "no schema", ` +
+        `options: {}, create: () => ({}) }];\n`,
+    );
+    await assert.rejects(
+      () => loadPluginFile(unchecked, reg),
+      (e: unknown) => e instanceof ConfigError && /unchecked\.ts: .*schema/.test(e.message),
+    );
+    assert.deepEqual(reg.resolve("pairs", "mine", {}), { k: 1 });
   });
 });
 

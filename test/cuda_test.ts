@@ -48,7 +48,7 @@ import { type CallGraph, GraphedCall } from "../ffi/graphed.ts";
 import { prepareSample, sampleImage } from "../core/sample.ts";
 import { initialNoise, sampleLatents } from "../core/sampling.ts";
 import { type Guidance, registry, type Sampler } from "../core/plugins.ts";
-import "../plugins/mod.ts";
+import { registerDefaults } from "../plugins/defaults.ts";
 import { ClipLoraClassifier } from "../plugins/classifiers/clip_lora.ts";
 import { loadClipModel, loadClipText, loadClipVision } from "../plugins/clip/model.ts";
 import { ClipTokenizer } from "../plugins/clip/tokenizer.ts";
@@ -71,6 +71,8 @@ import {
   staleCustomCases,
 } from "./op_cases.ts";
 import { assertClose, noiseImage } from "./util.ts";
+
+registerDefaults();
 
 const INFO = runtimeInfo();
 const CUDA = INFO.cuda_available;

@@ -12,9 +12,10 @@ import { readImage, type RgbImage } from "../core/image.ts";
 import { type Guidance, registry, type Sampler } from "../core/plugins.ts";
 import { sampleLatents, type SampleRequest } from "../core/sampling.ts";
 import { Sd15Backbone } from "../plugins/sd15/backbone.ts";
-import "../plugins/guidance/mod.ts";
-import "../plugins/samplers/mod.ts";
+import { registerDefaults } from "../plugins/defaults.ts";
 import { assertClose, type DipsyCase, dipsyCase, type DipsyFixture, dipsyFixture } from "./util.ts";
+
+registerDefaults();
 
 const TOL = 1e-4;
 

@@ -22,9 +22,7 @@ import { imageSeed } from "../core/rng.ts";
 import { setNumThreads } from "../ffi/mod.ts";
 import { Sd15Backbone } from "../plugins/sd15/backbone.ts";
 import { similaritySource } from "../app/similarity.ts";
-import "../plugins/guidance/mod.ts";
-import "../plugins/samplers/mod.ts";
-import "../plugins/pairs/mod.ts";
+import { registerDefaults } from "../plugins/defaults.ts";
 import {
   quickGenerateFlags,
   readTree,
@@ -32,6 +30,8 @@ import {
   writeNoiseImage,
   writeTinyDataset,
 } from "./util.ts";
+
+registerDefaults();
 
 // The tiny models gain nothing from threads, and busy-waiting OpenMP threads slow everything
 // down many times over when other processes share the cores (as parallel test files do). The CLI
@@ -143,6 +143,8 @@ Deno.test("writes every image with a complete manifest line", async () => {
       positiveScale: 6,
       negativeScale: 6,
       adapterScale: 0.6,
+      negativeAdapterScale: null,
+      interval: null,
     });
     assert.equal(e.sampler.name, "dpm-solver++");
     assert.equal(e.sampler.steps, 2);

@@ -2,8 +2,10 @@ import assert from "node:assert/strict";
 import { SafetensorsFile, type Tensor } from "../ffi/mod.ts";
 import { parseConditioning, registry } from "../core/plugins.ts";
 import type { Guidance } from "../core/plugins.ts";
-import "../plugins/guidance/mod.ts";
+import { registerDefaults } from "../plugins/defaults.ts";
 import { assertClose, disposeAll, fixture, noLeak } from "./util.ts";
+
+registerDefaults();
 
 function references(): Map<string, Tensor> {
   return SafetensorsFile.open(fixture("guidance/guidance.safetensors")).loadAll();
@@ -60,7 +62,7 @@ Deno.test("a guidance interval drops the image predictions outside it", () => {
 Deno.test("bad guidance options and names give clear errors", () => {
   assert.throws(
     () => registry.create("guidance", "dipsy", { textScale: "high" }),
-    /guidance plugin "dipsy": option "textScale" must be a finite number/,
+    /guidance plugin "dipsy": option "textScale" must be a number, got "high"/,
   );
   assert.throws(
     () => registry.create("guidance", "dipsy", { interval: [0.9, 0.1] }),

@@ -13,7 +13,10 @@ import {
   negativeProbabilities,
   saveSimilarity,
 } from "../plugins/pairs/mod.ts";
+import { registerDefaults } from "../plugins/defaults.ts";
 import { fixture, noLeak, withTempDir } from "./util.ts";
+
+registerDefaults();
 
 interface Cases {
   similarity: { name: string; tau: number; similarity: number[][]; expected: number[][] }[];
@@ -227,7 +230,13 @@ Deno.test("uniform and none plugins; the positive side is shared by all plugins"
   assert.throws(() => sim.choose(context(undefined, [2, 2]), 0, 0), /similarity matrix/);
   assert.throws(() => uniform.choose(context(undefined, [2]), 0, 0), /at least two classes/);
   assert.doesNotThrow(() => none.choose(context(undefined, [2]), 0, 0));
-  assert.throws(() => pairs("uniform", { tau: 0.4 }), /pairs plugin "uniform": unknown option tau/);
-  assert.throws(() => pairs("class-similarity", { tau: -1 }), /tau must be a positive number/);
+  assert.throws(
+    () => pairs("uniform", { tau: 0.4 }),
+    /pairs plugin "uniform": unknown option "tau" \(options: augment\)/,
+  );
+  assert.throws(
+    () => pairs("class-similarity", { tau: -1 }),
+    /option "tau" must be above 0, got -1/,
+  );
   assert.throws(() => sim.choose(ctx, 4, 0), /class index 4/);
 });

@@ -5,14 +5,22 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fromHost, setNumThreads, type Tensor } from "../ffi/mod.ts";
-import { type Guidance, type PairContext, registry, type SamplerPair } from "../core/plugins.ts";
+import {
+  type Guidance,
+  type PairContext,
+  Registry,
+  registry,
+  type SamplerPair,
+} from "../core/plugins.ts";
 import type { ManifestEntry } from "../core/generate.ts";
 import { main } from "../cli/main.ts";
 import { drawDataset } from "../cli/demo.ts";
 import { rampedNegative } from "../docs/examples/my_guidance.ts";
 import { hardestNegative } from "../docs/examples/my_pairs.ts";
-import "../plugins/guidance/mod.ts";
+import { registerDefaults } from "../plugins/defaults.ts";
 import { noLeak, withTempDir } from "./util.ts";
+
+registerDefaults();
 
 setNumThreads(1);
 
@@ -32,8 +40,13 @@ Deno.test("docs/plugins.md includes each example file verbatim", async () => {
   }
 });
 
+/** The examples in a registry of their own, built from checked options as `--plugin` builds them. */
+const examples = new Registry();
+examples.register(rampedNegative);
+examples.register(hardestNegative);
+
 Deno.test("the example guidance ramps Eq. 9's negative weight over the steps", () => {
-  const g = rampedNegative.create({ negativeScale: 4 }) as Guidance;
+  const g = examples.create<Guidance>("guidance", "ramped-negative", { negativeScale: 4 });
   const dipsy = registry.create<Guidance>("guidance", "dipsy", { negativeScale: 4 });
   const single = registry.create<Guidance>("guidance", "single-ip");
   const t = (v: number[]) => fromHost(v, [1, 2], "f32");
@@ -55,11 +68,14 @@ Deno.test("the example guidance ramps Eq. 9's negative weight over the steps", (
     same(g.combine(preds, first), single.combine(preds, first));
   });
   for (const x of preds.values()) x.dispose();
-  assert.throws(() => rampedNegative.create({ textScale: -1 }), /textScale/);
+  assert.throws(
+    () => examples.create("guidance", "ramped-negative", { textScale: -1 }),
+    /textScale/,
+  );
 });
 
 Deno.test("the example pair sampler takes the most similar class, deterministically", () => {
-  const p = hardestNegative.create({}) as SamplerPair;
+  const p = examples.create<SamplerPair>("pairs", "hardest-negative");
   const context: PairContext = {
     classNames: ["a", "b", "c"],
     shotCounts: [2, 3, 1],
@@ -80,7 +96,11 @@ Deno.test("the example pair sampler takes the most similar class, deterministica
     assert.equal(c.positiveAugment!.crop !== null, w !== h, "non-square shots are cropped");
   }
   assert.equal(
-    (hardestNegative.create({ augment: false }) as SamplerPair).choose(context, 0, 0)
+    examples.create<SamplerPair>("pairs", "hardest-negative", { augment: false }).choose(
+      context,
+      0,
+      0,
+    )
       .positiveAugment,
     null,
   );

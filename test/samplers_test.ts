@@ -9,7 +9,7 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { registry, type Sampler, type SchedulerConfig } from "../core/plugins.ts";
 import { Generator, memory, ops, SafetensorsFile, scope, type Tensor } from "../ffi/mod.ts";
-import "../plugins/samplers/mod.ts";
+import { registerDefaults } from "../plugins/defaults.ts";
 import {
   DDIM_KEYS,
   DEFAULT_SAMPLER,
@@ -25,6 +25,8 @@ import {
   type ScheduleConfig,
 } from "../plugins/samplers/schedule.ts";
 import { fixture, maxAbsError, noLeak, withTempDirSync } from "./util.ts";
+
+registerDefaults();
 
 const TOL = 1e-5;
 const PLUGIN = { ddim: "ddim", euler: "euler", dpm: "dpm-solver++" } as const;
@@ -293,8 +295,16 @@ Deno.test("samplers: DPM-Solver++ owns its history: order enforced, freed on dis
 Deno.test("samplers: unsupported configs and options fail with the key named", () => {
   const { config } = load();
   const cases: [Family, Record<string, unknown>, RegExp][] = [
-    ["ddim", { beta_schedule: "sigmoid" }, /"beta_schedule" is "sigmoid"; supported: "linear"/],
-    ["ddim", { thresholding: true }, /"thresholding" is true; supported: false/],
+    [
+      "ddim",
+      { beta_schedule: "sigmoid" },
+      /"beta_schedule" must be one of linear, scaled_linear, squaredcos_cap_v2; got "sigmoid"/,
+    ],
+    [
+      "ddim",
+      { thresholding: true },
+      /"thresholding" must be false \(the only value supported\), got true/,
+    ],
     ["dpm", { algorithm_type: "sde-dpmsolver++" }, /algorithm_type/],
     ["dpm", { use_karras_sigmas: true }, /use_karras_sigmas/],
     ["dpm", { solver_order: 4 }, /solver_order/],
@@ -329,7 +339,7 @@ Deno.test("samplers: unsupported configs and options fail with the key named", (
   );
   assert.throws(
     () => registry.create("sampler", "ddim", { steps: 10, config: bad }),
-    /x\/scheduler_config\.json: "beta_schedule" is "cosine"/,
+    /x\/scheduler_config\.json: "beta_schedule" must be one of .*; got "cosine"/,
   );
   assert.throws(
     () => registry.create("sampler", "heun", { steps: 10, config }),

@@ -10,21 +10,17 @@
  */
 import { ops, scope, type Tensor } from "../../ffi/mod.ts";
 import type { Conditioning, Guidance, GuidanceStep, PluginDef } from "../../core/plugins.ts";
+import * as s from "../../core/schema.ts";
 
 export interface RampedNegativeOptions {
-  textScale?: number;
-  positiveScale?: number;
-  negativeScale?: number;
-  adapterScale?: number;
+  textScale: number;
+  positiveScale: number;
+  negativeScale: number;
+  adapterScale: number;
 }
 
-function weight(name: string, value: unknown, fallback: number): number {
-  const v = value ?? fallback;
-  if (typeof v !== "number" || !Number.isFinite(v) || v < 0) {
-    throw new Error(`option "${name}" must be a number >= 0, got ${JSON.stringify(v)}`);
-  }
-  return v;
-}
+const weight = (description: string, value: number) =>
+  s.number({ min: 0, default: value, description });
 
 /** The four predictions of Eq. 9; the host runs them as one batched UNet call per step. */
 const NEEDS: readonly Conditioning[] = ["uncond", "text", "text+pos", "text+pos+neg"];
@@ -33,21 +29,18 @@ export const rampedNegative: PluginDef<Guidance, RampedNegativeOptions> = {
   kind: "guidance",
   name: "ramped-negative",
   description: "Eq. 9 with the negative weight growing linearly from 0 to negativeScale",
-  options: {
-    textScale: { description: "wT, text guidance weight", default: 7.5 },
-    positiveScale: { description: "wP, positive image weight", default: 6 },
-    negativeScale: { description: "wN at the last step (0 at the first)", default: 6 },
-    adapterScale: { description: "lambda, IP-Adapter scale of image prompts", default: 0.6 },
-  },
-  create(options) {
-    const wT = weight("textScale", options.textScale, 7.5);
-    const wP = weight("positiveScale", options.positiveScale, 6);
-    const wN = weight("negativeScale", options.negativeScale, 6);
-    const lambda = weight("adapterScale", options.adapterScale, 0.6);
+  schema: s.options({
+    textScale: weight("wT, text guidance weight", 7.5),
+    positiveScale: weight("wP, positive image weight", 6),
+    negativeScale: weight("wN at the last step (0 at the first)", 6),
+    adapterScale: weight("lambda, IP-Adapter scale of image prompts", 0.6),
+  }),
+  // The options arrive checked, with the defaults filled in.
+  create({ textScale: wT, positiveScale: wP, negativeScale: wN, adapterScale }) {
     return {
       kind: "guidance",
       name: "ramped-negative",
-      adapterScale: lambda,
+      adapterScale,
       usesNegative: true,
       usesImages: true,
       needs: () => NEEDS,

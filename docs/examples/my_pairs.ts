@@ -16,11 +16,11 @@ import type {
   ShotRef,
 } from "../../core/plugins.ts";
 import { derive } from "../../core/rng.ts";
+import * as s from "../../core/schema.ts";
 import { augmentParams } from "../../plugins/pairs/mod.ts";
 
 export interface HardestNegativeOptions {
-  /** Augment both references as DIPSY does (default true). */
-  augment?: boolean;
+  augment: boolean;
 }
 
 /** The other class with the highest similarity to `k` (the lowest index on ties). */
@@ -37,10 +37,10 @@ export const hardestNegative: PluginDef<SamplerPair, HardestNegativeOptions> = {
   kind: "pairs",
   name: "hardest-negative",
   description: "negative from the most similar other class; shots and augmentation at random",
-  options: { augment: { description: "augment both reference images", default: true } },
-  create(options) {
-    const augment = options.augment ?? true;
-    if (typeof augment !== "boolean") throw new Error(`option "augment" must be true or false`);
+  schema: s.options({
+    augment: s.boolean({ default: true, description: "augment both reference images" }),
+  }),
+  create({ augment }) {
     return {
       kind: "pairs",
       name: "hardest-negative",

@@ -44,6 +44,7 @@ import {
   type WarmupCosineOptions,
 } from "./optim.ts";
 
+/** A tower of CLIP: the text encoder or the vision encoder. */
 export type ClipTower = "text" | "vision";
 
 /**
@@ -52,6 +53,9 @@ export type ClipTower = "text" | "vision";
  * real-only baseline and synthetic-only runs) and refuse batches holding the other kind.
  */
 export type TrainMode = "mixed" | "real" | "synthetic";
+
+/** DataDream's weight of the real part of the loss (lambda_1). */
+export const DEFAULT_LAMBDA = 0.8;
 
 /** DataDream's prompt word per dataset (`get_dataset_name_for_template`), under both names. */
 export const DATASET_WORDS: Readonly<Record<string, string>> = {
@@ -139,7 +143,7 @@ export interface ClipLoraOptions {
    * `lora`, `targetModules` and `towers`, and its weights are loaded.
    */
   adapter?: string;
-  /** Weight of the real part of the loss (DataDream's lambda_1). Default 0.8. */
+  /** Weight of the real part of the loss (DataDream's lambda_1; default DEFAULT_LAMBDA). */
   lambda?: number;
   mode?: TrainMode;
   /** AdamW weight decay, default 1e-4; AdamW's lr comes from the schedule. */
@@ -213,7 +217,7 @@ export class ClipLoraClassifier implements TrainedClassifier {
     this.towers = towers;
     this.targetModules = targetModules;
     this.#textTrains = adapter.paths.some((p) => towerOf(p) === "text");
-    this.lambda = opts.lambda ?? 0.8;
+    this.lambda = opts.lambda ?? DEFAULT_LAMBDA;
     this.mode = opts.mode ?? "mixed";
     this.schedule = { ...DATADREAM_SCHEDULE, ...opts.schedule };
     this.optimizer = new AdamW(adapter.parameters(), {
@@ -232,7 +236,7 @@ export class ClipLoraClassifier implements TrainedClassifier {
     opts: ClipLoraOptions,
   ): ClipLoraClassifier {
     if (opts.classNames.length < 2) throw new Error("a classifier needs at least two classes");
-    const lambda = opts.lambda ?? 0.8;
+    const lambda = opts.lambda ?? DEFAULT_LAMBDA;
     if (!(lambda >= 0 && lambda <= 1)) {
       throw new RangeError(`lambda must be in [0, 1], got ${lambda}`);
     }

@@ -13,9 +13,13 @@ import type { LabeledImage, TrainedClassifier } from "../../core/plugins.ts";
 import { batchesOf } from "./data.ts";
 import { ImageLoader, type LoaderOptions } from "./loader.ts";
 
+/** One class's accuracy. */
 export interface ClassAccuracy {
+  /** The class name. */
   class: string;
+  /** Its images classified correctly. */
   correct: number;
+  /** Its images evaluated. */
   total: number;
   /** correct / total, or null for a class without test images. */
   accuracy: number | null;
@@ -29,8 +33,11 @@ export interface EvalMetrics {
   top5: number;
   /** The k of `top5`: 5, or the class count when there are fewer classes. */
   topK: number;
+  /** Images classified correctly. */
   correct: number;
+  /** Images evaluated. */
   total: number;
+  /** Accuracy per class, in class order. */
   perClass: ClassAccuracy[];
   /** Mean of the per-class accuracies over classes with images. */
   meanPerClass: number;
@@ -38,7 +45,9 @@ export interface EvalMetrics {
   confusion: number[][];
 }
 
+/** The metrics and how long the evaluation took. */
 export interface EvalResult extends EvalMetrics {
+  /** Wall-clock seconds. */
   seconds: number;
 }
 
@@ -104,6 +113,9 @@ export class MetricsAccumulator {
   }
 }
 
+/** Images per forward when evaluating, unless told otherwise. */
+export const EVAL_BATCH = 64;
+
 export interface EvalOptions {
   batch?: number;
   loader?: LoaderOptions;
@@ -120,7 +132,7 @@ export async function evaluate(
   const k = classifier.classNames.length;
   const metrics = new MetricsAccumulator(classifier.classNames);
   const size = classifier.inputSize;
-  const batches = batchesOf(images.length, opts.batch ?? 64);
+  const batches = batchesOf(images.length, opts.batch ?? EVAL_BATCH);
   using loader = new ImageLoader({ kind: "test", size }, opts.loader);
   let done = 0;
   const jobs = batches.map(([a, b]) => images.slice(a, b).map((im) => ({ path: im.path })));

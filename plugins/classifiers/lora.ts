@@ -26,6 +26,7 @@ import {
 } from "../../ffi/mod.ts";
 import type { Linear } from "../../core/nn.ts";
 
+/** The low-rank update's shape: rank, scale and dropout. */
 export interface LoraConfig {
   /** Rank r of the update B·A. */
   rank: number;

@@ -36,7 +36,6 @@ import {
   type Tensor,
 } from "../../ffi/mod.ts";
 import type { ClassifierProgress, ClassifierTrainData, LabeledImage } from "../../core/plugins.ts";
-import { DEFAULT_CLIP } from "../../core/config.ts";
 import { RunError } from "../../core/output.ts";
 import { type Provenance, provenance } from "../../core/provenance.ts";
 import { deriveSeed } from "../../core/rng.ts";
@@ -46,12 +45,14 @@ import {
   loadClipLoraClassifier,
   type TrainMode,
 } from "./clip_lora.ts";
-import { DEFAULT_LORA, type LoraConfig } from "./lora.ts";
+import type { LoraConfig } from "./lora.ts";
 import { batchesOf, epochItems, epochOrder, realRepeats } from "./data.ts";
 import { ImageLoader, type LoaderOptions } from "./loader.ts";
 import type { PrepareJob } from "./prepare.ts";
+import { trainSettings } from "./settings.ts";
 
 export const TRAIN_RECORD = "train.json";
+/** The `format` of train.json. */
 export const TRAIN_FORMAT = "dipsy-train-run";
 export const CHECKPOINTS = "checkpoints";
 export const FINAL_ADAPTER = "adapter";
@@ -62,17 +63,27 @@ export interface TrainSettings {
   clip: string;
   /** Seed of a preset's random weights. */
   modelSeed: number;
+  /** Training epochs. */
   epochs: number;
+  /** Epochs of linear warm-up before the cosine decay. */
   warmupEpochs: number;
+  /** Images per optimizer step. */
   batch: number;
+  /** Peak learning rate. */
   lr: number;
   /** Start of the warm-up and end of the cosine. */
   minLr: number;
+  /** AdamW weight decay. */
   weightDecay: number;
+  /** Weight of the real part of the loss (the synthetic part has 1 - lambda). */
   lambda: number;
+  /** Which images train: mixed, real only or synthetic only. */
   mode: TrainMode;
+  /** LoRA rank, alpha and dropout. */
   lora: LoraConfig;
+  /** The attention projections that get LoRA. */
   targetModules: string[];
+  /** The CLIP towers that get LoRA. */
   towers: ClipTower[];
   /** Prompt template (`{class}`, `{word}`); null: DataDream's. */
   classPrompt: string | null;
@@ -80,39 +91,25 @@ export interface TrainSettings {
   dataset: string | null;
   /** Repeats of the real shots per epoch; null: DataDream's floor(synthetic / real). */
   repeatReal: number | null;
+  /** Seed of shuffling, augmentation, dropout and the LoRA init. */
   seed: number;
   /** The recipe's training augmentation; false: the test transform only. */
   augment: boolean;
+  /** The frozen weights' dtype (LoRA weights stay f32). */
   dtype: DType;
 }
 
-export const TRAIN_DEFAULTS: Readonly<TrainSettings> = Object.freeze({
-  clip: DEFAULT_CLIP,
-  modelSeed: 0,
-  epochs: 10,
-  warmupEpochs: 3,
-  batch: 64,
-  lr: 1e-4,
-  minLr: 1e-8,
-  weightDecay: 1e-4,
-  lambda: 0.8,
-  mode: "mixed",
-  lora: { ...DEFAULT_LORA },
-  targetModules: ["q_proj", "v_proj"],
-  towers: ["text", "vision"],
-  classPrompt: null,
-  dataset: null,
-  repeatReal: null,
-  seed: 0,
-  augment: true,
-  dtype: "f32",
-}) as TrainSettings;
+export { TRAIN_DEFAULTS } from "./settings.ts";
 
+/** One finished epoch in train.json. */
 export interface EpochRecord {
+  /** The epoch, from 1. */
   epoch: number;
   /** Mean batch loss. */
   loss: number;
+  /** Wall-clock seconds. */
   seconds: number;
+  /** Training throughput. */
   imagesPerSecond: number;
   /** Rate of the epoch's last step. */
   lr: number;
@@ -120,13 +117,21 @@ export interface EpochRecord {
   skippedSteps: number;
 }
 
+/** What train.json holds: the settings, the data, and each finished epoch. */
 export interface TrainRecord {
+  /** Always TRAIN_FORMAT. */
   format: typeof TRAIN_FORMAT;
+  /** The record layout's version. */
   version: 1;
+  /** "complete" once every epoch is done and the adapter is saved. */
   status: "running" | "complete";
+  /** Everything that decides the weights. */
   settings: TrainSettings;
+  /** The classes, in label order. */
   classNames: string[];
+  /** Each class's text prompt. */
   prompts: string[];
+  /** Image counts per kind and epoch, and the fingerprint of the image list. */
   data: {
     real: number;
     synthetic: number;
@@ -138,9 +143,13 @@ export interface TrainRecord {
   };
   /** The resolved model folder (or preset) the run loaded. */
   modelSource: string;
+  /** The device it trained on. */
   device: string;
+  /** Epochs finished (and checkpointed). */
   epochsDone: number;
+  /** One entry per finished epoch. */
   history: EpochRecord[];
+  /** Training seconds, over every session. */
   seconds: number;
   /** Who trained it (of the latest session); never compared on resume. */
   provenance?: Provenance;
@@ -170,34 +179,9 @@ export interface TrainResult {
   interrupted: boolean;
 }
 
+/** Refuses settings the schema or the recipe cannot run (a run made by code, not options). */
 export function checkSettings(s: TrainSettings): void {
-  const posInt = (v: number, name: string) => {
-    if (!Number.isInteger(v) || v < 1) {
-      throw new RunError(`${name} must be a positive integer, got ${v}`);
-    }
-  };
-  posInt(s.epochs, "epochs");
-  posInt(s.batch, "batch");
-  // The same rule as every other seed (generate, sample, the HTTP API).
-  for (const [v, name] of [[s.seed, "seed"], [s.modelSeed, "modelSeed"]] as const) {
-    if (!Number.isSafeInteger(v) || v < 0) {
-      throw new RunError(`${name} must be a non-negative integer, got ${v}`);
-    }
-  }
-  if (!Number.isInteger(s.warmupEpochs) || s.warmupEpochs < 0 || s.warmupEpochs > s.epochs) {
-    throw new RunError(`warmupEpochs must be an integer in [0, epochs], got ${s.warmupEpochs}`);
-  }
-  if (!(s.lr > 0) || !(s.minLr >= 0) || s.minLr > s.lr) {
-    throw new RunError(`need 0 <= minLr <= lr and lr > 0, got lr ${s.lr}, minLr ${s.minLr}`);
-  }
-  if (!(s.weightDecay >= 0)) throw new RunError(`weightDecay must be >= 0, got ${s.weightDecay}`);
-  if (!(s.lambda >= 0 && s.lambda <= 1)) {
-    throw new RunError(`lambda must be in [0, 1], got ${s.lambda}`);
-  }
-  if (s.repeatReal !== null) posInt(s.repeatReal, "repeatReal");
-  if (!["f32", "bf16", "f16"].includes(s.dtype)) {
-    throw new RunError(`dtype must be f32, bf16 or f16, got ${JSON.stringify(s.dtype)}`);
-  }
+  trainSettings(s as unknown as Record<string, unknown>);
 }
 
 export function fingerprint(items: readonly LabeledImage[]): string {

@@ -3,37 +3,42 @@
  * usual baselines. Weights are positive magnitudes: the negative image term is subtracted.
  */
 import type { Guidance, PluginDef } from "../../core/plugins.ts";
-import { registry } from "../../core/plugins.ts";
-import { checkInterval, checkWeight, formulaGuidance } from "./terms.ts";
+import * as s from "../../core/schema.ts";
+import { formulaGuidance, INTERVAL } from "./terms.ts";
 
+/** Resolved options; which of them a plugin reads depends on its schema. */
 interface Options {
-  textScale?: number;
-  positiveScale?: number;
-  negativeScale?: number;
-  adapterScale?: number;
-  interval?: [number, number];
+  textScale: number;
+  positiveScale: number;
+  negativeScale: number;
+  adapterScale: number;
+  negativeAdapterScale: number | null;
+  interval: [number, number] | null;
 }
 
-const COMMON = {
-  textScale: { description: "wT, text guidance weight", default: 7.5 },
-  adapterScale: {
-    description: "lambda, IP-Adapter scale when an image prompt is on",
-    default: 0.6,
-  },
-  interval: {
-    description: "[start, end] fractions of the steps where image terms apply (default: all)",
-  },
-};
+const weight = (description: string, value: number) => s.number({ description, default: value });
 
-function read(o: Options) {
-  return {
-    wT: checkWeight("textScale", o.textScale ?? 7.5),
-    wP: checkWeight("positiveScale", o.positiveScale ?? 6),
-    wN: checkWeight("negativeScale", o.negativeScale ?? 6),
-    lambda: checkWeight("adapterScale", o.adapterScale ?? 0.6),
-    interval: checkInterval(o.interval),
-  };
-}
+const textScale = weight("wT, text guidance weight", 7.5);
+const positiveScale = weight("wP, positive image weight", 6);
+const negativeScale = weight("wN, negative image weight (subtracted)", 6);
+const adapterScale = s.number({
+  min: 0,
+  default: 0.6,
+  description: "lambda, IP-Adapter scale when an image prompt is on",
+});
+const negativeAdapterScale = s.nullable(s.number({ min: 0 }), {
+  default: null,
+  description: "lambda of the negative image's adapter; null: the same as adapterScale",
+});
+
+const DUAL = s.options({
+  textScale,
+  positiveScale,
+  negativeScale,
+  adapterScale,
+  negativeAdapterScale,
+  interval: INTERVAL,
+});
 
 const T = "text", U = "uncond";
 
@@ -41,92 +46,78 @@ export const dipsy: PluginDef<Guidance, Options> = {
   kind: "guidance",
   name: "dipsy",
   description: "DIPSY Eq. 9: e0 + wT(ec - e0) + wP(ecp - ec) - wN(ecpn - ecp)",
-  options: {
-    ...COMMON,
-    positiveScale: { description: "wP, positive image weight", default: 6 },
-    negativeScale: { description: "wN, negative image weight (subtracted)", default: 6 },
-  },
-  create(o) {
-    const { wT, wP, wN, lambda, interval } = read(o);
-    return formulaGuidance({
+  schema: DUAL,
+  create: (o) =>
+    formulaGuidance({
       name: "dipsy",
-      textScale: wT,
-      adapterScale: lambda,
-      usesNegative: true,
-      interval,
+      ...o,
       formula: {
         base: U,
         terms: [
-          { weight: wT, plus: T, minus: U },
-          { weight: wP, plus: "text+pos", minus: T },
-          { weight: -wN, plus: "text+pos+neg", minus: "text+pos" },
+          { weight: o.textScale, plus: T, minus: U },
+          { weight: o.positiveScale, plus: "text+pos", minus: T },
+          { weight: -o.negativeScale, plus: "text+pos+neg", minus: "text+pos" },
         ],
       },
-    });
-  },
+    }),
 };
 
 export const singleIp: PluginDef<Guidance, Options> = {
   kind: "guidance",
   name: "single-ip",
   description: "Eq. 8, one image prompt: e0 + wT(ec - e0) + wP(ecp - ec)",
-  options: { ...COMMON, positiveScale: { description: "wI, image weight", default: 6 } },
-  create(o) {
-    const { wT, wP, lambda, interval } = read(o);
-    return formulaGuidance({
+  schema: s.options({
+    textScale,
+    positiveScale: weight("wI, image weight", 6),
+    adapterScale,
+    interval: INTERVAL,
+  }),
+  create: (o) =>
+    formulaGuidance({
       name: "single-ip",
-      textScale: wT,
-      adapterScale: lambda,
-      usesNegative: false,
-      interval,
+      ...o,
       formula: {
         base: U,
-        terms: [{ weight: wT, plus: T, minus: U }, { weight: wP, plus: "text+pos", minus: T }],
+        terms: [
+          { weight: o.textScale, plus: T, minus: U },
+          { weight: o.positiveScale, plus: "text+pos", minus: T },
+        ],
       },
-    });
-  },
+    }),
 };
 
 export const cfg: PluginDef<Guidance, Options> = {
   kind: "guidance",
   name: "cfg",
   description: "text classifier-free guidance, no image prompts: e0 + wT(ec - e0)",
-  options: { textScale: COMMON.textScale },
-  create(o) {
-    const { wT } = read(o);
-    return formulaGuidance({
+  schema: s.options({ textScale }),
+  create: (o) =>
+    formulaGuidance({
       name: "cfg",
-      textScale: wT,
+      textScale: o.textScale,
       adapterScale: 0,
-      usesNegative: false,
-      formula: { base: U, terms: [{ weight: wT, plus: T, minus: U }] },
-    });
-  },
+      formula: { base: U, terms: [{ weight: o.textScale, plus: T, minus: U }] },
+    }),
 };
 
 export const negativeVsText: PluginDef<Guidance, Options> = {
   kind: "guidance",
   name: "neg-text-relative",
   description: "ablation: negative taken relative to text: ... - wN(eps(c, i-) - ec)",
-  options: dipsy.options,
-  create(o) {
-    const { wT, wP, wN, lambda, interval } = read(o);
-    return formulaGuidance({
+  schema: DUAL,
+  create: (o) =>
+    formulaGuidance({
       name: "neg-text-relative",
-      textScale: wT,
-      adapterScale: lambda,
-      usesNegative: true,
-      interval,
+      ...o,
       formula: {
         base: U,
         terms: [
-          { weight: wT, plus: T, minus: U },
-          { weight: wP, plus: "text+pos", minus: T },
-          { weight: -wN, plus: "text+neg", minus: T },
+          { weight: o.textScale, plus: T, minus: U },
+          { weight: o.positiveScale, plus: "text+pos", minus: T },
+          { weight: -o.negativeScale, plus: "text+neg", minus: T },
         ],
       },
-    });
-  },
+    }),
 };
 
 export const diffusersStyle: PluginDef<Guidance, Options> = {
@@ -134,22 +125,22 @@ export const diffusersStyle: PluginDef<Guidance, Options> = {
   name: "diffusers-style",
   description:
     "ablation: negative image in the unconditional branch, one scale: u + wT(c - u), u = eps('', i-), c = eps(c, i+)",
-  options: { textScale: COMMON.textScale, adapterScale: COMMON.adapterScale },
-  create(o) {
-    const { wT, lambda } = read(o);
-    return formulaGuidance({
+  schema: s.options({ textScale, adapterScale, negativeAdapterScale }),
+  create: (o) =>
+    formulaGuidance({
       name: "diffusers-style",
-      textScale: wT,
-      adapterScale: lambda,
-      usesNegative: true,
+      ...o,
       formula: {
         base: "uncond+neg",
-        terms: [{ weight: wT, plus: "text+pos", minus: "uncond+neg" }],
+        terms: [{ weight: o.textScale, plus: "text+pos", minus: "uncond+neg" }],
       },
-    });
-  },
+    }),
 };
 
-export const GUIDANCE_PLUGINS = [dipsy, singleIp, cfg, negativeVsText, diffusersStyle];
-
-for (const def of GUIDANCE_PLUGINS) if (!registry.has(def.kind, def.name)) registry.register(def);
+export const GUIDANCE_PLUGINS: PluginDef<Guidance, Options>[] = [
+  dipsy,
+  singleIp,
+  cfg,
+  negativeVsText,
+  diffusersStyle,
+];

@@ -5,6 +5,7 @@
  */
 import { ops, scope, type Tensor } from "../../ffi/mod.ts";
 import type { Conditioning, Guidance, GuidanceStep } from "../../core/plugins.ts";
+import * as s from "../../core/schema.ts";
 
 export interface Term {
   weight: number;
@@ -43,33 +44,22 @@ export function evaluate(f: Formula, preds: ReadonlyMap<Conditioning, Tensor>): 
   });
 }
 
-export interface IntervalOption {
-  /** Image terms apply for steps with index/total in [start, end); text CFG elsewhere. */
-  interval?: [number, number];
-}
+/** Image terms apply for steps with index/total in [start, end); text CFG elsewhere. */
+export const INTERVAL: s.Schema<[number, number] | null> = s.nullable(
+  s.refine(
+    s.array(s.number({ min: 0, max: 1 }), { minItems: 2, maxItems: 2 }),
+    ([start, end]) => start < end ? null : "must be [start, end] with start < end",
+  ) as s.Schema<[number, number]>,
+  {
+    default: null,
+    description: "[start, end] fractions of the steps where image terms apply; null: all",
+  },
+);
 
-function inInterval(step: GuidanceStep, interval?: [number, number]): boolean {
+function inInterval(step: GuidanceStep, interval: [number, number] | null | undefined): boolean {
   if (!interval) return true;
   const at = step.index / step.total;
   return at >= interval[0] && at < interval[1];
-}
-
-export function checkWeight(name: string, v: unknown): number {
-  if (typeof v !== "number" || !Number.isFinite(v)) {
-    throw new Error(`option "${name}" must be a finite number, got ${JSON.stringify(v)}`);
-  }
-  return v;
-}
-
-export function checkInterval(v: unknown): [number, number] | undefined {
-  if (v === undefined) return undefined;
-  if (
-    !Array.isArray(v) || v.length !== 2 || !v.every((x) => typeof x === "number") ||
-    v[0] < 0 || v[1] > 1 || v[0] >= v[1]
-  ) {
-    throw new Error(`option "interval" must be [start, end] with 0 <= start < end <= 1`);
-  }
-  return [v[0], v[1]];
 }
 
 /**
@@ -81,21 +71,24 @@ export function formulaGuidance(p: {
   formula: Formula;
   textScale: number;
   adapterScale: number;
-  usesNegative: boolean;
-  interval?: [number, number];
+  negativeAdapterScale?: number | null;
+  interval?: [number, number] | null;
 }): Guidance {
   const textOnly: Formula = {
     base: "uncond",
     terms: [{ weight: p.textScale, plus: "text", minus: "uncond" }],
   };
-  const usesImages = formulaNeeds(p.formula).some((c) => c.includes("+"));
+  const needs = formulaNeeds(p.formula);
+  const usesImages = needs.some((c) => c.includes("+"));
+  const usesNegative = needs.some((c) => c.includes("+neg"));
   const pick = (step: GuidanceStep) =>
     usesImages && !inInterval(step, p.interval) ? textOnly : p.formula;
   return {
     kind: "guidance",
     name: p.name,
     adapterScale: p.adapterScale,
-    usesNegative: p.usesNegative,
+    negativeAdapterScale: usesNegative ? p.negativeAdapterScale ?? null : null,
+    usesNegative,
     usesImages,
     needs: (step) => formulaNeeds(pick(step)),
     combine: (preds, step) => evaluate(pick(step), preds),

@@ -11,15 +11,16 @@
  * choices do not depend on the order images are made in, and the positive reference and its
  * augmentation are the same under every plugin, so ablations differ only where they should.
  */
-import {
-  type AugmentParams,
-  type PairChoice,
-  type PairContext,
-  registry,
-  type SamplerPair,
-  type ShotRef,
+import type {
+  AugmentParams,
+  PairChoice,
+  PairContext,
+  PluginDef,
+  SamplerPair,
+  ShotRef,
 } from "../../core/plugins.ts";
 import { derive } from "../../core/rng.ts";
+import * as s from "../../core/schema.ts";
 import { augmentParams } from "./augment.ts";
 import { DEFAULT_TAU, negativeProbabilities } from "./similarity.ts";
 
@@ -33,11 +34,10 @@ export {
   type SimilarityMatrix,
 } from "./similarity.ts";
 
+/** Resolved options (`tau` is read by class-similarity only). */
 export interface PairsOptions {
-  /** Augment both reference images (default true). */
-  augment?: boolean;
-  /** Softmax temperature of `class-similarity` (default 0.4). */
-  tau?: number;
+  augment: boolean;
+  tau: number;
 }
 
 /** Stream labels; part of the reproducibility contract, so never rename them. */
@@ -168,76 +168,49 @@ function probabilities(context: PairContext, classIndex: number, tau: number): n
   return p;
 }
 
-function readOptions(name: string, options: Record<string, unknown>, allowed: string[]) {
-  const unknown = Object.keys(options).filter((k) => !allowed.includes(k));
-  if (unknown.length) {
-    throw new Error(
-      `unknown option${unknown.length > 1 ? "s" : ""} ${unknown.join(", ")} ` +
-        `(${name} takes ${allowed.join(", ")})`,
-    );
-  }
-  const augment = options.augment ?? true;
-  if (typeof augment !== "boolean") throw new TypeError(`augment must be true or false`);
-  return { augment };
-}
-
-const AUGMENT_OPTION = {
+const augment = s.boolean({
+  default: true,
   description: "flip, random square crop, rotation in +-20 degrees and centre crop of both " +
     "reference images",
-  default: true,
-};
+});
+const tau = s.number({
+  min: 0,
+  exclusiveMin: true,
+  default: DEFAULT_TAU,
+  description: "softmax temperature over class similarities",
+});
 
-export function createClassSimilarityPairs(options: PairsOptions = {}): SamplerPair {
-  const { augment } = readOptions("class-similarity", { ...options }, ["augment", "tau"]);
-  const tau = options.tau ?? DEFAULT_TAU;
-  if (typeof tau !== "number" || !(tau > 0) || !Number.isFinite(tau)) {
-    throw new RangeError(`tau must be a positive number, got ${tau}`);
-  }
-  return createPairSampler("class-similarity", augment, true, (context, classIndex, index) => {
-    needTwoClasses(context);
-    const p = probabilities(context, classIndex, tau);
-    return derive(context.seed, STREAMS.negativeClass, classIndex, index).choice(p);
-  });
-}
-
-export function createUniformPairs(options: PairsOptions = {}): SamplerPair {
-  const { augment } = readOptions("uniform", { ...options }, ["augment"]);
-  return createPairSampler("uniform", augment, false, (context, classIndex, index) => {
-    const k = needTwoClasses(context);
-    const j = derive(context.seed, STREAMS.negativeClass, classIndex, index).int(k - 1);
-    return j >= classIndex ? j + 1 : j;
-  });
-}
-
-export function createNoNegativePairs(options: PairsOptions = {}): SamplerPair {
-  const { augment } = readOptions("none", { ...options }, ["augment"]);
-  return createPairSampler("none", augment, false, null);
-}
-
-registry.register<SamplerPair, PairsOptions>({
-  kind: "pairs",
-  name: "class-similarity",
-  description: "negative class drawn by CLIP class similarity, softmax(S / tau) without the " +
-    "target (DIPSY default)",
-  options: {
-    augment: AUGMENT_OPTION,
-    tau: { description: "softmax temperature over class similarities", default: DEFAULT_TAU },
+export const PAIRS_PLUGINS: PluginDef<SamplerPair, PairsOptions>[] = [
+  {
+    kind: "pairs",
+    name: "class-similarity",
+    description: "negative class drawn by CLIP class similarity, softmax(S / tau) without the " +
+      "target (DIPSY default)",
+    schema: s.options({ augment, tau }),
+    create: (o) =>
+      createPairSampler("class-similarity", o.augment, true, (context, classIndex, index) => {
+        needTwoClasses(context);
+        const p = probabilities(context, classIndex, o.tau);
+        return derive(context.seed, STREAMS.negativeClass, classIndex, index).choice(p);
+      }),
   },
-  create: createClassSimilarityPairs,
-});
-
-registry.register<SamplerPair, PairsOptions>({
-  kind: "pairs",
-  name: "uniform",
-  description: "negative class uniform over the other classes (ablation)",
-  options: { augment: AUGMENT_OPTION },
-  create: createUniformPairs,
-});
-
-registry.register<SamplerPair, PairsOptions>({
-  kind: "pairs",
-  name: "none",
-  description: "no negative reference (single IP-Adapter ablation)",
-  options: { augment: AUGMENT_OPTION },
-  create: createNoNegativePairs,
-});
+  {
+    kind: "pairs",
+    name: "uniform",
+    description: "negative class uniform over the other classes (ablation)",
+    schema: s.options({ augment }),
+    create: (o) =>
+      createPairSampler("uniform", o.augment, false, (context, classIndex, index) => {
+        const k = needTwoClasses(context);
+        const j = derive(context.seed, STREAMS.negativeClass, classIndex, index).int(k - 1);
+        return j >= classIndex ? j + 1 : j;
+      }),
+  },
+  {
+    kind: "pairs",
+    name: "none",
+    description: "no negative reference (single IP-Adapter ablation)",
+    schema: s.options({ augment }),
+    create: (o) => createPairSampler("none", o.augment, false, null),
+  },
+];

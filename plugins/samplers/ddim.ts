@@ -5,11 +5,14 @@
  */
 import type { Sampler, SamplerOptions } from "../../core/plugins.ts";
 import { type Generator, ops, scope, type Tensor } from "../../ffi/mod.ts";
+import * as s from "../../core/schema.ts";
 import {
   checkIndex,
   commonKeys,
+  type ConfigSpec,
   f32,
   noiseSchedule,
+  only,
   type Prediction,
   resolveConfig,
   type ScheduleConfig,
@@ -25,12 +28,21 @@ export interface DdimConfig extends ScheduleConfig {
   set_alpha_to_one: boolean;
 }
 
-export const DDIM_KEYS = {
+export const DDIM_KEYS: ConfigSpec = {
   ...commonKeys("leading"),
-  clip_sample: { default: true },
-  clip_sample_range: { default: 1.0 },
-  set_alpha_to_one: { default: true },
-  thresholding: { default: false, allowed: [false] },
+  clip_sample: s.boolean({ default: true }),
+  clip_sample_range: s.number({ default: 1.0 }),
+  set_alpha_to_one: s.boolean({ default: true }),
+  thresholding: only(false),
+};
+
+/** DDIM's options that are not config keys. */
+export const DDIM_OPTIONS = {
+  eta: s.number({
+    min: 0,
+    default: 0,
+    description: "stochasticity: 0 deterministic DDIM, 1 DDPM-like",
+  }),
 };
 
 export class DdimSampler implements Sampler {
@@ -46,12 +58,8 @@ export class DdimSampler implements Sampler {
   readonly #stride: number;
 
   constructor(options: SamplerOptions) {
-    const { steps, config, extra } = resolveConfig<DdimConfig>(options, DDIM_KEYS, ["eta"]);
-    const eta = extra.eta ?? 0;
-    if (typeof eta !== "number" || !(eta >= 0)) {
-      throw new Error(`option "eta" must be a number >= 0, got ${JSON.stringify(eta)}`);
-    }
-    this.eta = eta;
+    const { steps, config, extra } = resolveConfig<DdimConfig>(options, DDIM_KEYS, DDIM_OPTIONS);
+    this.eta = extra.eta as number;
     this.config = config;
     this.#alphasCumprod = noiseSchedule(config).alphasCumprod;
     this.#finalAlphaCumprod = config.set_alpha_to_one ? 1 : this.#alphasCumprod[0];

@@ -8,14 +8,17 @@
  */
 import type { Sampler, SamplerOptions } from "../../core/plugins.ts";
 import { keep, ops, scope, type Tensor } from "../../ffi/mod.ts";
+import * as s from "../../core/schema.ts";
 import {
   checkIndex,
   commonKeys,
+  type ConfigSpec,
   expF32,
   f32,
   logF32,
   noiseSchedule,
   npInterpGrid,
+  only,
   resolveConfig,
   type ScheduleConfig,
   spacedTimesteps,
@@ -33,23 +36,23 @@ export interface DpmConfig extends ScheduleConfig {
   final_sigmas_type: "zero" | "sigma_min";
 }
 
-export const DPM_KEYS = {
+export const DPM_KEYS: ConfigSpec = {
   ...commonKeys("linspace"),
-  solver_order: { default: 2, allowed: [1, 2, 3] },
-  algorithm_type: { default: "dpmsolver++", allowed: ["dpmsolver++"] },
-  solver_type: { default: "midpoint", allowed: ["midpoint", "heun"] },
-  lower_order_final: { default: true },
-  euler_at_final: { default: false },
-  final_sigmas_type: { default: "zero", allowed: ["zero", "sigma_min"] },
-  lambda_min_clipped: { default: -Infinity, allowed: [-Infinity] },
-  variance_type: { default: null, allowed: [null] },
-  thresholding: { default: false, allowed: [false] },
-  use_karras_sigmas: { default: false, allowed: [false] },
-  use_exponential_sigmas: { default: false, allowed: [false] },
-  use_beta_sigmas: { default: false, allowed: [false] },
-  use_lu_lambdas: { default: false, allowed: [false] },
-  use_flow_sigmas: { default: false, allowed: [false] },
-  use_dynamic_shifting: { default: false, allowed: [false] },
+  solver_order: s.integer({ min: 1, max: 3, default: 2 }),
+  algorithm_type: only("dpmsolver++"),
+  solver_type: s.string({ enum: ["midpoint", "heun"], default: "midpoint" }),
+  lower_order_final: s.boolean({ default: true }),
+  euler_at_final: s.boolean({ default: false }),
+  final_sigmas_type: s.string({ enum: ["zero", "sigma_min"], default: "zero" }),
+  lambda_min_clipped: only(-Infinity),
+  variance_type: only(null),
+  thresholding: only(false),
+  use_karras_sigmas: only(false),
+  use_exponential_sigmas: only(false),
+  use_beta_sigmas: only(false),
+  use_lu_lambdas: only(false),
+  use_flow_sigmas: only(false),
+  use_dynamic_shifting: only(false),
 };
 
 /** alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t) of one noise level, in float32. */

@@ -5,12 +5,15 @@
  */
 import type { Sampler, SamplerOptions } from "../../core/plugins.ts";
 import { ops, scope, type Tensor } from "../../ffi/mod.ts";
+import * as s from "../../core/schema.ts";
 import {
   checkIndex,
   commonKeys,
+  type ConfigSpec,
   f32,
   noiseSchedule,
   npInterpGrid,
+  only,
   resolveConfig,
   type ScheduleConfig,
   spacedTimesteps,
@@ -24,14 +27,14 @@ export interface EulerConfig extends ScheduleConfig {
   final_sigmas_type: "zero" | "sigma_min";
 }
 
-export const EULER_KEYS = {
+export const EULER_KEYS: ConfigSpec = {
   ...commonKeys("linspace"),
-  final_sigmas_type: { default: "zero", allowed: ["zero", "sigma_min"] },
-  interpolation_type: { default: "linear", allowed: ["linear"] },
-  use_karras_sigmas: { default: false, allowed: [false] },
-  use_exponential_sigmas: { default: false, allowed: [false] },
-  use_beta_sigmas: { default: false, allowed: [false] },
-  timestep_type: { default: "discrete", allowed: ["discrete"] },
+  final_sigmas_type: s.string({ enum: ["zero", "sigma_min"], default: "zero" }),
+  interpolation_type: only("linear"),
+  use_karras_sigmas: only(false),
+  use_exponential_sigmas: only(false),
+  use_beta_sigmas: only(false),
+  timestep_type: only("discrete"),
 };
 
 export class EulerSampler implements Sampler {

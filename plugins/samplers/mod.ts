@@ -2,15 +2,16 @@
  * Sampler plugins: diffusion schedulers that match diffusers' classes of the same name step for
  * step. "dpm-solver++" is the default (the official DIPSY setting); "ddim" is DataDream's.
  *
- * Every sampler takes `{ steps, config }` (config from `readSchedulerConfig`, resolved as
- * `Class.from_config(config)` resolves it) and any scheduler_config.json key as an override,
- * e.g. `{ timestep_spacing: "trailing" }`.
+ * Every sampler is built from `{ steps, config }` (config from `readSchedulerConfig`, resolved as
+ * `Class.from_config(config)` resolves it), which the host supplies, and takes any of its
+ * scheduler_config.json keys as an option that overrides the file, e.g.
+ * `{ timestep_spacing: "trailing" }`.
  */
 import type { PluginDef, Sampler, SamplerOptions } from "../../core/plugins.ts";
-import { registry } from "../../core/plugins.ts";
-import { DdimSampler } from "./ddim.ts";
-import { DpmSolverSampler } from "./dpm_solver.ts";
-import { EulerSampler } from "./euler.ts";
+import { DDIM_KEYS, DDIM_OPTIONS, DdimSampler } from "./ddim.ts";
+import { DPM_KEYS, DpmSolverSampler } from "./dpm_solver.ts";
+import { EULER_KEYS, EulerSampler } from "./euler.ts";
+import { samplerSchema } from "./schedule.ts";
 
 export { DDIM_KEYS, DdimSampler } from "./ddim.ts";
 export { DPM_KEYS, DpmSolverSampler } from "./dpm_solver.ts";
@@ -24,19 +25,21 @@ export {
 
 export const DEFAULT_SAMPLER = "dpm-solver++";
 
-type Options = PluginDef["options"];
+/** What the host passes besides the options: the step count and the model's scheduler config. */
+export const SAMPLER_RUNTIME = ["steps", "config"] as const;
 
-const COMMON: Options = {
-  steps: { description: "number of denoising steps (DIPSY: 50)" },
-  config: {
-    description:
-      "scheduler config (scheduler/scheduler_config.json), read as diffusers' from_config",
-  },
-  timestep_spacing: {
-    description:
-      "override: leading | linspace | trailing (from_config of the SD1.5 config: linspace for dpm-solver++ and euler, leading for ddim)",
-  },
-  prediction_type: { description: "override: epsilon | v_prediction | sample", default: "epsilon" },
+/** Help lines of the overrides users reach for; the others say "override". */
+const DESCRIPTIONS: Record<string, string> = {
+  timestep_spacing: "leading | linspace | trailing; default: the scheduler config's, as " +
+    "from_config reads it (linspace for dpm-solver++ and euler, leading for ddim on SD1.5)",
+  prediction_type: "epsilon | v_prediction | sample; default: the scheduler config's",
+  solver_order: "1, 2 or 3 (default 2)",
+  solver_type: "midpoint | heun (default midpoint)",
+  lower_order_final: "lower-order steps at the end when steps < 15 (default true)",
+  euler_at_final: "first-order last step (default false)",
+  final_sigmas_type: "zero | sigma_min (default zero)",
+  clip_sample: "clamp the predicted x0; default: the scheduler config's",
+  set_alpha_to_one: "alpha product after the last step is 1; default: the scheduler config's",
 };
 
 export const dpmSolver: PluginDef<Sampler, SamplerOptions> = {
@@ -44,17 +47,8 @@ export const dpmSolver: PluginDef<Sampler, SamplerOptions> = {
   name: "dpm-solver++",
   description:
     "DPM-Solver++ multistep (diffusers DPMSolverMultistepScheduler), the official DIPSY sampler",
-  options: {
-    ...COMMON,
-    solver_order: { description: "1, 2 or 3", default: 2 },
-    solver_type: { description: "midpoint | heun", default: "midpoint" },
-    lower_order_final: {
-      description: "lower-order steps at the end when steps < 15",
-      default: true,
-    },
-    euler_at_final: { description: "first-order last step", default: false },
-    final_sigmas_type: { description: "zero | sigma_min", default: "zero" },
-  },
+  schema: samplerSchema(DPM_KEYS, {}, DESCRIPTIONS),
+  runtime: SAMPLER_RUNTIME,
   create: (o) => new DpmSolverSampler(o),
 };
 
@@ -63,15 +57,8 @@ export const ddim: PluginDef<Sampler, SamplerOptions> = {
   name: "ddim",
   description:
     "DDIM (diffusers DDIMScheduler); eta > 0 draws variance noise from the step's generator",
-  options: {
-    ...COMMON,
-    eta: { description: "stochasticity: 0 deterministic DDIM, 1 DDPM-like", default: 0 },
-    clip_sample: { description: "clamp the predicted x0", default: "from config" },
-    set_alpha_to_one: {
-      description: "alpha product after the last step is 1",
-      default: "from config",
-    },
-  },
+  schema: samplerSchema(DDIM_KEYS, DDIM_OPTIONS, DESCRIPTIONS),
+  runtime: SAMPLER_RUNTIME,
   create: (o) => new DdimSampler(o),
 };
 
@@ -79,13 +66,9 @@ export const euler: PluginDef<Sampler, SamplerOptions> = {
   kind: "sampler",
   name: "euler",
   description: "Euler in sigma space (diffusers EulerDiscreteScheduler, no churn)",
-  options: {
-    ...COMMON,
-    final_sigmas_type: { description: "zero | sigma_min", default: "zero" },
-  },
+  schema: samplerSchema(EULER_KEYS, {}, DESCRIPTIONS),
+  runtime: SAMPLER_RUNTIME,
   create: (o) => new EulerSampler(o),
 };
 
-export const SAMPLER_PLUGINS = [dpmSolver, ddim, euler];
-
-for (const def of SAMPLER_PLUGINS) if (!registry.has(def.kind, def.name)) registry.register(def);
+export const SAMPLER_PLUGINS: PluginDef<Sampler, SamplerOptions>[] = [dpmSolver, ddim, euler];

@@ -12,6 +12,7 @@ import { readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
 import type { SamplerOptions, SchedulerConfig } from "../../core/plugins.ts";
 import { fromHost, ops, scalar, scope, type Tensor, UserError } from "../../ffi/mod.ts";
+import * as s from "../../core/schema.ts";
 
 /** A `scheduler_config.json` that cannot be read. */
 export class SchedulerConfigError extends UserError {}
@@ -138,33 +139,30 @@ export const SD15_SCHEDULER_CONFIG: SchedulerConfig = parseSchedulerConfig(
 
 export type ConfigValue = number | boolean | string | null | readonly number[];
 
-/** One `__init__` argument of a diffusers scheduler. */
-export interface ConfigKey {
-  default: ConfigValue;
-  /** The values this implementation runs; any other value is rejected, naming the key. */
-  allowed?: readonly ConfigValue[];
-  integer?: boolean;
-  min?: number;
-  /** Accepts a list of numbers as well as null (trained_betas). */
-  list?: boolean;
-}
-
-export type ConfigSpec = Record<string, ConfigKey>;
+/**
+ * The `__init__` arguments of a diffusers scheduler class, each with the class default. A value
+ * this implementation does not run is refused by its schema, naming the key.
+ */
+export type ConfigSpec = Record<string, s.Schema<ConfigValue>>;
 
 /** The schedule keys every sampler reads; `spacing` is the class's default timestep spacing. */
 export function commonKeys(spacing: Spacing): ConfigSpec {
   return {
-    num_train_timesteps: { default: 1000, integer: true, min: 1 },
-    beta_start: { default: 0.0001 },
-    beta_end: { default: 0.02 },
-    beta_schedule: { default: "linear", allowed: BETA_SCHEDULES },
-    trained_betas: { default: null, list: true },
-    prediction_type: { default: "epsilon", allowed: PREDICTION_TYPES },
-    timestep_spacing: { default: spacing, allowed: SPACINGS },
-    steps_offset: { default: 0, integer: true, min: 0 },
-    rescale_betas_zero_snr: { default: false, allowed: [false] },
+    num_train_timesteps: s.integer({ min: 1, default: 1000 }),
+    beta_start: s.number({ default: 0.0001 }),
+    beta_end: s.number({ default: 0.02 }),
+    beta_schedule: s.string({ enum: BETA_SCHEDULES, default: "linear" }),
+    trained_betas: s.nullable(s.array(s.number()), { default: null }) as s.Schema<ConfigValue>,
+    prediction_type: s.string({ enum: PREDICTION_TYPES, default: "epsilon" }),
+    timestep_spacing: s.string({ enum: SPACINGS, default: spacing }),
+    steps_offset: s.integer({ min: 0, default: 0 }),
+    rescale_betas_zero_snr: s.literal(false, { default: false }),
   };
 }
+
+/** A key the implementation supports one value of, which is also the class default. */
+export const only = (value: string | number | boolean | null): s.Schema<ConfigValue> =>
+  s.literal(value, { default: value });
 
 export const BETA_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"] as const;
 export const PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"] as const;
@@ -187,8 +185,30 @@ export interface ScheduleConfig {
 export interface Resolved<C> {
   steps: number;
   config: C;
-  /** Sampler options that are not config keys (e.g. DDIM's eta). */
+  /** Sampler options that are not config keys (e.g. DDIM's eta), defaults filled in. */
   extra: Record<string, unknown>;
+}
+
+/**
+ * The options schema of a sampler plugin: every config key as an override without a default
+ * (absent: the model's scheduler config decides), and the sampler's own options.
+ */
+export function samplerSchema(
+  spec: ConfigSpec,
+  own: Record<string, s.Schema<unknown>> = {},
+  descriptions: Record<string, string> = {},
+): s.ObjectSchema {
+  const overrides = Object.fromEntries(
+    Object.entries(spec).map(([k, v]) => {
+      const description = descriptions[k] ?? "override of the scheduler config";
+      const jsonSchema = () => {
+        const { default: _, ...json } = v.jsonSchema();
+        return { ...json, description };
+      };
+      return [k, { ...v, default: undefined, description, jsonSchema }];
+    }),
+  );
+  return s.options({ ...overrides, ...own });
 }
 
 /**
@@ -200,7 +220,7 @@ export interface Resolved<C> {
 export function resolveConfig<C>(
   options: SamplerOptions,
   spec: ConfigSpec,
-  extraOptions: readonly string[] = [],
+  own: Record<string, s.Schema<unknown>> = {},
 ): Resolved<C> {
   const { steps, config, ...rest } = options;
   if (config === null || typeof config !== "object") {
@@ -208,25 +228,24 @@ export function resolveConfig<C>(
   }
   const source = typeof config[SOURCE] === "string" ? config[SOURCE] as string : "scheduler config";
   const defaulted = new Set(Array.isArray(config[DEFAULTED]) ? config[DEFAULTED] as string[] : []);
-  const extra: Record<string, unknown> = {};
-  for (const key of Object.keys(rest)) {
-    if (rest[key] === undefined) continue;
-    if (extraOptions.includes(key)) extra[key] = rest[key];
-    else if (!(key in spec)) {
-      const known = [...extraOptions, ...Object.keys(spec)].join(", ");
-      throw new Error(`unknown option "${key}" (known: steps, config, ${known})`);
-    }
-  }
+  const checked = s.validate(samplerSchema(spec, own), rest);
+  if (!checked.ok) throw new Error(checked.issues.map((i) => s.issueText(i, "option")).join("; "));
+  const given = checked.value as Record<string, unknown>;
+  const extra = Object.fromEntries(Object.keys(own).map((k) => [k, given[k]]));
+  const problems: string[] = [];
   const out: Record<string, ConfigValue> = {};
   for (const [key, rule] of Object.entries(spec)) {
-    if (rest[key] !== undefined) {
-      out[key] = checkValue(rule, rest[key], `option "${key}"`);
+    if (given[key] !== undefined) {
+      out[key] = given[key] as ConfigValue;
     } else if (config[key] !== undefined && !defaulted.has(key)) {
-      out[key] = checkValue(rule, config[key], `${source}: "${key}"`);
+      const ctx: s.CheckContext = { issues: [], text: false };
+      out[key] = rule.check(config[key], key, ctx) as ConfigValue;
+      problems.push(...ctx.issues.map((i) => `${source}: "${key}" ${i.message}`));
     } else {
-      out[key] = rule.default;
+      out[key] = rule.default as ConfigValue;
     }
   }
+  if (problems.length) throw new Error(problems.join("; "));
   const train = out.num_train_timesteps as number;
   if (typeof steps !== "number" || !Number.isInteger(steps) || steps < 1 || steps > train) {
     throw new Error(
@@ -242,35 +261,6 @@ export function resolveConfig<C>(
     );
   }
   return { steps, config: out as C, extra };
-}
-
-function checkValue(rule: ConfigKey, v: unknown, where: string): ConfigValue {
-  const show = (x: unknown) =>
-    typeof x === "number" && !Number.isFinite(x) ? String(x) : JSON.stringify(x);
-  if (rule.list) {
-    if (v === null) return null;
-    if (!Array.isArray(v) || v.some((x) => typeof x !== "number" || !Number.isFinite(x))) {
-      throw new Error(`${where} must be null or a list of numbers, got ${show(v)}`);
-    }
-    return v as number[];
-  }
-  const type = rule.default === null ? "string" : typeof rule.default;
-  if (rule.allowed) {
-    if (!rule.allowed.some((a) => Object.is(a, v))) {
-      throw new Error(`${where} is ${show(v)}; supported: ${rule.allowed.map(show).join(", ")}`);
-    }
-    return v as ConfigValue;
-  }
-  if (typeof v !== type || (type === "number" && Number.isNaN(v))) {
-    throw new Error(`${where} must be a ${type}, got ${show(v)}`);
-  }
-  if (rule.integer && !Number.isInteger(v)) {
-    throw new Error(`${where} must be an integer, got ${show(v)}`);
-  }
-  if (rule.min !== undefined && (v as number) < rule.min) {
-    throw new Error(`${where} must be at least ${rule.min}, got ${show(v)}`);
-  }
-  return v as ConfigValue;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 /**
  * Stable Diffusion 1.5 with IP-Adapters as a DiffusionBackbone: the diffusers folder layout
  * (unet/, vae/, text_encoder/, tokenizer/, scheduler/), an h94 IP-Adapter file attached once per
- * image prompt, and its CLIP image encoder. `tiny` builds the same graph with seeded random
- * weights and no files; `random` does so for any configs (the benchmarks' full-size SD1.5).
+ * image prompt (the negative image's slot may take another file), and its CLIP image encoder.
+ * `tiny` builds the same graph with seeded random weights and no files; `random` does so for any
+ * configs (the benchmarks' full-size SD1.5).
  *
  * On CUDA the weights default to float16, and the batched UNet call of each step is replayed as
  * a CUDA graph per input shape (ffi/graphed.ts); eager runs are the fallback and the reference.
@@ -30,7 +31,14 @@ import { tinyTextConfig, tinyVisionConfig } from "../clip/presets.ts";
 import { ClipTextModel } from "../clip/text.ts";
 import { ClipTokenizer } from "../clip/tokenizer.ts";
 import { ClipVisionModel } from "../clip/vision.ts";
-import { IpAdapter, TINY_IP_BASE, TINY_IP_PLUS } from "./ip_adapter.ts";
+import {
+  checkAdapterPair,
+  checkEncoderFit,
+  IpAdapter,
+  readIpAdapterConfig,
+  TINY_IP_BASE,
+  TINY_IP_PLUS,
+} from "./ip_adapter.ts";
 import type { IpProjectionConfig } from "./ip_projection.ts";
 import { readSchedulerConfig, SD15_SCHEDULER_CONFIG } from "../samplers/schedule.ts";
 import { UNet2DConditionModel } from "./unet.ts";
@@ -43,6 +51,11 @@ export interface Sd15Paths {
   model: string;
   /** An h94 IP-Adapter safetensors file (`ip-adapter-plus_sd15.safetensors` or the base one). */
   ipAdapter?: string;
+  /**
+   * The negative image's adapter (slot 2), of the same kind and token count; absent: `ipAdapter`
+   * in both slots, as DIPSY loads it.
+   */
+  negativeIpAdapter?: string;
   /** The IP-Adapter's CLIP image encoder folder (`models/image_encoder`). */
   imageEncoder?: string;
 }
@@ -109,10 +122,10 @@ interface Parts {
   text: ClipTextModel;
   tokenizer: ClipTokenizer;
   imageEncoder: ClipVisionModel | null;
-  adapter: IpAdapter | null;
+  /** The adapter of each slot (positive, negative); one instance twice when they share a file. */
+  adapters: IpAdapter[];
   schedulerConfig: SchedulerConfig;
   modelIds: Record<string, string>;
-  adapters: number;
   dtype: DType;
   device: Device;
   /** Side of the image encoder's square input. */
@@ -142,10 +155,8 @@ export class Sd15Backbone implements DiffusionBackbone {
     this.defaultSize = (typeof ss === "number" ? ss : ss[0]) * this.vaeScaleFactor;
     this.schedulerConfig = p.schedulerConfig;
     this.modelIds = p.modelIds;
-    if (p.adapter && p.adapters > 0) {
-      p.unet.attachIpAdapters(Array.from({ length: p.adapters }, () => p.adapter!));
-    }
-    this.adapterCount = p.adapter ? p.adapters : 0;
+    if (p.adapters.length > 0) p.unet.attachIpAdapters(p.adapters);
+    this.adapterCount = p.adapters.length;
     const unet = p.unet;
     this.#graphs = p.cudaGraphs
       ? new GraphedCall(
@@ -174,6 +185,17 @@ export class Sd15Backbone implements DiffusionBackbone {
     if (adapters > 0 && !paths.imageEncoder) {
       throw new Error("an IP-Adapter needs its CLIP image encoder folder (models/image_encoder)");
     }
+    const negativeFile = adapters > 1 && paths.negativeIpAdapter &&
+        paths.negativeIpAdapter !== paths.ipAdapter
+      ? paths.negativeIpAdapter
+      : null;
+    // From the headers, before any weight is read.
+    if (negativeFile) {
+      checkAdapterPair(
+        { path: paths.ipAdapter!, config: readIpAdapterConfig(paths.ipAdapter!) },
+        { path: negativeFile, config: readIpAdapterConfig(negativeFile) },
+      );
+    }
     const tokenizer = await ClipTokenizer.fromFolder(join(paths.model, "tokenizer"));
     const lo = { dtype, device };
     const owned: Disposable[] = [];
@@ -185,21 +207,34 @@ export class Sd15Backbone implements DiffusionBackbone {
       const adapter = paths.ipAdapter && adapters > 0
         ? own(IpAdapter.load(paths.ipAdapter, unet, lo))
         : null;
+      const negative = negativeFile ? own(IpAdapter.load(negativeFile, unet, lo)) : null;
       const imageEncoder = adapter ? own(loadClipVision(paths.imageEncoder!, lo)) : null;
+      if (imageEncoder) {
+        const features = {
+          path: paths.imageEncoder!,
+          hiddenSize: imageEncoder.config.hiddenSize,
+          projectionDim: imageEncoder.visualProjection ? imageEncoder.config.projectionDim : null,
+        };
+        checkEncoderFit({ path: paths.ipAdapter!, config: adapter!.config }, features);
+        if (negative) checkEncoderFit({ path: negativeFile!, config: negative.config }, features);
+      }
+      const slots = adapter
+        ? Array.from({ length: adapters }, (_, i) => i === 1 && negative ? negative : adapter)
+        : [];
       return new Sd15Backbone({
         unet,
         vae,
         text,
         tokenizer,
         imageEncoder,
-        adapter,
+        adapters: slots,
         schedulerConfig: modelSchedulerConfig(paths.model),
         modelIds: {
           model: paths.model,
           ...(paths.ipAdapter ? { ipAdapter: paths.ipAdapter } : {}),
+          ...(negativeFile ? { negativeIpAdapter: negativeFile } : {}),
           ...(paths.imageEncoder ? { imageEncoder: paths.imageEncoder } : {}),
         },
-        adapters,
         dtype,
         device,
         encoderSize: imageEncoder?.config.imageSize ?? 224,
@@ -258,17 +293,17 @@ export class Sd15Backbone implements DiffusionBackbone {
           }),
       );
       const hidden = unet.crossAttentions().map((a) => a.innerDim);
-      const adapter = part(4, (w) => new IpAdapter(w, config.ipAdapter, hidden));
+      const count = opts.adapters ?? 2;
+      const adapter = count > 0 ? part(4, (w) => new IpAdapter(w, config.ipAdapter, hidden)) : null;
       return new Sd15Backbone({
         unet,
         vae,
         text,
         tokenizer: config.tokenizer,
         imageEncoder,
-        adapter,
+        adapters: Array.from({ length: count }, () => adapter!),
         schedulerConfig: SD15_SCHEDULER_CONFIG,
         modelIds: { model: opts.name ?? `random (seed ${seed})` },
-        adapters: opts.adapters ?? 2,
         dtype,
         device,
         encoderSize: config.vision.imageSize,
@@ -291,18 +326,26 @@ export class Sd15Backbone implements DiffusionBackbone {
     );
   }
 
-  encodeImages(images: readonly RgbImage[]): Tensor {
-    const { imageEncoder, adapter } = this.p;
-    if (!imageEncoder || !adapter) throw new Error("this model has no IP-Adapter");
+  /** Image tokens for adapter slot `adapter` (0: positive, 1: negative), by its own projection. */
+  encodeImages(images: readonly RgbImage[], adapter = 0): Tensor {
+    const { imageEncoder } = this.p;
+    const ip = this.p.adapters[adapter];
+    if (!imageEncoder || !ip) {
+      throw new Error(
+        this.p.adapters.length
+          ? `this model has ${this.p.adapters.length} IP-Adapter(s), no slot ${adapter}`
+          : "this model has no IP-Adapter",
+      );
+    }
     return noGrad(() =>
       scope(() => {
         const size = this.p.encoderSize;
         const px = ops.to(clipPreprocess(images, { size }), this.dtype, this.device);
         // Plus reads the penultimate hidden states; base the projected image embeds.
-        const features = adapter.kind === "plus"
+        const features = ip.kind === "plus"
           ? imageEncoder.hiddenState(px, -2)
           : imageEncoder.forward(px).imageEmbeds!;
-        return adapter.project(features);
+        return ip.project(features);
       })
     );
   }
@@ -324,7 +367,7 @@ export class Sd15Backbone implements DiffusionBackbone {
     const p = this.p;
     this.#graphs?.dispose();
     p.unet.detachIpAdapters();
-    for (const m of [p.unet, p.vae, p.text, p.imageEncoder, p.adapter]) m?.dispose();
+    for (const m of [p.unet, p.vae, p.text, p.imageEncoder, ...new Set(p.adapters)]) m?.dispose();
   }
 }
 

@@ -5,6 +5,11 @@
  * k counts attention processors in diffusers' registration order (down blocks, up blocks, mid
  * block), self-attention included, so cross-attention layer i is k = 2i + 1. Only safetensors
  * files are read: pickled `.bin` checkpoints are refused.
+ *
+ * The positive and the negative image may each have their own file (diffusers' `load_ip_adapter`
+ * with one weight name per adapter); both must then read the same image features and give the
+ * same number of tokens, which `checkAdapterPair` and `checkEncoderFit` decide from the files'
+ * headers and the encoder's config alone, before any weight is loaded.
  */
 import { loadModule, Module } from "../../core/nn.ts";
 import {
@@ -94,6 +99,69 @@ export class IpAdapter extends Module {
     const src = new RandomSource(seed, opts.dtype ?? "f32", opts.device ?? "cpu");
     return new IpAdapter(src, config, unet.crossAttentions().map((a) => a.innerDim));
   }
+}
+
+/** The projection config of an h94-layout file, read from its header (no weights are loaded). */
+export function readIpAdapterConfig(path: string, dimHead = PLUS_DIM_HEAD): IpProjectionConfig {
+  return inferProjectionConfig(SafetensorsFile.open(path), "image_proj.", dimHead);
+}
+
+/** An adapter file and its projection config, as the checks below name them. */
+export interface AdapterFile {
+  path: string;
+  config: IpProjectionConfig;
+}
+
+/** What the image encoder hands an adapter: its width (Plus) and its projection (base). */
+export interface EncoderFeatures {
+  /** The encoder's folder, for messages. */
+  path: string;
+  hiddenSize: number;
+  /** Null: the encoder has no projection (no `image_embeds`). */
+  projectionDim: number | null;
+}
+
+function describeAdapter(c: IpProjectionConfig): string {
+  return c.kind === "plus"
+    ? `IP-Adapter Plus (${c.queries} tokens from ${c.inputDim}-wide hidden states)`
+    : `base IP-Adapter (${c.tokens} tokens from ${c.embedDim}-d image embeds)`;
+}
+
+/**
+ * Refuses a positive/negative pair that would not read the same encoder output or give the same
+ * tokens: both are encoded by one image encoder, and an ablation that swaps a file must change
+ * the weights only, never the kind of conditioning.
+ */
+export function checkAdapterPair(positive: AdapterFile, negative: AdapterFile): void {
+  const a = positive.config, b = negative.config;
+  const tokens = (c: IpProjectionConfig) => c.kind === "plus" ? c.queries : c.tokens;
+  const input = (c: IpProjectionConfig) => c.kind === "plus" ? c.inputDim : c.embedDim;
+  if (
+    a.kind !== b.kind || tokens(a) !== tokens(b) || input(a) !== input(b) ||
+    a.crossDim !== b.crossDim
+  ) {
+    throw new WeightError(
+      `the positive and negative IP-Adapters do not match: ${positive.path} is ` +
+        `${describeAdapter(a)}, ${negative.path} is ${describeAdapter(b)}; both must be the ` +
+        "same kind (Plus or base) with the same token count",
+    );
+  }
+}
+
+/** Refuses an adapter that its image encoder cannot feed (Plus: width; base: projection). */
+export function checkEncoderFit(adapter: AdapterFile, encoder: EncoderFeatures): void {
+  const c = adapter.config;
+  const have = c.kind === "plus" ? encoder.hiddenSize : encoder.projectionDim;
+  const want = c.kind === "plus" ? c.inputDim : c.embedDim;
+  if (have === want) return;
+  const what = c.kind === "plus"
+    ? `${encoder.hiddenSize}-wide hidden states`
+    : have === null
+    ? "no image embeds (it has no projection)"
+    : `${have}-d image embeds`;
+  throw new WeightError(
+    `${adapter.path} is ${describeAdapter(c)} but its image encoder ${encoder.path} gives ${what}`,
+  );
 }
 
 /** h94 `ip-adapter_sd15`: ViT-H/14 image embeds (1024) -> 4 tokens of 768. */

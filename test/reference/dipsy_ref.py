@@ -10,6 +10,9 @@ Builds tiny random models with diffusers/transformers and saves them in the real
   OUTDIR/image_encoder/  CLIPVisionModelWithProjection (hidden 48 = the Plus resampler input,
                          projection 16 = the base projection input), image_size 32
   OUTDIR/ip-adapter-plus_tiny.safetensors, OUTDIR/ip-adapter_tiny.safetensors (h94 flat layout)
+  OUTDIR/ip-adapter-plus_tiny_b.safetensors   the Plus file with every tensor perturbed (a second
+                         adapter of the same kind, for a different file per positive/negative)
+  OUTDIR/ip-adapter-plus_tiny_q4.safetensors  a Plus file with 4 tokens instead of 6 (a mismatch)
   OUTDIR/images/*.png    reference images of odd sizes
 
 Then it generates as the official DIPSY code does (eleftsonis/DIPSY,
@@ -21,6 +24,8 @@ UNet calls of batch 2 (uncond, text) switched with `set_ip_adapter_scale`:
   eps = e0 + wT (ec - e0) + wP (ecp - ec) - wN (ecpn - ecp)          (Eq. 9)
 The scales are set explicitly before the first step (the official first-step scale-1.0 quirk is
 not reproduced). Each image runs alone, as in the official code; the Deno side batches them.
+A case may give the negative image its own adapter file and scale (`weight_name=[pos, neg]`,
+`set_ip_adapter_scale([lam, lam_neg])`), as diffusers allows one of each per adapter.
 
 OUTDIR/cases.json describes every case (guidance, options, sampler, adapter file, requests) and
 OUTDIR/io.safetensors holds per case `<case>.timesteps` (the scheduler's), `<case>.noise`,
@@ -117,6 +122,8 @@ MODEL_INDEX = {
 
 PLUS_FILE = "ip-adapter-plus_tiny.safetensors"
 BASE_FILE = "ip-adapter_tiny.safetensors"
+PLUS_B_FILE = "ip-adapter-plus_tiny_b.safetensors"
+PLUS_Q4_FILE = "ip-adapter-plus_tiny_q4.safetensors"
 
 IMAGES = {"a": (37, 29), "b": (23, 41), "c": (45, 45), "d": (31, 50)}
 
@@ -173,6 +180,27 @@ CASES = [
         sampler="dpm-solver++",
         ip_adapter=BASE_FILE,
         requests=[dict(prompt="the hat", seed=21, positive="b", negative="d")],
+    ),
+    # Per-adapter settings: the negative image through another file at another scale.
+    dict(
+        name="dipsy-two-adapters",
+        guidance="dipsy",
+        options={**DIPSY_OPTS, "negativeAdapterScale": 0.9},
+        sampler="dpm-solver++",
+        ip_adapter=PLUS_FILE,
+        negative_ip_adapter=PLUS_B_FILE,
+        requests=[
+            dict(prompt="A photo of the cat", seed=7, positive="a", negative="b"),
+            dict(prompt="The CAT at the caf\u00e9", seed=1234, positive="c", negative="a"),
+        ],
+    ),
+    dict(
+        name="dipsy-negative-scale",
+        guidance="dipsy",
+        options={**DIPSY_OPTS, "negativeAdapterScale": 0.25},
+        sampler="dpm-solver++",
+        ip_adapter=PLUS_FILE,
+        requests=[dict(prompt="A photo of the cat", seed=7, positive="a", negative="b")],
     ),
 ]
 
@@ -244,6 +272,17 @@ def ip_state_dict(kind, dims, layers, seed):
     return sd
 
 
+def perturbed(sd, seed, amount=0.3):
+    """Every tensor moved by `amount` of its own spread: same shapes, clearly other weights."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k in sorted(sd):
+        v = sd[k]
+        spread = v.std() if v.numel() > 1 else v.abs()
+        out[k] = v + amount * spread * torch.randn(v.shape, generator=g)
+    return out
+
+
 def reference_image(size, seed):
     """A smooth RGB pattern plus noise: resampling and cropping both matter."""
     w, h = size
@@ -279,6 +318,9 @@ def write_models(out):
     layers = cross_layers(unet)
     save_tensors(os.path.join(out, PLUS_FILE), ip_state_dict("plus", PLUS, layers, 500))
     save_tensors(os.path.join(out, BASE_FILE), ip_state_dict("base", BASE, layers, 600))
+    plus = ip_state_dict("plus", PLUS, layers, 500)
+    save_tensors(os.path.join(out, PLUS_B_FILE), perturbed(plus, 510))
+    save_tensors(os.path.join(out, PLUS_Q4_FILE), ip_state_dict("plus", {**PLUS, "queries": 4}, layers, 520))
 
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     for i, (name, size) in enumerate(IMAGES.items()):
@@ -289,7 +331,7 @@ def write_models(out):
 # Generation, structured as the official DIPSY pipeline
 
 
-def load_pipeline(out, ip_file, adapters):
+def load_pipeline(out, ip_file, adapters, negative_file=None):
     encoder = CLIPVisionModelWithProjection.from_pretrained(os.path.join(out, "image_encoder")).eval()
     size = encoder.config.image_size
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -303,7 +345,10 @@ def load_pipeline(out, ip_file, adapters):
     )
     pipe.set_progress_bar_config(disable=True)
     if ip_file:
-        pipe.load_ip_adapter(out, subfolder="", weight_name=[ip_file] * adapters, image_encoder_folder=None)
+        names = [ip_file] * adapters
+        if negative_file and adapters > 1:
+            names[1] = negative_file
+        pipe.load_ip_adapter(out, subfolder="", weight_name=names, image_encoder_folder=None)
     return pipe
 
 
@@ -316,6 +361,8 @@ def generate_one(pipe, case, req, images):
     """One image: returns (initial noise, latents after step 1, final latents, timesteps)."""
     o = case["options"]
     w_t, lam = o["textScale"], o.get("adapterScale", 0.0)
+    lam_n = o.get("negativeAdapterScale")
+    lam_n = lam if lam_n is None else lam_n
     w_p, w_n = o.get("positiveScale", 0.0), o.get("negativeScale", 0.0)
     guidance = case["guidance"]
 
@@ -337,7 +384,7 @@ def generate_one(pipe, case, req, images):
     noise = torch.randn([1, 4, SIZE // 2, SIZE // 2], generator=torch.Generator().manual_seed(req["seed"]))
     latents = noise * scheduler.init_noise_sigma
     if guidance == "dipsy":
-        pipe.set_ip_adapter_scale([lam, lam])
+        pipe.set_ip_adapter_scale([lam, lam_n])
     elif guidance == "single-ip":
         pipe.set_ip_adapter_scale([lam])
     after_first = None
@@ -349,7 +396,7 @@ def generate_one(pipe, case, req, images):
             _, e_cp = unet_pair(pipe, x, t, embeds, image_embeds)
             pipe.set_ip_adapter_scale([0, 0])
             e_0, e_c = unet_pair(pipe, x, t, embeds, image_embeds)
-            pipe.set_ip_adapter_scale([lam, lam])
+            pipe.set_ip_adapter_scale([lam, lam_n])
             # The official call passes the negative weight signed: guidance_image_two = -wN.
             eps = e_0 + w_t * (e_c - e_0) + w_p * (e_cp - e_c) + (-w_n) * (e_cpn - e_cp)
         elif guidance == "single-ip":
@@ -392,7 +439,9 @@ def main():
     with torch.no_grad():
         for case in CASES:
             adapters = {"dipsy": 2, "single-ip": 1}.get(case["guidance"], 0)
-            pipe = load_pipeline(out, case["ip_adapter"] if adapters else None, adapters)
+            pipe = load_pipeline(
+                out, case["ip_adapter"] if adapters else None, adapters, case.get("negative_ip_adapter")
+            )
             runs = [generate_one(pipe, case, r, images) for r in case["requests"]]
             name = case["name"]
             io[f"{name}.noise"] = torch.cat([r[0] for r in runs])

@@ -1,0 +1,588 @@
+/**
+ * One definition per setting. Each schema checks a value (collecting every problem with the field
+ * it belongs to), carries its default and a one-line description, and describes itself as JSON
+ * Schema and as help lines, so validation, defaults, `--help`, `--list`, manifests and the
+ * OpenAPI document are all drawn from the same objects and cannot drift apart.
+ *
+ * Values given as text (form fields, command-line flags) are checked with `text: true`: numbers
+ * and booleans are read from their text form, and JSON-valued fields (objects, arrays) from JSON
+ * text.
+ */
+import { closest } from "./suggest.ts";
+
+/** One problem with a checked value. */
+export interface Issue {
+  /** Dotted path of the offending field ("" for the whole body). */
+  field: string;
+  /** What is wrong, without the field's name. */
+  message: string;
+  /** The field is not one the schema knows; `message` then names it. */
+  unknown?: boolean;
+}
+
+/** What a check collects its problems in, and how it reads values. */
+export interface CheckContext {
+  /** The problems found so far. */
+  issues: Issue[];
+  /** Values are text. */
+  text: boolean;
+}
+
+/** A JSON Schema (2020-12, as OpenAPI 3.1 uses it). */
+export type JsonSchema = Record<string, unknown>;
+
+/** A checked setting: its check, type, default, description and JSON Schema. */
+export interface Schema<T> {
+  /** The checked value, or undefined after adding issues. */
+  check(value: unknown, field: string, ctx: CheckContext): T | undefined;
+  /** The JSON Schema of the accepted values, with the default and description. */
+  jsonSchema(): JsonSchema;
+  /** A short type for help texts, e.g. "integer 1..1000" or "number | null". */
+  readonly type: string;
+  /** One line for help texts. */
+  readonly description?: string;
+  /** The value an object schema fills in when its field is absent. */
+  readonly default?: T;
+}
+
+/** The value type a schema accepts. */
+export type Infer<S> = S extends Schema<infer T> ? T : never;
+
+/** What every combinator takes besides its own bounds. */
+export interface Meta<T> {
+  /** One line for help texts. */
+  description?: string;
+  /** Filled in by an object schema when the field is absent. */
+  default?: T;
+}
+
+function show(v: unknown): string {
+  if (v instanceof Blob) return "a file upload";
+  if (typeof v === "string") return JSON.stringify(v.length > 40 ? `${v.slice(0, 40)}...` : v);
+  if (v === undefined) return "nothing";
+  if (typeof v === "number" && !Number.isFinite(v)) return String(v);
+  const s = JSON.stringify(v);
+  return s === undefined ? String(v) : s.length > 40 ? `${s.slice(0, 40)}...` : s;
+}
+
+function fail(ctx: CheckContext, field: string, message: string): undefined {
+  ctx.issues.push({ field, message });
+  return undefined;
+}
+
+function annotate(json: JsonSchema, meta: Meta<unknown>): JsonSchema {
+  return {
+    ...json,
+    ...(meta.default !== undefined ? { default: meta.default } : {}),
+    ...(meta.description ? { description: meta.description } : {}),
+  };
+}
+
+/** Bounds of a string. */
+export interface StringOptions extends Meta<string> {
+  /** Fewest characters. */
+  minLength?: number;
+  /** Most characters. */
+  maxLength?: number;
+  /** The only values allowed. */
+  enum?: readonly string[];
+  /** A pattern the value must match. */
+  pattern?: RegExp;
+  /** What `pattern` means, for the error message. */
+  patternText?: string;
+}
+
+/** A string, optionally bounded in length, from a list, or matching a pattern. */
+export function string(opts: StringOptions = {}): Schema<string> {
+  return {
+    type: opts.enum ? opts.enum.join(" | ") : "string",
+    description: opts.description,
+    default: opts.default,
+    check(v, field, ctx) {
+      if (typeof v !== "string") return fail(ctx, field, `must be a string, got ${show(v)}`);
+      if (opts.minLength !== undefined && v.length < opts.minLength) {
+        return fail(
+          ctx,
+          field,
+          opts.minLength === 1 ? "must not be empty" : `must be at least ${opts.minLength} long`,
+        );
+      }
+      if (opts.maxLength !== undefined && v.length > opts.maxLength) {
+        return fail(ctx, field, `must be at most ${opts.maxLength} characters, got ${v.length}`);
+      }
+      if (opts.enum && !opts.enum.includes(v)) {
+        return fail(ctx, field, `must be one of ${opts.enum.join(", ")}; got ${show(v)}`);
+      }
+      if (opts.pattern && !opts.pattern.test(v)) {
+        return fail(ctx, field, `must be ${opts.patternText ?? `like ${opts.pattern}`}`);
+      }
+      return v;
+    },
+    jsonSchema: () =>
+      annotate({
+        type: "string",
+        ...(opts.minLength !== undefined ? { minLength: opts.minLength } : {}),
+        ...(opts.maxLength !== undefined ? { maxLength: opts.maxLength } : {}),
+        ...(opts.enum ? { enum: [...opts.enum] } : {}),
+        ...(opts.pattern ? { pattern: opts.pattern.source } : {}),
+      }, opts),
+  };
+}
+
+/** Bounds of a number. */
+export interface NumberOptions extends Meta<number> {
+  /** Smallest value (see exclusiveMin). */
+  min?: number;
+  /** Largest value. */
+  max?: number;
+  /** Values must be above `min`, not equal to it. */
+  exclusiveMin?: boolean;
+}
+
+const NUMBER_TEXT = /^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/;
+
+function numeric(integer: boolean, opts: NumberOptions): Schema<number> {
+  const kind = integer ? "an integer" : "a number";
+  const { min, max } = opts;
+  const lowOp = opts.exclusiveMin ? ">" : ">=";
+  const bounds = min !== undefined && max !== undefined && !opts.exclusiveMin
+    ? ` ${min}..${max}`
+    : min !== undefined
+    ? ` ${lowOp} ${min}${max !== undefined ? `, <= ${max}` : ""}`
+    : max !== undefined
+    ? ` <= ${max}`
+    : "";
+  return {
+    type: `${integer ? "integer" : "number"}${bounds}`,
+    description: opts.description,
+    default: opts.default,
+    check(v, field, ctx) {
+      let n = v;
+      if (ctx.text && typeof v === "string") {
+        const t = v.trim();
+        n = NUMBER_TEXT.test(t) ? Number(t) : v;
+      }
+      if (typeof n !== "number" || !Number.isFinite(n)) {
+        return fail(ctx, field, `must be ${kind}, got ${show(v)}`);
+      }
+      if (integer && !Number.isSafeInteger(n)) {
+        return fail(ctx, field, `must be ${kind}, got ${show(v)}`);
+      }
+      if (min !== undefined && (opts.exclusiveMin ? !(n > min) : n < min)) {
+        return fail(
+          ctx,
+          field,
+          opts.exclusiveMin
+            ? `must be above ${min}, got ${n}`
+            : `must be at least ${min}, got ${n}`,
+        );
+      }
+      if (max !== undefined && n > max) {
+        return fail(ctx, field, `must be at most ${max}, got ${n}`);
+      }
+      return n;
+    },
+    jsonSchema: () =>
+      annotate({
+        type: integer ? "integer" : "number",
+        ...(min !== undefined ? { [opts.exclusiveMin ? "exclusiveMinimum" : "minimum"]: min } : {}),
+        ...(max !== undefined ? { maximum: max } : {}),
+      }, opts),
+  };
+}
+
+/** A safe integer within bounds; as text, read from its decimal form. */
+export const integer = (opts: NumberOptions = {}): Schema<number> => numeric(true, opts);
+/** A finite number within bounds; as text, read from its decimal form. */
+export const number = (opts: NumberOptions = {}): Schema<number> => numeric(false, opts);
+
+/** true or false; as text, "true" or "false". */
+export function boolean(opts: Meta<boolean> = {}): Schema<boolean> {
+  return {
+    type: "boolean",
+    description: opts.description,
+    default: opts.default,
+    check(v, field, ctx) {
+      if (ctx.text && (v === "true" || v === "false")) return v === "true";
+      if (typeof v !== "boolean") return fail(ctx, field, `must be true or false, got ${show(v)}`);
+      return v;
+    },
+    jsonSchema: () => annotate({ type: "boolean" }, opts),
+  };
+}
+
+/** A value that must equal `value` (settings this implementation supports one value of). */
+export function literal<T extends string | number | boolean | null>(
+  value: T,
+  opts: Meta<T> = {},
+): Schema<T> {
+  return {
+    type: typeof value === "number" ? String(value) : JSON.stringify(value),
+    description: opts.description,
+    default: opts.default,
+    check(v, field, ctx) {
+      if (Object.is(v, value)) return value;
+      return fail(ctx, field, `must be ${show(value)} (the only value supported), got ${show(v)}`);
+    },
+    // JSON has no -Infinity: such a value can only be left out of a JSON request.
+    jsonSchema: () =>
+      annotate(
+        typeof value === "number" && !Number.isFinite(value) ? { not: {} } : { const: value },
+        opts,
+      ),
+  };
+}
+
+/** An uploaded file (a multipart part with a file name); sizes are checked by the caller. */
+export function binary(opts: { description?: string; mediaType?: string } = {}): Schema<File> {
+  return {
+    type: "file",
+    description: opts.description,
+    check(v, field, ctx) {
+      if (!(v instanceof File)) {
+        return fail(ctx, field, `must be a file upload, got ${show(v)}`);
+      }
+      return v;
+    },
+    jsonSchema: () =>
+      annotate({
+        type: "string",
+        format: "binary",
+        ...(opts.mediaType ? { contentMediaType: opts.mediaType } : {}),
+      }, opts),
+  };
+}
+
+/** Reads JSON text for structured values in text fields. */
+function fromText(v: unknown, ctx: CheckContext): unknown {
+  if (!ctx.text || typeof v !== "string") return v;
+  try {
+    return JSON.parse(v);
+  } catch {
+    return v;
+  }
+}
+
+/** Bounds of a list. */
+export interface ArrayOptions<T> extends Meta<T[]> {
+  /** Fewest items. */
+  minItems?: number;
+  /** Most items. */
+  maxItems?: number;
+  /** Text that is not JSON is split at commas (command-line lists: `q_proj,v_proj`). */
+  commaText?: boolean;
+}
+
+/** A list of values of one schema. */
+export function array<T>(item: Schema<T>, opts: ArrayOptions<T> = {}): Schema<T[]> {
+  const n = opts.minItems !== undefined && opts.minItems === opts.maxItems
+    ? `${opts.minItems} `
+    : "";
+  return {
+    type: `list of ${n}${item.type}`,
+    description: opts.description,
+    default: opts.default,
+    check(raw, field, ctx) {
+      let v = fromText(raw, ctx);
+      if (opts.commaText && ctx.text && typeof v === "string") {
+        v = v.split(",").map((p) => p.trim()).filter(Boolean);
+      }
+      if (!Array.isArray(v)) return fail(ctx, field, `must be a list, got ${show(raw)}`);
+      if (opts.minItems !== undefined && v.length < opts.minItems) {
+        return fail(ctx, field, `must have at least ${opts.minItems} items, got ${v.length}`);
+      }
+      if (opts.maxItems !== undefined && v.length > opts.maxItems) {
+        return fail(ctx, field, `must have at most ${opts.maxItems} items, got ${v.length}`);
+      }
+      const before = ctx.issues.length;
+      const out = v.map((x, i) => item.check(x, `${field}[${i}]`, { ...ctx, text: false }));
+      return ctx.issues.length > before ? undefined : out as T[];
+    },
+    jsonSchema: () =>
+      annotate({
+        type: "array",
+        items: item.jsonSchema(),
+        ...(opts.minItems !== undefined ? { minItems: opts.minItems } : {}),
+        ...(opts.maxItems !== undefined ? { maxItems: opts.maxItems } : {}),
+      }, opts),
+  };
+}
+
+/** Any JSON value of limited size (plugin options, whose shape the plugin's schema checks). */
+export function jsonValue(opts: { maxLength?: number; description?: string } = {}): Schema<
+  unknown
+> {
+  return {
+    type: "JSON",
+    description: opts.description,
+    check(v, field, ctx) {
+      const text = JSON.stringify(v);
+      if (text === undefined) return fail(ctx, field, `must be a JSON value, got ${show(v)}`);
+      if (opts.maxLength !== undefined && text.length > opts.maxLength) {
+        return fail(ctx, field, `is too large (${text.length} > ${opts.maxLength} characters)`);
+      }
+      return v;
+    },
+    jsonSchema: () => annotate({}, opts),
+  };
+}
+
+/** A map of free keys to values of one schema. */
+export function record<T>(
+  value: Schema<T>,
+  opts: { maxKeys?: number; description?: string; keyPattern?: RegExp } = {},
+): Schema<Record<string, T>> {
+  return {
+    type: `map of ${value.type}`,
+    description: opts.description,
+    check(raw, field, ctx) {
+      const v = fromText(raw, ctx);
+      if (v === null || typeof v !== "object" || Array.isArray(v)) {
+        return fail(ctx, field, `must be an object, got ${show(raw)}`);
+      }
+      const entries = Object.entries(v);
+      if (opts.maxKeys !== undefined && entries.length > opts.maxKeys) {
+        return fail(ctx, field, `must have at most ${opts.maxKeys} keys, got ${entries.length}`);
+      }
+      const before = ctx.issues.length;
+      const out: Record<string, T> = {};
+      for (const [k, x] of entries) {
+        if (opts.keyPattern && !opts.keyPattern.test(k)) {
+          fail(ctx, `${field}.${k}`, "is not a valid key");
+          continue;
+        }
+        const r = value.check(x, `${field}.${k}`, { ...ctx, text: false });
+        if (r !== undefined) out[k] = r;
+      }
+      return ctx.issues.length > before ? undefined : out;
+    },
+    jsonSchema: () =>
+      annotate({
+        type: "object",
+        additionalProperties: value.jsonSchema(),
+        ...(opts.maxKeys !== undefined ? { maxProperties: opts.maxKeys } : {}),
+      }, opts),
+  };
+}
+
+/**
+ * Null, or a value of `inner`. As text, "" and "null" read as null where `inner` is not a
+ * string (a string field keeps "" as the empty string).
+ */
+export function nullable<T>(inner: Schema<T>, opts: Meta<T | null> = {}): Schema<T | null> {
+  return {
+    type: `${inner.type} | null`,
+    description: opts.description ?? inner.description,
+    default: opts.default !== undefined ? opts.default : inner.default,
+    check(v, field, ctx) {
+      if (v === null) return null;
+      if (ctx.text && (v === "null" || v === "") && !inner.type.startsWith("string")) return null;
+      return inner.check(v, field, ctx);
+    },
+    jsonSchema: () => {
+      const j = inner.jsonSchema();
+      const base = typeof j.type === "string"
+        ? { ...j, type: [j.type, "null"] }
+        : { oneOf: [j, { type: "null" }] };
+      return annotate(base, opts);
+    },
+  };
+}
+
+/** The first alternative that accepts the value. */
+export function oneOf<T>(
+  alternatives: Schema<T>[],
+  opts: Meta<T> & { expected: string },
+): Schema<T> {
+  return {
+    type: alternatives.map((a) => a.type).join(" | "),
+    description: opts.description,
+    default: opts.default,
+    check(v, field, ctx) {
+      for (const alt of alternatives) {
+        const sub: CheckContext = { issues: [], text: ctx.text };
+        const r = alt.check(v, field, sub);
+        if (sub.issues.length === 0) return r;
+      }
+      return fail(ctx, field, `must be ${opts.expected}, got ${show(v)}`);
+    },
+    jsonSchema: () => annotate({ oneOf: alternatives.map((a) => a.jsonSchema()) }, opts),
+  };
+}
+
+/** `inner`, with a rule across its parts (e.g. start < end); `rule` returns the problem. */
+export function refine<T>(
+  inner: Schema<T>,
+  rule: (value: T) => string | null,
+  opts: Meta<T> & { type?: string } = {},
+): Schema<T> {
+  return {
+    type: opts.type ?? inner.type,
+    description: opts.description ?? inner.description,
+    default: opts.default !== undefined ? opts.default : inner.default,
+    check(v, field, ctx) {
+      const before = ctx.issues.length;
+      const r = inner.check(v, field, ctx);
+      if (ctx.issues.length > before) return undefined;
+      const problem = rule(r as T);
+      return problem ? fail(ctx, field, problem) : r;
+    },
+    jsonSchema: () => annotate(inner.jsonSchema(), opts),
+  };
+}
+
+/** Marks a field as required in an object schema. */
+export interface Field<T, R extends boolean = boolean> {
+  /** The field's value schema. */
+  schema: Schema<T>;
+  /** Whether an object without the field is refused. */
+  required: R;
+}
+
+/** A field the object must have. */
+export const required = <T>(schema: Schema<T>): Field<T, true> => ({ schema, required: true });
+/** A field the object may leave out (its default is then filled in). */
+export const optional = <T>(schema: Schema<T>): Field<T, false> => ({ schema, required: false });
+
+/** The fields of an object schema. */
+export type Shape = Record<string, Field<unknown>>;
+/** The keys of the required fields of `S`. */
+export type RequiredKeys<S extends Shape> = {
+  [K in keyof S]: S[K]["required"] extends true ? K : never;
+}[keyof S];
+/** The value type of an object schema with the fields `S`. */
+export type ObjectOf<S extends Shape> =
+  & { [K in RequiredKeys<S>]: Infer<S[K]["schema"]> }
+  & { [K in Exclude<keyof S, RequiredKeys<S>>]?: Infer<S[K]["schema"]> };
+
+/** An object schema, whose fields can be listed. */
+export interface ObjectSchema<S extends Shape = Shape> extends Schema<ObjectOf<S>> {
+  /** Its fields. */
+  readonly shape: S;
+}
+
+/** How an object schema treats its keys. */
+export interface ObjectOptions {
+  /** One line for help texts. */
+  description?: string;
+  /** Which free-form keys (matched by a predicate) are allowed besides the known ones. */
+  extra?: (key: string) => boolean;
+  /** What a key is called in messages ("field", "option"). */
+  noun?: string;
+}
+
+/** "unknown option "x" (did you mean y? options: a, b)": the one wording for a misspelt key. */
+export function unknownKey(key: string, known: readonly string[], noun = "field"): string {
+  const guess = closest(key, known);
+  return `unknown ${noun} "${key}" (${guess ? `did you mean ${guess}? ` : ""}${noun}s: ${
+    known.join(", ") || "none"
+  })`;
+}
+
+/**
+ * An object with known fields. Absent optional fields with a default get it (a copy); unknown
+ * fields are refused with a did-you-mean unless `extra` allows them.
+ */
+export function object<S extends Shape>(shape: S, opts: ObjectOptions = {}): ObjectSchema<S> {
+  const keys = Object.keys(shape);
+  return {
+    shape,
+    type: "object",
+    description: opts.description,
+    check(raw, field, ctx) {
+      const v = fromText(raw, ctx);
+      if (v === null || typeof v !== "object" || Array.isArray(v)) {
+        return fail(ctx, field, `must be an object, got ${show(raw)}`);
+      }
+      const src = v as Record<string, unknown>;
+      const before = ctx.issues.length;
+      const out: Record<string, unknown> = {};
+      const at = (k: string) => field ? `${field}.${k}` : k;
+      for (const k of Object.keys(src)) {
+        if (!Object.hasOwn(shape, k) && !opts.extra?.(k)) {
+          ctx.issues.push({ field: at(k), message: unknownKey(k, keys, opts.noun), unknown: true });
+        }
+      }
+      for (const [k, f] of Object.entries(shape)) {
+        if (src[k] === undefined) {
+          if (f.required) fail(ctx, at(k), "is required");
+          else if (f.schema.default !== undefined) out[k] = structuredClone(f.schema.default);
+          continue;
+        }
+        const r = f.schema.check(src[k], at(k), ctx);
+        if (r !== undefined) out[k] = r;
+      }
+      for (const k of Object.keys(src)) {
+        if (!Object.hasOwn(shape, k) && opts.extra?.(k)) out[k] = src[k];
+      }
+      return ctx.issues.length > before ? undefined : out as ObjectOf<S>;
+    },
+    jsonSchema: () =>
+      annotate({
+        type: "object",
+        properties: Object.fromEntries(
+          Object.entries(shape).map(([k, f]) => [k, f.schema.jsonSchema()]),
+        ),
+        required: Object.entries(shape).filter(([, f]) => f.required).map(([k]) => k),
+        additionalProperties: opts.extra !== undefined,
+      }, opts),
+  };
+}
+
+/** Optional fields of an object schema, for plugin options and settings. */
+export function options<S extends Record<string, Schema<unknown>>>(
+  fields: S,
+  opts: ObjectOptions = {},
+): ObjectSchema<{ [K in keyof S]: Field<Infer<S[K]>, false> }> {
+  const shape = Object.fromEntries(Object.entries(fields).map(([k, s]) => [k, optional(s)]));
+  return object(shape, { noun: "option", ...opts }) as ObjectSchema<
+    { [K in keyof S]: Field<Infer<S[K]>, false> }
+  >;
+}
+
+/** Checks a whole value; `ok` with the value, or the issues. */
+export function validate<T>(
+  schema: Schema<T>,
+  value: unknown,
+  opts: { text?: boolean } = {},
+): { ok: true; value: T } | { ok: false; issues: Issue[] } {
+  const ctx: CheckContext = { issues: [], text: opts.text ?? false };
+  const r = schema.check(value, "", ctx);
+  return ctx.issues.length ? { ok: false, issues: ctx.issues } : { ok: true, value: r as T };
+}
+
+/** An issue as one line: `option "x" must be ...`, or the unknown-key message as it is. */
+export function issueText(issue: Issue, noun = "field"): string {
+  return issue.unknown || !issue.field
+    ? issue.message
+    : `${noun} "${issue.field}" ${issue.message}`;
+}
+
+/** One line of help per field. */
+export interface FieldDoc {
+  /** The key. */
+  name: string;
+  /** A short type, e.g. "integer 1..1000". */
+  type: string;
+  /** Absent when the field has no default. */
+  default?: unknown;
+  /** One line. */
+  description: string;
+}
+
+/** The fields of an object schema with their types, defaults and descriptions. */
+export function fieldDocs(schema: ObjectSchema): FieldDoc[] {
+  return Object.entries(schema.shape).map(([name, f]) => ({
+    name,
+    type: f.schema.type,
+    ...(f.schema.default !== undefined ? { default: f.schema.default } : {}),
+    description: f.schema.description ?? "",
+  }));
+}
+
+/** The defaults of an object schema's fields (those that have one). */
+export function defaultsOf(schema: ObjectSchema): Record<string, unknown> {
+  const r = validate(schema, {});
+  if (!r.ok) throw new Error(`schema defaults: ${r.issues.map((i) => issueText(i)).join("; ")}`);
+  return r.value as Record<string, unknown>;
+}
