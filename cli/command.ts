@@ -1,4 +1,8 @@
-/** The shape every CLI command module exports, and the error for bad invocations. */
+/**
+ * The shape every CLI command module exports, the error for bad invocations, and
+ * `defineCommand`: a command declares each flag once (value name, one-line help, default) and
+ * its parser options, `--help` text and deprecation warnings are drawn from that declaration.
+ */
 import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
 import { UserError } from "../ffi/errors.ts";
 import { closest } from "../core/suggest.ts";
@@ -16,6 +20,184 @@ export interface Command {
 
 /** A usage mistake (a flag, a missing argument): printed without a stack trace, exit code 2. */
 export class CliError extends UserError {}
+
+/** One flag as a command declares it. */
+export interface Flag {
+  /** The value's name in the help ("DIR", "N"); a flag without one is a switch. */
+  value?: string;
+  /** Its help, wrapped to the help's width ("\n" starts a new line). */
+  help: string;
+  /** Shown as "(default X)": taken from a schema or a constant, never typed again here. */
+  default?: unknown;
+  /** Repeatable: the values arrive as a list. */
+  multiple?: boolean;
+  short?: string;
+  /** The setting the flag stands for (a config field or plugin option). */
+  field?: string;
+  /** A flag kept for compatibility: what to use instead (warned about when given). */
+  deprecated?: string;
+}
+
+export type Flags = Record<string, Flag>;
+
+type ValueOf<F extends Flag> = F extends { value: string }
+  ? (F extends { multiple: true } ? string[] : string)
+  : boolean;
+
+/** The parsed values of a flag declaration. */
+export type FlagValues<F extends Flags> = { -readonly [K in keyof F]?: ValueOf<F[K]> };
+
+type Intersect<U> = (U extends unknown ? (u: U) => void : never) extends (i: infer I) => void ? I
+  : never;
+
+/** The flags of all sections of a command, as one declaration. */
+export type SectionFlags<S extends Record<string, Flags>> = Intersect<S[keyof S]> & Flags;
+
+/** The declaration as node's parser takes it. */
+export function parserOptions(flags: Flags): ParseArgsOptionsConfig {
+  return Object.fromEntries(
+    Object.entries(flags).map(([name, f]) => [name, {
+      type: f.value === undefined ? "boolean" : "string",
+      ...(f.multiple ? { multiple: true } : {}),
+      ...(f.short ? { short: f.short } : {}),
+    }]),
+  ) as ParseArgsOptionsConfig;
+}
+
+/** How a default reads in a help text. */
+export function showDefault(v: unknown): string {
+  if (Array.isArray(v)) return v.join(",");
+  return typeof v === "string" ? (v === "" ? '""' : v) : String(v);
+}
+
+/** The widest a help line gets, and the column the flags' help starts in. */
+export const HELP_WIDTH = 100;
+const HELP_COLUMN = 24;
+
+/** `text` in lines of at most `width` characters, breaking at spaces. */
+export function wrap(text: string, width: number): string[] {
+  const lines: string[] = [];
+  for (const paragraph of text.split("\n")) {
+    let line = "";
+    for (const word of paragraph.split(" ")) {
+      if (line && line.length + 1 + word.length > width) {
+        lines.push(line);
+        line = word;
+      } else {
+        line = line ? `${line} ${word}` : word;
+      }
+    }
+    lines.push(line);
+  }
+  return lines;
+}
+
+/** One flag's rows of a help text: `  --name VALUE   help (default X)`. */
+function flagRows(name: string, f: Flag): string[] {
+  const label = `${f.short ? `-${f.short}, ` : ""}--${name}${f.value ? ` ${f.value}` : ""}`;
+  return helpRow(label, f.default === undefined ? f.help : withDefault(f.help, f.default));
+}
+
+/** A help text with its default. */
+export function withDefault(help: string, value: unknown): string {
+  return `${help} (default ${showDefault(value)})`;
+}
+
+/** The rows of one entry of a help list: the label, then its text wrapped in a column. */
+export function helpRow(label: string, text: string): string[] {
+  const head = label.length + 4 <= HELP_COLUMN ? `  ${label}`.padEnd(HELP_COLUMN) : `  ${label}  `;
+  const [first] = wrap(text, HELP_WIDTH - head.length);
+  // wrap() broke after `first` at one space or newline, which the rest leaves out.
+  const rest = wrap(text.slice(first.length + 1), HELP_WIDTH - HELP_COLUMN).filter((l) => l);
+  return [head + first, ...rest.map((l) => " ".repeat(HELP_COLUMN) + l)];
+}
+
+/** Titled sections of flag rows. */
+export function flagSections(sections: Record<string, Flags>): string {
+  return Object.entries(sections).map(([title, flags]) =>
+    [title, ...Object.entries(flags).flatMap(([name, f]) => flagRows(name, f))].join("\n")
+  ).join("\n\n");
+}
+
+const HELP: Flag = { short: "h", help: "this text" };
+
+export interface CommandDef<S extends Record<string, Flags>> {
+  summary: string;
+  /** What follows `deno task dipsy` in the usage line. */
+  synopsis: string;
+  /** What the command does, before the flags. */
+  about?: string;
+  /** The flags under their section titles, in help order. */
+  sections: S;
+  /** After the flags. */
+  footer?: string;
+  run(values: FlagValues<SectionFlags<S>>): Promise<number>;
+}
+
+/** A command built from its declaration. */
+export interface DefinedCommand<F extends Flags> extends Command {
+  /** Every flag (`help` included) as declared. */
+  declared: F & { help: Flag };
+  /** Parses, refusing unknown flags with a did-you-mean and warning of deprecated ones. */
+  parse(args: string[]): FlagValues<F & { help: Flag }>;
+}
+
+export function defineCommand<const S extends Record<string, Flags>>(
+  def: CommandDef<S>,
+): DefinedCommand<SectionFlags<S>> {
+  const entries = Object.entries(def.sections);
+  const [firstTitle, firstFlags] = entries[0] ?? ["options:", {}];
+  const shown = { ...def.sections, [firstTitle]: { ...firstFlags, help: HELP } };
+  const current = Object.fromEntries(
+    Object.entries(shown).map(([t, fl]) => [
+      t,
+      Object.fromEntries(Object.entries(fl).filter(([, f]) => !f.deprecated)),
+    ]),
+  );
+  const old = Object.fromEntries(
+    entries.flatMap(([, fl]) => Object.entries(fl)).filter(([, f]) => f.deprecated),
+  );
+  const deprecated: Record<string, Flags> = Object.keys(old).length
+    ? {
+      "deprecated (still accepted, with a warning):": Object.fromEntries(
+        Object.entries(old).map(([n, f]) => [n, { ...f, help: `${f.help}; use ${f.deprecated}` }]),
+      ),
+    }
+    : {};
+  const declared = Object.assign({}, ...Object.values(shown)) as SectionFlags<S> & { help: Flag };
+  const usage = [
+    `usage: deno task dipsy ${def.synopsis}`,
+    ...(def.about ? ["", def.about] : []),
+    "",
+    flagSections({ ...current, ...deprecated }),
+    ...(def.footer ? ["", def.footer] : []),
+  ].join("\n");
+  const options = parserOptions(declared);
+  const parse = (args: string[]) => {
+    const values = parseFlags(args, options) as FlagValues<typeof declared>;
+    for (const [name, f] of Object.entries(old)) {
+      if (values[name] !== undefined) {
+        console.error(`warning: --${name} is deprecated; use ${f.deprecated}`);
+      }
+    }
+    return values;
+  };
+  return {
+    summary: def.summary,
+    usage,
+    flags: options,
+    declared,
+    parse,
+    async run(args) {
+      const values = parse(args);
+      if (values.help) {
+        console.log(usage);
+        return 0;
+      }
+      return await def.run(values as FlagValues<SectionFlags<S>>);
+    },
+  };
+}
 
 /** A negative number, which node's parser would otherwise take for an option. */
 const NEGATIVE_NUMBER = /^-(\d|\.\d)/;

@@ -8,7 +8,7 @@ import { join, resolve } from "node:path";
 import type { RgbImage } from "../core/image.ts";
 import { derive, type Rng } from "../core/rng.ts";
 import { UserError } from "../ffi/errors.ts";
-import { type Command, parseFlags } from "./command.ts";
+import { defineCommand } from "./command.ts";
 
 type Rgb = [number, number, number];
 
@@ -92,37 +92,32 @@ export async function drawDataset(dir: string, shots: number, seed = 0): Promise
   return written;
 }
 
-const USAGE = `usage: deno task dipsy demo [--out DIR] [--per-class N] [--steps N] [--epochs N]
+/** The demo's defaults: small enough to finish in seconds on a CPU. */
+const DEMO = { out: "out/demo", perClass: 2, steps: 4, epochs: 10 };
 
-Runs the main job end to end on the embedded tiny models: draws a few-shot set of 4 shape classes
+export const command = defineCommand({
+  summary: "run the main job end to end on the embedded tiny models",
+  synopsis: "demo [--out DIR] [--per-class N] [--steps N] [--epochs N]",
+  about:
+    `Runs the main job end to end on the embedded tiny models: draws a few-shot set of 4 shape classes
 (4 shots each) into DIR/data, computes the class similarity (tiny CLIP), generates N images
 per class (tiny SD1.5 with dual IP-Adapter guidance) into DIR/images, trains the classifier
-(tiny CLIP + LoRA) on both into DIR/classifier and evaluates it on DIR/test. Default DIR:
-out/demo. The tiny models have random weights: the generated images are noise.`;
-
-const FLAGS = {
-  help: { type: "boolean", short: "h" },
-  out: { type: "string" },
-  "per-class": { type: "string" },
-  steps: { type: "string" },
-  epochs: { type: "string" },
-} as const;
-
-export const command: Command = {
-  summary: "run the main job end to end on the embedded tiny models",
-  usage: USAGE,
-  flags: FLAGS,
-  async run(args) {
-    const values = parseFlags(args, FLAGS);
-    if (values.help) {
-      console.log(USAGE);
-      return 0;
-    }
+(tiny CLIP + LoRA) on both into DIR/classifier and evaluates it on DIR/test. The tiny models
+have random weights: the generated images are noise.`,
+  sections: {
+    "options:": {
+      out: { value: "DIR", help: "the demo's folder", default: DEMO.out },
+      "per-class": { value: "N", help: "generated images per class", default: DEMO.perClass },
+      steps: { value: "N", help: "denoising steps", default: DEMO.steps },
+      epochs: { value: "N", help: "classifier training epochs", default: DEMO.epochs },
+    },
+  },
+  async run(values) {
     // The tiny models are too small to gain from threads, and idle OpenMP threads busy-waiting
     // make them many times slower on a machine whose cores are shared.
     const { setNumThreads } = await import("../ffi/mod.ts");
     setNumThreads(1);
-    const root = resolve(values.out ?? "out/demo");
+    const root = resolve(values.out ?? DEMO.out);
     const data = join(root, "data"), images = join(root, "images");
     const started = performance.now();
 
@@ -148,8 +143,8 @@ export const command: Command = {
           out: images,
           model: "tiny",
           clip: "tiny",
-          perClass: values["per-class"] ?? "2",
-          steps: values.steps ?? "4",
+          perClass: values["per-class"] ?? String(DEMO.perClass),
+          steps: values.steps ?? String(DEMO.steps),
           width: "32",
           height: "32",
           batch: "4",
@@ -214,7 +209,7 @@ downloads about 7 GB into the Hugging Face cache, or use local folders with --mo
 or all stages at once: deno task dipsy run --data DIR --test DIR --out DIR`);
     return 0;
   },
-};
+});
 
 /**
  * The classifier stages on the tiny CLIP: trained on the shots and the generated images, then
@@ -233,7 +228,7 @@ async function trainAndEvaluate(
   const trainData = await app.readTrainData({ real: data, synthetic: images });
   const classifier = await app.makeClassifier("clip-lora", {
     clip: "tiny",
-    epochs: epochs ?? "10",
+    epochs: epochs ?? DEMO.epochs,
     warmupEpochs: 1,
     batch: 16,
     // Two generated images per class would make DataDream's repeat count 1: too few steps for

@@ -3,48 +3,49 @@
  * test folder, for the epoch a selection rule picks.
  */
 import type { EpochMetrics, EvalRecord } from "../app/classify.ts";
-import { CliError, type Command, parseFlags } from "./command.ts";
-import { deviceFlag, intFlag, SELECT_FLAGS, SELECT_USAGE, selectFlag } from "./train_flags.ts";
+import { EVAL_BATCH } from "../plugins/classifiers/evaluate.ts";
+import { CliError, defineCommand } from "./command.ts";
+import { loadPlugins } from "./plugin_docs.ts";
+import {
+  CLASSIFIER_PLUGIN_FLAGS,
+  deviceFlag,
+  intFlag,
+  listClassifiers,
+  SELECT_FLAGS,
+  selectFlag,
+} from "./train_flags.ts";
 
-const USAGE = `usage: deno task dipsy eval --model RUN --test DIR [options]
-
-Evaluates the classifier trained in RUN (by train or run) on the test images in DIR
+export const command = defineCommand({
+  summary: "evaluate a trained classifier on a test folder",
+  synopsis: "eval --model RUN --test DIR [options]",
+  about: `Evaluates the classifier trained in RUN (by train or run) on the test images in DIR
 (DIR/<class>/*, class names as in training). Prints a table and writes RUN/eval.json: top-1,
 top-5, per-class accuracy, their mean, the confusion matrix, and which epoch was evaluated and
 how it was chosen. When RUN/eval.json holds another test folder's results, they are kept and
-this one's go to RUN/eval-<DIR's name>.json.
-
-options:
-  --model RUN      training run folder
-  --test DIR       test images, one folder per class
-  --out FILE       where to write the JSON (default RUN/eval.json or RUN/eval-<name>.json)
-  --dataset NAME   dataset name (DataDream layout, benchmark class names; default: the run's)
-  --batch N        images per forward (default 64)
-  --device D       auto, cpu, cuda, cuda:N (default: the training device)
-  --workers N      image preparation threads (default: cores - 1, at most 16)
-
-${SELECT_USAGE}`;
-
-const FLAGS = {
-  help: { type: "boolean", short: "h" },
-  model: { type: "string" },
-  test: { type: "string" },
-  out: { type: "string" },
-  dataset: { type: "string" },
-  batch: { type: "string" },
-  device: { type: "string" },
-  workers: { type: "string" },
-  ...SELECT_FLAGS,
-} as const;
-
-export const command: Command = {
-  summary: "evaluate a trained classifier on a test folder",
-  usage: USAGE,
-  flags: FLAGS,
-  async run(args) {
-    const values = parseFlags(args, FLAGS);
-    if (values.help) {
-      console.log(USAGE);
+this one's go to RUN/eval-<DIR's name>.json.`,
+  sections: {
+    "options:": {
+      model: { value: "RUN", help: "training run folder" },
+      test: { value: "DIR", help: "test images, one folder per class" },
+      out: {
+        value: "FILE",
+        help: "where to write the JSON (default: RUN/eval.json, or RUN/eval-<name>.json when " +
+          "that holds another test folder's)",
+      },
+      dataset: {
+        value: "NAME",
+        help: "dataset name (DataDream layout, benchmark class names; default: the run's)",
+      },
+      batch: { value: "N", help: "images per forward", default: EVAL_BATCH },
+      device: { value: "D", help: "auto, cpu, cuda, cuda:N (default: the training device)" },
+      workers: { value: "N", help: "image preparation threads (default: cores - 1, at most 16)" },
+      ...CLASSIFIER_PLUGIN_FLAGS,
+    },
+    "model selection:": SELECT_FLAGS,
+  },
+  async run(values) {
+    if (values.list) {
+      await listClassifiers(values.plugin);
       return 0;
     }
     const { model, test } = values;
@@ -54,6 +55,8 @@ export const command: Command = {
     const batch = intFlag(values.batch, "--batch");
     if (batch === 0) throw new CliError("--batch must be at least 1");
     const select = selectFlag(values.select);
+    // The run's classifier may come from a plugin file: it is looked up by name.
+    await loadPlugins(values.plugin);
     const { evalStage } = await import("../app/classify.ts");
     const result = await evalStage({
       model,
@@ -71,7 +74,7 @@ export const command: Command = {
     if (result.selection.warning) console.error(`warning: ${result.selection.warning}`);
     return 0;
   },
-};
+});
 
 /** Epoch, top-1, top-k and mean per class; `mark` flags the selected epoch. */
 export function formatEpochTable(epochs: readonly EpochMetrics[], mark?: number): string {

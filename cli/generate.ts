@@ -5,216 +5,264 @@
  */
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import type { parseArgs } from "node:util";
 import type { DiffusionBackbone } from "../core/backbone.ts";
 import {
   type ConfigLayer,
   DEFAULT_CLIP,
-  DEFAULT_IMAGE_ENCODER,
-  DEFAULT_IP_ADAPTER,
-  DEFAULT_MODEL,
+  DEFAULTS,
+  PRESETS,
+  type ResolvedRun,
+  resolveRun,
   type RunConfig,
 } from "../core/config.ts";
 import type { Dataset } from "../core/dataset.ts";
 import type { Shard } from "../core/shard.ts";
-import type { Guidance, Sampler } from "../core/plugins.ts";
+import type { PluginKind } from "../core/plugins.ts";
 import type { Progress } from "../core/progress.ts";
 import type { ModelPaths, Placement } from "../app/models.ts";
-import { loadDefaultPlugins } from "../app/plugins.ts";
-import { CliError, type Command, parseFlags } from "./command.ts";
+import { CliError, defineCommand, type Flags, type FlagValues } from "./command.ts";
+import { loadPlugins, pluginList, pluginOptionsHelp } from "./plugin_docs.ts";
 
-const USAGE = `usage: deno task dipsy generate --data DIR --out DIR [options]
+const registry = await loadPlugins();
 
-Generates --per-class images for every class of the few-shot data into OUT/<class>/<index>.jpg,
-with one line per image in OUT/manifest.jsonl. Rerunning the same command resumes; shards of
-one run may share OUT.
+/** The registered plugins of a kind, for a help text. */
+const names = (kind: PluginKind) => registry.list(kind).map((d) => d.name).join(", ");
 
-input and output:
-  --data DIR            few-shot images: DIR/<class>/*.jpg, or the DataDream layout
-  --out DIR             output folder (new, empty, or an earlier run of the same configuration)
-  --dataset NAME        dataset name: prompt template (aircraft, cars, dtd, eurosat, flowers,
-                        food, pets; others "A photo of a {c}"), DataDream folder, and for the
-                        ten benchmarks their class names (n01440764 -> "tench")
-  --fewshot-seed S      DataDream few-shot split when there are several
-  --shots K             the first K shots of each class, by rank (a \`dipsy fewshot\` split)
-  --skip-bad            leave unreadable or broken shots out instead of stopping
-  --similarity FILE     class similarity, .json or the official .npz (default: OUT's copy,
-                        DIR/similarity.json, or computed)
+/** `--size N | WxH` as width and height. */
+export function parseSize(text: string): { width: string; height: string } {
+  const m = /^\s*(\d+)\s*(?:[x×]\s*(\d+))?\s*$/.exec(text);
+  if (!m) throw new CliError(`--size must be N or WxH, got "${text}"`);
+  return { width: m[1], height: m[2] ?? m[1] };
+}
 
-what to generate:
-  --config FILE         settings from a JSON or YAML file (flags override it)
-  --preset NAME         dipsy (default), no-negative, uniform-negative, no-augment,
-                        no-negative-no-augment, uniform-no-augment, sd15, empty-prompt, single-ip
-  --per-class N         images per class (default 200)
-  --seed S              run seed (default 0): the same seed gives the same images
-  --steps N             denoising steps (default 50)
-  --size N | WxH        image size (default: the model's, 512 for SD1.5)
-  --prompt TEMPLATE     e.g. "A photo of a {class}"; "" for the empty prompt
-  --guidance NAME       dipsy, single-ip, cfg, neg-text-relative, diffusers-style, or a plugin's
-  --sampler NAME        dpm-solver++ (default), ddim, euler, or a plugin's
-  --pairs NAME          class-similarity (default), uniform, none, or a plugin's
-  --set KEY=VALUE       any setting or plugin option, e.g. --set guidance.negativeScale=4
-                        --set pairs.augment=false --set sampler.timestep_spacing=trailing
-  --plugin FILE         load plugins from a module (repeatable); see docs/plugins.md
+/** The model flags `generate`, `run` and `sample` share. */
+export const MODEL_FLAGS = {
+  model: {
+    value: "REF",
+    help: 'SD1.5 diffusers folder or Hub id (org/name[@revision]), or "tiny" (embedded random ' +
+      "weights, no files)",
+    default: DEFAULTS.model,
+    field: "model",
+  },
+  tiny: { help: "the tiny models for everything (noise images; for trying things out)" },
+  "ip-adapter": {
+    value: "REF",
+    help: "IP-Adapter .safetensors file, or a file in a Hub repo (org/name/path or " +
+      "org/name@revision:path)",
+    default: DEFAULTS.ipAdapter,
+    field: "ipAdapter",
+  },
+  "negative-ip-adapter": {
+    value: "REF",
+    help: "the negative image's IP-Adapter, of the same kind and token count (default: " +
+      "--ip-adapter; its scale: guidance.negativeAdapterScale)",
+    field: "negativeIpAdapter",
+  },
+  "image-encoder": {
+    value: "REF",
+    help: "its CLIP image encoder folder, or one in a Hub repo",
+    default: DEFAULTS.imageEncoder,
+    field: "imageEncoder",
+  },
+} as const satisfies Flags;
 
-models:
-  --model REF           SD1.5 diffusers folder or Hub id, or "tiny" (embedded random weights,
-                        no files); default ${DEFAULT_MODEL}
-  --tiny                the tiny models for everything (noise images; for trying things out)
-  --ip-adapter REF      IP-Adapter file, or org/name/file in a Hub repo (default
-                        ${DEFAULT_IP_ADAPTER})
-  --image-encoder REF   its image encoder (default ${DEFAULT_IMAGE_ENCODER})
-  --clip REF            CLIP for class similarity (default ${DEFAULT_CLIP})
-  --device D            auto, cpu, cuda, cuda:N (default auto)
-  --dtype T             auto (f16 on CUDA, f32 on CPU), f32, f16, bf16
-  --batch B             images per model call (default 4)
-  --quality Q           JPEG quality (default 95)
+/** The generation settings `generate` and `run` share. */
+export const SETTING_FLAGS = {
+  config: { value: "FILE", help: "settings from a JSON or YAML file (flags override it)" },
+  preset: {
+    value: "NAME",
+    help: Object.keys(PRESETS).join(", "),
+    default: DEFAULTS.preset,
+    field: "preset",
+  },
+  "per-class": {
+    value: "N",
+    help: "images per class",
+    default: DEFAULTS.perClass,
+    field: "perClass",
+  },
+  seed: {
+    value: "S",
+    help: "run seed: the same seed gives the same images",
+    default: DEFAULTS.seed,
+    field: "seed",
+  },
+  steps: { value: "N", help: "denoising steps", default: DEFAULTS.steps, field: "steps" },
+  size: { value: "N|WxH", help: "image size (default: the model's, 512 for SD1.5)" },
+  prompt: {
+    value: "TEMPLATE",
+    help: 'e.g. "A photo of a {class}"; "" for the empty prompt (default: the dataset\'s)',
+    field: "prompt",
+  },
+  guidance: {
+    value: "NAME",
+    help: `${names("guidance")}, or a plugin's`,
+    default: DEFAULTS.guidance.name,
+    field: "guidance",
+  },
+  sampler: {
+    value: "NAME",
+    help: `${names("sampler")}, or a plugin's`,
+    default: DEFAULTS.sampler.name,
+    field: "sampler",
+  },
+  pairs: {
+    value: "NAME",
+    help: `${names("pairs")}, or a plugin's`,
+    default: DEFAULTS.pairs.name,
+    field: "pairs",
+  },
+  set: {
+    value: "KEY=VALUE",
+    multiple: true,
+    help: "any setting or plugin option (repeatable), e.g. --set guidance.negativeScale=4 " +
+      "--set pairs.augment=false; the options of the default plugins are listed below, " +
+      "`--list` shows every plugin's",
+  },
+  plugin: {
+    value: "FILE",
+    multiple: true,
+    help: "load plugins from a module (repeatable); see docs/plugins.md",
+    field: "plugins",
+  },
+} as const satisfies Flags;
 
-running:
-  --shard I/N           do shard I of N, I counting from 0 (0/2 and 1/2 are the two halves;
-                        also from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, or
-                        JOB_COMPLETION_INDEX with --shard-count N or DIPSY_SHARD_COUNT)
-  --shard-count N       the shard count for JOB_COMPLETION_INDEX; with SLURM_ARRAY_TASK_ID, the
-                        task id is then the shard index (for an array resubmitted as
-                        \`sbatch --array=1,3\`)
-  --devices LIST        one worker process per device, e.g. cuda:0,cuda:1 or all (every GPU),
-                        each a shard of this run (or of --shard's), all into OUT; not with --device
-  --only CLASS:INDEX    (re)make just these images (repeatable); their batch is computed whole
-                        so they come out identical to a full run
-  --print-config        print the resolved configuration as YAML and exit
-  --list                list presets and plugins and exit
+/** The placement and similarity CLIP flags `generate` and `run` share. */
+export const PLACEMENT_FLAGS = {
+  clip: {
+    value: "REF",
+    help: `CLIP for class similarity (default: tiny with --tiny, else ${DEFAULT_CLIP})`,
+    field: "clip",
+  },
+  device: {
+    value: "D",
+    help: "auto, cpu, cuda, cuda:N",
+    default: DEFAULTS.device,
+    field: "device",
+  },
+  dtype: {
+    value: "T",
+    help: "auto (f16 on CUDA, f32 on CPU), f32, f16, bf16",
+    default: DEFAULTS.dtype,
+    field: "dtype",
+  },
+} as const satisfies Flags;
 
-Ctrl-C finishes and writes the batch in flight, then stops; run the same command to resume.`;
+const SECTIONS = {
+  "input and output:": {
+    data: {
+      value: "DIR",
+      help: "few-shot images: DIR/<class>/*.jpg, or the DataDream layout",
+      field: "data",
+    },
+    out: {
+      value: "DIR",
+      help: "output folder (new, empty, or an earlier run of the same configuration)",
+      field: "out",
+    },
+    dataset: {
+      value: "NAME",
+      help: "dataset name: prompt template (aircraft, cars, dtd, eurosat, flowers, food, pets; " +
+        'others "A photo of a {c}"), DataDream folder, and for the ten benchmarks their class ' +
+        'names (n01440764 -> "tench")',
+      field: "dataset",
+    },
+    "fewshot-seed": {
+      value: "S",
+      help: "DataDream few-shot split when there are several",
+      field: "fewshotSeed",
+    },
+    shots: {
+      value: "K",
+      help: "the first K shots of each class, by rank (a `dipsy fewshot` split)",
+      field: "shots",
+    },
+    "skip-bad": {
+      help: "leave unreadable or broken shots out instead of stopping",
+      field: "skipBad",
+    },
+    similarity: {
+      value: "FILE",
+      help: "class similarity, .json or the official .npz (default: OUT's copy, " +
+        "DIR/similarity.json, or computed)",
+      field: "similarity",
+    },
+  },
+  "what to generate:": SETTING_FLAGS,
+  "models:": {
+    ...MODEL_FLAGS,
+    ...PLACEMENT_FLAGS,
+    batch: { value: "B", help: "images per model call", default: DEFAULTS.batch, field: "batch" },
+    quality: { value: "Q", help: "JPEG quality", default: DEFAULTS.quality, field: "quality" },
+  },
+  "running:": {
+    shard: {
+      value: "I/N",
+      help: "do shard I of N, I counting from 0 (0/2 and 1/2 are the two halves; also from " +
+        "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, or JOB_COMPLETION_INDEX with " +
+        "--shard-count N or DIPSY_SHARD_COUNT)",
+    },
+    "shard-count": {
+      value: "N",
+      help: "the shard count for JOB_COMPLETION_INDEX; with SLURM_ARRAY_TASK_ID, the task id " +
+        "is then the shard index (for an array resubmitted as `sbatch --array=1,3`)",
+    },
+    devices: {
+      value: "LIST",
+      help: "one worker process per device, e.g. cuda:0,cuda:1 or all (every GPU), each a " +
+        "shard of this run (or of --shard's), all into OUT; not with --device",
+    },
+    only: {
+      value: "CLASS:INDEX",
+      multiple: true,
+      help: "(re)make just these images (repeatable); their batch is computed whole so they " +
+        "come out identical to a full run",
+    },
+    "print-config": { help: "print the resolved configuration as YAML and exit" },
+    list: { help: "list presets and plugins and exit" },
+  },
+} as const satisfies Record<string, Flags>;
 
-export const GENERATE_FLAGS = {
-  help: { type: "boolean", short: "h" },
-  data: { type: "string" },
-  out: { type: "string" },
-  dataset: { type: "string" },
-  "fewshot-seed": { type: "string" },
-  shots: { type: "string" },
-  "skip-bad": { type: "boolean" },
-  similarity: { type: "string" },
-  config: { type: "string" },
-  preset: { type: "string" },
-  "per-class": { type: "string" },
-  seed: { type: "string" },
-  steps: { type: "string" },
-  size: { type: "string" },
-  prompt: { type: "string" },
-  guidance: { type: "string" },
-  sampler: { type: "string" },
-  pairs: { type: "string" },
-  set: { type: "string", multiple: true },
-  plugin: { type: "string", multiple: true },
-  model: { type: "string" },
-  tiny: { type: "boolean" },
-  "ip-adapter": { type: "string" },
-  "image-encoder": { type: "string" },
-  clip: { type: "string" },
-  device: { type: "string" },
-  dtype: { type: "string" },
-  batch: { type: "string" },
-  quality: { type: "string" },
-  shard: { type: "string" },
-  "shard-count": { type: "string" },
-  devices: { type: "string" },
-  only: { type: "string", multiple: true },
-  "print-config": { type: "boolean" },
-  list: { type: "boolean" },
-} as const;
+type Declared = typeof SECTIONS[keyof typeof SECTIONS];
+export type GenerateFlags = FlagValues<
+  & typeof SECTIONS["input and output:"]
+  & typeof SETTING_FLAGS
+  & typeof SECTIONS["models:"]
+  & typeof SECTIONS["running:"]
+>;
 
-export type GenerateFlags = ReturnType<
-  typeof parseArgs<{ options: typeof GENERATE_FLAGS }>
->["values"];
-
-/** Flags as a configuration layer (values are text, parsed per setting). */
+/**
+ * Flags as a configuration layer (values are text, parsed per setting); messages about a
+ * setting name its flag.
+ */
 function flagsLayer(
   flags: GenerateFlags,
   parse: typeof import("../core/config.ts").parseConfigObject,
 ): ConfigLayer {
-  const raw: Record<string, unknown> = {
-    data: flags.data,
-    out: flags.out,
-    dataset: flags.dataset,
-    fewshotSeed: flags["fewshot-seed"],
-    shots: flags.shots,
-    skipBad: flags["skip-bad"],
-    similarity: flags.similarity,
-    preset: flags.preset,
-    perClass: flags["per-class"],
-    seed: flags.seed,
-    steps: flags.steps,
-    prompt: flags.prompt,
-    guidance: flags.guidance,
-    sampler: flags.sampler,
-    pairs: flags.pairs,
-    plugins: flags.plugin,
-    model: flags.tiny ? "tiny" : flags.model,
-    clip: flags.clip ?? (flags.tiny ? "tiny" : undefined),
-    ipAdapter: flags["ip-adapter"],
-    imageEncoder: flags["image-encoder"],
-    device: flags.device,
-    dtype: flags.dtype,
-    batch: flags.batch,
-    quality: flags.quality,
-  };
-  if (flags.size !== undefined) {
-    const m = /^\s*(\d+)\s*(?:[x×]\s*(\d+))?\s*$/.exec(flags.size);
-    if (!m) throw new CliError(`--size must be N or WxH, got "${flags.size}"`);
-    raw.width = m[1];
-    raw.height = m[2] ?? m[1];
+  const raw: Record<string, unknown> = {};
+  const labels: Record<string, string> = { width: "--size", height: "--size" };
+  for (const section of Object.values(SECTIONS) as Declared[]) {
+    for (const [name, flag] of Object.entries(section) as [string, { field?: string }][]) {
+      const value = flags[name as keyof GenerateFlags];
+      if (!flag.field || value === undefined) continue;
+      raw[flag.field] = value;
+      labels[flag.field] = `--${name}`;
+    }
   }
-  return parse(raw, "command line", { textual: true, labels: FLAG_LABELS });
+  if (flags.tiny) {
+    raw.model = "tiny";
+    raw.clip ??= "tiny";
+  }
+  if (flags.size !== undefined) Object.assign(raw, parseSize(flags.size));
+  return parse(raw, "command line", { textual: true, labels });
 }
 
-/** Messages about a setting given on the command line name its flag. */
-const FLAG_LABELS: Record<string, string> = {
-  fewshotSeed: "--fewshot-seed",
-  skipBad: "--skip-bad",
-  perClass: "--per-class",
-  ipAdapter: "--ip-adapter",
-  imageEncoder: "--image-encoder",
-  width: "--size",
-  height: "--size",
-  ...Object.fromEntries(
-    [
-      "data",
-      "out",
-      "dataset",
-      "shots",
-      "similarity",
-      "preset",
-      "seed",
-      "steps",
-      "prompt",
-      "model",
-      "clip",
-      "device",
-      "dtype",
-      "batch",
-      "quality",
-    ].map((k) => [k, `--${k}`]),
-  ),
-};
-
-async function listPlugins(): Promise<void> {
-  const { PRESETS } = await import("../core/config.ts");
-  const { registry } = await import("../core/plugins.ts");
+function listPlugins(): void {
   console.log("presets:");
   for (const [name, p] of Object.entries(PRESETS)) {
     console.log(`  ${name.padEnd(24)} ${p.description} [paper: ${p.paper}]`);
   }
-  for (const kind of ["guidance", "sampler", "pairs"] as const) {
-    console.log(`\n${kind} plugins:`);
-    for (const d of registry.list(kind)) {
-      console.log(`  ${d.name.padEnd(24)} ${d.description}`);
-      for (const [k, o] of Object.entries(d.options ?? {})) {
-        const def = o.default === undefined ? "" : ` (default ${JSON.stringify(o.default)})`;
-        console.log(`      ${k}: ${o.description}${def}`);
-      }
-    }
-  }
+  console.log(`\n${pluginList(registry, ["guidance", "sampler", "pairs"])}`);
 }
 
 /** Reads the configuration from --config and the flags, loading plugin files on the way. */
@@ -224,7 +272,6 @@ export async function configFromFlags(flags: GenerateFlags): Promise<RunConfig> 
   if (flags.config) layers.push(await cfg.readConfigFile(flags.config));
   layers.push(flagsLayer(flags, cfg.parseConfigObject));
   if (flags.set?.length) layers.push(cfg.parseSets(flags.set));
-  await loadDefaultPlugins();
   await cfg.loadPluginFiles(layers);
   return cfg.resolveConfig(layers);
 }
@@ -250,6 +297,8 @@ export interface RunOptions extends PrepareOptions {
 export interface PreparedGenerate {
   /** Device, dtype and image size filled in. */
   config: RunConfig;
+  /** Its plugins, built once. */
+  run: ResolvedRun;
   dataset: Dataset;
   shard: Shard;
   adapters: number;
@@ -275,14 +324,10 @@ export async function prepareGenerate(
   if (!config.data) throw new CliError("--data is required (or `data:` in the config file)");
   if (!config.out) throw new CliError("--out is required (or `out:` in the config file)");
   const shard = gen.resolveShard(opts.shard, opts.shardCount);
-  const guidance = registry.create<Guidance>(
-    "guidance",
-    config.guidance.name,
-    config.guidance.options,
-  );
-  const adapters = gen.adaptersFor(guidance);
+  const run = resolveRun(config, registry);
+  const adapters = gen.adaptersFor(run.guidance);
   // The input first: a bad image should fail the run before any model is looked for.
-  const dataset = await gen.validateInput(config, registry);
+  const dataset = await gen.validateInput(config, run);
   for (const p of dataset.problems) log(`${p.severity}: ${p.path}: ${p.message}`);
   const placement = await models.resolvePlacement(config);
   const paths = await models.resolveModels(config, adapters);
@@ -296,12 +341,8 @@ export async function prepareGenerate(
   };
   gen.checkImageSize(resolved, vaeScaleFactor);
   // Sampler options are checked now, not after the model has loaded.
-  registry.create<Sampler>("sampler", config.sampler.name, {
-    ...config.sampler.options,
-    steps: config.steps,
-    config: await models.schedulerConfigOf(paths),
-  })[Symbol.dispose]();
-  return { config: resolved, dataset, shard, adapters, placement, paths, vaeScaleFactor };
+  run.sampler(await models.schedulerConfigOf(paths))[Symbol.dispose]();
+  return { config: resolved, run, dataset, shard, adapters, placement, paths, vaeScaleFactor };
 }
 
 /** Runs the job for a configuration; returns the process exit code. */
@@ -327,6 +368,7 @@ export async function runPrepared(
   try {
     const result = await gen.generate({
       config: resolved,
+      run: prepared.run,
       dataset,
       vaeScaleFactor: prepared.vaeScaleFactor,
       similarity: similaritySource(resolved, placement, log),
@@ -405,16 +447,22 @@ export function holdAfterFirstBatch(dir: string, shard: Shard): () => Promise<vo
   };
 }
 
-export const command: Command = {
+export const command = defineCommand({
   summary: "generate the synthetic dataset (resumable, shardable)",
-  usage: USAGE,
-  flags: GENERATE_FLAGS,
-  async run(args) {
-    const flags: GenerateFlags = parseFlags(args, GENERATE_FLAGS);
-    if (flags.help) {
-      console.log(USAGE);
-      return 0;
-    }
+  synopsis: "generate --data DIR --out DIR [options]",
+  about: `Generates --per-class images for every class of the few-shot data into
+OUT/<class>/<index>.jpg, with one line per image in OUT/manifest.jsonl. Rerunning the same command
+resumes; shards of one run may share OUT.`,
+  sections: SECTIONS,
+  footer: `${
+    pluginOptionsHelp(
+      registry,
+      (["guidance", "sampler", "pairs"] as const).map((k) => [k, DEFAULTS[k].name]),
+    )
+  }
+
+Ctrl-C finishes and writes the batch in flight, then stops; run the same command to resume.`,
+  async run(flags: GenerateFlags) {
     const shardCount = flags["shard-count"] === undefined
       ? undefined
       : Number(flags["shard-count"]);
@@ -447,7 +495,7 @@ export const command: Command = {
     try {
       const config = await configFromFlags(devices ? { ...flags, device: devices[0] } : flags);
       if (flags.list) {
-        await listPlugins();
+        listPlugins();
         return 0;
       }
       if (flags["print-config"]) {
@@ -471,4 +519,4 @@ export const command: Command = {
       Deno.removeSignalListener("SIGINT", onSigint);
     }
   },
-};
+});

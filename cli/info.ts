@@ -1,23 +1,14 @@
 /** `dipsy info`: what libtorch this installation runs on. */
-import { type Command, parseFlags } from "./command.ts";
+import { defineCommand } from "./command.ts";
 
-const USAGE = `usage: deno task dipsy info
-
-Prints the runtime information as JSON: libtorch, the CUDA devices, and which attention kernel
-SD1.5 at 512 px runs on the default device.`;
-
-const FLAGS = { help: { type: "boolean", short: "h" } } as const;
-
-export const command: Command = {
+export const command = defineCommand({
   summary: "libtorch / device information",
-  usage: USAGE,
-  flags: FLAGS,
-  async run(args) {
-    const values = parseFlags(args, FLAGS);
-    if (values.help) {
-      console.log(USAGE);
-      return 0;
-    }
+  synopsis: "info",
+  about:
+    `Prints the runtime information as JSON: libtorch, the CUDA devices, and which attention kernel
+SD1.5 at 512 px runs on the default device.`,
+  sections: { "options:": {} },
+  async run() {
     const { runtimeInfo, libraryPath } = await import("../ffi/mod.ts");
     const { allowTf32, cudaDevices } = await import("../ffi/runtime.ts");
     const { sd15AttentionReport } = await import("../plugins/sd15/unet.ts");
@@ -36,4 +27,4 @@ export const command: Command = {
     ));
     return 0;
   },
-};
+});

@@ -34,11 +34,23 @@ export const COMMANDS: Record<string, [string, () => Promise<{ command: Command 
     "similarity -> generate -> train -> eval in one command, with a report",
     () => import("./run.ts"),
   ],
+  sweep: [
+    "a grid or list of generation and training settings, ranked (resumable, shardable)",
+    () => import("./sweep.ts"),
+  ],
+  report: [
+    "figures and a self-contained report.html of a generate, train, run or sweep folder",
+    () => import("./report.ts"),
+  ],
   sample: [
     "generate one image from explicit reference images (for trying scales)",
     () => import("./sample.ts"),
   ],
   serve: ["serve sample and generate over HTTP (models stay loaded)", () => import("./serve.ts")],
+  fetch: [
+    "download the default models (or the given ones) into the Hugging Face cache",
+    () => import("./fetch.ts"),
+  ],
 };
 
 export function usage(): string {

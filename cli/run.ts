@@ -5,136 +5,55 @@
  */
 import { existsSync, readFileSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
-import {
-  DEFAULT_CLIP,
-  DEFAULT_IMAGE_ENCODER,
-  DEFAULT_IP_ADAPTER,
-  DEFAULT_MODEL,
-  type RunConfig,
-} from "../core/config.ts";
+import { DEFAULTS, type RunConfig } from "../core/config.ts";
 import { RunError } from "../core/output.ts";
 import { provenance } from "../core/provenance.ts";
-import { GENERATE_FLAGS, type GenerateFlags } from "./generate.ts";
-import { CliError, type Command, parseFlags } from "./command.ts";
+import { type GenerateFlags, MODEL_FLAGS, PLACEMENT_FLAGS, SETTING_FLAGS } from "./generate.ts";
+import { CliError, defineCommand, type Flags } from "./command.ts";
 import {
   CLASSIFIER_FLAGS,
   classifierOptions,
-  classifierUsage,
   intFlag,
+  renamed,
   SELECT_FLAGS,
-  SELECT_USAGE,
   selectFlag,
   shotsFlag,
   VALIDATION_FLAGS,
-  VALIDATION_USAGE,
+  VALIDATION_TITLE,
 } from "./train_flags.ts";
-import { SLURM_FLAGS, SLURM_USAGE, submitExperiment } from "./slurm.ts";
+import { SLURM_FLAGS, SLURM_TITLE, submitExperiment } from "./slurm.ts";
+import { loadPlugins } from "./plugin_docs.ts";
 
 export const REPORT_FILE = "report.json";
 
-const USAGE = `usage: deno task dipsy run --data DIR --test DIR --out DIR [options]
+/** Generation flags: generate's, with the names the classifier also has made explicit. */
+const GENERATION_FLAGS: Flags = {
+  ...renamed(SETTING_FLAGS, {}, [], {
+    config: "generation settings from a JSON or YAML file (flags override it)",
+    seed: "generation seed: the same seed gives the same images; the classifier's is " +
+      "--train-seed",
+    set: "any generation setting or plugin option (repeatable), as generate takes it; the " +
+      "classifier's are --train-set",
+    plugin: "load plugins from a module (repeatable; generation and classifier plugins); see " +
+      "docs/plugins.md",
+  }),
+  "gen-batch": {
+    value: "B",
+    help: "images per model call; the classifier's --batch is images per training step",
+    default: DEFAULTS.batch,
+    field: "batch",
+  },
+  ...MODEL_FLAGS,
+  ...renamed(PLACEMENT_FLAGS, {}, ["device"], {
+    dtype: "auto (f16 on CUDA, f32 on CPU), f32, f16, bf16: generation's and the classifier's " +
+      "weights",
+    clip: "CLIP for the class similarity and the classifier (default: tiny with --tiny, else " +
+      `${CLASSIFIER_FLAGS.clip.default})`,
+  }),
+};
 
-similarity -> generate -> train -> eval in one command. Everything goes into OUT:
-  OUT/similarity.json   class similarity (when the pair sampler uses it)
-  OUT/synthetic/        generated images + manifest (as \`dipsy generate\`)
-  OUT/train/            classifier run (as \`dipsy train\`)
-  OUT/eval.json         accuracy on the test images (as \`dipsy eval\`)
-  OUT/report.json       configuration, stage timings and accuracy (also printed)
-A stage whose output is complete is skipped: run the same command again after an interruption.
-
-input and output:
-  --data DIR            few-shot images (the real training set): DIR/<class>/*, or DataDream's
-  --test DIR            test images, one folder per class
-  --out DIR             experiment folder
-  --dataset NAME        dataset name (prompt templates, DataDream layout, benchmark names)
-  --fewshot-seed S      DataDream few-shot split when there are several
-  --shots K             the first K shots of each class, by rank (a \`dipsy fewshot\` split)
-  --device D            auto, cpu, cuda, cuda:N (default auto)
-  --workers N           image preparation threads for training and evaluation
-
-generation (as \`dipsy generate\`; see its --help):
-  --config FILE         generation settings from a JSON or YAML file (flags override it)
-  --preset NAME         generation preset (default dipsy; \`dipsy generate --list\`)
-  --per-class N         synthetic images per class (default 200)
-  --steps N             denoising steps (default 50)
-  --size N | WxH        image size (default: the model's, 512 for SD1.5)
-  --prompt TEMPLATE     e.g. "A photo of a {class}"; "" for the empty prompt
-  --guidance NAME       guidance plugin (default dipsy)
-  --sampler NAME        sampler plugin (default dpm-solver++)
-  --pairs NAME          reference pair plugin (default class-similarity)
-  --seed S              generation seed (default 0); the classifier's is --train-seed
-  --gen-batch B         images per model call (default 4); --batch is the classifier's
-  --set KEY=VALUE       any generation setting or plugin option (repeatable); the
-                        classifier's are --train-set
-  --plugin FILE         load plugins from a module (repeatable); see docs/plugins.md
-  --model REF           SD1.5 diffusers folder or Hub id (default
-                        ${DEFAULT_MODEL})
-  --ip-adapter REF      IP-Adapter file (default
-                        ${DEFAULT_IP_ADAPTER})
-  --image-encoder REF   its image encoder (default ${DEFAULT_IMAGE_ENCODER})
-  --tiny                the tiny models for everything (noise images; for trying things out)
-  --dtype T             auto (f16 on CUDA, f32 on CPU), f32, f16, bf16: generation and the
-                        classifier's weights
-  --clip REF            CLIP for the class similarity and the classifier (default
-                        ${DEFAULT_CLIP})
-
-running:
-  --stage NAME          run one stage only: similarity, generate (sharded like \`generate\`: in
-                        a Slurm array or Kubernetes indexed Job each task does its shard) or
-                        train (train, eval and the report; the other stages must be complete)
-
-${
-  classifierUsage(
-    "classifier (as \`dipsy train\`; --clip and --dtype above):",
-    { seed: "train-seed", set: "train-set" },
-    ["clip", "dtype"],
-  )
-}
-
-${VALIDATION_USAGE}
-
-${SELECT_USAGE}
-
-${SLURM_USAGE}`;
-
-/** The generate command's flags that `run` takes as they are. */
-const GEN_KEYS = [
-  "config",
-  "preset",
-  "per-class",
-  "steps",
-  "size",
-  "prompt",
-  "guidance",
-  "sampler",
-  "pairs",
-  "seed",
-  "set",
-  "model",
-  "ip-adapter",
-  "image-encoder",
-  "tiny",
-  "dtype",
-  "plugin",
-  "clip",
-] as const;
-
-const GEN_FLAGS = {
-  ...Object.fromEntries(GEN_KEYS.map((k) => [k, GENERATE_FLAGS[k]])) as Pick<
-    typeof GENERATE_FLAGS,
-    (typeof GEN_KEYS)[number]
-  >,
-  "gen-batch": { type: "string" },
-} as const;
-
-/** The train command's classifier flags, with the ones generation also has renamed. */
-const TRAIN_FLAGS = {
-  ...Object.fromEntries(
-    Object.entries(CLASSIFIER_FLAGS).filter(([k]) => !["clip", "seed", "set", "dtype"].includes(k)),
-  ) as Omit<typeof CLASSIFIER_FLAGS, "clip" | "seed" | "set" | "dtype">,
-  "train-seed": { type: "string" },
-  "train-set": { type: "string", multiple: true },
-} as const;
+/** The generate flags `run` hands on to generation under their own names. */
+const GEN_KEYS = Object.keys(GENERATION_FLAGS).filter((k) => k !== "gen-batch");
 
 /** `--stage`: the stages a job of its own can run. */
 export const STAGES = ["similarity", "generate", "train"] as const;
@@ -147,36 +66,83 @@ interface StageReport {
   output?: string;
 }
 
-const FLAGS = {
-  help: { type: "boolean", short: "h" },
-  data: { type: "string" },
-  test: { type: "string" },
-  out: { type: "string" },
-  dataset: { type: "string" },
-  "fewshot-seed": { type: "string" },
-  shots: { type: "string" },
-  device: { type: "string" },
-  workers: { type: "string" },
-  stage: { type: "string" },
-  ...VALIDATION_FLAGS,
-  ...SELECT_FLAGS,
-  ...GEN_FLAGS,
-  ...TRAIN_FLAGS,
-  ...SLURM_FLAGS,
-} as const;
-
-export const command: Command = {
+export const command = defineCommand({
   summary: "similarity -> generate -> train -> eval, with a report",
-  usage: USAGE,
-  flags: FLAGS,
-  async run(args) {
-    const values = parseFlags(args, FLAGS);
-    if (values.help) {
-      console.log(USAGE);
-      return 0;
-    }
+  synopsis: "run --data DIR --test DIR --out DIR [options]",
+  about: `similarity -> generate -> train -> eval in one command. Everything goes into OUT:
+  OUT/similarity.json   class similarity (when the pair sampler uses it)
+  OUT/synthetic/        generated images + manifest (as \`dipsy generate\`)
+  OUT/train/            classifier run (as \`dipsy train\`)
+  OUT/eval.json         accuracy on the test images (as \`dipsy eval\`)
+  OUT/report.json       configuration, stage timings and accuracy (also printed)
+A stage whose output is complete is skipped: run the same command again after an interruption.`,
+  sections: {
+    "input and output:": {
+      data: {
+        value: "DIR",
+        help: "few-shot images (the real training set): DIR/<class>/*, or DataDream's",
+      },
+      test: { value: "DIR", help: "test images, one folder per class" },
+      out: { value: "DIR", help: "experiment folder" },
+      dataset: {
+        value: "NAME",
+        help: "dataset name (prompt templates, DataDream layout, benchmark names)",
+      },
+      "fewshot-seed": { value: "S", help: "DataDream few-shot split when there are several" },
+      shots: {
+        value: "K",
+        help: "the first K shots of each class, by rank (a `dipsy fewshot` split)",
+      },
+      device: PLACEMENT_FLAGS.device,
+      workers: {
+        value: "N",
+        help: "image preparation threads for training and evaluation (default: cores - 1, at " +
+          "most 16)",
+      },
+    },
+    "generation (as `dipsy generate`; see its --help):": GENERATION_FLAGS,
+    "running:": {
+      "print-config": {
+        help: "print the resolved generation configuration as YAML (a --config file) and exit",
+      },
+      stage: {
+        value: "NAME",
+        help: "run one stage only: similarity, generate (sharded like `generate`: in a Slurm " +
+          "array or Kubernetes indexed Job each task does its shard) or train (train, eval and " +
+          "the report; the other stages must be complete)",
+      },
+    },
+    "classifier (as `dipsy train`; --clip, --dtype and --plugin above):": renamed(
+      CLASSIFIER_FLAGS,
+      { seed: "train-seed", set: "train-set" },
+      ["clip", "dtype"],
+      {
+        batch: "images per training step; generation's is --gen-batch",
+        seed: "seed of shuffling, augmentation, dropout and the LoRA init; generation's is --seed",
+        set: "any option of the classifier (repeatable; `train --list` lists them); " +
+          "generation's are --set",
+      },
+    ),
+    [VALIDATION_TITLE]: VALIDATION_FLAGS,
+    "model selection:": SELECT_FLAGS,
+    [SLURM_TITLE]: SLURM_FLAGS,
+  },
+  async run(values) {
     if (!values.data || !values.test || !values.out) {
       throw new CliError(`--data, --test and --out are required (see --help)`);
+    }
+    // A misspelt classifier option is refused before anything runs or is submitted.
+    const early = classifierOptions({
+      ...values,
+      seed: values["train-seed"],
+      set: values["train-set"],
+    });
+    (await loadPlugins(values.plugin as string[] | undefined))
+      .create("classifier", early.name, early.options);
+    if (values["print-config"]) {
+      const { formatConfig } = await import("../core/config.ts");
+      console.log(formatConfig(await generationConfig(values, resolve(values.out))).trimEnd());
+      return 0;
     }
     const stage = values.stage as Stage | undefined;
     if (stage !== undefined && !STAGES.includes(stage)) {
@@ -199,7 +165,7 @@ export const command: Command = {
       Deno.removeSignalListener("SIGINT", onSigint);
     }
   },
-};
+});
 
 type Values = Record<string, string | boolean | string[] | undefined>;
 
@@ -290,7 +256,7 @@ export async function checkExperiment(v: Values) {
   };
 }
 
-async function runExperiment(v: Values, signal: AbortSignal, only?: Stage): Promise<number> {
+export async function runExperiment(v: Values, signal: AbortSignal, only?: Stage): Promise<number> {
   const stages: StageReport[] = [];
   const timed = async <T>(stage: string, fn: () => Promise<[StageReport["status"], T]>) => {
     console.error(`\n== ${stage}`);

@@ -6,40 +6,60 @@
 import { existsSync } from "node:fs";
 import { basename, dirname, join, resolve } from "node:path";
 import type { Device } from "../ffi/mod.ts";
-import { CliError, type Command, parseFlags } from "./command.ts";
+import {
+  ConfigError,
+  DEFAULT_IMAGE_ENCODER,
+  DEFAULT_IP_ADAPTER,
+  DEFAULTS,
+  parseSets,
+} from "../core/config.ts";
+import { CliError, defineCommand, type FlagValues } from "./command.ts";
+import { MODEL_FLAGS, parseSize, PLACEMENT_FLAGS, SETTING_FLAGS } from "./generate.ts";
+import { loadPlugins, pluginOptionsHelp } from "./plugin_docs.ts";
 
-import { DEFAULT_IMAGE_ENCODER, DEFAULT_IP_ADAPTER, DEFAULT_MODEL } from "../core/config.ts";
+const registry = await loadPlugins();
 
-const USAGE = `usage: deno task dipsy sample --prompt TEXT --seed S --out OUT.png [options]
-
-Generates one image with explicit reference images.
-
-required:
-  --prompt TEXT            text prompt (the negative text prompt is always "")
-  --seed S                 initial-noise seed (as torch.Generator().manual_seed(S) on the CPU)
-  --out FILE               output image: .png, .jpg/.jpeg or .webp
-  --positive IMG           positive reference image (guidances that use images)
-  --negative IMG           negative reference image (guidances with a negative term, e.g. dipsy)
-
-options:
-  --latents-out FILE       also save the final latents (float32) as safetensors
-  --model REF              "tiny" (embedded random model), a diffusers SD1.5 folder, or a Hub id
-                           org/name[@revision] (default ${DEFAULT_MODEL})
-  --ip-adapter REF         an h94-layout .safetensors file, or a file in a Hub repo:
-                           org/name/path or org/name@revision:path (default
-                           ${DEFAULT_IP_ADAPTER})
-  --image-encoder REF      the adapter's CLIP image encoder folder, or one in a Hub repo
-                           (default ${DEFAULT_IMAGE_ENCODER})
-  --guidance NAME          guidance plugin (default dipsy; \`dipsy generate --list\` lists them)
-  --guidance-opt K=V       guidance option, repeatable; V is JSON or a string
-                           (e.g. textScale=7.5 negativeScale=4 interval=[0.2,0.8])
-  --sampler NAME           dpm-solver++ (default), ddim or euler
-  --steps N                denoising steps (default 50)
-  --width W, --height H    output size in pixels (default: the model's, 512 for SD1.5)
-  --dtype f32|f16|bf16     model precision (default f16 on CUDA, f32 on the CPU)
-  --device cpu|cuda[:N]    (default cuda when available)
-  --force                  overwrite existing output files
-  -h, --help               this text`;
+const SECTIONS = {
+  "required:": {
+    prompt: { value: "TEXT", help: 'text prompt (the negative text prompt is always "")' },
+    seed: {
+      value: "S",
+      help: "initial-noise seed (as torch.Generator().manual_seed(S) on the CPU)",
+    },
+    out: { value: "FILE", help: "output image: .png, .jpg/.jpeg or .webp" },
+    positive: { value: "IMG", help: "positive reference image (guidances that use images)" },
+    negative: {
+      value: "IMG",
+      help: "negative reference image (guidances with a negative term, e.g. dipsy)",
+    },
+  },
+  "options:": {
+    "latents-out": { value: "FILE", help: "also save the final latents (float32) as safetensors" },
+    ...MODEL_FLAGS,
+    tiny: { help: "the embedded tiny model (--model tiny; noise images, for trying things out)" },
+    guidance: SETTING_FLAGS.guidance,
+    sampler: SETTING_FLAGS.sampler,
+    set: {
+      value: "KEY=VALUE",
+      multiple: true,
+      help: "a guidance or sampler option (repeatable), as generate takes it: " +
+        "guidance.KEY=V or sampler.KEY=V; the default plugins' options are listed below",
+    },
+    steps: SETTING_FLAGS.steps,
+    size: SETTING_FLAGS.size,
+    dtype: PLACEMENT_FLAGS.dtype,
+    device: PLACEMENT_FLAGS.device,
+    force: { help: "overwrite existing output files" },
+    "guidance-opt": {
+      value: "K=V",
+      multiple: true,
+      help: "a guidance option",
+      deprecated: "--set guidance.K=V",
+    },
+    width: { value: "W", help: "output width", deprecated: "--size WxH" },
+    height: { value: "H", help: "output height", deprecated: "--size WxH" },
+  },
+} as const;
 
 const IMAGE_FORMATS: Record<string, "png" | "jpeg" | "webp"> = {
   png: "png",
@@ -58,10 +78,12 @@ export interface SampleArgs {
   negative: string | null;
   model: string;
   ipAdapter: string | null;
+  negativeIpAdapter: string | null;
   imageEncoder: string | null;
   guidance: string;
   guidanceOptions: Record<string, unknown>;
   sampler: string;
+  samplerOptions: Record<string, unknown>;
   steps: number;
   width: number | null;
   height: number | null;
@@ -78,40 +100,34 @@ function positiveInt(flag: string, v: string | undefined): number | null {
   return Number(v);
 }
 
-function optionValue(text: string): unknown {
+/** `--set guidance.K=V` and `--set sampler.K=V`, values read as generate reads them. */
+function pluginSets(specs: readonly string[]) {
+  let layer;
   try {
-    return JSON.parse(text);
-  } catch {
-    return text;
+    layer = parseSets(specs);
+  } catch (e) {
+    if (e instanceof ConfigError) throw new CliError(e.message);
+    throw e;
   }
+  const other = Object.keys(layer.values);
+  if (other.length || layer.pairs) {
+    throw new CliError(
+      `--set ${other[0] ?? "pairs.*"}: sample takes guidance.KEY=V and sampler.KEY=V ` +
+        "(its other settings are flags)",
+    );
+  }
+  return { guidance: layer.guidance, sampler: layer.sampler };
 }
 
-const FLAGS = {
-  help: { type: "boolean", short: "h" },
-  prompt: { type: "string" },
-  seed: { type: "string" },
-  out: { type: "string" },
-  "latents-out": { type: "string" },
-  positive: { type: "string" },
-  negative: { type: "string" },
-  model: { type: "string" },
-  "ip-adapter": { type: "string" },
-  "image-encoder": { type: "string" },
-  guidance: { type: "string" },
-  "guidance-opt": { type: "string", multiple: true },
-  sampler: { type: "string" },
-  steps: { type: "string" },
-  width: { type: "string" },
-  height: { type: "string" },
-  dtype: { type: "string" },
-  device: { type: "string" },
-  force: { type: "boolean" },
-} as const;
+type SampleFlags = FlagValues<typeof SECTIONS["required:"] & typeof SECTIONS["options:"]>;
 
 /** Parses and checks the arguments (no native library, no files read); null for --help. */
 export function parseSampleArgs(args: string[]): SampleArgs | null {
-  const v = parseFlags(args, FLAGS);
-  if (v.help) return null;
+  const v = command.parse(args);
+  return v.help ? null : sampleArgs(v);
+}
+
+function sampleArgs(v: SampleFlags): SampleArgs {
   for (const flag of ["prompt", "seed", "out"] as const) {
     if (v[flag] === undefined) throw new CliError(`--${flag} is required (see --help)`);
   }
@@ -131,26 +147,33 @@ export function parseSampleArgs(args: string[]): SampleArgs | null {
   if (latentsOut !== null && resolve(latentsOut) === resolve(out)) {
     throw new CliError("--out and --latents-out name the same file");
   }
-  const dtype = v.dtype ?? null;
+  const dtype = v.dtype === "auto" ? null : v.dtype ?? null;
   if (dtype !== null && dtype !== "f32" && dtype !== "f16" && dtype !== "bf16") {
-    throw new CliError(`--dtype must be f32, f16 or bf16, got "${dtype}"`);
+    throw new CliError(`--dtype must be auto, f32, f16 or bf16, got "${dtype}"`);
   }
-  const device = (v.device ?? null) as Device | null;
+  const device = (v.device === "auto" ? null : v.device ?? null) as Device | null;
   if (device !== null && device !== "cpu" && !/^cuda(:\d+)?$/.test(device)) {
-    throw new CliError(`--device must be cpu, cuda or cuda:N, got "${device}"`);
+    throw new CliError(`--device must be auto, cpu, cuda or cuda:N, got "${device}"`);
   }
-  const guidanceOptions: Record<string, unknown> = {};
-  for (const kv of v["guidance-opt"] ?? []) {
-    const eq = kv.indexOf("=");
-    if (eq <= 0) throw new CliError(`--guidance-opt takes KEY=VALUE, got "${kv}"`);
-    guidanceOptions[kv.slice(0, eq)] = optionValue(kv.slice(eq + 1));
+  const sets = pluginSets([
+    ...(v["guidance-opt"] ?? []).map((kv) => `guidance.${kv}`),
+    ...(v.set ?? []),
+  ]);
+  if (v.tiny && v.model !== undefined && v.model !== "tiny") {
+    throw new CliError(`--tiny and --model ${v.model}: give one of them`);
   }
-  const model = v.model ?? DEFAULT_MODEL;
-  if (model === "tiny" && (v["ip-adapter"] !== undefined || v["image-encoder"] !== undefined)) {
+  const model = v.tiny ? "tiny" : v.model ?? DEFAULTS.model;
+  const adapterFlags = ["ip-adapter", "negative-ip-adapter", "image-encoder"] as const;
+  if (model === "tiny" && adapterFlags.some((f) => v[f] !== undefined)) {
     throw new CliError(
-      "--model tiny embeds its own IP-Adapter and image encoder: drop --ip-adapter/--image-encoder",
+      "--model tiny embeds its own IP-Adapter and image encoder: drop --ip-adapter, " +
+        "--negative-ip-adapter and --image-encoder",
     );
   }
+  if (v.size !== undefined && (v.width !== undefined || v.height !== undefined)) {
+    throw new CliError("--size and --width/--height: give --size only");
+  }
+  const size = v.size === undefined ? { width: v.width, height: v.height } : parseSize(v.size);
   return {
     prompt: v.prompt!,
     seed: Number(seedText),
@@ -161,13 +184,15 @@ export function parseSampleArgs(args: string[]): SampleArgs | null {
     negative: v.negative ?? null,
     model,
     ipAdapter: v["ip-adapter"] ?? null,
+    negativeIpAdapter: v["negative-ip-adapter"] ?? null,
     imageEncoder: v["image-encoder"] ?? null,
-    guidance: v.guidance ?? "dipsy",
-    guidanceOptions,
-    sampler: v.sampler ?? "dpm-solver++",
-    steps: positiveInt("steps", v.steps) ?? 50,
-    width: positiveInt("width", v.width),
-    height: positiveInt("height", v.height),
+    guidance: sets.guidance?.name ?? v.guidance ?? DEFAULTS.guidance.name,
+    guidanceOptions: sets.guidance?.options ?? {},
+    sampler: sets.sampler?.name ?? v.sampler ?? DEFAULTS.sampler.name,
+    samplerOptions: sets.sampler?.options ?? {},
+    steps: positiveInt("steps", v.steps) ?? DEFAULTS.steps,
+    width: positiveInt(v.size === undefined ? "width" : "size", size.width),
+    height: positiveInt(v.size === undefined ? "height" : "size", size.height),
     dtype,
     device,
     force: v.force ?? false,
@@ -185,10 +210,10 @@ async function resolveSd15(ref: string): Promise<string> {
   return await resolveFolderRef(ref, SD15_FILES);
 }
 
-async function resolveAdapterFile(ref: string): Promise<string> {
+async function resolveAdapterFile(ref: string, flag = "--ip-adapter"): Promise<string> {
   if (existsSync(ref) && !ref.endsWith(".safetensors")) {
     throw new CliError(
-      `--ip-adapter ${ref}: only .safetensors IP-Adapter files are loaded (pickled .bin ` +
+      `${flag} ${ref}: only .safetensors IP-Adapter files are loaded (pickled .bin ` +
         "checkpoints can run code when unpickled)",
     );
   }
@@ -264,7 +289,9 @@ function checkWritable(path: string, force: boolean, flag: string): void {
 
 /** Flags named in messages about a core/sample.ts field. */
 function flagOf(field: string): string {
-  if (field.startsWith("guidanceOptions")) return "--guidance-opt";
+  if (field.startsWith("guidanceOptions.")) return `--set guidance.${field.slice(16)}`;
+  if (field === "guidanceOptions") return "--set guidance.*";
+  if (field === "width" || field === "height") return "--size";
   return `--${field}`;
 }
 
@@ -282,8 +309,6 @@ export async function runSample(a: SampleArgs): Promise<void> {
   checkWritable(a.out, a.force, "out");
   if (a.latentsOut) checkWritable(a.latentsOut, a.force, "latents-out");
 
-  await import("../plugins/guidance/mod.ts");
-  await import("../plugins/samplers/mod.ts");
   const { ops, runtimeInfo, saveSafetensors } = await import("../ffi/mod.ts");
   const { readImage, encodeImage } = await import("../core/image.ts");
   const { prepareSample, sampleImage, sampleSize } = await import("../core/sample.ts");
@@ -295,16 +320,16 @@ export async function runSample(a: SampleArgs): Promise<void> {
     guidance: a.guidance,
     guidanceOptions: a.guidanceOptions,
     sampler: a.sampler,
+    samplerOptions: a.samplerOptions,
     steps: a.steps,
     width: a.width,
     height: a.height,
   };
-  const prepared = await asFlagError(() =>
-    prepareSample(spec, { positive: a.positive !== null, negative: a.negative !== null })
-  );
-  const { guidance, adapters } = prepared;
-  if (prepared.ignored.length) {
-    const flags = prepared.ignored.map((k) => `--${k}`).join(" ");
+  const given = { positive: a.positive !== null, negative: a.negative !== null };
+  const firstLook = await asFlagError(() => prepareSample(spec, given, { registry }));
+  const { guidance, adapters } = firstLook;
+  if (firstLook.ignored.length) {
+    const flags = firstLook.ignored.map((k) => `--${k}`).join(" ");
     console.error(`note: guidance "${guidance.name}" ignores ${flags}`);
   }
 
@@ -337,27 +362,39 @@ export async function runSample(a: SampleArgs): Promise<void> {
         ),
       }
       : {}),
+    ...(adapters > 1 && a.negativeIpAdapter !== null
+      ? {
+        negativeIpAdapter: await asCliError(
+          "--negative-ip-adapter",
+          () => resolveAdapterFile(a.negativeIpAdapter!, "--negative-ip-adapter"),
+        ),
+      }
+      : {}),
   };
-  // The size is checked against the model's config files before any weights load.
-  const { modelGeometry } = await import("../app/models.ts");
+  // The size and the sampler's options are checked against the model's config files before
+  // any weights load.
+  const { modelGeometry, schedulerConfigOf } = await import("../app/models.ts");
   const geometry = await modelGeometry(paths);
   await asFlagError(() => sampleSize(geometry, spec));
+  const schedulerConfig = await schedulerConfigOf(paths);
+  const prepared = await asFlagError(() =>
+    prepareSample(spec, given, { registry, schedulerConfig })
+  );
 
   const t0 = performance.now();
   using bb = tiny
     ? Sd15Backbone.tiny({ dtype, device, adapters })
     : await Sd15Backbone.load(paths, { dtype, device, adapters });
   const loaded = performance.now();
-  const tty = Deno.stderr.isTerminal();
+  const { StepProgress } = await import("../core/progress.ts");
+  const progress = new StepProgress();
   const result = await asFlagError(() =>
     sampleImage(bb, prepared, { positive, negative }, {
-      onStep: (i, n) => {
-        if (tty) Deno.stderr.writeSync(new TextEncoder().encode(`\rstep ${i + 1}/${n}`));
-      },
+      onStep: (i, n) => progress.step(i + 1, n),
     })
   );
   using latents = result.latents;
-  if (tty) Deno.stderr.writeSync(new TextEncoder().encode("\n"));
+  progress.finish();
   const { width, height } = result;
   const bytes = await encodeImage(result.image, a.format);
   await writeAtomic(a.out, a.force, (tmp) => Deno.writeFile(tmp, bytes));
@@ -368,6 +405,9 @@ export async function runSample(a: SampleArgs): Promise<void> {
       guidance: guidance.name,
       guidance_options: JSON.stringify(a.guidanceOptions),
       sampler: a.sampler,
+      ...(Object.keys(a.samplerOptions).length
+        ? { sampler_options: JSON.stringify(a.samplerOptions) }
+        : {}),
       steps: String(a.steps),
       width: String(width),
       height: String(height),
@@ -391,17 +431,20 @@ export async function runSample(a: SampleArgs): Promise<void> {
   );
 }
 
-export const command: Command = {
+export const command = defineCommand({
   summary: "generate one image from explicit reference images",
-  usage: USAGE,
-  flags: FLAGS,
-  async run(args) {
-    const a = parseSampleArgs(args);
-    if (!a) {
-      console.log(USAGE);
-      return 0;
-    }
-    await runSample(a);
+  synopsis: "sample --prompt TEXT --seed S --out OUT.png [options]",
+  about: "Generates one image with explicit reference images.",
+  sections: SECTIONS,
+  footer: `${
+    pluginOptionsHelp(registry, [
+      ["guidance", DEFAULTS.guidance.name],
+      ["sampler", DEFAULTS.sampler.name],
+    ])
+  }
+\`dipsy generate --list\` lists every plugin and its options.`,
+  async run(values) {
+    await runSample(sampleArgs(values));
     return 0;
   },
-};
+});

@@ -3,63 +3,54 @@
  * other tools. SIGINT/SIGTERM stop it gracefully: no new connections, queued work refused, the
  * running sample finished, a running job stopped after its batch in flight (resumable).
  */
-import { parseArgs } from "node:util";
 import type { ServerOptions } from "../server/app.ts";
-import { DEFAULT_CLIP, DEFAULT_MODEL } from "../core/config.ts";
-import { CliError, type Command } from "./command.ts";
+import { CliError, defineCommand, type FlagValues } from "./command.ts";
+import { MODEL_FLAGS, PLACEMENT_FLAGS, SETTING_FLAGS } from "./generate.ts";
 
 export const DEFAULT_PORT = 8765;
+/** What the network flags leave out. */
+const SERVE_DEFAULTS = { host: "127.0.0.1", queue: 16, maxBodyMb: 32, maxImageMb: 16 };
 
-const USAGE = `usage: deno task dipsy serve [options]
-
-Serves sampling and dataset generation over HTTP (see the README's "HTTP endpoint" section and
-GET /openapi.json). One engine runs one request at a time, in arrival order.
-
-network:
-  --host ADDR           address to bind (default 127.0.0.1); any other than loopback needs a token
-  --port N              port (default ${DEFAULT_PORT}; 0 picks a free one)
-  --token-file FILE     bearer token every request must carry (first line of FILE); the
-                        DIPSY_TOKEN environment variable is used when no file is given
-  --roots DIR,...       folders that /v1/jobs may read and write in (repeatable); without it,
-                        jobs are refused
-  --queue N             requests that may wait behind the running one (default 16); more get
-                        503 with Retry-After
-  --max-body-mb N       largest POST /v1/sample body (default 32)
-  --max-image-mb N      largest uploaded image (default 16)
-
-models (as \`dipsy sample\` and \`dipsy generate\`):
-  --model REF           "tiny" (embedded random model), a diffusers SD1.5 folder, or a Hub id
-                        (default ${DEFAULT_MODEL})
-  --ip-adapter REF      h94-layout .safetensors file, or org/name/path in a Hub repo
-  --image-encoder REF   the adapter's CLIP image encoder folder
-  --clip REF            CLIP for class similarity in jobs (default: tiny with --model tiny,
-                        else ${DEFAULT_CLIP})
-  --dtype T             auto (f16 on CUDA, f32 on the CPU), f32, f16, bf16
-  --device D            auto, cpu, cuda, cuda:N (default auto)
-  --plugin FILE         load plugins from a module (repeatable); see docs/plugins.md
-  -h, --help            this text`;
-
-const OPTIONS = {
-  help: { type: "boolean", short: "h" },
-  host: { type: "string" },
-  port: { type: "string" },
-  "token-file": { type: "string" },
-  roots: { type: "string", multiple: true },
-  queue: { type: "string" },
-  "max-body-mb": { type: "string" },
-  "max-image-mb": { type: "string" },
-  model: { type: "string" },
-  "ip-adapter": { type: "string" },
-  "image-encoder": { type: "string" },
-  clip: { type: "string" },
-  dtype: { type: "string" },
-  device: { type: "string" },
-  plugin: { type: "string", multiple: true },
+const NETWORK_FLAGS = {
+  host: {
+    value: "ADDR",
+    help: "address to bind; any other than loopback needs a token",
+    default: SERVE_DEFAULTS.host,
+  },
+  port: { value: "N", help: "port (0 picks a free one)", default: DEFAULT_PORT },
+  "token-file": {
+    value: "FILE",
+    help: "bearer token every request must carry (first line of FILE); the DIPSY_TOKEN " +
+      "environment variable is used when no file is given",
+  },
+  roots: {
+    value: "DIR,...",
+    multiple: true,
+    help: "folders that /v1/jobs may read and write in (repeatable); without it, jobs are " +
+      "refused",
+  },
+  queue: {
+    value: "N",
+    help: "requests that may wait behind the running one; more get 503 with Retry-After",
+    default: SERVE_DEFAULTS.queue,
+  },
+  "max-body-mb": {
+    value: "N",
+    help: "largest POST /v1/sample body",
+    default: SERVE_DEFAULTS.maxBodyMb,
+  },
+  "max-image-mb": {
+    value: "N",
+    help: "largest uploaded image",
+    default: SERVE_DEFAULTS.maxImageMb,
+  },
 } as const;
 
-type Flags = ReturnType<typeof parseArgs<{ options: typeof OPTIONS }>>["values"];
+const SERVE_MODEL_FLAGS = { ...MODEL_FLAGS, ...PLACEMENT_FLAGS, plugin: SETTING_FLAGS.plugin };
 
-function integerFlag(flags: Flags, name: keyof Flags, min: number, fallback: number): number {
+type ServeFlags = FlagValues<typeof NETWORK_FLAGS & typeof SERVE_MODEL_FLAGS>;
+
+function integerFlag(flags: ServeFlags, name: keyof ServeFlags, min: number, fallback: number) {
   const v = flags[name];
   if (v === undefined) return fallback;
   if (typeof v !== "string" || !/^\d+$/.test(v) || Number(v) < min) {
@@ -83,37 +74,36 @@ export interface ServeSettings {
 
 /** Parses and checks the flags (no native library, no files read); null for --help. */
 export function parseServeArgs(args: string[]): ServeSettings | null {
-  let flags: Flags;
-  try {
-    flags = parseArgs({ args, options: OPTIONS, strict: true, allowPositionals: false }).values;
-  } catch (e) {
-    throw new CliError(e instanceof Error ? e.message : String(e));
-  }
-  if (flags.help) return null;
+  const flags = command.parse(args);
+  return flags.help ? null : serveSettings(flags);
+}
+
+function serveSettings(flags: ServeFlags): ServeSettings {
   const port = integerFlag(flags, "port", 0, DEFAULT_PORT);
   if (port > 65535) throw new CliError(`--port must be at most 65535, got ${port}`);
-  if (flags.model === "tiny" && (flags["ip-adapter"] || flags["image-encoder"])) {
+  const model = flags.tiny ? "tiny" : flags.model;
+  if (model === "tiny" && (flags["ip-adapter"] || flags["image-encoder"])) {
     throw new CliError(
       "--model tiny embeds its own IP-Adapter and image encoder: drop --ip-adapter/--image-encoder",
     );
   }
-  const models: Record<string, unknown> = {
-    model: flags.model,
-    ipAdapter: flags["ip-adapter"],
-    imageEncoder: flags["image-encoder"],
-    clip: flags.clip,
-    dtype: flags.dtype,
-    device: flags.device,
-  };
+  const models: Record<string, unknown> = {};
+  for (const [name, flag] of Object.entries(SERVE_MODEL_FLAGS)) {
+    const value = flags[name as keyof ServeFlags];
+    if ("field" in flag && flag.field !== "plugins" && value !== undefined) {
+      models[flag.field] = value;
+    }
+  }
+  if (model) models.model = model;
   return {
-    hostname: flags.host ?? "127.0.0.1",
+    hostname: flags.host ?? SERVE_DEFAULTS.host,
     port,
     tokenFile: flags["token-file"] ?? null,
     roots: (flags.roots ?? []).flatMap((r) => r.split(",")).map((r) => r.trim()).filter((r) => r),
-    queue: integerFlag(flags, "queue", 0, 16),
-    maxBodyBytes: integerFlag(flags, "max-body-mb", 1, 32) << 20,
-    maxImageBytes: integerFlag(flags, "max-image-mb", 1, 16) << 20,
-    models: Object.fromEntries(Object.entries(models).filter(([, v]) => v !== undefined)),
+    queue: integerFlag(flags, "queue", 0, SERVE_DEFAULTS.queue),
+    maxBodyBytes: integerFlag(flags, "max-body-mb", 1, SERVE_DEFAULTS.maxBodyMb) << 20,
+    maxImageBytes: integerFlag(flags, "max-image-mb", 1, SERVE_DEFAULTS.maxImageMb) << 20,
+    models,
     plugins: flags.plugin ?? [],
   };
 }
@@ -192,9 +182,17 @@ export async function runServe(
 ): Promise<number> {
   const a = parseServeArgs(args);
   if (!a) {
-    console.log(USAGE);
+    console.log(command.usage);
     return 0;
   }
+  return await serve(a, testing);
+}
+
+/** Starts, serves until SIGINT/SIGTERM, stops gracefully. */
+async function serve(
+  a: ServeSettings,
+  testing: Pick<ServerOptions, "beforeBatch"> = {},
+): Promise<number> {
   let server;
   try {
     server = await startFromSettings(a, undefined, testing);
@@ -231,9 +229,15 @@ export async function runServe(
   return 0;
 }
 
-export const command: Command = {
+export const command = defineCommand({
   summary: "serve sampling and dataset generation over HTTP",
-  usage: USAGE,
-  flags: OPTIONS,
-  run: (args) => runServe(args),
-};
+  synopsis: "serve [options]",
+  about:
+    `Serves sampling and dataset generation over HTTP (see the README's "HTTP endpoint" section and
+GET /openapi.json). One engine runs one request at a time, in arrival order.`,
+  sections: {
+    "network:": NETWORK_FLAGS,
+    "models (as \`dipsy sample\` and \`dipsy generate\`):": SERVE_MODEL_FLAGS,
+  },
+  run: (values) => serve(serveSettings(values)),
+});

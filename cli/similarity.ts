@@ -3,7 +3,7 @@
  * beside the class folders, where `generate` finds it.
  */
 import { dirname, join, resolve } from "node:path";
-import { DEFAULT_CLIP, type RunConfig, TINY } from "../core/config.ts";
+import { DEFAULT_CLIP, DEFAULTS, type RunConfig, TINY } from "../core/config.ts";
 import type { Dataset } from "../core/dataset.ts";
 import {
   computeSimilarity,
@@ -15,91 +15,70 @@ import {
   similarityMeta,
   staleSimilarity,
 } from "../app/similarity.ts";
-import { CliError, type Command, parseFlags } from "./command.ts";
+import { CliError, defineCommand, type Flags, type FlagValues } from "./command.ts";
 import { shotsFlag } from "./train_flags.ts";
 
-const USAGE = `usage: deno task dipsy similarity --data DIR [options]
+/** What `--top` and `--seed` leave out. */
+const TOP = 3, SEED = 0;
 
-Computes the class similarity matrix (cosine of the mean CLIP image embedding of each class's
+const FLAGS = {
+  data: { value: "DIR", help: "few-shot images: DIR/<class>/*.jpg, or the DataDream layout" },
+  out: {
+    value: "PATH",
+    help: "where to save: a .json file, a .npz file (the official script's format: " +
+      "similarity_matrix, class_names = folder names) or a folder (default: " +
+      `DIR/${SIMILARITY_FILE} in the class root)`,
+  },
+  clip: {
+    value: "REF",
+    help: 'CLIP folder or Hub id, or "tiny" (random weights)',
+    default: DEFAULT_CLIP,
+  },
+  dataset: {
+    value: "NAME",
+    help: "dataset name: DataDream layout, and a benchmark's class names",
+  },
+  "fewshot-seed": {
+    value: "S",
+    help: "DataDream few-shot split (seed0, ...) when there are several",
+  },
+  shots: {
+    value: "K",
+    help: "the first K shots of each class (by their rank from `dipsy fewshot`)",
+  },
+  "skip-bad": { help: "leave unreadable or broken images out instead of stopping" },
+  top: { value: "K", help: "similar classes to print per class", default: TOP },
+  force: { help: "recompute when the file exists (default: print the saved one)" },
+  device: { value: "D", help: "auto, cpu, cuda, cuda:N", default: DEFAULTS.device },
+  dtype: { value: "T", help: "auto, f32, f16, bf16", default: DEFAULTS.dtype },
+  seed: { value: "N", help: "seed of the tiny CLIP's random weights", default: SEED },
+} as const satisfies Flags;
+
+export const command = defineCommand({
+  summary: "compute and save the class similarity matrix",
+  synopsis: "similarity --data DIR [options]",
+  about:
+    `Computes the class similarity matrix (cosine of the mean CLIP image embedding of each class's
 shots, as the official calculate_similarity_matrix.py computes it) and saves it as
 DIR/${SIMILARITY_FILE}, where generate finds it. Prints each class's most similar classes, with
 the probability of drawing each as the negative (tau 0.4). A saved file made with another CLIP
-than --clip is computed again.
+than --clip is computed again.`,
+  sections: { "options:": FLAGS },
+  run: (values) => similarityCommand(values),
+});
 
-options:
-  --data DIR           few-shot images: DIR/<class>/*.jpg, or the DataDream layout
-  --out PATH           where to save: a .json file, a .npz file (the official script's format:
-                       similarity_matrix, class_names = folder names) or a folder
-                       (default: DIR/${SIMILARITY_FILE} in the class root)
-  --clip REF           CLIP folder or Hub id, or "tiny" (random weights); default
-                       ${DEFAULT_CLIP}
-  --dataset NAME       dataset name: DataDream layout, and a benchmark's class names
-  --fewshot-seed S     DataDream few-shot split (seed0, ...) when there are several
-  --shots K            the first K shots of each class (by their rank from \`dipsy fewshot\`)
-  --skip-bad           leave unreadable or broken images out instead of stopping
-  --top K              similar classes to print per class (default 3)
-  --force              recompute when the file exists (default: print the saved one)
-  --device D           auto, cpu, cuda, cuda:N (default auto)
-  --dtype T            auto, f32, f16, bf16 (default auto)
-  --seed N             seed of the tiny CLIP's random weights (default 0)`;
-
-const FLAGS = {
-  help: { type: "boolean", short: "h" },
-  data: { type: "string" },
-  out: { type: "string" },
-  clip: { type: "string" },
-  dataset: { type: "string" },
-  "fewshot-seed": { type: "string" },
-  shots: { type: "string" },
-  "skip-bad": { type: "boolean" },
-  top: { type: "string" },
-  force: { type: "boolean" },
-  device: { type: "string" },
-  dtype: { type: "string" },
-  seed: { type: "string" },
-} as const;
-
-export const command: Command = {
-  summary: "compute and save the class similarity matrix",
-  usage: USAGE,
-  flags: FLAGS,
-  async run(args) {
-    const values = parseFlags(args, FLAGS);
-    if (values.help) {
-      console.log(USAGE);
-      return 0;
-    }
-    return await similarityCommand(values);
-  },
-};
-
-interface SimilarityFlags {
-  data?: string;
-  out?: string;
-  clip?: string;
-  dataset?: string;
-  "fewshot-seed"?: string;
-  shots?: string;
-  "skip-bad"?: boolean;
-  top?: string;
-  force?: boolean;
-  device?: string;
-  dtype?: string;
-  seed?: string;
-}
-
-async function similarityCommand(values: SimilarityFlags): Promise<number> {
+async function similarityCommand(values: FlagValues<typeof FLAGS>): Promise<number> {
   if (!values.data) throw new CliError(`--data is required (see --help)`);
-  const top = Number(values.top ?? 3);
+  const top = Number(values.top ?? TOP);
   if (!Number.isInteger(top) || top < 1) throw new CliError("--top must be a positive integer");
-  const seed = Number(values.seed ?? 0);
+  const seed = Number(values.seed ?? SEED);
   if (!Number.isSafeInteger(seed) || seed < 0) {
     throw new CliError(`--seed must be a non-negative integer, got "${values.seed}"`);
   }
   const shots = shotsFlag(values.shots);
 
   const { validateDataset } = await import("../core/dataset.ts");
-  const { DEFAULTS, parseConfigObject } = await import("../core/config.ts");
+  const { parseConfigObject } = await import("../core/config.ts");
   const layer = parseConfigObject(
     { device: values.device ?? DEFAULTS.device, dtype: values.dtype ?? DEFAULTS.dtype },
     "command line",

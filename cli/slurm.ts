@@ -14,27 +14,38 @@ import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { UserError } from "../ffi/errors.ts";
-import { CliError, flagArgs } from "./command.ts";
+import { CliError, flagArgs, type Flags } from "./command.ts";
+
+/** What `--gpus-per-task` and `--array-size` leave out. */
+export const SLURM_DEFAULTS = { gpusPerTask: 1, arraySize: 4 };
+
+export const SLURM_TITLE = "Slurm (submit the stages as jobs instead of running them here):";
 
 export const SLURM_FLAGS = {
-  slurm: { type: "boolean" },
-  partition: { type: "string" },
-  "gpus-per-task": { type: "string" },
-  "array-size": { type: "string" },
-  time: { type: "string" },
-  sbatch: { type: "string", multiple: true },
-} as const;
-
-export const SLURM_USAGE = `Slurm (submit the stages as jobs instead of running them here):
-  --slurm               submit the class similarity, an array of generation tasks and the
-                        train + eval job (afterok), and print their job ids; the same command
-                        again prints their state and resubmits what failed (OUT/slurm.json)
-  --partition P         partition for every job
-  --gpus-per-task N     GPUs for each job (default 1; 0 asks for none)
-  --array-size N        generation tasks, one shard of the images each (default 4)
-  --time T              time limit of each job, as sbatch --time (e.g. 4:00:00)
-  --sbatch FLAG         any other sbatch option, one per flag (repeatable), e.g.
-                        --sbatch=--account=proj --sbatch=--cpus-per-task=8`;
+  slurm: {
+    help: "submit the class similarity, an array of generation tasks and the train + eval job " +
+      "(afterok), and print their job ids; the same command again prints their state and " +
+      "resubmits what failed (OUT/slurm.json)",
+  },
+  partition: { value: "P", help: "partition for every job" },
+  "gpus-per-task": {
+    value: "N",
+    help: "GPUs for each job (0 asks for none)",
+    default: SLURM_DEFAULTS.gpusPerTask,
+  },
+  "array-size": {
+    value: "N",
+    help: "generation tasks, one shard of the images each",
+    default: SLURM_DEFAULTS.arraySize,
+  },
+  time: { value: "T", help: "time limit of each job, as sbatch --time (e.g. 4:00:00)" },
+  sbatch: {
+    value: "FLAG",
+    multiple: true,
+    help: "any other sbatch option, one per flag (repeatable), e.g. --sbatch=--account=proj " +
+      "--sbatch=--cpus-per-task=8",
+  },
+} as const satisfies Flags;
 
 /** A Slurm command failed, or is not there: printed as one line. */
 export class SlurmError extends UserError {}
@@ -178,7 +189,7 @@ function slurmOptions(v: Record<string, unknown>): SlurmOptions {
   }
   return {
     partition: v.partition as string | undefined,
-    gpusPerTask: count(v["gpus-per-task"], "--gpus-per-task", 0) ?? 1,
+    gpusPerTask: count(v["gpus-per-task"], "--gpus-per-task", 0) ?? SLURM_DEFAULTS.gpusPerTask,
     arraySize: count(v["array-size"], "--array-size", 1),
     time: v.time as string | undefined,
     sbatch: (v.sbatch as string[] | undefined) ?? [],
@@ -389,7 +400,7 @@ export async function submitExperiment(
       format: STATE_FORMAT,
       args,
       cwd: Deno.cwd(),
-      arraySize: opts.arraySize ?? 4,
+      arraySize: opts.arraySize ?? SLURM_DEFAULTS.arraySize,
       similarity: checked.usesSimilarity && !checked.config.similarity,
       expectedImages: checked.expectedImages,
       jobs: { similarity: [], generate: [], train: [] },

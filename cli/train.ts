@@ -2,67 +2,62 @@
  * `dipsy train`: fine-tunes the classifier on the real shots and the synthetic images, with a
  * checkpoint per epoch; running it again on the same folder resumes after the last checkpoint.
  */
-import { CliError, type Command, parseFlags } from "./command.ts";
+import { DEFAULTS } from "../core/config.ts";
+import { CliError, defineCommand } from "./command.ts";
 import {
   CLASSIFIER_FLAGS,
-  CLASSIFIER_USAGE,
+  CLASSIFIER_PLUGIN_FLAGS,
   classifierOptions,
   deviceFlag,
   intFlag,
+  listClassifiers,
   shotsFlag,
   VALIDATION_FLAGS,
-  VALIDATION_USAGE,
+  VALIDATION_TITLE,
 } from "./train_flags.ts";
+import { loadPlugins } from "./plugin_docs.ts";
 
-const USAGE = `usage: deno task dipsy train --real DIR --synthetic DIR --out RUN [options]
-
-Trains the classifier (CLIP ViT-B/16 + LoRA by default) on real + synthetic images. Writes
+export const command = defineCommand({
+  summary: "fine-tune the classifier on real + synthetic images",
+  synopsis: "train --real DIR --synthetic DIR --out RUN [options]",
+  about: `Trains the classifier (CLIP ViT-B/16 + LoRA by default) on real + synthetic images. Writes
 RUN/checkpoints/epoch-NNN/ (peft LoRA adapter + optimizer state) after every epoch and
 RUN/adapter/ (a peft adapter folder) at the end; RUN/train.json records settings and history.
 With a validation split, every epoch is then evaluated on it (RUN/validation.json), for
 \`eval --select best-val\`. Run the same command again after an interruption: it resumes after
-the last finished epoch.
-
-input:
-  --real DIR           real few-shot images: DIR/<class>/*, or the DataDream layout
-  --synthetic DIR      synthetic images: a generate output folder, or DIR/<class>/*
-                       (give one or both; --mode real / synthetic uses one kind only)
-  --out RUN            run folder
-  --dataset NAME       dataset name: DataDream layout, the prompt word ("pet ", ...) and for
-                       the ten benchmarks their class names (n01440764 -> "tench")
-  --fewshot-seed S     DataDream few-shot split when there are several
-  --shots K            the first K real shots of each class, by rank (a \`dipsy fewshot\` split)
-  --skip-bad           leave unreadable or broken images out instead of stopping
-  --device D           auto, cpu, cuda, cuda:N (default auto)
-  --workers N          image preparation threads (default: cores - 1, at most 16)
-
-${VALIDATION_USAGE}
-
-${CLASSIFIER_USAGE}`;
-
-const FLAGS = {
-  help: { type: "boolean", short: "h" },
-  real: { type: "string" },
-  synthetic: { type: "string" },
-  out: { type: "string" },
-  dataset: { type: "string" },
-  "fewshot-seed": { type: "string" },
-  shots: { type: "string" },
-  "skip-bad": { type: "boolean" },
-  device: { type: "string" },
-  workers: { type: "string" },
-  ...VALIDATION_FLAGS,
-  ...CLASSIFIER_FLAGS,
-} as const;
-
-export const command: Command = {
-  summary: "fine-tune the classifier on real + synthetic images",
-  usage: USAGE,
-  flags: FLAGS,
-  async run(args) {
-    const values = parseFlags(args, FLAGS);
-    if (values.help) {
-      console.log(USAGE);
+the last finished epoch.`,
+  sections: {
+    "input:": {
+      real: { value: "DIR", help: "real few-shot images: DIR/<class>/*, or the DataDream layout" },
+      synthetic: {
+        value: "DIR",
+        help: "synthetic images: a generate output folder, or DIR/<class>/* (give one or both; " +
+          "--mode real / synthetic uses one kind only)",
+      },
+      out: { value: "RUN", help: "run folder" },
+      dataset: {
+        value: "NAME",
+        help: 'dataset name: DataDream layout, the prompt word ("pet ", ...) and for the ten ' +
+          'benchmarks their class names (n01440764 -> "tench")',
+      },
+      "fewshot-seed": { value: "S", help: "DataDream few-shot split when there are several" },
+      shots: {
+        value: "K",
+        help: "the first K real shots of each class, by rank (a `dipsy fewshot` split)",
+      },
+      "skip-bad": { help: "leave unreadable or broken images out instead of stopping" },
+      device: { value: "D", help: "auto, cpu, cuda, cuda:N", default: DEFAULTS.device },
+      workers: { value: "N", help: "image preparation threads (default: cores - 1, at most 16)" },
+    },
+    [VALIDATION_TITLE]: VALIDATION_FLAGS,
+    "classifier options (defaults: DataDream's recipe):": {
+      ...CLASSIFIER_FLAGS,
+      ...CLASSIFIER_PLUGIN_FLAGS,
+    },
+  },
+  async run(values) {
+    if (values.list) {
+      await listClassifiers(values.plugin);
       return 0;
     }
     const out = values.out;
@@ -73,11 +68,10 @@ export const command: Command = {
     const workers = intFlag(values.workers, "--workers");
     const shots = shotsFlag(values.shots);
     const valShots = shotsFlag(values["val-shots"], "--val-shots");
-    // A mistyped plugin name is reported before any image is read.
-    const { loadDefaultPlugins } = await import("../app/plugins.ts");
-    const { registry } = await import("../core/plugins.ts");
-    await loadDefaultPlugins();
-    registry.definition("classifier", classifierOptions(values).name);
+    // A mistyped plugin name or option is reported before any image is read.
+    const registry = await loadPlugins(values.plugin);
+    const chosen = classifierOptions(values);
+    registry.create("classifier", chosen.name, chosen.options);
     const app = await import("../app/classify.ts");
     const controller = new AbortController();
     const onSigint = () => {
@@ -130,4 +124,4 @@ export const command: Command = {
       Deno.removeSignalListener("SIGINT", onSigint);
     }
   },
-};
+});

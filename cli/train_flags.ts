@@ -1,95 +1,116 @@
 /**
- * The classifier flags `train` and `run` share, and their mapping onto classifier plugin options
- * (`--warmup-epochs 3` -> `warmupEpochs: "3"`; the plugin checks the values); the validation
- * split flags (train, run) and the model selection flags (eval, run).
+ * The classifier flags `train` and `run` share, drawn from the classifier plugin's documented
+ * options, and their mapping onto those options (`--warmup-epochs 3` -> `warmupEpochs: "3"`; the
+ * plugin checks the values); the validation split flags (train, run) and the model selection
+ * flags (eval, run).
  */
-import { DEFAULT_CLIP } from "../core/config.ts";
-import { CliError } from "./command.ts";
 import type { SelectRule } from "../app/classify.ts";
+import { DEFAULT_CLASS_PROMPT } from "../plugins/classifiers/clip_lora.ts";
+import { CliError, type Flag, type Flags } from "./command.ts";
+import { loadPlugins } from "./plugin_docs.ts";
 
-export const CLASSIFIER_FLAGS = {
-  classifier: { type: "string" },
-  clip: { type: "string" },
-  epochs: { type: "string" },
-  "warmup-epochs": { type: "string" },
-  batch: { type: "string" },
-  lr: { type: "string" },
-  "min-lr": { type: "string" },
-  "weight-decay": { type: "string" },
-  lambda: { type: "string" },
-  mode: { type: "string" },
-  rank: { type: "string" },
-  alpha: { type: "string" },
-  "lora-dropout": { type: "string" },
-  "target-modules": { type: "string" },
-  towers: { type: "string" },
-  "class-prompt": { type: "string" },
-  "repeat-real": { type: "string" },
-  "no-augment": { type: "boolean" },
-  seed: { type: "string" },
-  dtype: { type: "string" },
-  set: { type: "string", multiple: true },
-} as const;
+/** The classifier `--classifier` leaves out. */
+export const DEFAULT_CLASSIFIER = "clip-lora";
 
-/** Each classifier flag's help: flag, value name, text (continued lines after "\n"). */
-const CLASSIFIER_HELP: [string, string, string][] = [
-  ["classifier", "NAME", "classifier plugin (default clip-lora)"],
-  ["clip", "REF", `CLIP folder or Hub id, or "tiny" (default\n${DEFAULT_CLIP})`],
-  ["epochs", "N", "training epochs (default 10)"],
+/** Each option flag: its plugin option, value name, and help beyond the option's own doc. */
+const OPTION_FLAGS: [flag: string, option: string, value: string, help?: string][] = [
+  ["clip", "clip", "REF", 'CLIP folder or Hub id, or "tiny"'],
+  ["epochs", "epochs", "N"],
   [
     "warmup-epochs",
+    "warmupEpochs",
     "N",
-    "linear warm-up epochs (default 3); as many as --epochs leaves no cosine\n" +
-    "decay, only a rising rate (warned about)",
+    "linear warm-up epochs; as many as --epochs leaves no cosine decay, only a rising rate " +
+    "(warned about)",
   ],
-  ["batch", "N", "images per step (default 64)"],
-  ["lr", "X", "peak learning rate (default 1e-4)"],
-  ["min-lr", "X", "warm-up start and cosine end (default 1e-8)"],
-  ["weight-decay", "X", "AdamW weight decay (default 1e-4)"],
-  ["lambda", "X", "weight of the real part of the loss (default 0.8)"],
-  ["mode", "M", "mixed, real (real-only) or synthetic (synthetic-only); default mixed"],
-  ["rank", "N", "LoRA rank (default 16)"],
-  ["alpha", "X", "LoRA alpha (default 32)"],
-  ["lora-dropout", "X", "LoRA dropout (default 0.1)"],
-  ["target-modules", "L", "attention projections with LoRA (default q_proj,v_proj)"],
-  ["towers", "L", "CLIP towers with LoRA (default text,vision)"],
+  ["batch", "batch", "N"],
+  ["lr", "lr", "X"],
+  ["min-lr", "minLr", "X"],
+  ["weight-decay", "weightDecay", "X"],
+  ["lambda", "lambda", "X"],
+  ["mode", "mode", "M"],
+  ["rank", "rank", "N"],
+  ["alpha", "alpha", "X"],
+  ["lora-dropout", "dropout", "X"],
+  ["target-modules", "targetModules", "L"],
+  ["towers", "towers", "L"],
   [
     "class-prompt",
+    "classPrompt",
     "T",
-    "prompt per class, with {class} and optionally {word} (the dataset's\n" +
-    'word, e.g. "pet "); default "a {word}photo of a {class}"',
+    `prompt per class, with {class} and optionally {word} (the dataset's word, e.g. "pet "); ` +
+    `default "${DEFAULT_CLASS_PROMPT}"`,
   ],
-  ["repeat-real", "N", "repeats of the real shots per epoch (default: synthetic / real, floored)"],
-  ["no-augment", "", "no training augmentation (the test transform only)"],
-  ["seed", "N", "seed of shuffling, augmentation, dropout and the LoRA init (default 0)"],
-  ["dtype", "T", "f32, bf16 or f16 weights (default: f16 on CUDA, f32 on CPU)"],
-  ["set", "KEY=VALUE", "any classifier plugin option (repeatable)"],
+  [
+    "repeat-real",
+    "repeatReal",
+    "N",
+    "repeats of the real shots per epoch (default: synthetic / real, floored)",
+  ],
+  ["seed", "seed", "N"],
 ];
 
-/**
- * The classifier options' help under `title`. `rename` gives the flags a command spells
- * differently (run: --seed is --train-seed); `omit` leaves out those it describes elsewhere.
- */
-export function classifierUsage(
-  title = "classifier options (defaults: DataDream's recipe):",
-  rename: Record<string, string> = {},
-  omit: readonly string[] = [],
-): string {
-  const width = 21;
-  const lines = [title];
-  for (const [flag, value, text] of CLASSIFIER_HELP) {
-    if (omit.includes(flag)) continue;
-    const label = `--${rename[flag] ?? flag}${value ? ` ${value}` : ""}`;
-    const [first, ...rest] = text.split("\n");
-    lines.push(`  ${label.length < width - 1 ? label.padEnd(width) : `${label}  `}${first}`);
-    for (const more of rest) lines.push(`  ${" ".repeat(width)}${more}`);
+const registry = await loadPlugins();
+
+/** The classifier flags, their help and defaults from the default classifier's options. */
+function classifierFlags(): Flags {
+  const docs = new Map(registry.docs("classifier", DEFAULT_CLASSIFIER).map((d) => [d.name, d]));
+  const flags: Flags = {
+    classifier: {
+      value: "NAME",
+      help: "classifier plugin (`dipsy train --list` lists them)",
+      default: DEFAULT_CLASSIFIER,
+    },
+  };
+  for (const [flag, option, value, help] of OPTION_FLAGS) {
+    const doc = docs.get(option);
+    if (!doc) throw new Error(`classifier "${DEFAULT_CLASSIFIER}" has no option "${option}"`);
+    // A help of its own states the default in words where the option's is null.
+    const shown = doc.default === null ? undefined : doc.default;
+    flags[flag] = { value, help: help ?? doc.description, default: shown, field: option };
   }
-  return lines.join("\n");
+  flags["no-augment"] = {
+    help: "no training augmentation (the test transform only)",
+    field: "augment",
+  };
+  flags.dtype = {
+    value: "T",
+    help: "f32, bf16 or f16 weights (default: f16 on CUDA, f32 on CPU)",
+    field: "dtype",
+  };
+  flags.set = {
+    value: "KEY=VALUE",
+    multiple: true,
+    help: "any option of the classifier (repeatable; `train --list` lists them)",
+  };
+  return flags;
 }
 
-export const CLASSIFIER_USAGE = classifierUsage();
+export const CLASSIFIER_FLAGS: Flags = classifierFlags();
 
-const camel = (k: string) => k.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
+/** `--plugin` and `--list` for the commands that build a classifier. */
+export const CLASSIFIER_PLUGIN_FLAGS = {
+  plugin: {
+    value: "FILE",
+    multiple: true,
+    help: "load classifier plugins from a module (repeatable); see docs/plugins.md",
+  },
+  list: { help: "list the classifier plugins and their options, and exit" },
+} as const satisfies Flags;
+
+/** The flags of `flags` under other names (`{ seed: "train-seed" }`), `omit` left out. */
+export function renamed(
+  flags: Flags,
+  names: Record<string, string>,
+  omit: readonly string[] = [],
+  help: Record<string, string> = {},
+): Flags {
+  return Object.fromEntries(
+    Object.entries(flags).filter(([k]) => !omit.includes(k)).map((
+      [k, f],
+    ): [string, Flag] => [names[k] ?? k, help[k] ? { ...f, help: help[k] } : f]),
+  );
+}
 
 /** Plugin name and options from parsed flags. */
 export function classifierOptions(
@@ -97,12 +118,10 @@ export function classifierOptions(
   extra: { dataset?: string; device?: string } = {},
 ): { name: string; options: Record<string, unknown> } {
   const options: Record<string, unknown> = {};
-  for (const key of Object.keys(CLASSIFIER_FLAGS)) {
+  for (const [key, flag] of Object.entries(CLASSIFIER_FLAGS)) {
     const v = values[key];
-    if (v === undefined || key === "classifier" || key === "set") continue;
-    if (key === "no-augment") options.augment = !v;
-    else if (key === "lora-dropout") options.dropout = v;
-    else options[camel(key)] = v;
+    if (v === undefined || !flag.field) continue;
+    options[flag.field] = key === "no-augment" ? !v : v;
   }
   for (const spec of (values.set as string[] | undefined) ?? []) {
     const eq = spec.indexOf("=");
@@ -113,7 +132,7 @@ export function classifierOptions(
   if (options.dtype === undefined || options.dtype === "auto") {
     options.dtype = extra.device?.startsWith("cuda") ? "f16" : "f32";
   }
-  return { name: (values.classifier as string | undefined) ?? "clip-lora", options };
+  return { name: (values.classifier as string | undefined) ?? DEFAULT_CLASSIFIER, options };
 }
 
 /** `--device`: auto (the default), cpu, cuda or cuda:N. */
@@ -136,27 +155,26 @@ export function intFlag(value: string | undefined, flag: string): number | undef
 }
 
 export const VALIDATION_FLAGS = {
-  val: { type: "string" },
-  "val-shots": { type: "string" },
-} as const;
+  val: { value: "DIR", help: "validation images, one folder per class" },
+  "val-shots": {
+    value: "N",
+    help: "or: the last N real shots of each class (by rank), kept out of training (and out of " +
+      "generation, in run). With either, every epoch is evaluated on it (RUN/validation.json).",
+  },
+} as const satisfies Flags;
 
-export const VALIDATION_USAGE = `validation (for choosing the epoch; never the test set):
-  --val DIR            validation images, one folder per class
-  --val-shots N        or: the last N real shots of each class (by rank), kept out of training
-                       (and out of generation, in run)
-                       With either, every epoch is evaluated on it (RUN/validation.json).`;
+export const VALIDATION_TITLE = "validation (for choosing the epoch; never the test set):";
 
 export const SELECT_FLAGS = {
-  select: { type: "string" },
-  "per-epoch": { type: "boolean" },
-} as const;
-
-export const SELECT_USAGE = `model selection:
-  --select RULE        which epoch's weights to evaluate: last, best-val (the highest top-1 on
-                       the validation split), or best-test (the highest top-1 on the test set
-                       itself, as DataDream reports: flagged as test-selected); default
-                       best-val when the run has a validation split, else last
-  --per-epoch          also evaluate every epoch on the test set (recorded in perEpoch)`;
+  select: {
+    value: "RULE",
+    help: "which epoch's weights to evaluate: last, best-val (the highest top-1 on the " +
+      "validation split), or best-test (the highest top-1 on the test set itself, as DataDream " +
+      "reports: flagged as test-selected); default best-val when the run has a validation " +
+      "split, else last",
+  },
+  "per-epoch": { help: "also evaluate every epoch on the test set (recorded in perEpoch)" },
+} as const satisfies Flags;
 
 /** `--select`: last, best-val or best-test. */
 export function selectFlag(value: string | undefined): SelectRule | undefined {
@@ -172,4 +190,10 @@ export function shotsFlag(value: string | undefined, flag = "--shots"): number |
   const n = intFlag(value, flag);
   if (n === 0) throw new CliError(`${flag} must be at least 1`);
   return n;
+}
+
+/** `--list` of train and eval: the classifier plugins, those of `--plugin` files included. */
+export async function listClassifiers(files: readonly string[] = []): Promise<void> {
+  const { pluginList } = await import("./plugin_docs.ts");
+  console.log(pluginList(await loadPlugins(files), ["classifier"]));
 }

@@ -25,7 +25,10 @@ Deno.test("cli sample: argument errors are CliErrors, --help needs nothing", asy
     [...base, "--steps", "0"],
     [...base, "--dtype", "f64"],
     [...base, "--device", "gpu"],
-    [...base, "--guidance-opt", "textScale"],
+    [...base, "--set", "guidance.textScale"],
+    [...base, "--set", "steps=3"],
+    [...base, "--size", "32x"],
+    [...base, "--tiny", "--model", "other"],
     [...base, "--latents-out", "x.bin"],
     [...base, "--model", "tiny", "--ip-adapter", "a.safetensors"],
     [...base, "--unknown"],
@@ -33,7 +36,7 @@ Deno.test("cli sample: argument errors are CliErrors, --help needs nothing", asy
   for (const args of bad) {
     assert.throws(() => parseSampleArgs(args), CliError, args.join(" "));
   }
-  const a = parseSampleArgs([...base, "--guidance-opt", "interval=[0.2,0.8]"])!;
+  const a = parseSampleArgs([...base, "--set", "guidance.interval=[0.2,0.8]"])!;
   assert.deepEqual(a.guidanceOptions, { interval: [0.2, 0.8] });
   assert.equal(a.model, "stable-diffusion-v1-5/stable-diffusion-v1-5");
 });
@@ -91,7 +94,7 @@ Deno.test("cli sample: fixture models give the official-structure reference late
   const r = c.requests[0];
   await withTempDir(async (dir) => {
     const out = join(dir, "dipsy.png"), lat = join(dir, "dipsy.safetensors");
-    const opts = Object.entries(c.options).flatMap(([k, v]) => ["--guidance-opt", `${k}=${v}`]);
+    const opts = Object.entries(c.options).flatMap(([k, v]) => ["--set", `guidance.${k}=${v}`]);
     const args = [
       "--model",
       fx.model,
@@ -114,10 +117,8 @@ Deno.test("cli sample: fixture models give the official-structure reference late
       c.sampler,
       "--steps",
       String(c.steps),
-      "--width",
-      String(c.width),
-      "--height",
-      String(c.height),
+      "--size",
+      `${c.width}x${c.height}`,
       "--dtype",
       "f32",
       "--device",

@@ -190,7 +190,7 @@ Deno.test("bad flags and values: one line naming the flag or field, no stack", a
     {
       args: [...gen("option"), "--set", "guidance.negativScale=4"],
       code: 1,
-      says: /guidance "dipsy" has no option "negativScale" \(did you mean "negativeScale"\?\)/,
+      says: /guidance plugin "dipsy": unknown option "negativScale" \(did you mean negativeScale\?/,
     },
     {
       args: ["sample", "--prompt", "a cat", "--out", join(ROOT, "x.png"), "--seed=-1"],
