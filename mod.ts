@@ -2,36 +2,147 @@
  * dipsy: synthetic few-shot training data with dual IP-Adapter guidance (DIPSY) on Stable
  * Diffusion 1.5, and a CLIP ViT-B/16 LoRA classifier, on libtorch through Deno FFI.
  *
- * This module re-exports the public API; importing it registers the default plugins.
+ * The job API runs each command of the CLI from Deno code, with the same results:
+ *
+ * ```ts
+ * import { evaluate, generate, train } from "@dipsy/dipsy";
+ *
+ * const controller = new AbortController();
+ * const gen = await generate({
+ *   data: "shots",
+ *   out: "synthetic",
+ *   dataset: "pets",
+ *   perClass: 200,
+ *   signal: controller.signal,
+ *   onProgress: (p) => console.log(`${p.done}/${p.total}`),
+ * });
+ * await train({ real: "shots", synthetic: gen.out, out: "run", dataset: "pets" });
+ * const { top1 } = await evaluate({ model: "run", test: "test" });
+ * ```
+ *
+ * Beside it: the plugin interfaces and the registry, for guidance, sampler, pair and classifier
+ * plugins (docs/plugins.md), and the tensor layer they are written with.
+ *
+ * @module
  */
-export * from "./ffi/mod.ts";
-export * from "./core/weights.ts";
-export * from "./core/nn.ts";
-export * from "./core/plugins.ts";
-export * from "./core/backbone.ts";
-export * from "./core/sampling.ts";
-export * from "./core/image.ts";
-export * from "./core/hub.ts";
-export * from "./core/dataset.ts";
-export * from "./core/benchmarks.ts";
-export * from "./core/fewshot.ts";
-export * from "./core/npz.ts";
-export * from "./core/rng.ts";
-export { Sd15Backbone } from "./plugins/sd15/backbone.ts";
+
+// The job API: one function per command.
 export {
-  type EvalMetrics,
-  type EvalResult,
   evaluate,
-  formatEvalTable,
-  labelImages,
-  loadTrainedRun,
-  MetricsAccumulator,
-  readImageFolder,
-  readTrainRecord,
-  TRAIN_DEFAULTS,
+  type EvaluateJobOptions,
+  generate,
+  generateConfig,
+  type GenerateJobOptions,
+  type GenerateJobResult,
+  type GenerateSettings,
+  JobOptionError,
+  type JobOptions,
+  type PluginSetting,
+  type ProgressInfo,
+  run,
+  type RunJobOptions,
+  type RunJobResult,
+  sample,
+  type SampleJobOptions,
+  type SampleJobResult,
+  similarity,
+  type SimilarityJobOptions,
+  type SimilarityJobResult,
+  train,
+  type TrainJobOptions,
+  type TrainJobResult,
+} from "./app/api.ts";
+
+// The records the jobs write and return.
+export {
+  type AdapterRecord,
+  type ManifestEntry,
+  RECORD_FORMAT,
+  RECORD_VERSION,
+  type RunRecord,
+  type ShotRecord,
+} from "./core/output.ts";
+export type { EpochMetrics, EvalRecord, Selection, SelectRule } from "./app/classify.ts";
+export type { ClassAccuracy, EvalMetrics, EvalResult } from "./plugins/classifiers/evaluate.ts";
+export {
+  type EpochRecord,
+  TRAIN_FORMAT,
   type TrainRecord,
-  trainRun,
   type TrainSettings,
-} from "./plugins/classifiers/mod.ts";
-export { ClipLoraClassifier, loadClipLoraClassifier } from "./plugins/classifiers/clip_lora.ts";
-import "./plugins/mod.ts";
+} from "./plugins/classifiers/trainer.ts";
+export type { ClipTower, TrainMode } from "./plugins/classifiers/clip_lora.ts";
+export type { LoraConfig } from "./plugins/classifiers/lora.ts";
+export type { Provenance } from "./core/provenance.ts";
+
+// Configuration defaults.
+export {
+  DEFAULT_CLIP,
+  DEFAULT_IMAGE_ENCODER,
+  DEFAULT_IP_ADAPTER,
+  DEFAULT_MODEL,
+  DEFAULTS,
+  type DTypeChoice,
+  type PluginChoice,
+  type RunConfig,
+  TINY,
+} from "./core/config.ts";
+
+// Writing plugins: the interfaces, the registry, and what plugins are handed. The jobs register
+// the built-in plugins themselves; code that reads the registry first calls loadDefaultPlugins.
+export * from "./core/plugins.ts";
+export { loadDefaultPlugins } from "./app/plugins.ts";
+export * as schema from "./core/schema.ts";
+export type {
+  CheckContext,
+  Field,
+  FieldDoc,
+  Issue,
+  JsonSchema,
+  ObjectOf,
+  ObjectSchema,
+  Schema,
+  Shape,
+} from "./core/schema.ts";
+export type { DiffusionBackbone, ImagePrompt } from "./core/backbone.ts";
+export { derive, deriveSeed, type Label, Rng, type Seed } from "./core/rng.ts";
+export {
+  decodeImage,
+  type DecodeOptions,
+  encodeImage,
+  type EncodeOptions,
+  ImageDecodeError,
+  type ImageFormat,
+  readImage,
+  type RgbImage,
+} from "./core/image.ts";
+
+// Tensors and devices.
+export {
+  type Device,
+  disposeAll,
+  DisposedTensorError,
+  type DType,
+  fromHost,
+  Generator,
+  type HostArray,
+  isDevice,
+  isDType,
+  keep,
+  manualSeed,
+  memory,
+  type MemoryInfo,
+  noGrad,
+  ops,
+  type RuntimeInfo,
+  runtimeInfo,
+  SafetensorsFile,
+  saveSafetensors,
+  scalar,
+  scope,
+  scopeAsync,
+  setNumThreads,
+  Tensor,
+  type TensorInfo,
+  TorchError,
+  UserError,
+} from "./ffi/mod.ts";

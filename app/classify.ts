@@ -17,6 +17,7 @@ import { Progress } from "../core/progress.ts";
 import { type Provenance, provenance } from "../core/provenance.ts";
 import {
   type Classifier,
+  type ClassifierProgress,
   type ClassifierTrainData,
   type LabeledImage,
   registry,
@@ -36,6 +37,7 @@ export const EVAL_RECORD = "eval.json";
 export const VALIDATION_RECORD = "validation.json";
 const VALIDATION_FORMAT = "dipsy-validation";
 
+/** Which epoch's weights are evaluated (see the module's note). */
 export type SelectRule = "last" | "best-val" | "best-test";
 
 /** Said wherever a test-selected number is shown or saved. */
@@ -153,6 +155,10 @@ export interface TrainStageOptions {
   signal?: AbortSignal;
   /** Progress bar and log lines on stderr (default true). */
   progress?: boolean;
+  /** After each training step. */
+  onProgress?: (p: ClassifierProgress) => void;
+  /** Log lines, when there is no progress bar to print them above (default: stderr). */
+  log?: (line: string) => void;
 }
 
 /**
@@ -185,7 +191,8 @@ async function trainOnly(
   const device = await resolveDevice(opts.device);
   let bar: Progress | null = null;
   const show = opts.progress ?? true;
-  const log = (line: string) => (bar ? bar.log(line) : show && console.error(line));
+  const log = (line: string) =>
+    bar ? bar.log(line) : opts.log ? opts.log(line) : show && console.error(line);
   const out = resolve(opts.out);
   try {
     const result = await classifier.train(data, {
@@ -196,6 +203,7 @@ async function trainOnly(
       signal: opts.signal,
       log,
       onProgress: (p) => {
+        opts.onProgress?.(p);
         if (!show) return;
         bar ??= new Progress(p.totalImages, { unit: "images", label: "train" });
         const num = (x: number, f: (x: number) => string) => (Number.isFinite(x) ? f(x) : "-");
@@ -258,19 +266,29 @@ export interface EvalStageOptions {
   perEpoch?: boolean;
   signal?: AbortSignal;
   progress?: boolean;
+  /** Images evaluated so far, per pass over the test set. */
+  onProgress?: (p: { done: number; total: number }) => void;
 }
 
 /** Top-1, top-k and the mean per class of one epoch. */
 export interface EpochMetrics {
+  /** The epoch, from 1. */
   epoch: number;
+  /** Fraction classified correctly. */
   top1: number;
+  /** Fraction whose class is among the top-k scores (k = 5, or fewer classes). */
   top5: number;
+  /** Mean of the per-class accuracies. */
   meanPerClass: number;
+  /** Images classified correctly. */
   correct: number;
+  /** Images evaluated. */
   total: number;
 }
 
+/** Which epoch an evaluation took, and why. */
 export interface Selection {
+  /** The rule asked for. */
   rule: SelectRule;
   /** The epoch whose weights were evaluated. */
   epoch: number;
@@ -278,15 +296,21 @@ export interface Selection {
   selectedOn: "last epoch" | "validation" | "test";
   /** True when the test set chose the epoch: the number is not a held-out estimate. */
   testSelected: boolean;
+  /** Said with a test-selected number. */
   warning?: string;
 }
 
+/** What eval.json holds: the metrics of the selected epoch on a test folder. */
 export interface EvalRecord extends EvalResult {
+  /** The training run folder (absolute). */
   model: string;
+  /** The test folder (absolute). */
   test: string;
+  /** Which epoch was evaluated. */
   selection: Selection;
   /** Test metrics of every epoch (with perEpoch or best-test). */
   perEpoch?: EpochMetrics[];
+  /** Who evaluated it, on which device. */
   provenance?: Provenance;
   /** The run's validation results, when it has a validation split. */
   validation?: { from: string; images: number; epochs: EpochMetrics[] };
@@ -336,6 +360,8 @@ interface EpochEvalOptions {
   batch?: number;
   signal?: AbortSignal;
   progress?: boolean;
+  /** Images evaluated so far, per pass over the images. */
+  onProgress?: (p: { done: number; total: number }) => void;
 }
 
 /** Loads each epoch's checkpoint in turn and evaluates it on `images`. */
@@ -362,7 +388,10 @@ async function evaluateEpochs<E extends number | undefined>(
         batch: opts.batch,
         loader: { workers: opts.workers },
         signal: opts.signal,
-        onProgress: (done) => bar?.update(done),
+        onProgress: (done) => {
+          bar?.update(done);
+          opts.onProgress?.({ done, total: images.length });
+        },
       });
       results.set(epoch, r);
       await onEpoch?.(epoch, r);

@@ -32,12 +32,17 @@ export {
 
 /** An 8-bit RGB image, rows top to bottom, pixels interleaved: `data[(y * width + x) * 3 + c]`. */
 export interface RgbImage {
+  /** Pixels per row. */
   readonly width: number;
+  /** Rows. */
   readonly height: number;
+  /** width x height x 3 bytes. */
   readonly data: Uint8Array;
 }
 
+/** A file or buffer that is not a readable image: the user's to replace. */
 export class ImageDecodeError extends UserError {
+  /** `source`: the file (or what the bytes came from); `reason`: why decoding failed. */
   constructor(readonly source: string, reason: string) {
     super(`cannot decode image ${source}: ${reason}`);
   }
@@ -52,6 +57,7 @@ function loadSharp(): Promise<Sharp> {
   return sharpModule;
 }
 
+/** How images are decoded. */
 export interface DecodeOptions {
   /** Rotate/flip by the EXIF orientation tag (Pillow's `ImageOps.exif_transpose`). Default false,
    * like the reference code, which never applies it. */
@@ -201,8 +207,10 @@ function cmykToRgb(src: Uint8Array, pixels: number): Uint8Array {
   return out;
 }
 
+/** The encodings images are written in. */
 export type ImageFormat = "png" | "jpeg" | "webp";
 
+/** Encoder settings. */
 export interface EncodeOptions {
   /** JPEG/WebP quality 1-100 (default 95). Ignored for PNG, which is lossless. */
   quality?: number;

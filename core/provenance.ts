@@ -9,10 +9,15 @@ import { resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import project from "../deno.json" with { type: "json" };
 
+/** Who made a record: dipsy's version and commit, libtorch, and the device and dtype that ran. */
 export interface Provenance {
+  /** The package name and version (deno.json) and the git commit of the checkout. */
   dipsy: { name: string; version: string; commit: string };
+  /** libtorch's version. */
   libtorch: string;
+  /** The device that ran ("cpu", "cuda:0", ...), never "auto". */
   device: string;
+  /** The dtype that ran, never "auto". */
   dtype: string;
   /** Each file loaded with --plugin (absolute path) and the SHA-256 of its bytes. */
   plugins: { file: string; sha256: string }[];

@@ -1,6 +1,8 @@
 /** Element types and devices, and their codes on the wire (c10::ScalarType values). */
 
+/** An element type: unsigned and signed integers, floats (f16, bf16, f32, f64), bool. */
 export type DType = "u8" | "i8" | "i16" | "i32" | "i64" | "f16" | "f32" | "f64" | "bool" | "bf16";
+/** The CPU, the default CUDA device, or CUDA device N. */
 export type Device = "cpu" | "cuda" | `cuda:${number}`;
 
 const CODES: Record<DType, number> = {
@@ -66,6 +68,7 @@ export function hostArray(dtype: DType, buffer: ArrayBuffer): HostArray {
   }
 }
 
+/** Whether `s` names a DType. */
 export function isDType(s: string): s is DType {
   return s in CODES;
 }
@@ -97,6 +100,7 @@ export function deviceFromCode(code: number): Device {
   return code < 0 ? "cpu" : `cuda:${code}`;
 }
 
+/** Whether `s` names a Device. */
 export function isDevice(s: string): s is Device {
   return s === "cpu" || s === "cuda" || /^cuda:\d+$/.test(s);
 }

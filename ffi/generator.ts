@@ -6,6 +6,7 @@ import { lib } from "./lib.ts";
 const S = lib().symbols;
 const finalizer = new FinalizationRegistry<Deno.PointerObject>((p) => S.dt_generator_free(p));
 
+/** A libtorch random generator, for ops that draw random numbers (randn, dropout, ...). */
 export class Generator implements Disposable {
   #ptr: Deno.PointerObject | null;
 
@@ -21,11 +22,13 @@ export class Generator implements Disposable {
     finalizer.register(this, p, this);
   }
 
+  /** The native handle; throws once disposed. */
   get ptr(): Deno.PointerObject {
     if (this.#ptr === null) throw new Error("generator used after dispose");
     return this.#ptr;
   }
 
+  /** Frees the native generator. Idempotent. */
   dispose(): void {
     if (this.#ptr === null) return;
     finalizer.unregister(this);
@@ -33,6 +36,7 @@ export class Generator implements Disposable {
     this.#ptr = null;
   }
 
+  /** `dispose()`, for `using`. */
   [Symbol.dispose](): void {
     this.dispose();
   }

@@ -9,13 +9,21 @@ import type { Tensor } from "./tensor.ts";
 
 const S = lib().symbols;
 
+/** What the loaded shim reports about itself and the libtorch it runs on. */
 export interface RuntimeInfo {
+  /** libtorch's version, e.g. "2.13.0+cpu". */
   torch_version: string;
+  /** The shim's C ABI version. */
   abi_version: number;
+  /** Whether the shim was compiled against a CUDA libtorch. */
   built_with_cuda: boolean;
+  /** Whether a CUDA device can be used now. */
   cuda_available: boolean;
+  /** CUDA devices libtorch sees. */
   cuda_device_count: number;
+  /** libtorch's intra-op thread count. */
   num_threads: number;
+  /** Whether libtorch uses the C++11 std::string ABI. */
   cxx11_abi: boolean;
 }
 
@@ -26,6 +34,7 @@ function takeString(p: Deno.PointerValue, op: string): string {
   return s;
 }
 
+/** The shim's and libtorch's versions, CUDA availability and thread count. */
 export function runtimeInfo(): RuntimeInfo {
   return JSON.parse(takeString(S.dt_runtime_info(ERR), "runtime_info"));
 }
@@ -60,6 +69,7 @@ export function enableGrad<T>(fn: () => T): T {
   return withGradMode(true, fn);
 }
 
+/** Sets libtorch's intra-op thread count (`torch.set_num_threads`). */
 export function setNumThreads(n: number): void {
   if (S.dt_set_num_threads(n, ERR) < 0) throw takeError("set_num_threads");
 }

@@ -31,11 +31,15 @@ const TO_FILE_DTYPE = Object.fromEntries(
 /** Headers larger than this are treated as corrupt rather than read into memory. */
 const MAX_HEADER = 100 * 1024 * 1024;
 
+/** One tensor's entry in a safetensors header. */
 export interface TensorInfo {
+  /** The element type of the data in the file. */
   dtype: DType;
+  /** The size of each dimension. */
   shape: number[];
   /** Absolute byte offset of the data in the file. */
   offset: number;
+  /** Bytes of data in the file. */
   nbytes: number;
 }
 
@@ -60,7 +64,9 @@ export function refusePickle(path: string): void {
 
 /** An open safetensors file: its validated index, and tensors loaded on demand. */
 export class SafetensorsFile {
+  /** The index: every tensor's dtype, shape and place in the file, by name. */
   readonly tensors: ReadonlyMap<string, TensorInfo>;
+  /** The header's `__metadata__` strings. */
   readonly metadata: Record<string, string>;
   readonly #pathBytes: Uint8Array;
 
@@ -74,20 +80,24 @@ export class SafetensorsFile {
     this.#pathBytes = new TextEncoder().encode(path + "\0");
   }
 
+  /** Reads and checks the header; refuses pickle checkpoints by name. */
   static open(path: string): SafetensorsFile {
     refusePickle(path);
     const { tensors, metadata } = readIndex(path);
     return new SafetensorsFile(path, tensors, metadata);
   }
 
+  /** The tensor names, in header order. */
   keys(): string[] {
     return [...this.tensors.keys()];
   }
 
+  /** Whether the file holds a tensor called `name`. */
   has(name: string): boolean {
     return this.tensors.has(name);
   }
 
+  /** The entry of `name`; a SafetensorsError when there is none. */
   info(name: string): TensorInfo {
     const t = this.tensors.get(name);
     if (!t) throw new SafetensorsError(this.path, `no tensor named "${name}"`);

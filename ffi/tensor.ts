@@ -71,15 +71,23 @@ class FreeBatch {
   }
 }
 
+/**
+ * A libtorch tensor, held through a native handle. Every op returns a new tensor that the caller
+ * owns: free it with `dispose()` (or `using`), or let the innermost `scope` free it.
+ */
 export class Tensor implements Disposable {
   #ptr: Deno.PointerObject | null;
   #address: bigint | undefined;
   #meta: Meta | undefined;
-  /** The scope that will free this tensor, if any. */
+  /**
+   * The scope that will free this tensor, if any.
+   * @internal
+   */
   _scope: Scope | null = null;
   /** Which op made it, for error messages about disposed tensors. */
   readonly origin: string;
 
+  /** Takes ownership of a native handle; `origin` names the op that made it. */
   constructor(ptr: Deno.PointerObject, origin: string) {
     this.#ptr = ptr;
     this.origin = origin;
@@ -104,6 +112,7 @@ export class Tensor implements Disposable {
     return this.#address ??= BigInt(Deno.UnsafePointer.value(this.ptr));
   }
 
+  /** Whether the handle was freed. */
   get disposed(): boolean {
     return this.#ptr === null;
   }
@@ -126,6 +135,7 @@ export class Tensor implements Disposable {
   /**
    * Marks the tensor disposed and hands its handle's address to `batch`, which frees it with
    * others in one call. The caller drops it from its scope's list.
+   * @internal
    */
   _releaseInto(batch: FreeBatch): void {
     if (this.#ptr === null) return;
@@ -136,6 +146,7 @@ export class Tensor implements Disposable {
     liveHandles--;
   }
 
+  /** `dispose()`, for `using`. */
   [Symbol.dispose](): void {
     this.dispose();
   }
@@ -154,21 +165,27 @@ export class Tensor implements Disposable {
     return this.#meta;
   }
 
+  /** The size of each dimension. */
   get shape(): readonly number[] {
     return this.#readMeta().shape;
   }
+  /** The element type. */
   get dtype(): DType {
     return this.#readMeta().dtype;
   }
+  /** Where the data lives. */
   get device(): Device {
     return this.#readMeta().device;
   }
+  /** The number of dimensions. */
   get ndim(): number {
     return this.#readMeta().shape.length;
   }
+  /** The number of elements. */
   get numel(): number {
     return this.#readMeta().shape.reduce((a, b) => a * b, 1);
   }
+  /** Whether autograd records ops on it. */
   get requiresGrad(): boolean {
     if (S.dt_tensor_meta(this.ptr, META_BYTES, META.length, ERR) < 0) throw takeError("meta");
     return META[2] !== 0n;
@@ -203,54 +220,71 @@ export class Tensor implements Disposable {
   }
 
   // Convenience methods: numbers mean scalars, so `x.mul(0.5)` and `x.mul(y)` both read well.
+  /** this + o (broadcasting; a number is a scalar). */
   add(o: Tensor | number): Tensor {
     return typeof o === "number" ? ops.addScalar(this, o) : ops.add(this, o);
   }
+  /** this - o (broadcasting; a number is a scalar). */
   sub(o: Tensor | number): Tensor {
     return typeof o === "number" ? ops.subScalar(this, o) : ops.sub(this, o);
   }
+  /** this * o (broadcasting; a number is a scalar). */
   mul(o: Tensor | number): Tensor {
     return typeof o === "number" ? ops.mulScalar(this, o) : ops.mul(this, o);
   }
+  /** this / o (broadcasting; a number is a scalar). */
   div(o: Tensor | number): Tensor {
     return typeof o === "number" ? ops.divScalar(this, o) : ops.div(this, o);
   }
+  /** -this. */
   neg(): Tensor {
     return ops.neg(this);
   }
+  /** Matrix product, as `torch.matmul`. */
   matmul(o: Tensor): Tensor {
     return ops.matmul(this, o);
   }
+  /** The same elements in another shape (a view when possible). */
   reshape(shape: readonly number[]): Tensor {
     return ops.reshape(this, shape);
   }
+  /** The dimensions reordered (a view). */
   permute(dims: readonly number[]): Tensor {
     return ops.permute(this, dims);
   }
+  /** Dimensions d0 and d1 swapped (a view). */
   transpose(d0: number, d1: number): Tensor {
     return ops.transpose(this, d0, d1);
   }
+  /** The data laid out contiguously (this tensor's data when it already is). */
   contiguous(): Tensor {
     return ops.contiguous(this);
   }
+  /** A dimension of size 1 inserted at `dim`. */
   unsqueeze(dim: number): Tensor {
     return ops.unsqueeze(this, dim);
   }
+  /** Dimension `dim` removed when its size is 1. */
   squeeze(dim: number): Tensor {
     return ops.squeeze(this, dim);
   }
+  /** Dimensions start..end (inclusive) merged into one. */
   flatten(start = 0, end = -1): Tensor {
     return ops.flatten(this, start, end);
   }
+  /** `chunks` near-equal views along `dim`. */
   chunk(chunks: number, dim = 0): Tensor[] {
     return ops.chunk(this, chunks, dim);
   }
+  /** Softmax along `dim`. */
   softmax(dim: number): Tensor {
     return ops.softmax(this, dim);
   }
+  /** The sum over `dims`, or of every element when none are given. */
   sum(dims?: readonly number[], keepdim = false): Tensor {
     return dims === undefined ? ops.sumAll(this) : ops.sum(this, dims, keepdim);
   }
+  /** The mean over `dims`, or of every element when none are given. */
   mean(dims?: readonly number[], keepdim = false): Tensor {
     return dims === undefined ? ops.meanAll(this) : ops.mean(this, dims, keepdim);
   }
@@ -263,9 +297,11 @@ export class Tensor implements Disposable {
       : target;
     return ops.to(this, t.dtype, t.device);
   }
+  /** A copy of the data. */
   clone(): Tensor {
     return ops.clone(this);
   }
+  /** The same data, outside the autograd graph. */
   detach(): Tensor {
     return ops.detach(this);
   }
@@ -276,6 +312,7 @@ export class Tensor implements Disposable {
     return new Tensor(p, this.origin);
   }
 
+  /** A short description: dtype, device and shape. */
   toString(): string {
     if (this.disposed) return `Tensor(disposed, from ${this.origin})`;
     return `Tensor(${this.dtype}, ${this.device}, [${this.shape.join(", ")}])`;
@@ -437,6 +474,7 @@ export function disposeAll(value: unknown): void {
   }
 }
 
+/** Counts of live native tensor handles, for leak checks. */
 export interface MemoryInfo {
   /** Live tensor handles created by this isolate (views count once each). */
   handles: number;
@@ -446,6 +484,7 @@ export interface MemoryInfo {
   processBytes: number;
 }
 
+/** Live tensor handles of this isolate and of the whole process, and their bytes. */
 export function memory(): MemoryInfo {
   return {
     handles: liveHandles,

@@ -1,0 +1,759 @@
+/**
+ * The job-level API: each command of the CLI as a function for Deno code and notebooks, with a
+ * typed options object, progress through a callback, cancellation through an AbortSignal, and
+ * the record the command writes as the result. Each function runs the code its command runs
+ * (the same checks, the same files), so a job started here and the same command on the command
+ * line give the same bytes.
+ *
+ * Nothing here prints: messages go to `log` (default: stderr) and progress to `onProgress`.
+ */
+import { existsSync } from "node:fs";
+import { basename, dirname, join, resolve } from "node:path";
+import type { Device } from "../ffi/mod.ts";
+import { UserError } from "../ffi/errors.ts";
+import type { DiffusionBackbone } from "../core/backbone.ts";
+import {
+  type ConfigLayer,
+  DEFAULT_CLIP,
+  DEFAULTS,
+  type DTypeChoice,
+  loadPluginFiles,
+  parseConfigObject,
+  readConfigFile,
+  resolveConfig,
+  type RunConfig,
+} from "../core/config.ts";
+import {
+  generate as generateRun,
+  type ManifestEntry,
+  type ProgressInfo,
+  readManifest,
+  RUN_RECORD,
+  type RunRecord,
+} from "../core/generate.ts";
+import type { ImageFormat, RgbImage } from "../core/image.ts";
+import type { ClassifierProgress } from "../core/plugins.ts";
+import type { TrainRecord } from "../plugins/classifiers/trainer.ts";
+import type { EvalRecord, SelectRule } from "./classify.ts";
+import { loadDefaultPlugins } from "./plugins.ts";
+
+export type { ClassifierProgress, ProgressInfo };
+
+/** Where messages go when no `log` is given: stderr, as the CLI prints them. */
+const toStderr = (message: string): void => console.error(message);
+
+/** Options every job takes. */
+export interface JobOptions {
+  /** Stops the job at its next safe point (see each job); what it wrote stays resumable. */
+  signal?: AbortSignal;
+  /** Warnings and notes, one line each (default: stderr). */
+  log?: (message: string) => void;
+}
+
+// ---------------------------------------------------------------------------------------------
+// generate
+
+/** A plugin by name, or by name with its options beside it (as in a configuration file). */
+export type PluginSetting = string | ({ name?: string } & Record<string, unknown>);
+
+/**
+ * The settings of the dataset job: the keys of a `dipsy generate --config` file. Defaults are
+ * those of `DEFAULTS` (core/config.ts) and the preset; unknown keys are refused.
+ */
+export interface GenerateSettings {
+  /** Few-shot images: `DIR/<class>/*`, or the DataDream layout. Required. */
+  data?: string;
+  /** Output folder: new, empty, or an earlier run of the same configuration. Required. */
+  out?: string;
+  /** Dataset name: prompt template, DataDream folder, a benchmark's class names. */
+  dataset?: string;
+  /** DataDream few-shot split when there are several. */
+  fewshotSeed?: string | number;
+  /** The first k ranked shots of each class (a `dipsy fewshot` split). Default: all. */
+  shots?: number;
+  /** The last n shots of each class, kept out of generation (a validation split). */
+  holdout?: number;
+  /** Leave unreadable or broken shots out instead of stopping. Default false. */
+  skipBad?: boolean;
+  /** Class similarity file (.json or the official .npz). Default: found or computed. */
+  similarity?: string;
+  /** The preset the settings start from. Default "dipsy". */
+  preset?: string;
+  /** Images per class. Default 200. */
+  perClass?: number;
+  /** Run seed: the same seed gives the same images. Default 0. */
+  seed?: number;
+  /** Denoising steps. Default 50. */
+  steps?: number;
+  /** Image width in pixels. Default: the model's (512 for SD1.5). */
+  width?: number;
+  /** Image height in pixels. Default: the model's. */
+  height?: number;
+  /** Prompt template with `{class}`; "" is the empty prompt. Default: the dataset's. */
+  prompt?: string;
+  /** Guidance plugin. Default "dipsy". */
+  guidance?: PluginSetting;
+  /** Sampler plugin. Default "dpm-solver++". */
+  sampler?: PluginSetting;
+  /** Reference pair plugin. Default "class-similarity". */
+  pairs?: PluginSetting;
+  /** Plugin modules to load first (see docs/plugins.md). */
+  plugins?: string[];
+  /** SD1.5 diffusers folder or Hub id, or "tiny". Default `DEFAULT_MODEL`. */
+  model?: string;
+  /** IP-Adapter file. Default `DEFAULT_IP_ADAPTER`. */
+  ipAdapter?: string;
+  /** The IP-Adapter's image encoder. Default `DEFAULT_IMAGE_ENCODER`. */
+  imageEncoder?: string;
+  /** CLIP for class similarity. Default: "tiny" with the tiny model, else `DEFAULT_CLIP`. */
+  clip?: string;
+  /** Seed of the tiny models' random weights. Default 0. */
+  modelSeed?: number;
+  /** "auto" (CUDA when available), "cpu", "cuda" or "cuda:N". Default "auto". */
+  device?: string;
+  /** "auto" (f16 on CUDA, f32 on the CPU), "f32", "f16" or "bf16". Default "auto". */
+  dtype?: DTypeChoice;
+  /** Images per model call. Default 4. */
+  batch?: number;
+  /** JPEG quality. Default 95. */
+  quality?: number;
+}
+
+/** `generate`'s options: the settings, and how this invocation runs. */
+export interface GenerateJobOptions extends GenerateSettings, JobOptions {
+  /** A JSON or YAML configuration file; the settings above override it. */
+  config?: string;
+  /** This invocation's share, "I/N" counting from 0. Default: the whole run (or Slurm's). */
+  shard?: string;
+  /** The shard count for JOB_COMPLETION_INDEX. */
+  shardCount?: number;
+  /** (Re)make only these images, "CLASS:INDEX". */
+  only?: string[];
+  /** After each image written, and at each denoising step. */
+  onProgress?: (progress: ProgressInfo) => void;
+  /** After each image's manifest line is written. */
+  onImage?: (entry: ManifestEntry) => void;
+}
+
+/** What a `generate` call did, and the records of its output folder. */
+export interface GenerateJobResult {
+  /** The output folder (absolute). */
+  out: string;
+  /** Images written by this call. */
+  written: number;
+  /** Images that were already finished. */
+  skipped: number;
+  /** Images left to do: non-zero after an abort. */
+  remaining: number;
+  /** True when the call stopped before its work was done (run it again to resume). */
+  interrupted: boolean;
+  /** OUT/run.json: what decides the images (null when nothing was written yet). */
+  record: RunRecord | null;
+  /** OUT/manifest.jsonl, one entry per finished image, in file order. */
+  manifest: ManifestEntry[];
+}
+
+/** The resolved configuration of a settings object and an optional file, plugins loaded. */
+export async function generateConfig(
+  settings: GenerateSettings,
+  file?: string,
+): Promise<RunConfig> {
+  const layers: ConfigLayer[] = [];
+  if (file) layers.push(await readConfigFile(file));
+  layers.push(parseConfigObject(settings, "generate options"));
+  await loadDefaultPlugins();
+  await loadPluginFiles(layers);
+  return resolveConfig(layers);
+}
+
+/**
+ * `dipsy generate`: the synthetic dataset into `out`. Everything is checked before anything is
+ * written; an abort finishes the batch in flight, and calling again with the same options
+ * resumes.
+ */
+export async function generate(opts: GenerateJobOptions): Promise<GenerateJobResult> {
+  const {
+    config: file,
+    shard,
+    shardCount,
+    only,
+    signal,
+    log = toStderr,
+    onProgress,
+    onImage,
+    ...settings
+  } = opts;
+  const { prepareGenerate } = await import("../cli/generate.ts");
+  const models = await import("./models.ts");
+  const { similaritySource } = await import("./similarity.ts");
+  const prepared = await prepareGenerate(await generateConfig(settings, file), {
+    shard,
+    shardCount,
+    log,
+  });
+  const { config, placement, paths, adapters } = prepared;
+  let backbone: DiffusionBackbone | undefined;
+  try {
+    // What was prepared (the configuration, its plugins, the input, the shard) goes on as it is.
+    const result = await generateRun({
+      ...prepared,
+      similarity: similaritySource(config, placement, log),
+      only,
+      signal,
+      log,
+      onProgress,
+      onImage,
+      backbone: async () => {
+        backbone = await models.loadBackbone(config, paths, adapters, placement);
+        return backbone;
+      },
+    });
+    const out = result.plan.out;
+    return {
+      out,
+      written: result.written,
+      skipped: result.skipped,
+      remaining: result.remaining,
+      interrupted: result.interrupted,
+      record: await readJson<RunRecord>(join(out, RUN_RECORD)),
+      manifest: [...(await readManifest(out)).entries.values()].map((e) => e.entry),
+    };
+  } finally {
+    (backbone as DiffusionBackbone | undefined)?.[Symbol.dispose]();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sample
+
+/** `sample`'s options: one image from explicit reference images. */
+export interface SampleJobOptions extends JobOptions {
+  /** Text prompt (the negative text prompt is always ""). */
+  prompt: string;
+  /** Initial-noise seed, as `torch.Generator().manual_seed(seed)` on the CPU. */
+  seed: number;
+  /** Positive reference image: a file, or decoded pixels. Needed by guidances with images. */
+  positive?: string | RgbImage | null;
+  /** Negative reference image. Needed by guidances with a negative term (dipsy). */
+  negative?: string | RgbImage | null;
+  /** Where to write the image (.png, .jpg/.jpeg or .webp). Default: nothing written. */
+  out?: string;
+  /** The encoding when `out` is not given. Default "png". */
+  format?: ImageFormat;
+  /** Replace an existing `out`. Default false. */
+  force?: boolean;
+  /** "tiny", a diffusers SD1.5 folder, or a Hub id. Default `DEFAULT_MODEL`. */
+  model?: string;
+  /** IP-Adapter file. Default `DEFAULT_IP_ADAPTER`. */
+  ipAdapter?: string;
+  /** Its image encoder. Default `DEFAULT_IMAGE_ENCODER`. */
+  imageEncoder?: string;
+  /** Guidance plugin. Default "dipsy". */
+  guidance?: string;
+  /** Its options, e.g. `{ textScale: 7.5, negativeScale: 4 }`. Default: the plugin's. */
+  guidanceOptions?: Record<string, unknown>;
+  /** Sampler plugin. Default "dpm-solver++". */
+  sampler?: string;
+  /** Denoising steps. Default 50. */
+  steps?: number;
+  /** Width in pixels. Default: the model's (512 for SD1.5). */
+  width?: number;
+  /** Height in pixels. Default: the model's. */
+  height?: number;
+  /** "auto" (f16 on CUDA, f32 on the CPU), "f32", "f16" or "bf16". Default "auto". */
+  dtype?: DTypeChoice;
+  /** "auto" (CUDA when available), "cpu", "cuda" or "cuda:N". Default "auto". */
+  device?: string;
+  /** At each denoising step (index from 0). */
+  onProgress?: (step: { index: number; total: number }) => void;
+}
+
+/** The image `sample` made. */
+export interface SampleJobResult {
+  /** The encoded image (what `out` holds when given). */
+  bytes: Uint8Array;
+  /** Its encoding. */
+  format: ImageFormat;
+  /** The file written, absolute; null without `out`. */
+  file: string | null;
+  /** Width in pixels. */
+  width: number;
+  /** Height in pixels. */
+  height: number;
+  /** The device it ran on. */
+  device: Device;
+  /** The model's dtype. */
+  dtype: string;
+  /** The model identifiers the backbone reports. */
+  models: Record<string, string>;
+}
+
+const FORMATS: Record<string, ImageFormat> = {
+  png: "png",
+  jpg: "jpeg",
+  jpeg: "jpeg",
+  webp: "webp",
+};
+
+/** A user mistake in a job's options: one line naming the option. */
+export class JobOptionError extends UserError {}
+
+/**
+ * `dipsy sample`: one image. The signal is checked before the model loads and before sampling
+ * starts; the image in flight is finished.
+ */
+export async function sample(opts: SampleJobOptions): Promise<SampleJobResult> {
+  const { prepareSample, sampleImage, sampleSize } = await import("../core/sample.ts");
+  const { encodeImage, readImage } = await import("../core/image.ts");
+  const models = await import("./models.ts");
+  await loadDefaultPlugins();
+  const file = opts.out === undefined ? null : resolve(opts.out);
+  const format = file === null ? (opts.format ?? "png") : FORMATS[extension(file)];
+  if (!format) throw new JobOptionError(`out ${opts.out}: use a .png, .jpg, .jpeg or .webp name`);
+  if (file !== null) checkWritable(file, opts.force ?? false);
+  const spec = {
+    prompt: opts.prompt,
+    seed: opts.seed,
+    guidance: opts.guidance ?? DEFAULTS.guidance.name,
+    guidanceOptions: opts.guidanceOptions ?? {},
+    sampler: opts.sampler ?? DEFAULTS.sampler.name,
+    steps: opts.steps ?? DEFAULTS.steps,
+    width: opts.width ?? null,
+    height: opts.height ?? null,
+  };
+  const given = { positive: opts.positive != null, negative: opts.negative != null };
+  const prepared = prepareSample(spec, given);
+  const { guidance, adapters } = prepared;
+  const log = opts.log ?? toStderr;
+  for (const k of prepared.ignored) log(`note: guidance "${guidance.name}" ignores ${k}`);
+  const image = async (ref: string | RgbImage | null | undefined, use: boolean) =>
+    use && ref != null ? (typeof ref === "string" ? await readImage(ref) : ref) : null;
+  const refs = {
+    positive: await image(opts.positive, guidance.usesImages),
+    negative: await image(opts.negative, guidance.usesNegative),
+  };
+  const config: RunConfig = {
+    ...DEFAULTS,
+    model: opts.model ?? DEFAULTS.model,
+    ipAdapter: opts.ipAdapter ?? DEFAULTS.ipAdapter,
+    imageEncoder: opts.imageEncoder ?? DEFAULTS.imageEncoder,
+    device: opts.device ?? DEFAULTS.device,
+    dtype: opts.dtype ?? DEFAULTS.dtype,
+  };
+  const placement = await models.resolvePlacement(config);
+  const paths = await models.resolveModels(config, adapters);
+  // The size is checked against the model's config files before any weights load.
+  sampleSize(await models.modelGeometry(paths), spec);
+  opts.signal?.throwIfAborted();
+  using bb = await models.loadBackbone(config, paths, adapters, placement);
+  opts.signal?.throwIfAborted();
+  const result = sampleImage(bb, prepared, refs, {
+    onStep: (index, total) => opts.onProgress?.({ index, total }),
+  });
+  result.latents.dispose();
+  const bytes = await encodeImage(result.image, format);
+  if (file !== null) await writeNew(file, bytes, opts.force ?? false);
+  return {
+    bytes,
+    format,
+    file,
+    width: result.width,
+    height: result.height,
+    device: placement.device,
+    dtype: placement.dtype,
+    models: { ...bb.modelIds },
+  };
+}
+
+function extension(path: string): string {
+  const name = basename(path);
+  return name.includes(".") ? name.slice(name.lastIndexOf(".") + 1).toLowerCase() : "";
+}
+
+function checkWritable(file: string, force: boolean): void {
+  if (!force && existsSync(file)) {
+    throw new JobOptionError(`out ${file} exists (force: true overwrites it)`);
+  }
+  if (!existsSync(dirname(file))) {
+    throw new JobOptionError(`out ${file}: folder ${dirname(file)} does not exist`);
+  }
+}
+
+/**
+ * Writes through a temporary file; without `force` the final step is a hard link, which fails
+ * rather than replace a file that appeared meanwhile.
+ */
+async function writeNew(file: string, bytes: Uint8Array, force: boolean): Promise<void> {
+  const tmp = join(dirname(file), `.${basename(file)}.${crypto.randomUUID().slice(0, 8)}.tmp`);
+  try {
+    await Deno.writeFile(tmp, bytes);
+    if (force) {
+      await Deno.rename(tmp, file);
+      return;
+    }
+    try {
+      await Deno.link(tmp, file);
+    } catch (e) {
+      if (e instanceof Deno.errors.AlreadyExists) {
+        throw new JobOptionError(`out ${file} exists (force: true overwrites it)`);
+      }
+      throw e;
+    }
+  } finally {
+    await Deno.remove(tmp).catch(() => {});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// similarity
+
+/** `similarity`'s options. */
+export interface SimilarityJobOptions extends JobOptions {
+  /** Few-shot images: `DIR/<class>/*`, or the DataDream layout. */
+  data: string;
+  /** A .json or .npz file, or a folder. Default: similarity.json in the class root. */
+  out?: string;
+  /** CLIP folder or Hub id, or "tiny". Default `DEFAULT_CLIP`. */
+  clip?: string;
+  /** Dataset name (DataDream layout, a benchmark's class names). */
+  dataset?: string;
+  /** DataDream few-shot split when there are several. */
+  fewshotSeed?: string;
+  /** The first k ranked shots of each class. Default: all. */
+  shots?: number;
+  /** Leave unreadable or broken images out. Default false. */
+  skipBad?: boolean;
+  /** Recompute when the file exists. Default false. */
+  force?: boolean;
+  /** "auto", "cpu", "cuda" or "cuda:N". Default "auto". */
+  device?: string;
+  /** "auto", "f32", "f16" or "bf16". Default "auto". */
+  dtype?: DTypeChoice;
+  /** Seed of the tiny CLIP's random weights. Default 0. */
+  seed?: number;
+  /** After each class is encoded. */
+  onProgress?: (progress: { done: number; total: number }) => void;
+}
+
+/** The class similarity matrix and where it is saved. */
+export interface SimilarityJobResult {
+  /** The file (absolute). */
+  file: string;
+  /** The classes, in the dataset's order. */
+  classNames: string[];
+  /** Cosine similarities, in the order of `classNames`. */
+  matrix: number[][];
+  /** False when a saved file was current and read instead. */
+  computed: boolean;
+}
+
+/**
+ * `dipsy similarity`: the class similarity matrix, saved where `generate` finds it. A saved file
+ * made with another CLIP is computed again. The signal is checked before the model loads.
+ */
+export async function similarity(opts: SimilarityJobOptions): Promise<SimilarityJobResult> {
+  const { validateDataset } = await import("../core/dataset.ts");
+  const sim = await import("./similarity.ts");
+  const log = opts.log ?? toStderr;
+  const seed = opts.seed ?? 0;
+  const config = parseConfigObject(
+    { device: opts.device ?? DEFAULTS.device, dtype: opts.dtype ?? DEFAULTS.dtype },
+    "similarity options",
+  ).values;
+  const dataset = await validateDataset(opts.data, {
+    dataset: opts.dataset,
+    fewshotSeed: opts.fewshotSeed,
+    shots: opts.shots,
+    skipBad: opts.skipBad ?? false,
+    negatives: false,
+  });
+  for (const p of dataset.problems) log(`${p.severity}: ${p.path}: ${p.message}`);
+  let file = opts.out ? resolve(opts.out) : join(dataset.root, sim.SIMILARITY_FILE);
+  if (opts.out && !/\.(json|npz)$/i.test(file)) file = join(file, sim.SIMILARITY_FILE);
+  const classNames = dataset.classes.map((c) => c.name);
+  const clip = opts.clip ?? DEFAULT_CLIP;
+  if (sim.isFile(file) && !opts.force) {
+    const saved = await sim.readSimilarityFile(file, dataset);
+    const stale = sim.staleSimilarity(saved.meta, clip, seed);
+    if (!stale) return { file, classNames, matrix: saved.matrix, computed: false };
+    log(`${file}: ${stale}; computing it again`);
+  }
+  opts.signal?.throwIfAborted();
+  const { resolvePlacement } = await import("./models.ts");
+  const placement = await resolvePlacement({ ...DEFAULTS, ...config });
+  const matrix = await sim.computeSimilarity(dataset, clip, placement, {
+    seed,
+    onClass: (done, total) => opts.onProgress?.({ done, total }),
+  });
+  await Deno.mkdir(dirname(file), { recursive: true });
+  const meta = sim.similarityMeta(clip, { seed, data: dataset.root });
+  await sim.saveSimilarityFile(file, classNames, matrix, meta, {
+    folders: dataset.classes.map((c) => c.folder),
+  });
+  return { file, classNames, matrix, computed: true };
+}
+
+// ---------------------------------------------------------------------------------------------
+// train
+
+/** `train`'s options. */
+export interface TrainJobOptions extends JobOptions {
+  /** Real few-shot images: `DIR/<class>/*`, or the DataDream layout. */
+  real?: string;
+  /** Synthetic images: a generate output folder, or `DIR/<class>/*`. */
+  synthetic?: string;
+  /** Run folder; a second call resumes after the last finished epoch. */
+  out: string;
+  /** Dataset name: DataDream layout, the prompt word, a benchmark's class names. */
+  dataset?: string;
+  /** DataDream few-shot split when there are several. */
+  fewshotSeed?: string;
+  /** The first k ranked real shots of each class. Default: all. */
+  shots?: number;
+  /** Leave unreadable or broken images out. Default false. */
+  skipBad?: boolean;
+  /** Validation images, one folder per class (for `evaluate`'s "best-val"). */
+  val?: string;
+  /** Or: the last n real shots of each class, kept out of training for validation. */
+  valShots?: number;
+  /** "auto", "cpu", "cuda" or "cuda:N". Default "auto". */
+  device?: string;
+  /** Image preparation threads. Default: cores - 1, at most 16. */
+  workers?: number;
+  /** Classifier plugin. Default "clip-lora". */
+  classifier?: string;
+  /** Plugin modules to load first (a classifier plugin, see docs/plugins.md). */
+  plugins?: string[];
+  /**
+   * Its options (`dipsy train --help` lists clip-lora's: epochs, batch, lr, lambda, rank, ...).
+   * Default: the plugin's (DataDream's recipe); dtype "auto" is f16 on CUDA, f32 on the CPU.
+   */
+  options?: Record<string, unknown>;
+  /** After each training step. */
+  onProgress?: (progress: ClassifierProgress) => void;
+}
+
+/** What a `train` call left in its run folder. */
+export interface TrainJobResult {
+  /** False when aborted: call again to resume. */
+  complete: boolean;
+  /** Epochs finished in the run folder. */
+  epochsDone: number;
+  /** The run folder (absolute). */
+  out: string;
+  /** RUN/train.json, null for a classifier plugin that keeps none. */
+  record: TrainRecord | null;
+}
+
+/**
+ * `dipsy train`: fine-tunes the classifier on the real and synthetic images, with a checkpoint
+ * per epoch. An abort stops after the step in flight.
+ */
+export async function train(opts: TrainJobOptions): Promise<TrainJobResult> {
+  if (!opts.real && !opts.synthetic) {
+    throw new JobOptionError("give real and/or synthetic images");
+  }
+  const app = await import("./classify.ts");
+  const { registry } = await import("../core/plugins.ts");
+  const { loadPluginFile } = await import("../core/config.ts");
+  const { classifierOptions, DEFAULT_CLASSIFIER } = await import("../cli/train_flags.ts");
+  const { readTrainRecord } = await import("../plugins/classifiers/trainer.ts");
+  await loadDefaultPlugins();
+  for (const file of opts.plugins ?? []) await loadPluginFile(resolve(file));
+  const name = opts.classifier ?? DEFAULT_CLASSIFIER;
+  const given = opts.options ?? {};
+  // The defaults that depend on the run (the dataset, the dtype per device) follow the CLI's
+  // rules; the options given win over all but the dtype, whose "auto" is resolved here.
+  const withDefaults = (extra: { dataset?: string; device?: string }) => {
+    const placed = classifierOptions({ classifier: name, dtype: given.dtype }, extra);
+    return { ...placed.options, ...given, dtype: placed.options.dtype };
+  };
+  // A mistyped plugin name or option is reported before any image is read.
+  registry.create("classifier", name, withDefaults({}));
+  const data = await app.readTrainData({
+    real: opts.real,
+    synthetic: opts.synthetic,
+    dataset: opts.dataset,
+    fewshotSeed: opts.fewshotSeed,
+    shots: opts.shots,
+    skipBad: opts.skipBad,
+    val: opts.val,
+    valShots: opts.valShots,
+  });
+  const device = await app.resolveDevice(opts.device ?? "auto");
+  const classifier = await app.makeClassifier(
+    name,
+    withDefaults({ dataset: data.dataset, device }),
+  );
+  const result = await app.trainStage(classifier, data, {
+    out: opts.out,
+    device,
+    workers: opts.workers,
+    signal: opts.signal,
+    progress: false,
+    onProgress: opts.onProgress,
+    log: opts.log ?? toStderr,
+  });
+  const out = resolve(opts.out);
+  return { ...result, out, record: readTrainRecord(out) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// evaluate
+
+/** `evaluate`'s options. */
+export interface EvaluateJobOptions extends JobOptions {
+  /** Training run folder (of `train` or `run`). */
+  model: string;
+  /** Test images, one folder per class. */
+  test: string;
+  /** Where to write the JSON. Default RUN/eval.json, or RUN/eval-<test name>.json. */
+  out?: string;
+  /** Dataset name. Default: the run's. */
+  dataset?: string;
+  /** Images per forward. Default 64. */
+  batch?: number;
+  /** "auto", "cpu", "cuda" or "cuda:N". Default: the training device. */
+  device?: string;
+  /** Image preparation threads. Default: cores - 1, at most 16. */
+  workers?: number;
+  /** Which epoch: "last", "best-val" or "best-test". Default "best-val" with a validation split. */
+  select?: SelectRule;
+  /** Also evaluate every epoch on the test set. Default false. */
+  perEpoch?: boolean;
+  /** Images evaluated so far, per pass over the test set. */
+  onProgress?: (progress: { done: number; total: number }) => void;
+}
+
+/**
+ * `dipsy eval`: top-1, top-5, per-class accuracy and the confusion matrix of a trained run, for
+ * the epoch `select` picks; writes and returns the record (with `file`, where it went).
+ */
+export async function evaluate(opts: EvaluateJobOptions): Promise<EvalRecord & { file: string }> {
+  const { evalStage } = await import("./classify.ts");
+  await loadDefaultPlugins();
+  return await evalStage({
+    model: opts.model,
+    test: opts.test,
+    out: opts.out,
+    dataset: opts.dataset,
+    batch: opts.batch,
+    device: opts.device,
+    workers: opts.workers,
+    select: opts.select,
+    perEpoch: opts.perEpoch,
+    signal: opts.signal,
+    progress: false,
+    onProgress: opts.onProgress,
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// run
+
+/**
+ * `run`'s options: the experiment's inputs, generation settings and classifier options. Its
+ * messages, progress bars and summary table go to stderr and stdout, as the command prints them.
+ */
+export interface RunJobOptions {
+  /** Stops after the step in flight; the same call resumes. */
+  signal?: AbortSignal;
+  /** Few-shot images (the real training set). */
+  data: string;
+  /** Test images, one folder per class. */
+  test: string;
+  /** Experiment folder. */
+  out: string;
+  /** Dataset name. */
+  dataset?: string;
+  /** DataDream few-shot split when there are several. */
+  fewshotSeed?: string;
+  /** The first k ranked shots of each class. Default: all. */
+  shots?: number;
+  /** "auto", "cpu", "cuda" or "cuda:N". Default "auto". */
+  device?: string;
+  /** Image preparation threads for training and evaluation. */
+  workers?: number;
+  /** Run one stage only. Default: all. */
+  stage?: "similarity" | "generate" | "train";
+  /** Validation images, one folder per class. */
+  val?: string;
+  /** Or: the last n shots of each class, kept out of generation and training. */
+  valShots?: number;
+  /** Which epoch to evaluate (as `evaluate`). */
+  select?: SelectRule;
+  /** Also evaluate every epoch on the test set. */
+  perEpoch?: boolean;
+  /** Generation settings from a JSON or YAML file; `generation` overrides it. */
+  config?: string;
+  /** The embedded tiny models for everything. Default false. */
+  tiny?: boolean;
+  /**
+   * Generation settings (as `generate`'s; data, out and the input keys above are the run's).
+   * Plugin options go in the plugin's object: `guidance: { negativeScale: 4 }`.
+   */
+  generation?: Omit<GenerateSettings, "data" | "out" | "dataset" | "fewshotSeed" | "shots">;
+  /** Classifier plugin. Default "clip-lora". */
+  classifier?: string;
+  /** Its options, as `train`'s `options`. */
+  train?: Record<string, unknown>;
+}
+
+/** `run`'s record: OUT/report.json (configuration, stage timings, accuracy). */
+export interface RunJobResult {
+  /** 0 when every stage ran or was complete; 130 when aborted (call again to resume). */
+  code: number;
+  /** OUT/report.json, null when the run stopped before its end (or ran one stage). */
+  report: Record<string, unknown> | null;
+}
+
+/**
+ * `dipsy run`: similarity -> generate -> train -> eval into `out`, each stage skipped when its
+ * output is complete. Progress is drawn on stderr as the command draws it.
+ */
+export async function run(opts: RunJobOptions): Promise<RunJobResult> {
+  const { runExperiment, REPORT_FILE } = await import("../cli/run.ts");
+  const text = (v: unknown) => (Array.isArray(v) ? v.join(",") : String(v));
+  const sets: string[] = [];
+  for (const [key, value] of Object.entries(opts.generation ?? {})) {
+    if (value === undefined) continue;
+    if (typeof value === "object" && value !== null && !Array.isArray(value)) {
+      for (const [k, v] of Object.entries(value)) sets.push(`${key}.${k}=${JSON.stringify(v)}`);
+    } else {
+      sets.push(`${key}=${typeof value === "string" ? value : JSON.stringify(value)}`);
+    }
+  }
+  const values: Record<string, string | boolean | string[] | undefined> = {
+    data: opts.data,
+    test: opts.test,
+    out: opts.out,
+    dataset: opts.dataset,
+    "fewshot-seed": opts.fewshotSeed,
+    shots: opts.shots === undefined ? undefined : String(opts.shots),
+    device: opts.device,
+    workers: opts.workers === undefined ? undefined : String(opts.workers),
+    val: opts.val,
+    "val-shots": opts.valShots === undefined ? undefined : String(opts.valShots),
+    select: opts.select,
+    "per-epoch": opts.perEpoch,
+    config: opts.config,
+    tiny: opts.tiny,
+    set: sets,
+    classifier: opts.classifier,
+    "train-set": Object.entries(opts.train ?? {}).map(([k, v]) => `${k}=${text(v)}`),
+  };
+  const code = await runExperiment(values, opts.signal ?? new AbortController().signal, opts.stage);
+  const report = code === 0 && opts.stage === undefined
+    ? await readJson<Record<string, unknown>>(join(resolve(opts.out), REPORT_FILE))
+    : null;
+  return { code, report };
+}
+
+async function readJson<T>(path: string): Promise<T | null> {
+  try {
+    return JSON.parse(await Deno.readTextFile(path)) as T;
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return null;
+    throw e;
+  }
+}
