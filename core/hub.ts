@@ -10,11 +10,14 @@
  *   <cache>/models--org--name/.no_exist/<commit>/<path> files known to be absent
  * `refs/pr/10` is stored as the file `refs/refs/pr/10`: the revision is used as a relative path.
  *
- * A file missing from the cache is downloaded (unless offline) with @huggingface/hub into the same
- * layout. Pickle checkpoints (`.bin`, `.pt`, ...) are never resolved: they can run code on load.
+ * A file missing from the cache is downloaded (unless offline) into the same layout, with progress
+ * on stderr (core/hub_download.ts); `dipsy fetch` downloads a whole model set. Pickle checkpoints
+ * (`.bin`, `.pt`, ...) are never resolved: they can run code on load.
  */
 import { dirname, isAbsolute, join, normalize, resolve } from "node:path";
 import { UserError } from "../ffi/errors.ts";
+import { downloadToCache, HttpError, type RemoteFile } from "./hub_download.ts";
+import type { ByteProgressOptions } from "./progress.ts";
 
 const DEFAULT_ENDPOINT = "https://huggingface.co";
 const COMMIT = /^[0-9a-f]{40}$/;
@@ -40,6 +43,8 @@ export interface HubOptions {
   token?: string;
   /** How long to wait for the Hub to answer each request, in ms (default 10000). */
   timeoutMs?: number;
+  /** Download progress (default: on stderr, redrawn on a terminal); false: none. */
+  progress?: Omit<ByteProgressOptions, "label"> | false;
 }
 
 export interface FileOptions extends HubOptions {
@@ -53,6 +58,8 @@ export class ModelNotFoundError extends UserError {
     message: string,
     readonly ref: string,
     readonly file?: string,
+    /** Why it could not be fetched, in a few words (without the remedy). */
+    readonly reason?: string,
   ) {
     super(message);
   }
@@ -192,10 +199,10 @@ function pickleHint(folder: string | null, file: string): string {
     "that has safetensors (the Hub's conversion bot often offers one as refs/pr/N).";
 }
 
-function downloadHint(repo: string, revision: string, file?: string): string {
-  const what = file ? `${repo} ${file}` : repo;
-  return `Get it with \`hf download ${what} --revision ${revision}\` (older huggingface_hub: ` +
-    "`huggingface-cli download ...`), or pass a local folder instead of the Hub id.";
+/** The one-line remedy for a model missing from the cache. */
+function downloadHint(): string {
+  return "Fetch it with `deno task dipsy fetch` (the default models; add --model, --ip-adapter, " +
+    "--image-encoder or --clip REF for others), or pass a local folder instead of the Hub id.";
 }
 
 /** The absolute folder of a model: a local folder, or the cached snapshot of a Hub revision. */
@@ -209,7 +216,7 @@ export function resolveModelDir(ref: string, opts: HubOptions = {}): Promise<str
     if (snapshot && isDirectory(snapshot)) return snapshot;
     throw new ModelNotFoundError(
       `${describe(parsed)} is not in the Hugging Face cache (${cacheDir}); this call does not ` +
-        `download whole repositories. ${downloadHint(parsed.repo, parsed.revision)}`,
+        `download whole repositories. ${downloadHint()}`,
       ref,
     );
   });
@@ -253,29 +260,69 @@ export async function resolveModelFile(
       `${where} has no file "${file}" (the cache records it as absent from that commit).${hint}`,
       ref,
       file,
+      "the cache records it as absent from that commit",
     );
   }
   if (opts.offline ?? isOffline()) {
     throw new ModelNotFoundError(
       `"${file}" of ${where} is not in the Hugging Face cache (${cacheDir}) and offline mode ` +
-        `(HF_HUB_OFFLINE) forbids downloading it.${hint} ${downloadHint(repo, revision, file)}`,
+        `(HF_HUB_OFFLINE) forbids downloading it.${hint} ${downloadHint()}`,
       ref,
       file,
+      "offline mode (HF_HUB_OFFLINE) forbids downloading it",
     );
   }
   try {
     return await download(repo, revision, commit, file, cacheDir, opts);
   } catch (e) {
+    const reason = explainDownloadError(e);
     throw new ModelNotFoundError(
       `"${file}" of ${where} is not in the Hugging Face cache (${cacheDir}) and downloading it ` +
-        `failed: ${explainDownloadError(e)}.${hint} ${downloadHint(repo, revision, file)}`,
+        `failed: ${reason}.${hint} ${downloadHint()}`,
       ref,
       file,
+      reason,
     );
   }
 }
 
-function explainDownloadError(e: unknown): string {
+/**
+ * The path of a model file when it is already there (a local folder, or the Hub cache), else
+ * null; never touches the network.
+ */
+export function cachedModelFile(ref: string, file: string, opts: HubOptions = {}): string | null {
+  const parsed = parseModelRef(ref);
+  const rel = relativeFile(file);
+  if (parsed.kind === "local") {
+    return isFile(join(parsed.path, rel)) ? join(parsed.path, rel) : null;
+  }
+  const repoDir = repoFolder(resolve(opts.cacheDir ?? hubCacheDir()), parsed.repo);
+  const commit = cachedCommit(repoDir, parsed.revision);
+  const path = commit && join(repoDir, "snapshots", commit, rel);
+  return path && isFile(path) ? path : null;
+}
+
+/**
+ * The sizes in bytes of `files` of a Hub model as the Hub lists them now (files it does not have
+ * are left out). Reads only: the commit found is not recorded in the cache.
+ */
+export async function remoteFileSizes(
+  ref: string,
+  files: string[],
+  opts: HubOptions = {},
+): Promise<Map<string, number>> {
+  const parsed = parseModelRef(ref);
+  if (parsed.kind === "local") return new Map();
+  const api = hubApi(opts);
+  const cacheDir = resolve(opts.cacheDir ?? hubCacheDir());
+  const commit = cachedCommit(repoFolder(cacheDir, parsed.repo), parsed.revision) ??
+    await remoteCommit(parsed.repo, parsed.revision, null, api);
+  const remote = await remoteFiles(parsed.repo, commit, files.map((f) => relativeFile(f)), api);
+  return new Map([...remote].map(([path, f]) => [path, f.size]));
+}
+
+/** Why a Hub request failed, in a few words. */
+export function explainDownloadError(e: unknown): string {
   const status = (e as { statusCode?: number })?.statusCode;
   const msg = e instanceof Error ? e.message : String(e);
   if (status === 401 || status === 403) {
@@ -308,6 +355,87 @@ function fetchWithTimeout(ms: number, endpoint: string): typeof fetch {
   };
 }
 
+/** The Hub URL: `endpoint`, else HF_ENDPOINT, else https://huggingface.co (no trailing "/"). */
+function hubEndpoint(opts: HubOptions = {}): string {
+  return (opts.endpoint ?? Deno.env.get("HF_ENDPOINT") ?? DEFAULT_ENDPOINT).replace(/\/+$/, "");
+}
+
+interface HubApi {
+  hubUrl: string;
+  accessToken?: string;
+  fetch: typeof fetch;
+  timeoutMs: number;
+}
+
+function hubApi(opts: HubOptions): HubApi {
+  const hubUrl = hubEndpoint(opts);
+  const timeoutMs = opts.timeoutMs ?? 10_000;
+  const accessToken = opts.token ?? Deno.env.get("HF_TOKEN") ?? undefined;
+  return { hubUrl, accessToken, fetch: fetchWithTimeout(timeoutMs, hubUrl), timeoutMs };
+}
+
+/**
+ * The commit a revision points at now, recorded under refs/ as huggingface_hub does, so the
+ * files of one revision all come from one commit. (@huggingface/hub alone files a download under
+ * the last commit that touched the file.)
+ */
+async function remoteCommit(
+  repo: string,
+  revision: string,
+  /** Where to record the commit under refs/; null: nowhere. */
+  cacheDir: string | null,
+  api: HubApi,
+): Promise<string> {
+  // Loaded on first download only: resolving cached files needs no network library.
+  const hub = await import("@huggingface/hub");
+  const info = await hub.modelInfo({
+    name: repo,
+    revision,
+    hubUrl: api.hubUrl,
+    accessToken: api.accessToken,
+    fetch: api.fetch,
+    additionalFields: ["sha"],
+  });
+  const commit = String(info.sha);
+  if (!COMMIT.test(commit)) throw new Error(`the Hub returned no commit for ${revision}`);
+  if (cacheDir !== null && commit !== revision) {
+    writeRef(repoFolder(cacheDir, repo), revision, commit);
+  }
+  return commit;
+}
+
+/** Size and blob name of each of `paths` that the commit has (absent ones are left out). */
+async function remoteFiles(
+  repo: string,
+  commit: string,
+  paths: string[],
+  api: HubApi,
+): Promise<Map<string, RemoteFile>> {
+  const hub = await import("@huggingface/hub");
+  const infos = await hub.pathsInfo({
+    repo: { type: "model", name: repo },
+    paths,
+    revision: commit,
+    hubUrl: api.hubUrl,
+    accessToken: api.accessToken,
+    fetch: api.fetch,
+  });
+  const out = new Map<string, RemoteFile>();
+  for (const info of infos) {
+    if (info.type !== "file" || !paths.includes(info.path)) continue;
+    const etag = info.lfs?.oid ?? info.oid;
+    if (!etag || /[\\/]|^\.\.?$/.test(etag)) {
+      throw new Error(`the Hub gave no usable object id for ${info.path}`);
+    }
+    out.set(info.path, { path: info.path, size: info.lfs?.size ?? info.size, etag });
+  }
+  return out;
+}
+
+function encodePath(path: string): string {
+  return path.split("/").map(encodeURIComponent).join("/");
+}
+
 async function download(
   repo: string,
   revision: string,
@@ -316,39 +444,31 @@ async function download(
   cacheDir: string,
   opts: HubOptions,
 ): Promise<string> {
-  // Loaded on first download only: resolving cached files needs no network library.
-  const hub = await import("@huggingface/hub");
-  const hubUrl = (opts.endpoint ?? Deno.env.get("HF_ENDPOINT") ?? DEFAULT_ENDPOINT).replace(
-    /\/$/,
-    "",
-  );
-  const accessToken = opts.token ?? Deno.env.get("HF_TOKEN") ?? undefined;
-  const fetch = fetchWithTimeout(opts.timeoutMs ?? 10_000, hubUrl);
-  // Pin the download to a commit: the cached one (so a partly cached revision stays consistent),
-  // else the one the revision points at now, recorded under refs/ as huggingface_hub does.
-  // (@huggingface/hub alone files a download under the last commit that touched the file.)
-  let commit = knownCommit;
-  if (!commit) {
-    const info = await hub.modelInfo({
-      name: repo,
-      revision,
-      hubUrl,
-      accessToken,
-      fetch,
-      additionalFields: ["sha"],
-    });
-    commit = String(info.sha);
-    if (!COMMIT.test(commit)) throw new Error(`the Hub returned no commit for ${revision}`);
-    if (commit !== revision) writeRef(repoFolder(cacheDir, repo), revision, commit);
+  const api = hubApi(opts);
+  // Pin the download to a commit: the cached one (so a partly cached revision stays
+  // consistent), else the one the revision points at now.
+  const commit = knownCommit ?? await remoteCommit(repo, revision, cacheDir, api);
+  const repoDir = repoFolder(cacheDir, repo);
+  const remote = (await remoteFiles(repo, commit, [file], api)).get(file);
+  if (!remote) {
+    // Recorded as huggingface_hub records it: a commit never changes, so neither does the answer.
+    const marker = join(repoDir, ".no_exist", commit, file);
+    Deno.mkdirSync(dirname(marker), { recursive: true });
+    Deno.writeTextFileSync(marker, "");
+    throw new HttpError(`commit ${commit} has no file "${file}"`, 404);
   }
-  return await hub.downloadFileToCacheDir({
-    repo: { type: "model", name: repo },
-    path: file,
-    revision: commit,
-    hubUrl,
-    cacheDir,
-    accessToken,
-    fetch,
+  const progress = opts.progress === false
+    ? false
+    : { ...opts.progress, label: `download ${repo} ${file}` };
+  return await downloadToCache({
+    url: `${api.hubUrl}/${repo}/resolve/${commit}/${encodePath(file)}`,
+    repoDir,
+    commit,
+    file: remote,
+    accessToken: api.accessToken,
+    fetch: api.fetch,
+    idleMs: Math.max(api.timeoutMs, 30_000),
+    progress,
   });
 }
 

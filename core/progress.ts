@@ -132,3 +132,191 @@ export class Progress {
     this.#write(`${this.line()}\n`);
   }
 }
+
+/** "743 B", "12.3 kB", "3.44 GB": decimal units, as the Hugging Face Hub shows sizes. */
+export function formatBytes(bytes: number): string {
+  if (!Number.isFinite(bytes) || bytes < 0) return "?";
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let value = bytes, unit = 0;
+  while (value >= 1000 && unit < units.length - 1) {
+    value /= 1000;
+    unit++;
+  }
+  if (unit === 0) return `${bytes} B`;
+  return `${value.toFixed(value >= 100 ? 0 : value >= 10 ? 1 : 2)} ${units[unit]}`;
+}
+
+export interface ByteProgressOptions {
+  /** Text before the counts, e.g. "download org/name unet/config.json". */
+  label?: string;
+  /** Redraw in place (default: whether stderr is a terminal). */
+  tty?: boolean;
+  /** Where lines go (default: stderr). */
+  write?: (text: string) => void;
+  /** Clock in milliseconds (tests). */
+  now?: () => number;
+  /** Not redrawing: a line each time this fraction of the total more is done (default 0.1). */
+  fraction?: number;
+  /** ...and at least this many bytes apart, so small files print their final line only. */
+  minStepBytes?: number;
+}
+
+/**
+ * Progress of one byte stream (a download): done / total, rate and time left. Off a terminal, a
+ * line is printed each time the count passes the next step of bytes, whatever the clock and
+ * however the bytes arrive in chunks: a log shows the same lines for the same file on every run.
+ */
+export class ByteProgress {
+  readonly #total: number | null;
+  readonly #start: number;
+  readonly #label: string;
+  readonly #tty: boolean;
+  readonly #write: (text: string) => void;
+  readonly #now: () => number;
+  readonly #t0: number;
+  readonly #step: number;
+  #done: number;
+  #nextLine: number;
+  #lastDraw = -Infinity;
+  #ended = false;
+
+  /**
+   * @param total the size in bytes, null when unknown
+   * @param start bytes already there before this run (a resumed download): not counted in the rate
+   */
+  constructor(total: number | null, start = 0, opts: ByteProgressOptions = {}) {
+    this.#total = total;
+    this.#start = this.#done = start;
+    this.#label = opts.label ?? "";
+    this.#tty = opts.tty ?? Deno.stderr.isTerminal();
+    this.#write = opts.write ?? writeStderr;
+    this.#now = opts.now ?? (() => performance.now());
+    this.#t0 = this.#now();
+    const minStep = opts.minStepBytes ?? 64 * 1024 * 1024;
+    const byFraction = total === null ? 0 : Math.ceil(total * (opts.fraction ?? 0.1));
+    this.#step = Math.max(1, minStep, byFraction);
+    this.#nextLine = (Math.floor(start / this.#step) + 1) * this.#step;
+  }
+
+  /** The line for `done` bytes: "label 120 MB/3.44 GB (3%)  47.8 MB/s  ETA 1m10s". */
+  line(done = this.#done): string {
+    const rate = this.#rate(done);
+    const total = this.#total;
+    const counts = total === null
+      ? formatBytes(done)
+      : `${formatBytes(done)}/${formatBytes(total)} (${Math.floor((done / total) * 100)}%)`;
+    const eta = total !== null && rate > 0 ? `  ETA ${formatDuration((total - done) / rate)}` : "";
+    return `${this.#label ? `${this.#label} ` : ""}${counts}  ${formatByteRate(rate)}${eta}`;
+  }
+
+  /** Sets the count of bytes done. */
+  update(done: number): void {
+    if (this.#ended) return;
+    this.#done = done;
+    if (this.#tty) {
+      const now = this.#now();
+      // Redrawing more than ~10 times a second only costs terminal time.
+      if (now - this.#lastDraw < 100) return;
+      this.#lastDraw = now;
+      this.#write(`\r\x1b[2K${this.line()}`);
+      return;
+    }
+    // One line per step passed, showing the step itself: a chunk that passes two steps prints
+    // both, so the count of lines depends on the size only. The end is finish()'s line.
+    const end = this.#total ?? Infinity;
+    while (this.#nextLine <= done && this.#nextLine < end) {
+      this.#write(`${this.line(this.#nextLine)}\n`);
+      this.#nextLine += this.#step;
+    }
+  }
+
+  /** The final line: "label 3.44 GB in 1m12s (47.8 MB/s)". */
+  finish(): void {
+    if (this.#ended) return;
+    this.#ended = true;
+    const seconds = (this.#now() - this.#t0) / 1000;
+    const rate = formatByteRate(this.#rate(this.#done));
+    const resumed = this.#start > 0 ? `, resumed at ${formatBytes(this.#start)}` : "";
+    const text = `${this.#label ? `${this.#label} ` : ""}${formatBytes(this.#done)} in ` +
+      `${formatDuration(seconds)} (${rate}${resumed})`;
+    this.#write(this.#tty ? `\r\x1b[2K${text}\n` : `${text}\n`);
+  }
+
+  /** Ends the line without a summary (the download failed; its error follows on its own line). */
+  abort(): void {
+    if (this.#ended) return;
+    this.#ended = true;
+    if (this.#tty && this.#lastDraw > -Infinity) this.#write("\n");
+  }
+
+  #rate(done: number): number {
+    const seconds = (this.#now() - this.#t0) / 1000;
+    return seconds > 0 ? (done - this.#start) / seconds : 0;
+  }
+}
+
+function formatByteRate(perSecond: number): string {
+  return perSecond > 0 && Number.isFinite(perSecond) ? `${formatBytes(perSecond)}/s` : "- B/s";
+}
+
+export interface StepProgressOptions {
+  /** Redraw in place (default: whether stderr is a terminal). */
+  tty?: boolean;
+  /** Where lines go (default: stderr). */
+  write?: (text: string) => void;
+  /** Clock in milliseconds (tests). */
+  now?: () => number;
+}
+
+/**
+ * Off a terminal, the steps after which a line is printed: every ceil(total / 10)th and the last,
+ * so a log gets at most about ten lines per image whatever the step count.
+ */
+export function stepLineEvery(total: number): number {
+  return Math.max(1, Math.ceil(total / 10));
+}
+
+/** "2.1 s/step", "0.034 s/step". */
+function secondsPerStep(seconds: number): string {
+  return `${seconds >= 1 ? seconds.toFixed(1) : seconds.toPrecision(2)} s/step`;
+}
+
+/**
+ * Denoising-step progress of one image: on a terminal "step i/n" redrawn in place; elsewhere
+ * "step 10/50, 2.1 s/step, ETA 1m24s" every `stepLineEvery(n)` steps and at the last.
+ */
+export class StepProgress {
+  readonly #tty: boolean;
+  readonly #write: (text: string) => void;
+  readonly #now: () => number;
+  readonly #t0: number;
+  #drawn = false;
+
+  constructor(opts: StepProgressOptions = {}) {
+    this.#tty = opts.tty ?? Deno.stderr.isTerminal();
+    this.#write = opts.write ?? writeStderr;
+    this.#now = opts.now ?? (() => performance.now());
+    this.#t0 = this.#now();
+  }
+
+  /** `done` of `total` steps are finished. */
+  step(done: number, total: number): void {
+    if (this.#tty) {
+      this.#drawn = true;
+      this.#write(`\rstep ${done}/${total}`);
+      return;
+    }
+    if (done % stepLineEvery(total) !== 0 && done !== total) return;
+    const perStep = (this.#now() - this.#t0) / 1000 / done;
+    const tail = done === total
+      ? `took ${formatDuration(perStep * done)}`
+      : `ETA ${formatDuration(perStep * (total - done))}`;
+    this.#write(`step ${done}/${total}, ${secondsPerStep(perStep)}, ${tail}\n`);
+  }
+
+  /** Ends the redrawn line. */
+  finish(): void {
+    if (this.#tty && this.#drawn) this.#write("\n");
+    this.#drawn = false;
+  }
+}
