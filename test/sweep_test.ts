@@ -1,0 +1,424 @@
+/**
+ * `dipsy sweep` on the tiny models: the plan (grid and list expansion, shared generation sets,
+ * stable ids), misspelt keys refused before anything is written, and a 2 x 2 sweep three ways:
+ * uninterrupted; killed part-way through its first generation set and rerun; and as two shards
+ * followed by `--table`. All three must end with the same table, images and adapters.
+ *
+ * The kill waits on the latch of `generate` (DIPSY_TEST_HOLD_AFTER_BATCH), never on timing.
+ */
+import assert from "node:assert/strict";
+import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { main } from "../cli/main.ts";
+import { loadPlan } from "../cli/sweep.ts";
+import { expandAxis, formatTable, slugOf, sweepTable, tableCsv } from "../core/sweep.ts";
+import { readTree, withOutput, writeTinyDataset } from "./util.ts";
+
+const REPO = fileURLToPath(new URL("..", import.meta.url));
+const MAIN = join(REPO, "cli", "main.ts");
+
+const ROOT = await Deno.makeTempDir({ prefix: "dipsy_sweep_test_" });
+const DATA = join(ROOT, "data");
+const TEST = join(ROOT, "test");
+await writeTinyDataset(DATA);
+await writeTinyDataset(TEST);
+globalThis.addEventListener("unload", () => Deno.removeSync(ROOT, { recursive: true }));
+
+/** The base experiment: 2 classes x 2 images, 2 steps at 32x32, one epoch, a held-out shot. */
+const BASE = [
+  `data: ${DATA}`,
+  `test: ${TEST}`,
+  "model: tiny",
+  "perClass: 2",
+  "steps: 2",
+  "size: 32",
+  "batch: 2",
+  "dtype: f32",
+  "device: cpu",
+  "holdout: 1",
+  "classifier: { epochs: 1, warmupEpochs: 0, batch: 8 }",
+];
+
+/** The 2 x 2 sweep the run tests share. */
+const SWEEP = [
+  ...BASE,
+  "generate:",
+  "  grid:",
+  "    guidance.negativeScale: [2, 4]",
+  "train:",
+  "  grid:",
+  "    lr: [0.0001, 0.001]",
+];
+
+async function sweepFile(name: string, lines: string[]): Promise<string> {
+  const path = join(ROOT, name);
+  await Deno.writeTextFile(path, lines.join("\n") + "\n");
+  return path;
+}
+
+const ENV = { OMP_NUM_THREADS: "1" };
+
+function dipsy(
+  args: string[],
+  env: Record<string, string> = {},
+  output: "piped" | "null" = "piped",
+) {
+  return new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", MAIN, ...args],
+    env: { ...ENV, ...env },
+    stdin: "null",
+    stdout: output,
+    stderr: output,
+  });
+}
+
+async function sweep(file: string, out: string, ...flags: string[]) {
+  const r = await dipsy(["sweep", file, "--out", out, "--workers", "1", ...flags]).output();
+  const text = new TextDecoder().decode(r.stderr) + new TextDecoder().decode(r.stdout);
+  return { code: r.code, text };
+}
+
+const table = (out: string) => JSON.parse(readFileSync(join(out, "sweep.json"), "utf8"));
+
+/** Each generation set's images and manifest, and each cell's final adapter, by path. */
+async function results(out: string): Promise<Map<string, Uint8Array>> {
+  const files = new Map<string, Uint8Array>();
+  for (const set of readdirSync(join(out, "gen"))) {
+    for (const [f, bytes] of await readTree(join(out, "gen", set))) {
+      if (f.endsWith(".jpg")) files.set(`gen/${set}/${f}`, bytes);
+    }
+    const lines = readFileSync(join(out, "gen", set, "manifest.jsonl"), "utf8").split("\n");
+    files.set(
+      `gen/${set}/manifest`,
+      new TextEncoder().encode(lines.filter(Boolean).sort().join("\n")),
+    );
+  }
+  for (const cell of readdirSync(join(out, "cells"))) {
+    for (const [f, bytes] of await readTree(join(out, "cells", cell, "train", "adapter"))) {
+      files.set(`cells/${cell}/adapter/${f}`, bytes);
+    }
+  }
+  return files;
+}
+
+function assertSameFiles(got: Map<string, Uint8Array>, want: Map<string, Uint8Array>) {
+  assert.deepEqual([...got.keys()].sort(), [...want.keys()].sort(), "the same files");
+  for (const [f, bytes] of want) assert.deepEqual(got.get(f), bytes, `${f}: the same bytes`);
+}
+
+Deno.test("sweep plan: grid and list expansion, shared generation sets, stable ids", async () => {
+  assert.deepEqual(expandAxis({ grid: { a: [1, 2], b: ["x", "y", "z"] } }, "t"), [
+    { a: 1, b: "x" },
+    { a: 1, b: "y" },
+    { a: 1, b: "z" },
+    { a: 2, b: "x" },
+    { a: 2, b: "y" },
+    { a: 2, b: "z" },
+  ]);
+  assert.deepEqual(expandAxis({ list: [{ lr: 1 }, { lr: 2, lambda: 0.5 }] }, "t"), [
+    { lr: 1 },
+    { lr: 2, lambda: 0.5 },
+  ]);
+  assert.deepEqual(expandAxis(undefined, "t"), [{}], "no axis: one entry, the base");
+  assert.equal(slugOf({ "guidance.negativeScale": 2, lr: 0.001 }), "negativeScale2_lr0.001");
+  assert.equal(slugOf({}), "base");
+
+  const lines = [
+    ...BASE,
+    "generate:",
+    "  list:",
+    "    - { guidance.negativeScale: 2 }",
+    "    - { guidance.negativeScale: 4, sampler: ddim }",
+    // The same settings as the first entry, spelt otherwise: one generation set for both.
+    "    - { preset: dipsy, guidance: { negativeScale: 2 } }",
+    "train:",
+    "  list:",
+    "    - { lr: 0.0001 }",
+    "    - { lr: 0.001, lambda: 0.5 }",
+  ];
+  const file = await sweepFile("plan.yaml", lines);
+  const out = join(ROOT, "plan-out");
+  const plan = await loadPlan(file, { out });
+  assert.equal(plan.generations.length, 2, "the third entry resolves like the first");
+  assert.equal(plan.trainings.length, 2);
+  assert.equal(plan.cells.length, 4);
+  assert.equal(plan.metric, "val_top1", "holdout: ranked by validation");
+  assert.deepEqual(plan.swept, [
+    "guidance.negativeScale",
+    "sampler",
+    "preset",
+    "guidance",
+    "lr",
+    "lambda",
+  ]);
+  const [g1, g2] = plan.generations;
+  assert.match(g1.id, /^negativeScale2-[0-9a-f]{8}$/);
+  assert.match(g2.id, /^negativeScale4_samplerddim-[0-9a-f]{8}$/);
+  assert.equal(g1.config.out, join(out, "gen", g1.id));
+  assert.equal(g1.config.guidance.options.negativeScale, 2);
+  assert.equal(g2.config.sampler.name, "ddim");
+  assert.deepEqual(
+    plan.cells.map((c) => c.id),
+    [g1, g2].flatMap((g) => plan.trainings.map((t) => `${g.id}--${t.id}`)),
+  );
+  assert.equal(plan.cells[0].run, `cells/${plan.cells[0].id}`);
+  assert.ok(!existsSync(out), "planning writes nothing");
+
+  // The same file gives the same ids; a changed setting changes only the ids it is part of.
+  assert.deepEqual(
+    (await loadPlan(file, { out })).cells.map((c) => c.id),
+    plan.cells.map((c) => c.id),
+  );
+  const changed = await loadPlan(
+    await sweepFile("plan2.yaml", lines.map((l) => l.replace("lr: 0.001,", "lr: 0.002,"))),
+    { out },
+  );
+  assert.deepEqual(changed.generations.map((g) => g.id), plan.generations.map((g) => g.id));
+  assert.equal(changed.trainings[0].id, plan.trainings[0].id);
+  assert.notEqual(changed.trainings[1].id, plan.trainings[1].id);
+  const more = await loadPlan(
+    await sweepFile("plan3.yaml", lines.map((l) => l.replace("perClass: 2", "perClass: 3"))),
+    { out },
+  );
+  for (const [i, g] of more.generations.entries()) {
+    assert.notEqual(g.id, plan.generations[i].id, "perClass is part of every generation id");
+  }
+});
+
+Deno.test("sweep table: ranked by validation top-1, ties in plan order; CSV and text alike", async () => {
+  const lines = [...BASE, ...SWEEP.slice(BASE.length)];
+  const plan = await loadPlan(await sweepFile("rank.yaml", lines), { out: join(ROOT, "rank") });
+  const [a, b, c, d] = plan.cells.map((cell) => cell.id);
+  const result = (val: number | null, test: number) => ({
+    val_top1: val,
+    test_top1: test,
+    test_top5: 1,
+    mean_per_class: test,
+  });
+  // b and d tie on validation (d has the better test top-1: validation alone decides); c is
+  // not finished; a failed before.
+  const results = new Map([[b, result(0.75, 0.5)], [d, result(0.75, 0.9)], [a, result(0.5, 1)]]);
+  const table = sweepTable(plan, results, new Map([[c, "out of memory"]]));
+  assert.equal(table.metric, "val_top1");
+  assert.deepEqual(table.rows.map((r) => [r.rank, r.cell]), [[1, b], [2, d], [3, a]]);
+  assert.deepEqual(table.rows[0].settings, { "guidance.negativeScale": 2, lr: 0.001 });
+  assert.equal(table.rows[0].run, `cells/${b}`);
+  assert.deepEqual(table.missing, [c]);
+  assert.deepEqual(table.failed, [{ cell: c, reason: "out of memory" }]);
+  const csv = tableCsv(table).trim().split("\n");
+  assert.equal(csv[1], `1,${b},cells/${b},2,0.001,0.75,0.5,1,0.5`);
+  const text = formatTable(table).split("\n");
+  assert.match(text[0], /ranked by validation top-1/);
+  assert.match(text[2], new RegExp(`^ +1  2 +0\\.001 +75\\.00 +50\\.00 +100\\.00 +50\\.00  ${b}$`));
+
+  // Without a validation split the test set ranks, and the table says so.
+  const noVal = await loadPlan(
+    await sweepFile("rank-test.yaml", lines.filter((l) => !l.startsWith("holdout"))),
+    { out: join(ROOT, "rank") },
+  );
+  const ids = noVal.cells.map((cell) => cell.id);
+  const byTest = sweepTable(
+    noVal,
+    new Map([[ids[0], result(null, 0.25)], [ids[1], result(null, 0.5)]]),
+  );
+  assert.equal(byTest.metric, "test_top1");
+  assert.deepEqual(byTest.rows.map((r) => r.cell), [ids[1], ids[0]]);
+  assert.match(formatTable(byTest), /ranked by test top-1 \(no validation split\)/);
+});
+
+Deno.test("sweep: a misspelt key anywhere is refused before anything is written", async () => {
+  const cases: [string, string[], RegExp][] = [
+    [
+      "generation option",
+      [...BASE, "generate: { grid: { guidance.negativeScal: [2, 4] } }"],
+      /generate "guidance\.negativeScal": .*"negativeScal".*did you mean "?negativeScale\b/,
+    ],
+    [
+      "generation setting",
+      [...BASE, "generate: { list: [{ stpes: 3 }] }"],
+      /generate: unknown generation key "stpes" \(did you mean "steps"\?\)/,
+    ],
+    [
+      "plugin key",
+      [...BASE, "generate: { grid: { guidence.negativeScale: [2] } }"],
+      /unknown key "guidence\.negativeScale" \(did you mean "guidance\.negativeScale"\?\)/,
+    ],
+    ["training key", [...BASE, "train: { grid: { lrr: [0.1] } }"], /train "lrr": .*"lrr"/],
+    ["base key", [...BASE, "perClas: 3"], /unknown key "perClas" \(did you mean "perClass"\?\)/],
+    [
+      "base-only key swept",
+      [...BASE, "generate: { grid: { shots: [1, 2] } }"],
+      /generate: "shots" is a base setting/,
+    ],
+  ];
+  for (const [what, lines, message] of cases) {
+    const file = await sweepFile(`bad-${what.replaceAll(" ", "-")}.yaml`, lines);
+    const out = join(ROOT, `bad-out-${what.replaceAll(" ", "-")}`);
+    const { result, lines: printed } = await withOutput(() => main(["sweep", file, "--out", out]));
+    assert.equal(result, 1, `${what}: refused`);
+    assert.equal(printed.length, 1, `${what}: one line, got ${printed.join("\n")}`);
+    assert.ok(printed[0].includes(file), `${what}: names the file: ${printed[0]}`);
+    assert.match(printed[0], message, what);
+    assert.ok(!existsSync(out), `${what}: nothing written`);
+  }
+});
+
+Deno.test("sweep 2 x 2: uninterrupted, killed and rerun, and as two shards: one table", async (t) => {
+  const file = await sweepFile("sweep.yaml", SWEEP);
+  const reference = join(ROOT, "reference");
+  await t.step("uninterrupted", async () => {
+    const r = await sweep(file, reference);
+    assert.equal(r.code, 0, r.text);
+    const got = table(reference);
+    assert.equal(got.metric, "val_top1");
+    assert.deepEqual(got.swept, ["guidance.negativeScale", "lr"]);
+    assert.equal(got.rows.length, 4);
+    assert.deepEqual(got.missing, []);
+    assert.deepEqual(got.rows.map((r: { rank: number }) => r.rank), [1, 2, 3, 4]);
+    for (const row of got.rows) {
+      assert.ok(existsSync(join(reference, row.run, "report.json")), `${row.run} is a run folder`);
+      for (const f of ["val_top1", "test_top1", "test_top5", "mean_per_class"]) {
+        assert.equal(typeof row[f], "number", `${row.cell}: ${f}`);
+      }
+    }
+    const values = got.rows.map((r: { settings: Record<string, number> }) => r.settings);
+    assert.deepEqual(
+      new Set(values.map((s: Record<string, number>) => JSON.stringify(s))),
+      new Set(
+        [2, 4].flatMap((n) =>
+          [1e-4, 1e-3].map((lr) => JSON.stringify({ "guidance.negativeScale": n, lr }))
+        ),
+      ),
+    );
+    // The two training settings of a generation set read one set, generated once.
+    const sets = readdirSync(join(reference, "gen"));
+    assert.equal(sets.length, 2);
+    for (const set of sets) {
+      const manifest = readFileSync(join(reference, "gen", set, "manifest.jsonl"), "utf8");
+      assert.equal(manifest.split("\n").filter(Boolean).length, 4, `${set}: 4 images, once each`);
+      const cells = readdirSync(join(reference, "cells")).filter((c) => c.startsWith(`${set}--`));
+      assert.equal(cells.length, 2);
+      for (const c of cells) {
+        assert.equal(readlinkSync(join(reference, "cells", c, "synthetic")), `../../gen/${set}`);
+      }
+    }
+    assert.ok(existsSync(join(reference, "plan.json")));
+    assert.ok(existsSync(join(reference, "similarity.json")), "similarity computed once, kept");
+    const csv = readFileSync(join(reference, "sweep.csv"), "utf8").trim().split("\n");
+    assert.equal(
+      csv[0],
+      "rank,cell,run,guidance.negativeScale,lr,val_top1,test_top1,test_top5,mean_per_class",
+    );
+    assert.equal(csv.length, 5);
+  });
+  const want = await results(reference);
+
+  await t.step("killed part-way through and rerun", async () => {
+    const out = join(ROOT, "killed");
+    const hold = join(ROOT, "hold");
+    await Deno.mkdir(hold);
+    const child = dipsy(
+      ["sweep", file, "--out", out, "--workers", "1"],
+      { DIPSY_TEST_HOLD_AFTER_BATCH: hold },
+      "null",
+    ).spawn();
+    let exited = false;
+    const status = child.status.then((s) => {
+      exited = true;
+      return s;
+    });
+    // The latch's signal: the process has written its first batch and waits.
+    const held = join(hold, "held-0");
+    while (!existsSync(held) && !exited) await new Promise((r) => setTimeout(r, 50));
+    assert.ok(!exited, "the sweep reached the latch");
+    child.kill("SIGKILL");
+    await status;
+    const sets = readdirSync(join(out, "gen"));
+    assert.equal(sets.length, 1, "killed in the first generation set");
+    const lines = readFileSync(join(out, "gen", sets[0], "manifest.jsonl"), "utf8").split("\n");
+    assert.equal(lines.filter(Boolean).length, 2, "one batch of two images was written");
+    assert.ok(!existsSync(join(out, "cells")), "no cell started");
+
+    const r = await sweep(file, out);
+    assert.equal(r.code, 0, r.text);
+    assert.deepEqual(table(out), table(reference));
+    assertSameFiles(await results(out), want);
+
+    const again = await sweep(file, out);
+    assert.equal(again.code, 0, again.text);
+    assert.equal(
+      again.text.match(/: complete(?: \(\d+ images\))?, skipped/g)?.length,
+      6,
+      "2 sets and 4 cells skipped",
+    );
+    assert.deepEqual(table(out), table(reference));
+  });
+
+  await t.step("two shards, then --table", async () => {
+    const out = join(ROOT, "sharded");
+    const first = await sweep(file, out, "--shard", "0/2");
+    assert.equal(first.code, 0, first.text);
+    assert.equal(readdirSync(join(out, "gen")).length, 1, "shard 0 did one generation set");
+    assert.equal(table(out).rows.length, 2);
+    assert.equal(table(out).missing.length, 2);
+    assert.match(first.text, /2 of 4 cell\(s\) finished, 2 missing/);
+    const second = await sweep(file, out, "--shard", "1/2");
+    assert.equal(second.code, 0, second.text);
+    const final = await sweep(file, out, "--table");
+    assert.equal(final.code, 0, final.text);
+    assert.deepEqual(table(out), table(reference));
+    assertSameFiles(await results(out), want);
+  });
+});
+
+Deno.test("sweep: a failing cell is recorded with its reason and the others go on", async () => {
+  const file = await sweepFile("failing.yaml", [
+    ...BASE,
+    "train: { list: [{ lr: 0.0001 }, { lr: 0.001 }] }",
+  ]);
+  const out = join(ROOT, "failing");
+  const [bad, good] = (await loadPlan(file, { out })).cells;
+  // A broken training record where the first cell trains: that cell cannot start.
+  await Deno.mkdir(join(out, bad.run, "train"), { recursive: true });
+  await Deno.writeTextFile(join(out, bad.run, "train", "train.json"), "{ not json");
+  const r = await sweep(file, out);
+  assert.equal(r.code, 1, "a failed cell makes the exit code non-zero");
+  assert.match(r.text, new RegExp(`${bad.id}: failed: .*train\\.json is not valid JSON`));
+  const t = table(out);
+  assert.deepEqual(t.rows.map((row: { cell: string }) => row.cell), [good.id], "the other ran");
+  assert.deepEqual(t.missing, [bad.id]);
+  assert.equal(t.failed.length, 1);
+  assert.match(t.failed[0].reason, /train\.json is not valid JSON/);
+  assert.ok(existsSync(join(out, bad.run, "failed.json")));
+
+  // Fixed, the same command runs the failed cell alone, and its failure record goes.
+  await Deno.remove(join(out, bad.run, "train"), { recursive: true });
+  const again = await sweep(file, out);
+  assert.equal(again.code, 0, again.text);
+  assert.equal(table(out).rows.length, 2);
+  assert.deepEqual(table(out).failed, []);
+  assert.ok(!existsSync(join(out, bad.run, "failed.json")));
+  assert.match(again.text, new RegExp(`${good.id}: complete, skipped`));
+});
+
+Deno.test("docs: the sweep file of docs/sweep.md plans; cluster.md shows sweep.sbatch as it is", async () => {
+  const doc = await Deno.readTextFile(join(REPO, "docs", "sweep.md"));
+  const example = /```yaml\n([\s\S]*?)```/.exec(doc)?.[1];
+  assert.ok(example, "docs/sweep.md has a YAML example");
+  const file = await sweepFile("doc.yaml", [example.replace("dataset: pets", "model: tiny")]);
+  const plan = await loadPlan(file);
+  assert.equal(plan.generations.length, 6, "2 text scales x 3 negative scales");
+  assert.equal(plan.trainings.length, 2);
+  assert.equal(plan.cells.length, 12);
+  assert.deepEqual(plan.swept, ["guidance.textScale", "guidance.negativeScale", "lr", "lambda"]);
+  assert.equal(plan.metric, "val_top1");
+  assert.equal(plan.out, join(ROOT, "sweeps", "pets"), "out: relative to the file");
+
+  const cluster = await Deno.readTextFile(join(REPO, "docs", "cluster.md"));
+  const script = await Deno.readTextFile(join(REPO, "docs", "cluster", "sweep.sbatch"));
+  const at = cluster.indexOf("](cluster/sweep.sbatch)");
+  assert.ok(at >= 0, "docs/cluster.md links to cluster/sweep.sbatch");
+  assert.equal(/```[a-z]*\n([\s\S]*?)```/.exec(cluster.slice(at))?.[1], script);
+  assert.match(script, /\nexec deno task dipsy sweep "\$@"\n$/);
+});
