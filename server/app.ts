@@ -34,6 +34,7 @@ import {
   JOB_REQUEST,
   type JobEvent,
   JobRequestError,
+  jobRequestJson,
   JobStore,
   planJob,
   resolveRoots,
@@ -48,8 +49,10 @@ import {
   readJson,
 } from "./body.ts";
 import { type HttpServer, serveHttp } from "./http.ts";
+import { mountPages, pageCookieAuthorized, pageGate } from "./pages.ts";
 import { API_VERSION, openApi, routeDocs } from "./openapi.ts";
-import * as s from "./schema.ts";
+import * as s from "../core/schema.ts";
+import { pluginOptionSchemas } from "./openapi.ts";
 
 export { API_VERSION } from "./openapi.ts";
 export { HttpError } from "./body.ts";
@@ -209,15 +212,17 @@ function sampleForm(reg: Registry, limits: Limits) {
         "Accept: application/json)",
     })),
   }, { extra: (k) => GUIDANCE_FIELD.test(k) });
-  // Which images are required depends on the guidance: said in the document as conditions.
+  // Which images are required depends on the guidance: said in the document as conditions, and
+  // so are the options each guidance takes (its schema, which checks them).
   const conditions = [
     requiredWith("positive", needs.positive, needs.all),
     requiredWith("negative", needs.negative, needs.all),
+    ...pluginOptionSchemas(reg, "guidance", DEFAULT_GUIDANCE, "guidanceOptions"),
   ].filter((c) => c !== null);
   return {
     form,
     json: (): s.JsonSchema => ({
-      ...form.json(),
+      ...form.jsonSchema(),
       ...(conditions.length ? { allOf: conditions } : {}),
     }),
   };
@@ -379,7 +384,7 @@ export function createApp(o: AppOptions): {
 } {
   const { engine, jobs, limits, registry: reg } = o;
   const { form, json: sampleJson } = sampleForm(reg, limits);
-  const docs = routeDocs(sampleJson(), JOB_REQUEST.json());
+  const docs = routeDocs(sampleJson(), jobRequestJson(reg));
   const doc = openApi(docs, o.token !== null);
   const app = new Hono();
 
@@ -417,9 +422,15 @@ export function createApp(o: AppOptions): {
     );
   };
   if (o.token !== null) {
+    const token = o.token;
     app.use("*", async (c, next) => {
-      const refused = unauthorized(new URL(c.req.url).pathname, c.req.header("authorization"));
-      if (refused) return refused;
+      const answered = pageGate(c.req.raw, token);
+      if (answered) return answered;
+      // Pages and their own API calls (an EventSource sends no header) carry the page cookie.
+      if (!pageCookieAuthorized(c.req.raw, token)) {
+        const refused = unauthorized(new URL(c.req.url).pathname, c.req.header("authorization"));
+        if (refused) return refused;
+      }
       await next();
     });
   }
@@ -438,9 +449,7 @@ export function createApp(o: AppOptions): {
       reg.list(kind).map((d) => ({
         name: d.name,
         description: d.description,
-        options: Object.fromEntries(
-          Object.entries(d.options ?? {}).filter(([k]) => k !== "config" && k !== "steps"),
-        ),
+        options: Object.fromEntries(reg.docs(kind, d.name).map(({ name, ...doc }) => [name, doc])),
       }));
     const info = engine.info;
     return json({
@@ -599,6 +608,8 @@ export function createApp(o: AppOptions): {
     jobs.cancel(job);
     return json(job.view(), 202);
   });
+
+  mountPages(app, { jobs, roots: o.roots });
 
   return {
     app,

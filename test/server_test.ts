@@ -477,7 +477,7 @@ function badCases(): BadCase[] {
   }
   for (
     const [method, path] of [
-      ["GET", "/"],
+      ["GET", "/index.html"],
       ["GET", "/v2/info"],
       ["GET", "/v1/infos"],
       ["POST", "/v1/samples"],
@@ -655,15 +655,20 @@ function badCases(): BadCase[] {
       "guidance option of the wrong type",
       400,
       { "guidance.textScale": "high" },
-      "guidanceOptions",
+      "guidanceOptions.textScale",
     ),
     sampleCase(
       "guidance weight a list",
       400,
       { "guidance.adapterScale": "[1]" },
-      "guidanceOptions",
+      "guidanceOptions.adapterScale",
     ),
-    sampleCase("bad interval", 400, { "guidance.interval": "[0.9, 0.1]" }, "guidanceOptions"),
+    sampleCase(
+      "bad interval",
+      400,
+      { "guidance.interval": "[0.9, 0.1]" },
+      "guidanceOptions.interval",
+    ),
     sampleCase(
       "unknown dotted option",
       400,
@@ -839,13 +844,13 @@ function badCases(): BadCase[] {
       "job bad guidance option",
       400,
       { ...JOB, out: "o", guidance: { textScale: "x" } },
-      "guidance",
+      "guidance.textScale",
     ),
     jobCase("job bad sampler option", 400, {
       ...JOB,
       out: "o",
       sampler: { name: "ddim", eta: "x" },
-    }, "sampler"),
+    }, "sampler.eta"),
     jobCase("job shard past its count", 400, { ...JOB, out: "o", shard: "2/2" }, "shard"),
     jobCase("job shard of zero", 400, { ...JOB, out: "o", shard: "0/0" }, "shard"),
     jobCase("job data is a file", 400, { ...JOB, out: "o", data: "not-a-folder.txt" }, "data"),
