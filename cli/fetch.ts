@@ -114,8 +114,9 @@ function isFile(p: string): boolean {
 /** The files each item needs, in a Hub repo or on disk; a bad reference is a CliError. */
 async function entriesOf(items: FetchItem[]): Promise<Entry[]> {
   const { splitRef } = await import("../app/models.ts");
-  const { parseModelRef, ModelNotFoundError } = await import("../core/hub.ts");
+  const { checkModelFile, parseModelRef, ModelNotFoundError } = await import("../core/hub.ts");
   const { CliError } = await import("./command.ts");
+  const { UserError } = await import("../ffi/errors.ts");
   const out: Entry[] = [];
   for (const item of items) {
     if (item.ref === TINY) continue;
@@ -143,7 +144,14 @@ async function entriesOf(items: FetchItem[]): Promise<Entry[]> {
       throw e;
     }
     for (const f of item.files) {
-      const file = [sub, f].filter((s) => s).join("/");
+      let file = [sub, f].filter((s) => s).join("/");
+      try {
+        // Up front, so that a path out of the model or a pickle is one line naming the flag.
+        file = checkModelFile(file, `${item.flag} ${item.ref}`);
+      } catch (e) {
+        if (e instanceof UserError) throw new CliError(e.message);
+        throw e;
+      }
       if (parsed.kind === "local") {
         const path = join(parsed.path, file);
         out.push({ item, name: path, key: `local ${path}`, path });

@@ -45,6 +45,12 @@ export interface HubOptions {
   timeoutMs?: number;
   /** Download progress (default: on stderr, redrawn on a terminal); false: none. */
   progress?: Omit<ByteProgressOptions, "label"> | false;
+  /**
+   * How long to wait for a file another process is downloading (it holds the file's lock under
+   * .locks/) before saying so, in ms (default 5000); the line goes where progress goes, on
+   * stderr when there is none. The wait itself has no end.
+   */
+  lockNoticeMs?: number;
 }
 
 export interface FileOptions extends HubOptions {
@@ -84,7 +90,11 @@ export function isOffline(env: Env = processEnv): boolean {
 
 function homeDir(env: Env): string {
   const home = env("HOME") ?? env("USERPROFILE");
-  if (!home) throw new Error("cannot locate the Hugging Face cache: HOME is not set");
+  if (!home) {
+    throw new UserError(
+      "cannot locate the Hugging Face cache: HOME is not set (set HF_HUB_CACHE or HF_HOME)",
+    );
+  }
   return home;
 }
 
@@ -159,10 +169,12 @@ function cachedCommit(repoDir: string, revision: string): string | null {
   return COMMIT.test(revision) ? revision : null;
 }
 
-function relativeFile(path: string, subfolder?: string): string {
+function relativeFile(path: string, subfolder?: string, where?: string): string {
   const rel = normalize(subfolder ? `${subfolder}/${path}` : path).replaceAll("\\", "/");
-  if (!path || isAbsolute(rel) || rel === ".." || rel.startsWith("../")) {
-    throw new RangeError(`model file path must stay inside the model folder, got "${rel}"`);
+  const prefix = where ? `${where}: ` : "";
+  if (!path) throw new UserError(`${prefix}no file path inside the model given`);
+  if (isAbsolute(rel) || rel === ".." || rel.startsWith("../")) {
+    throw new UserError(`${prefix}model file path must stay inside the model folder, got "${rel}"`);
   }
   return rel;
 }
@@ -176,6 +188,16 @@ function refusePickle(file: string, where: string): void {
       file,
     );
   }
+}
+
+/**
+ * A file path inside a model as dipsy reads it (normalized, "/"-separated); a UserError that
+ * starts with `where` when it leaves the model folder or names a pickle checkpoint.
+ */
+export function checkModelFile(path: string, where: string): string {
+  const file = relativeFile(path, undefined, where);
+  refusePickle(file, where);
+  return file;
 }
 
 /** Pickle files a repo may hold instead of the safetensors file that was asked for. */
@@ -331,8 +353,10 @@ export function explainDownloadError(e: unknown): string {
   if (status === 404) return `not found on the Hub (HTTP 404: ${msg})`;
   if (e instanceof Error && e.name === "TimeoutError") return msg;
   const cause = e instanceof Error && e.cause instanceof Error ? ` (${e.cause.message})` : "";
-  // Query strings (the API's expand=... list) only bury the reason.
-  return `${msg}${cause}`.replace(/\?[^\s)]*/g, "");
+  // Query strings (the API's expand=... list) only bury the reason, and a proxy's HTML error page
+  // would break the one line the reason is part of.
+  const line = `${msg}${cause}`.replace(/\?[^\s)]*/g, "").replace(/\s+/g, " ").trim();
+  return line.length > 300 ? `${line.slice(0, 300)}...` : line;
 }
 
 /** A fetch that gives up when the server does not answer within `ms` (the body may take longer). */
@@ -427,7 +451,11 @@ async function remoteFiles(
     if (!etag || /[\\/]|^\.\.?$/.test(etag)) {
       throw new Error(`the Hub gave no usable object id for ${info.path}`);
     }
-    out.set(info.path, { path: info.path, size: info.lfs?.size ?? info.size, etag });
+    const sha256 = info.lfs?.oid;
+    if (sha256 !== undefined && !/^[0-9a-f]{64}$/.test(sha256)) {
+      throw new Error(`the Hub gave no sha256 for the LFS file ${info.path}`);
+    }
+    out.set(info.path, { path: info.path, size: info.lfs?.size ?? info.size, etag, sha256 });
   }
   return out;
 }
@@ -457,9 +485,9 @@ async function download(
     Deno.writeTextFileSync(marker, "");
     throw new HttpError(`commit ${commit} has no file "${file}"`, 404);
   }
-  const progress = opts.progress === false
-    ? false
-    : { ...opts.progress, label: `download ${repo} ${file}` };
+  const label = `download ${repo} ${file}`;
+  const progress = opts.progress === false ? false : { ...opts.progress, label };
+  const write = (opts.progress !== false && opts.progress?.write) || writeStderr;
   return await downloadToCache({
     url: `${api.hubUrl}/${repo}/resolve/${commit}/${encodePath(file)}`,
     repoDir,
@@ -469,7 +497,14 @@ async function download(
     fetch: api.fetch,
     idleMs: Math.max(api.timeoutMs, 30_000),
     progress,
+    label,
+    lockNotice: { afterMs: opts.lockNoticeMs ?? 5000, write },
   });
+}
+
+function writeStderr(text: string): void {
+  const bytes = new TextEncoder().encode(text);
+  for (let off = 0; off < bytes.length;) off += Deno.stderr.writeSync(bytes.subarray(off));
 }
 
 function writeRef(repoDir: string, revision: string, commit: string): void {

@@ -10,7 +10,9 @@ import { join } from "node:path";
 import type { ByteProgressOptions } from "../core/progress.ts";
 import { fetchItems, runFetch } from "../cli/fetch.ts";
 import { splitRef } from "../app/models.ts";
+import { CliError } from "../cli/command.ts";
 import {
+  explainDownloadError,
   hubCacheDir,
   type HubOptions,
   isOffline,
@@ -298,6 +300,10 @@ interface MockOptions {
    * resolves it when the client has shown progress).
    */
   interrupt?: { path: string; after: number; cut: Promise<void> };
+  /** Answers Range requests this many bytes away from the offset asked for (and says so). */
+  rangeShift?: number;
+  /** Serves this file with one byte changed (the listing keeps the true size and sha256). */
+  corrupt?: string;
 }
 
 /** Files from this size up are LFS files, whose blob name is their sha256, as on the Hub. */
@@ -364,9 +370,13 @@ function mockHub(repos: Record<string, MockRepo>, opts: MockOptions = {}) {
         },
       });
     }
-    const body = bytesOf(repo.files[name!]);
+    let body = bytesOf(repo.files[name!]);
+    if (opts.corrupt === name) {
+      body = body.slice();
+      body[body.length >> 1] ^= 0xff;
+    }
     const m = /bytes=(\d+)-(\d*)/.exec(range ?? "");
-    const from = m ? Number(m[1]) : 0;
+    const from = m ? Number(m[1]) + (opts.rangeShift ?? 0) : 0;
     const to = m && m[2] ? Number(m[2]) + 1 : body.length;
     const cut = opts.interrupt?.path === name && !interrupted ? opts.interrupt : undefined;
     if (cut) interrupted = true;
@@ -575,6 +585,160 @@ Deno.test("an interrupted download leaves no complete-looking file; the rerun re
       const first = Math.floor(have / 1000) + 1;
       assert.equal(lines.length, 10 - first + 1, lines.join(""));
       assert.match(lines[0], new RegExp(`\\(${first}0%\\)`));
+    });
+  });
+});
+
+function sha256(bytes: Uint8Array): string {
+  return createHash("sha256").update(bytes).digest("hex");
+}
+
+/** The one-line reason inside a failed download's message; asserts the message is one line. */
+function oneLine(message: string): string {
+  assert.ok(!message.includes("\n"), message);
+  assert.ok(!/\bat .*:\d+:\d+/.test(message), `no stack in ${message}`);
+  return message;
+}
+
+/** What is in blobs/ and whether the snapshot entry exists, for "nothing was left" checks. */
+function leftovers(repo: string, commit: string, file: string) {
+  const blobs = join(repo, "blobs");
+  return {
+    blobs: existsSync(blobs) ? [...Deno.readDirSync(blobs)].map((e) => e.name).sort() : [],
+    snapshot: existsSync(join(repo, "snapshots", commit, file)),
+  };
+}
+
+Deno.test("a resumed answer from the wrong offset leaves no blob; the next attempt starts over", async () => {
+  await withFakeCache(async (fake) => {
+    const sha = "9".repeat(40);
+    const data = deterministicBytes(10_000);
+    const sum = sha256(data);
+    const repo = join(fake.cache, "models--org--big");
+    // The first 4000 bytes of an earlier attempt; the server answers their Range from byte 3000.
+    Deno.mkdirSync(join(repo, "blobs"), { recursive: true });
+    Deno.writeFileSync(join(repo, "blobs", `${sum}.incomplete`), data.slice(0, 4000));
+    const repos = { "org/big": { sha, files: { "w.safetensors": data } } };
+    await withMockHub(repos, { chunk: 1000, rangeShift: -1000 }, async (hub) => {
+      const lines: string[] = [];
+      const opts = {
+        cacheDir: fake.cache,
+        offline: false,
+        endpoint: hub.url,
+        progress: collect(lines),
+      };
+      const msg = await rejectsWith(
+        resolveModelFile("org/big", "w.safetensors", opts),
+        /w\.safetensors: asked for the bytes from 4000 on, the server sent bytes from 3000/,
+        /next attempt starts over/,
+      );
+      oneLine(msg);
+      assert.deepEqual(leftovers(repo, sha, "w.safetensors"), { blobs: [], snapshot: false });
+      assert.deepEqual(lines, [], "no progress for bytes that were refused");
+
+      // The partial file is gone, so the next attempt asks for the whole file and gets it.
+      const path = await resolveModelFile("org/big", "w.safetensors", opts);
+      assert.equal(hub.requests.at(-1), `GET /org/big/resolve/${sha}/w.safetensors`);
+      assert.deepEqual(Deno.readFileSync(path), data);
+      assert.deepEqual(leftovers(repo, sha, "w.safetensors"), { blobs: [sum], snapshot: true });
+    });
+  });
+});
+
+Deno.test("an LFS file whose bytes do not match its sha256 leaves no blob and names both digests", async () => {
+  await withFakeCache(async (fake) => {
+    const sha = "8".repeat(40);
+    const data = deterministicBytes(10_000);
+    const sum = sha256(data);
+    const bad = data.slice();
+    bad[bad.length >> 1] ^= 0xff; // the byte the corrupting server changes
+    const repo = join(fake.cache, "models--org--big");
+    const repos = { "org/big": { sha, files: { "w.safetensors": data } } };
+    const opts = (url: string) => ({
+      cacheDir: fake.cache,
+      offline: false,
+      endpoint: url,
+      progress: collect([]),
+    });
+    await withMockHub(repos, { chunk: 1000, corrupt: "w.safetensors" }, async (hub) => {
+      const msg = await rejectsWith(
+        resolveModelFile("org/big", "w.safetensors", opts(hub.url)),
+        new RegExp(
+          `w\\.safetensors: the downloaded bytes have sha256 ${sha256(bad)}, the Hub lists ${sum}`,
+        ),
+        /the download was deleted/,
+      );
+      oneLine(msg);
+      assert.deepEqual(leftovers(repo, sha, "w.safetensors"), { blobs: [], snapshot: false });
+    });
+    // A corrupt prefix kept from an earlier attempt is caught as well: the hash covers it.
+    const prefix = bad.slice(0, 6000);
+    Deno.writeFileSync(join(repo, "blobs", `${sum}.incomplete`), prefix);
+    const resumed = new Uint8Array([...prefix, ...data.slice(6000)]);
+    await withMockHub(repos, { chunk: 1000 }, async (hub) => {
+      await rejectsWith(
+        resolveModelFile("org/big", "w.safetensors", opts(hub.url)),
+        new RegExp(`sha256 ${sha256(resumed)}, the Hub lists ${sum}`),
+      );
+      assert.equal(hub.requests.at(-1), `GET /org/big/resolve/${sha}/w.safetensors bytes=6000-`);
+      assert.deepEqual(leftovers(repo, sha, "w.safetensors"), { blobs: [], snapshot: false });
+      // Nothing blocks the next attempt: it fetches the whole file afresh.
+      const path = await resolveModelFile("org/big", "w.safetensors", opts(hub.url));
+      assert.deepEqual(Deno.readFileSync(path), data);
+      assert.equal(hub.requests.at(-1), `GET /org/big/resolve/${sha}/w.safetensors`);
+    });
+  });
+});
+
+Deno.test("a download waits for another holder of its lock, says so in one line, then completes", async () => {
+  await withFakeCache(async (fake) => {
+    const sha = "7".repeat(40);
+    const data = deterministicBytes(3000);
+    const sum = sha256(data);
+    // The lock huggingface_hub (or a second dipsy) takes while it downloads the same blob.
+    const lockPath = join(fake.cache, ".locks", "models--org--big", `${sum}.lock`);
+    Deno.mkdirSync(join(lockPath, ".."), { recursive: true });
+    const holder = await Deno.open(lockPath, { create: true, write: true });
+    await holder.lock(true);
+    const repos = { "org/big": { sha, files: { "w.safetensors": data } } };
+    await withMockHub(repos, {}, async (hub) => {
+      const lines: string[] = [];
+      let noticed!: () => void;
+      const notice = new Promise<void>((r) => (noticed = r));
+      const progress = collect(lines);
+      progress.write = (t: string) => {
+        lines.push(t);
+        if (t.includes("waiting for the lock")) noticed();
+      };
+      const pending = resolveModelFile("org/big", "w.safetensors", {
+        cacheDir: fake.cache,
+        offline: false,
+        endpoint: hub.url,
+        progress,
+        lockNoticeMs: 0,
+      });
+      let released = false;
+      try {
+        // The download must not end (nor fail) while the lock is held.
+        const early = pending.then(() => {
+          throw new Error("the download finished while another process held its lock");
+        });
+        await Promise.race([notice, early]);
+        early.catch(() => {});
+        assert.equal(
+          lines[0].replace(/; \S+ so far\n$/, "; T so far\n"),
+          `download org/big w.safetensors: waiting for the lock ${lockPath}, which another ` +
+            "process holds (it is downloading the same file); T so far\n",
+        );
+        assert.ok(!hub.requests.some((r) => r.includes("/resolve/")), "no download while locked");
+        holder.close();
+        released = true;
+      } finally {
+        if (!released) holder.close();
+      }
+      const path = await pending;
+      assert.deepEqual(Deno.readFileSync(path), data);
+      assert.match(lines.at(-1)!, /^download org\/big w\.safetensors 3\.00 kB in /);
     });
   });
 });
@@ -806,4 +970,38 @@ for repo, rev, f in json.loads(sys.argv[1]):
       assert.deepEqual(cacheTree(ours), cacheTree(theirs));
     });
   });
+});
+
+Deno.test("dipsy fetch refuses a path out of the model or a pickle up front, in one line", async () => {
+  await withFakeCache(async (fake) => {
+    const cases: [string, RegExp][] = [
+      [
+        "org/x@main:../y.safetensors",
+        /^--ip-adapter org\/x@main:\.\.\/y\.safetensors: .* must stay inside the model folder, got "\.\.\/y\.safetensors"$/,
+      ],
+      ["org/x@main:", /^--ip-adapter org\/x@main:: no file path inside the model given$/],
+      [
+        "org/x/models/a.bin",
+        /^--ip-adapter org\/x\/models\/a\.bin: "models\/a\.bin" is a pickle checkpoint/,
+      ],
+    ];
+    for (const list of [true, false]) {
+      for (const [ipAdapter, re] of cases) {
+        const io = fetchIO({ cacheDir: fake.cache, offline: true });
+        await assert.rejects(runFetch({ list, ipAdapter }, io.io), (e: unknown) => {
+          assert.ok(e instanceof CliError, String(e));
+          assert.match(oneLine(e.message), re);
+          return true;
+        });
+        assert.deepEqual([...io.out, ...io.err], [], "refused before anything is listed");
+      }
+    }
+  });
+});
+
+Deno.test("a Hub failure's reason is one line, even from an HTML error page", () => {
+  const page = new Error("<html>\n  <body>\n    502 Bad Gateway\n  </body>\n</html>\n");
+  assert.equal(explainDownloadError(page), "<html> <body> 502 Bad Gateway </body> </html>");
+  const long = explainDownloadError(new Error("x".repeat(1000)));
+  assert.equal(long, `${"x".repeat(300)}...`);
 });
