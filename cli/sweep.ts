@@ -9,22 +9,24 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join, relative } from "node:path";
 import { UserError } from "../ffi/errors.ts";
-import type { RunConfig } from "../core/config.ts";
+import { type RunConfig, TINY } from "../core/config.ts";
 import type { Shard } from "../core/shard.ts";
 import {
   type Cell,
   type CellResult,
   CELLS_DIR,
   classifierClip,
+  type ConcreteDtype,
   CSV_FILE,
   formatTable,
   GEN_DIR,
   PLAN_FILE,
+  SweepError,
   type SweepPlan,
   type SweepTable,
   TABLE_FILE,
 } from "../core/sweep.ts";
-import { CliError, defineCommand, type Flags } from "./command.ts";
+import { CliError, defineCommand, type Flags, withInterrupt } from "./command.ts";
 import type { PreparedGenerate } from "./generate.ts";
 import type { Classifier } from "../core/plugins.ts";
 import type { ImageFolder } from "../plugins/classifiers/data.ts";
@@ -62,6 +64,7 @@ settings (lr, lambda, epochs, ...); see docs/sweep.md. Everything goes into OUT:
   OUT/gen/<id>/          one \`dipsy generate\` output per distinct generation setting
   OUT/cells/<gen>--<tr>/ a run folder per cell: train/, eval.json, report.json
   OUT/sweep.json, .csv   the table of finished cells, best first (also printed)
+  OUT/locks/             processes sharing OUT never work in one set or cell at once
 Every cell is checked before anything is written. Run the same command again after an
 interruption: finished sets and cells are skipped, partial ones resume. A cell that fails is
 recorded with its reason and the sweep goes on (the exit code says so at the end).`,
@@ -86,13 +89,13 @@ export const command: typeof defined = {
       return 0;
     }
     if (!file) throw new CliError("give the sweep file first: dipsy sweep FILE [options]");
-    const { intFlag, deviceFlag } = await import("./train_flags.ts");
+    const { intFlag, deviceFlag } = await import("./command.ts");
     const workers = intFlag(values.workers, "--workers");
-    const shardCount = intFlag(values["shard-count"], "--shard-count");
-    if (shardCount === 0) throw new CliError("--shard-count must be at least 1");
+    const shardCount = intFlag(values["shard-count"], "--shard-count", 1);
     const plan = await loadPlan(file, {
       out: values.out,
       device: values.device === undefined ? undefined : deviceFlag(values.device),
+      readOnly: values.plan || values.table,
     });
     if (values.plan) {
       printPlan(plan);
@@ -102,25 +105,17 @@ export const command: typeof defined = {
 
     const { resolveShard } = await import("../core/shard.ts");
     const shard = resolveShard(values.shard, shardCount);
-    const controller = new AbortController();
-    const onSigint = () => {
-      if (controller.signal.aborted) Deno.exit(130);
-      console.error("\nstopping after the step in flight (Ctrl-C again to quit at once)");
-      controller.abort();
-    };
-    Deno.addSignalListener("SIGINT", onSigint);
-    try {
-      return await runSweep(plan, { shard, workers, signal: controller.signal });
-    } finally {
-      Deno.removeSignalListener("SIGINT", onSigint);
-    }
+    return await withInterrupt((signal) => runSweep(plan, { shard, workers, signal }));
   },
 };
 
-/** The plan of a sweep file, its plugin files loaded first. */
+/**
+ * The plan of a sweep file, its plugin files loaded first. `readOnly` (--plan, --table): a
+ * sweep folder's recorded dtype is taken whatever this process's device would give.
+ */
 export async function loadPlan(
   file: string,
-  opts: { out?: string; device?: string } = {},
+  opts: { out?: string; device?: string; readOnly?: boolean } = {},
 ): Promise<SweepPlan> {
   const sweep = await import("../core/sweep.ts");
   const { loadDefaultPlugins } = await import("../app/plugins.ts");
@@ -128,13 +123,57 @@ export async function loadPlan(
   await loadDefaultPlugins();
   const raw = await sweep.readSweepFile(file);
   for (const p of sweep.basePluginFiles(raw, file)) await loadPluginFile(p);
-  return sweep.planSweep(file, raw, opts);
+  return await sweep.planSweep(file, raw, {
+    out: opts.out,
+    device: opts.device,
+    autoDtype: (device, out) => autoDtype(device, out, opts.readOnly ?? false),
+    defaultSize,
+  });
+}
+
+/** The dtype OUT/plan.json was planned with; null when there is none (or none readable). */
+function recordedDtype(out: string): ConcreteDtype | null {
+  try {
+    const { dtype } = JSON.parse(readFileSync(join(out, PLAN_FILE), "utf8"));
+    return ["f32", "f16", "bf16"].includes(dtype) ? dtype : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * What dtype "auto" stands for in a sweep folder: the one its plan.json records, so that a sweep
+ * keeps one precision in its table, else the device's (f16 on CUDA, f32 on the CPU). A process
+ * whose device gives another is refused before it writes anything.
+ */
+async function autoDtype(device: string, out: string, readOnly: boolean): Promise<ConcreteDtype> {
+  const recorded = recordedDtype(out);
+  if (recorded && readOnly) return recorded;
+  const { resolvePlacement } = await import("../app/models.ts");
+  const placement = await resolvePlacement({ device, dtype: "auto" });
+  if (recorded && recorded !== placement.dtype) {
+    throw new SweepError(
+      `${join(out, PLAN_FILE)}: this sweep runs in ${recorded}, and dtype auto on ` +
+        `${placement.device} is ${placement.dtype}: run it where auto gives ${recorded}, write ` +
+        `"dtype: ${recorded}" in the sweep file to go on with its cells here, or use another --out`,
+    );
+  }
+  return placement.dtype;
+}
+
+/** A model's default output size, from its UNet and VAE config files (no weights). */
+async function defaultSize(model: string): Promise<number> {
+  const models = await import("../app/models.ts");
+  const folder = model === TINY
+    ? TINY
+    : await models.resolveFolderRef(model, ["unet/config.json", "vae/config.json"]);
+  return (await models.modelGeometry({ model: folder })).defaultSize;
 }
 
 function printPlan(plan: SweepPlan): void {
   console.log(
     `${plan.cells.length} cell(s): ${plan.generations.length} generation set(s) x ` +
-      `${plan.trainings.length} training setting(s); ranked by ${plan.metric}`,
+      `${plan.trainings.length} training setting(s); ranked by ${plan.metric}; ${plan.dtype}`,
   );
   for (const g of plan.generations) {
     console.log(`  ${GEN_DIR}/${g.id}  ${JSON.stringify(g.settings)}`);
@@ -193,17 +232,10 @@ async function check(plan: SweepPlan): Promise<Checked> {
   const device = await app.resolveDevice(first.config.device);
   const classifiers = new Map<string, Classifier>();
   for (const t of plan.trainings) {
+    // The dtype is the plan's (part of the training id).
     const options: Record<string, unknown> = { ...t.classifier.options };
     options.clip ??= classifierClip(plan.base);
     options.dataset ??= plan.base.dataset ?? dataset.dataset;
-    // As in `run`: the generation's dtype unless the classifier has its own.
-    if (options.dtype === undefined || options.dtype === "auto") {
-      options.dtype = plan.base.dtype !== "auto"
-        ? plan.base.dtype
-        : device.startsWith("cuda")
-        ? "f16"
-        : "f32";
-    }
     classifiers.set(t.id, await app.makeClassifier(t.classifier.name, options));
   }
   return { prepared, classifiers, device, test };
@@ -233,7 +265,7 @@ async function runSweep(plan: SweepPlan, opts: SweepOptions): Promise<number> {
   // One latch for the whole process: it holds once, after the first batch this process writes.
   const beforeBatch = hold ? holdAfterFirstBatch(hold, opts.shard) : undefined;
   const failures = new Map<string, string>();
-  let k = 0;
+  let k = 0, left = 0;
   for (const unit of units) {
     const g = unit.generation;
     const prepared = checked.prepared.get(g.id)!;
@@ -243,6 +275,18 @@ async function runSweep(plan: SweepPlan, opts: SweepOptions): Promise<number> {
         ? similarity
         : g.config.similarity,
     };
+    // A requeued task or an edited sweep file can give one unit to two processes: the one
+    // that holds a folder's lock works in it, the other leaves it (its cells stay missing here).
+    const setLock = await tryLock(plan.out, `gen-${g.id}`);
+    if ("heldBy" in setLock) {
+      k += unit.cells.length;
+      left += unit.cells.length;
+      console.error(
+        `${GEN_DIR}/${g.id}: locked by ${setLock.heldBy}, skipped with its ` +
+          `${unit.cells.length} cell(s)`,
+      );
+      continue;
+    }
     let reason: string | null = null;
     try {
       const code = await generateSet(plan, { ...prepared, config }, opts.signal, beforeBatch);
@@ -251,43 +295,130 @@ async function runSweep(plan: SweepPlan, opts: SweepOptions): Promise<number> {
     } catch (e) {
       if (opts.signal?.aborted) return interrupted();
       reason = failureReason(e);
+    } finally {
+      setLock.release();
     }
     for (const cell of unit.cells) {
       k++;
       const label = `[${k}/${cells}] ${cell.id}`;
-      if (reason !== null) {
-        console.error(`${label}: failed: generation set ${g.id}: ${reason}`);
-        failures.set(cell.id, `generation set ${g.id}: ${reason}`);
-        await recordFailure(plan, cell, failures.get(cell.id)!);
+      const cellLock = await tryLock(plan.out, `cell-${cell.id}`);
+      if ("heldBy" in cellLock) {
+        left++;
+        console.error(`${label}: locked by ${cellLock.heldBy}, skipped`);
         continue;
       }
-      if (isComplete(join(plan.out, cell.run))) {
-        console.error(`${label}: complete, skipped`);
-        continue;
-      }
-      console.error(`${label}: train and evaluate`);
-      const t0 = performance.now();
       try {
-        const result = await runCell(plan, cell, checked, config, opts);
-        if (result === null) return interrupted();
-        const secs = ((performance.now() - t0) / 1000).toFixed(1);
-        const pct = (v: number | null) => (v === null ? "-" : `${(100 * v).toFixed(2)}%`);
-        console.error(
-          `${label}: done in ${secs} s: val top-1 ${pct(result.val_top1)}, test top-1 ` +
-            `${pct(result.test_top1)}`,
-        );
-      } catch (e) {
-        // Stopped by Ctrl-C part-way through a step: not a failure of the cell.
-        if (opts.signal?.aborted) return interrupted();
-        const why = failureReason(e);
-        console.error(`${label}: failed: ${why}`);
-        failures.set(cell.id, why);
-        await recordFailure(plan, cell, why);
+        const ok = await cellStep(plan, cell, label, reason, checked, config, opts, failures);
+        if (!ok) return interrupted();
+      } finally {
+        cellLock.release();
       }
     }
   }
+  if (left) {
+    console.error(`${left} cell(s) left to the process(es) holding their lock (missing here)`);
+  }
   const code = await finish(plan, failures);
   return failures.size ? 1 : code;
+}
+
+/**
+ * One cell, under its lock: its generation set's failure recorded, or skipped when complete, or
+ * trained and evaluated (a failure recorded); false when interrupted.
+ */
+async function cellStep(
+  plan: SweepPlan,
+  cell: Cell,
+  label: string,
+  generationFailure: string | null,
+  checked: Checked,
+  config: RunConfig,
+  opts: SweepOptions,
+  failures: Map<string, string>,
+): Promise<boolean> {
+  const g = cell.generation;
+  if (generationFailure !== null) {
+    console.error(`${label}: failed: generation set ${g.id}: ${generationFailure}`);
+    failures.set(cell.id, `generation set ${g.id}: ${generationFailure}`);
+    await recordFailure(plan, cell, failures.get(cell.id)!);
+    return true;
+  }
+  if (isComplete(join(plan.out, cell.run))) {
+    console.error(`${label}: complete, skipped`);
+    return true;
+  }
+  console.error(`${label}: train and evaluate`);
+  const t0 = performance.now();
+  try {
+    const result = await runCell(plan, cell, checked, config, opts);
+    if (result === null) return false;
+    const secs = ((performance.now() - t0) / 1000).toFixed(1);
+    const pct = (v: number | null) => (v === null ? "-" : `${(100 * v).toFixed(2)}%`);
+    console.error(
+      `${label}: done in ${secs} s: val top-1 ${pct(result.val_top1)}, test top-1 ` +
+        `${pct(result.test_top1)}`,
+    );
+  } catch (e) {
+    // Stopped by Ctrl-C part-way through a step: not a failure of the cell.
+    if (opts.signal?.aborted) return false;
+    const why = failureReason(e);
+    console.error(`${label}: failed: ${why}`);
+    failures.set(cell.id, why);
+    await recordFailure(plan, cell, why);
+  }
+  return true;
+}
+
+/** Lock files, one per work folder and one for the class similarity. */
+const LOCK_DIR = "locks";
+
+interface Lock {
+  release(): void;
+}
+
+async function openLock(out: string, name: string): Promise<[Deno.FsFile, string]> {
+  await Deno.mkdir(join(out, LOCK_DIR), { recursive: true });
+  const path = join(out, LOCK_DIR, `${name}.lock`);
+  // Never truncated before it is held: it says who holds it.
+  return [await Deno.open(path, { read: true, write: true, create: true }), path];
+}
+
+/** Who holds a lock, as its holder wrote it. */
+function holderOf(path: string): string {
+  let text = "";
+  try {
+    text = readFileSync(path, "utf8").trim();
+  } catch { /* unreadable: just another process */ }
+  const [pid, host] = text.split(" ");
+  return pid ? `pid ${pid}${host ? ` on ${host}` : ""}` : "another process";
+}
+
+async function own(file: Deno.FsFile): Promise<Lock> {
+  await file.truncate(0);
+  await file.write(new TextEncoder().encode(`${Deno.pid} ${Deno.hostname()}\n`));
+  return { release: () => file.close() };
+}
+
+/**
+ * OUT/locks/<name>.lock, taken without waiting: an exclusive flock(2) (Deno.FsFile.tryLock) that
+ * the system drops when its process ends, however it ends, so a lock is never stale. When another
+ * process holds it, says which.
+ */
+async function tryLock(out: string, name: string): Promise<Lock | { heldBy: string }> {
+  const [file, path] = await openLock(out, name);
+  if (await file.tryLock(true)) return await own(file);
+  file.close();
+  return { heldBy: holderOf(path) };
+}
+
+/** The same lock, waited for (saying so). */
+async function waitLock(out: string, name: string, what: string): Promise<Lock> {
+  const [file, path] = await openLock(out, name);
+  if (!(await file.tryLock(true))) {
+    console.error(`${what}: ${holderOf(path)} is computing it; waiting`);
+    await file.lock(true);
+  }
+  return await own(file);
 }
 
 function interrupted(): number {
@@ -331,23 +462,29 @@ async function similarityFile(plan: SweepPlan, checked: Checked): Promise<string
   const path = join(plan.out, "similarity.json");
   const { dataset, config } = checked.prepared.get(plan.generations[0].id)!;
   const clip = similarityClip(config);
-  if (existsSync(path)) {
-    const { meta } = await sim.readSimilarityFile(path, dataset);
-    const stale = sim.staleSimilarity(meta, clip, config.modelSeed);
-    if (!stale) return path;
-    console.error(`${path}: ${stale}; computing it again`);
+  // Shards that start together: one computes it, the others wait and then read it.
+  const lock = await waitLock(plan.out, "similarity", path);
+  try {
+    if (existsSync(path)) {
+      const { meta } = await sim.readSimilarityFile(path, dataset);
+      const stale = sim.staleSimilarity(meta, clip, config.modelSeed);
+      if (!stale) return path;
+      console.error(`${path}: ${stale}; computing it again`);
+    }
+    console.error(`class similarity with ${clip}`);
+    const matrix = await sim.computeSimilarity(dataset, clip, await resolvePlacement(config), {
+      seed: config.modelSeed,
+    });
+    await sim.saveSimilarityFile(
+      path,
+      dataset.classes.map((c) => c.name),
+      matrix,
+      sim.similarityMeta(clip, { seed: config.modelSeed, data: dataset.root }),
+    );
+    return path;
+  } finally {
+    lock.release();
   }
-  console.error(`class similarity with ${clip}`);
-  const matrix = await sim.computeSimilarity(dataset, clip, await resolvePlacement(config), {
-    seed: config.modelSeed,
-  });
-  await sim.saveSimilarityFile(
-    path,
-    dataset.classes.map((c) => c.name),
-    matrix,
-    sim.similarityMeta(clip, { seed: config.modelSeed, data: dataset.root }),
-  );
-  return path;
 }
 
 /** Generates a set unless every image is there; returns generate's exit code. */
@@ -384,7 +521,6 @@ async function runCell(
 ): Promise<CellResult | null> {
   const app = await import("../app/classify.ts");
   const { writeAtomic } = await import("../core/output.ts");
-  const { provenance } = await import("../core/provenance.ts");
   const dir = join(plan.out, cell.run);
   const synthetic = cell.generation.config.out!;
   await Deno.mkdir(dir, { recursive: true });
@@ -394,7 +530,7 @@ async function runCell(
 
   const classifier = checked.classifiers.get(cell.training.id)!;
   const progress = Deno.stderr.isTerminal();
-  const stages: { stage: string; status: string; seconds: number }[] = [];
+  const stages: import("./run.ts").StageReport[] = [];
   const data = await app.readTrainData({
     real: plan.base.data!,
     synthetic,
@@ -428,9 +564,9 @@ async function runCell(
   });
   stages.push({ stage: "eval", status: "done", seconds: (performance.now() - t0) / 1000 });
   const { dataset } = checked.prepared.get(cell.generation.id)!;
-  const report = {
-    format: "dipsy-run-report",
-    data: dataset.root,
+  const { runReport } = await import("./run.ts");
+  const report = await runReport({
+    dataset,
     test: checked.test.path,
     out: dir,
     sweep: {
@@ -439,22 +575,12 @@ async function runCell(
       generation: cell.generation.id,
       training: cell.training.id,
     },
-    classes: dataset.classes.length,
-    shotsPerClass: dataset.classes.map((c) => c.shots.length),
     generation: config,
-    classifier: { name: classifier.name, ...classifier.settings },
+    classifier,
     device: checked.device,
     stages,
-    accuracy: {
-      top1: result.top1,
-      top5: result.top5,
-      meanPerClass: result.meanPerClass,
-      total: result.total,
-    },
-    selection: result.selection,
-    perClass: result.perClass,
-    provenance: await provenance(config),
-  };
+    result,
+  });
   // Written last: a cell is complete when its report exists.
   await writeAtomic(join(dir, REPORT_FILE), encode(report));
   if (existsSync(join(dir, FAILED_FILE))) await Deno.remove(join(dir, FAILED_FILE));

@@ -5,9 +5,10 @@
  * generation settings shared by several cells generated once, work units for shards, and the
  * ranked table of finished cells.
  *
- * Ids are a readable slug of the swept values and a hash of the resolved settings, so they are
- * the same on every rerun of the same file, and a changed setting gets a new id (and a new
- * folder) instead of resuming a folder made with other settings.
+ * Ids are a readable slug of the swept values and a hash of the resolved settings (a default
+ * spelt out hashes as the default; the dtype "auto" stands for on the device is part of it), so
+ * they are the same on every rerun of the same file, and a changed setting gets a new id (and a
+ * new folder) instead of resuming a folder made with other settings.
  */
 import { createHash } from "node:crypto";
 import { dirname, resolve } from "node:path";
@@ -19,6 +20,7 @@ import {
   effectiveOptions,
   fieldDescriptions,
   parseConfigObject,
+  type PluginKey,
   resolveConfig,
   type RunConfig,
   TINY,
@@ -112,8 +114,10 @@ export interface SweepPlan {
   val: string | null;
   select: string | null;
   perEpoch: boolean;
-  /** The base generation configuration (no swept values; `out` unset). */
+  /** The base generation configuration (no swept values; `out` unset; the dtype concrete). */
   base: RunConfig;
+  /** The base's dtype, which the classifier follows unless it is given its own. */
+  dtype: ConcreteDtype;
   /** Validation top-1 ranks the cells when there is a validation split, else test top-1. */
   metric: "val_top1" | "test_top1";
   /** The swept keys, generation's first, as the table names them. */
@@ -319,6 +323,49 @@ function generationValue(config: RunConfig, key: string, reg: Registry): unknown
   return (config as unknown as Record<string, unknown>)[key] ?? null;
 }
 
+/**
+ * A plugin's options as ids hash them: the options its preset gives it (those that
+ * resolveConfig keeps when another plugin is chosen) and every other option whose resolved value
+ * differs from its default. A default spelled out thus hashes as if left out, and settings that
+ * spell out no default keep the ids they had when options were hashed as given.
+ */
+function hashedOptions(kind: PluginKey, config: RunConfig, reg: Registry): Record<string, unknown> {
+  const { name, options } = config[kind];
+  const preset =
+    resolveConfig([{ source: "preset", values: { preset: config.preset } }], reg)[kind];
+  const declared = new Set(Object.keys(reg.definition(kind, name).schema.shape));
+  const kept = preset.name === name
+    ? preset.options
+    : Object.fromEntries(Object.entries(preset.options).filter(([k]) => declared.has(k)));
+  const defaults = reg.resolve(kind, name, kept);
+  return Object.fromEntries(
+    Object.entries(reg.resolve(kind, name, options)).filter(([k, v]) =>
+      k in kept || canonical(v) !== canonical(defaults[k])
+    ),
+  );
+}
+
+/**
+ * The hash of a generation set: its resolved configuration without where it goes and how it
+ * runs, plugin options as hashedOptions gives them, and a size equal to the model's default
+ * hashed as the default.
+ */
+async function generationHash(
+  config: RunConfig,
+  reg: Registry,
+  defaultSize?: (model: string) => Promise<number>,
+): Promise<string> {
+  const hashed: Record<string, unknown> = { ...config };
+  for (const k of NOT_HASHED) delete hashed[k];
+  for (const kind of PLUGIN_KEYS) {
+    hashed[kind] = { name: config[kind].name, options: hashedOptions(kind, config, reg) };
+  }
+  if (config.width !== null && config.width === config.height && defaultSize) {
+    if (config.width === await defaultSize(config.model)) hashed.width = hashed.height = null;
+  }
+  return settingsHash(hashed);
+}
+
 /** The resolved value of a swept training key (LoRA's rank, alpha and dropout sit in `lora`). */
 function trainingValue(resolved: Readonly<Record<string, unknown>>, key: string): unknown {
   if (key in resolved) return resolved[key] ?? null;
@@ -326,11 +373,21 @@ function trainingValue(resolved: Readonly<Record<string, unknown>>, key: string)
   return isObject(lora) && key in lora ? lora[key] : null;
 }
 
+/** A dtype as the weights are loaded: what "auto" stands for once the device is known. */
+export type ConcreteDtype = Exclude<RunConfig["dtype"], "auto">;
+
 export interface PlanOptions {
   /** `--out` (else the file's `out:`). */
   out?: string;
   /** `--device`, which overrides the file's (not part of any id). */
   device?: string;
+  /**
+   * The dtype "auto" stands for in the sweep folder `out` on `device`; asked only when a setting
+   * leaves the dtype to "auto". The concrete dtype is part of every id.
+   */
+  autoDtype?: (device: string, out: string) => Promise<ConcreteDtype>;
+  /** A model's default output size (from its config files), asked only when a size is given. */
+  defaultSize?: (model: string) => Promise<number>;
   registry?: Registry;
 }
 
@@ -375,11 +432,11 @@ export function basePluginFiles(raw: Record<string, unknown>, file: string): str
  * combination that does not resolve is a SweepError naming the file and the key (or the cell),
  * before anything is written.
  */
-export function planSweep(
+export async function planSweep(
   file: string,
   raw: Record<string, unknown>,
   opts: PlanOptions = {},
-): SweepPlan {
+): Promise<SweepPlan> {
   const reg = opts.registry ?? registry;
   file = resolve(file);
   const baseDir = dirname(file);
@@ -432,6 +489,16 @@ export function planSweep(
   if (val !== null && base.holdout) {
     throw new SweepError(`${file}: give "val" (a folder) or "holdout" (shots), not both`);
   }
+  // "auto" means f16 on CUDA and f32 on the CPU: resolved here, so that cells computed in
+  // different precisions never share an id (the device is a base setting: one answer).
+  let auto: Promise<ConcreteDtype> | undefined;
+  const concrete = (dtype: RunConfig["dtype"]): Promise<ConcreteDtype> => {
+    if (dtype !== "auto") return Promise.resolve(dtype);
+    if (!opts.autoDtype) throw new Error("planSweep: a dtype is auto and no autoDtype was given");
+    return auto ??= opts.autoDtype(base.device, out);
+  };
+  base = { ...base, dtype: await concrete(base.dtype) };
+  const dtype = base.dtype as ConcreteDtype;
 
   // Generation: each key on its own first, so that a misspelt one is named as such.
   const genWhere = `${file}: generate`;
@@ -453,7 +520,22 @@ export function planSweep(
   }
   // Keyed by hash: entries that resolve alike share one set (the first one's slug names it).
   const generations = new Map<string, GenerationSet>();
-  const genOf: GenerationSet[] = genEntries.map((settings) => {
+  const genOf: GenerationSet[] = [];
+  // Asked once per model, and only when a size is given.
+  const sizes = new Map<string, Promise<number>>();
+  const sizeOf = opts.defaultSize;
+  const defaultSize = sizeOf && ((model: string): Promise<number> => {
+    if (!sizes.has(model)) {
+      sizes.set(
+        model,
+        sizeOf(model).catch((e) => {
+          throw atWhere(`${file}: the default size of model "${model}"`, e);
+        }),
+      );
+    }
+    return sizes.get(model)!;
+  });
+  for (const settings of genEntries) {
     const where = `${genWhere} ${show(settings)}`;
     let config: RunConfig;
     try {
@@ -461,16 +543,18 @@ export function planSweep(
     } catch (e) {
       throw atWhere(where, e);
     }
-    const hashed: Record<string, unknown> = { ...config };
-    for (const k of NOT_HASHED) delete hashed[k];
-    const hash = settingsHash(hashed);
+    config = { ...config, dtype: await concrete(config.dtype) };
+    const hash = await generationHash(config, reg, defaultSize);
     const existing = generations.get(hash);
-    if (existing) return existing;
+    if (existing) {
+      genOf.push(existing);
+      continue;
+    }
     const id = `${slugOf(settings)}-${hash}`;
     const set = { id, settings, config: { ...config, out: resolve(out, GEN_DIR, id) } };
     generations.set(hash, set);
-    return set;
-  });
+    genOf.push(set);
+  }
 
   // Training: the classifier plugin's own validation, key by key, then every entry.
   const trainWhere = `${file}: train`;
@@ -483,6 +567,10 @@ export function planSweep(
   if (!baseClassifier) {
     throw new SweepError(`${file}: "classifier" must be a plugin name or { name, ...options }`);
   }
+  // As in `run`: the classifier follows the generation's dtype unless it is given its own.
+  const withDtype = (options: Record<string, unknown>) =>
+    options.dtype === undefined || options.dtype === "auto" ? { ...options, dtype } : options;
+  baseClassifier.options = withDtype(baseClassifier.options);
   const create = (options: Record<string, unknown>, where: string): Classifier => {
     try {
       return reg.create<Classifier>("classifier", baseClassifier.name, options);
@@ -495,11 +583,11 @@ export function planSweep(
   const trainKeys = [...new Set(trainEntries.flatMap((e) => Object.keys(e)))];
   for (const key of trainKeys) {
     const first = trainEntries.find((e) => key in e)![key];
-    create({ ...baseClassifier.options, [key]: first }, `${trainWhere} "${key}"`);
+    create(withDtype({ ...baseClassifier.options, [key]: first }), `${trainWhere} "${key}"`);
   }
   const trainings = new Map<string, TrainingSetting>();
   const trainOf: TrainingSetting[] = trainEntries.map((settings) => {
-    const options = { ...baseClassifier.options, ...settings };
+    const options = withDtype({ ...baseClassifier.options, ...settings });
     const classifier = create(options, `${trainWhere} ${show(settings)}`);
     // The evaluation belongs to the cell too: another test folder or rule is another cell.
     const hash = settingsHash({
@@ -546,6 +634,7 @@ export function planSweep(
     select,
     perEpoch: raw.perEpoch === true,
     base,
+    dtype,
     metric: val !== null || (base.holdout ?? 0) > 0 ? "val_top1" : "test_top1",
     swept: columns.map((c) => c.name),
     columns,
@@ -586,6 +675,7 @@ export function planRecord(plan: SweepPlan, reg: Registry = registry): Record<st
     version: 1,
     sweep: plan.file,
     metric: plan.metric,
+    dtype: plan.dtype,
     swept: plan.swept,
     test: plan.test,
     val: plan.val,

@@ -3,14 +3,16 @@
  * - one node, several devices: `generate --devices cpu,cpu` (two worker processes);
  * - a real Slurm (test/slurm_cluster.ts): the job script of docs/cluster.md as a 4-task array,
  *   one task cancelled part-way and requeued, then the documented train + eval job submitted
- *   with an afterok dependency; and `dipsy run --slurm` submitting, reporting on and
- *   resubmitting the whole experiment.
+ *   with an afterok dependency; `dipsy run --slurm` submitting, reporting on and
+ *   resubmitting the whole experiment; and the sweep script as a 2-task array over a 2 x 2
+ *   sweep, one task requeued part-way, with its `--table` job after the array, against one
+ *   `sweep` process.
  * Tasks are caught part-way by the latch of `generate` (DIPSY_TEST_HOLD_AFTER_BATCH), never by
  * timing; waits poll Slurm's own state, with a bound. Without Slurm (or root) the Slurm tests
  * are listed as ignored, with the reason.
  */
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { delimiter, dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parse as parseYaml } from "yaml";
@@ -23,6 +25,7 @@ const REPO = fileURLToPath(new URL("..", import.meta.url));
 const MAIN = join(REPO, "cli", "main.ts");
 const GENERATE_SCRIPT = join(REPO, "docs", "cluster", "generate.sbatch");
 const TRAIN_SCRIPT = join(REPO, "docs", "cluster", "train.sbatch");
+const SWEEP_SCRIPT = join(REPO, "docs", "cluster", "sweep.sbatch");
 
 const WHY_NOT = clusterUnavailable();
 if (WHY_NOT) console.log(`slurm_test: the Slurm tests are skipped: ${WHY_NOT}`);
@@ -57,6 +60,31 @@ const TRAIN = [
   "--device",
   "cpu",
 ];
+
+/**
+ * The 2 x 2 sweep of test/sweep_test.ts (2 classes x 2 images, 2 steps at 32x32, one epoch, a
+ * held-out shot), its paths relative to the file's folder as docs/sweep.md has them.
+ */
+const SWEEP = [
+  "data: data",
+  "test: test",
+  "model: tiny",
+  "perClass: 2",
+  "steps: 2",
+  "size: 32",
+  "batch: 2",
+  "dtype: f32",
+  "device: cpu",
+  "holdout: 1",
+  "classifier: { epochs: 1, warmupEpochs: 0, batch: 8 }",
+  "generate:",
+  "  grid:",
+  "    guidance.negativeScale: [2, 4]",
+  "train:",
+  "  grid:",
+  "    lr: [0.0001, 0.001]",
+];
+const SWEEP_FLAGS = ["--workers", "1"];
 
 /**
  * What the CLI and the jobs run with: one thread (thread counts change float rounding), and
@@ -161,7 +189,7 @@ Deno.test("scontrol's job records: array task ranges, states and reasons", () =>
 
 Deno.test("docs/cluster.md shows the job scripts the Slurm test runs, as they are", async () => {
   const doc = await Deno.readTextFile(join(REPO, "docs", "cluster.md"));
-  for (const file of ["generate.sbatch", "train.sbatch", "generate-job.yaml"]) {
+  for (const file of ["generate.sbatch", "train.sbatch", "sweep.sbatch", "generate-job.yaml"]) {
     const text = await Deno.readTextFile(join(REPO, "docs", "cluster", file));
     // The fenced block right after the link to the file.
     const at = doc.indexOf(`](cluster/${file})`);
@@ -238,6 +266,55 @@ Deno.test("run --slurm: a bad Slurm flag, or no Slurm, is one line and writes no
   assert.ok(!existsSync(exp), "a refused command wrote nothing");
 });
 
+/**
+ * Every cell of the sweep's plan finished, none failed: its report and evaluation, its adapter,
+ * its link to its generation set, which holds every image once; no temporary file anywhere.
+ */
+function assertCompleteSweep(out: string) {
+  const plan = JSON.parse(readFileSync(join(out, "plan.json"), "utf8"));
+  assert.equal(plan.cells.length, 4);
+  for (const cell of plan.cells) {
+    const run = join(out, cell.run);
+    for (const f of ["report.json", "eval.json", "train/adapter"]) {
+      assert.ok(existsSync(join(run, f)), `${cell.run}: ${f}`);
+    }
+    assert.ok(!existsSync(join(run, "failed.json")), `${cell.run} failed`);
+    assert.equal(readlinkSync(join(run, "synthetic")), `../../gen/${cell.generation}`);
+  }
+  for (const g of plan.generation) {
+    const lines = readFileSync(join(out, g.out, "manifest.jsonl"), "utf8").split("\n");
+    assert.equal(lines.filter(Boolean).length, 4, `${g.out}: 4 images, once each`);
+  }
+  const walk = (dir: string): string[] =>
+    readdirSync(dir, { withFileTypes: true }).flatMap((e) =>
+      e.isDirectory() ? walk(join(dir, e.name)) : [join(dir, e.name)]
+    );
+  assert.deepEqual(walk(out).filter((f) => f.endsWith(".tmp")), [], "temporary files left");
+}
+
+/** A sweep's generated images, sorted manifests and final adapters, by path. */
+async function sweepResults(out: string): Promise<Map<string, Uint8Array>> {
+  const files = new Map<string, Uint8Array>();
+  for (const set of readdirSync(join(out, "gen"))) {
+    for (const [f, bytes] of await readTree(join(out, "gen", set))) {
+      if (f.endsWith(".jpg")) files.set(`gen/${set}/${f}`, bytes);
+    }
+    const lines = readFileSync(join(out, "gen", set, "manifest.jsonl"), "utf8").split("\n");
+    files.set(`gen/${set}/manifest`, new TextEncoder().encode(lines.filter(Boolean).sort().join()));
+  }
+  for (const cell of readdirSync(join(out, "cells"))) {
+    for (const [f, bytes] of await readTree(join(out, "cells", cell, "train", "adapter"))) {
+      files.set(`cells/${cell}/adapter/${f}`, bytes);
+    }
+  }
+  return files;
+}
+
+function assertSameFiles(got: Map<string, Uint8Array>, want: Map<string, Uint8Array>) {
+  assert.deepEqual([...got.keys()].sort(), [...want.keys()].sort(), "the same files");
+  for (const [f, bytes] of want) assert.deepEqual(got.get(f), bytes, `${f}: the same bytes`);
+}
+
 /** Waits until `file` has `n` lines (a held task writes one each time it is held). */
 async function waitForLines(file: string, n: number, seconds: number, logs: string) {
   const until = Date.now() + seconds * 1000;
@@ -277,7 +354,7 @@ const inState = (state: string, reason?: string) => (r: JobRecord[]) =>
 
 Deno.test({
   name: `slurm: the documented array with a task cancelled and requeued, then train + eval; ` +
-    `run --slurm${WHY_NOT ? ` [skipped: ${WHY_NOT}]` : ""}`,
+    `run --slurm; the sweep array${WHY_NOT ? ` [skipped: ${WHY_NOT}]` : ""}`,
   ignore: WHY_NOT !== null,
   async fn(t) {
     const started = performance.now();
@@ -425,6 +502,86 @@ Deno.test({
           "done",
         ]);
         assert.equal(report.accuracy.total, 4);
+      });
+
+      await t.step("sweep.sbatch --array=0-1, task 1 requeued part-way, then --table", async () => {
+        const file = join(ROOT, "sweep.yaml");
+        await Deno.writeTextFile(file, SWEEP.join("\n") + "\n");
+        const out = join(ROOT, "sweep-slurm");
+        // The one-process sweep, run while the array's tasks run.
+        const alone = join(ROOT, "sweep-alone");
+        const reference = dipsy(["sweep", file, "--out", alone, ...SWEEP_FLAGS]);
+        try {
+          // Task 1 is held after the first of its set's two batches; task 0 goes through.
+          const hold = join(ROOT, "sweep-hold");
+          await Deno.mkdir(hold);
+          await Deno.writeTextFile(join(hold, "release-0"), "");
+          const array = await cluster.sbatch([
+            "--array=0-1",
+            `--output=${logs}/sweep-%A_%a.log`,
+            SWEEP_SCRIPT,
+            file,
+            "--out",
+            out,
+            ...SWEEP_FLAGS,
+          ], { ...env, DIPSY_TEST_HOLD_AFTER_BATCH: hold });
+          const table = await cluster.sbatch([
+            `--dependency=afterok:${array}`,
+            `--output=${logs}/sweep-table-%j.log`,
+            SWEEP_SCRIPT,
+            file,
+            "--out",
+            out,
+            "--table",
+          ], env);
+          const task1 = `${array}_1`;
+          const held = join(hold, "held-1");
+          await waitForLines(held, 1, 300, logs);
+          await cluster.waitFor(table, "waiting on the array", inState("PENDING", "Dependency"));
+
+          // Requeued while running: Slurm stops it and queues it again, which is no failure, so
+          // the whole array's afterok still holds.
+          const pid = Number(readFileSync(held, "utf8").trim());
+          await cluster.run("scontrol", ["requeue", task1]);
+          const until = Date.now() + 60_000;
+          while (existsSync(`/proc/${pid}`)) {
+            assert.ok(Date.now() < until, `the requeued task's process ${pid} is still running`);
+            await new Promise((r) => setTimeout(r, 100));
+          }
+          await Deno.writeTextFile(join(hold, "release-1"), "");
+          const done = await cluster.waitFor(array, "done", allDone(2), 300).catch((e) => {
+            throw new Error(`${e.message}\n${tail(logs)}`);
+          });
+          const tabled = await waitForEnd(cluster, table, logs);
+          assert.equal(tabled.state, "COMPLETED", tail(logs));
+          for (const g of done) assert.ok(tabled.startTime >= g.endTime, "afterok held it");
+          assert.deepEqual(
+            (await cluster.jobs(task1)).map((r) => r.restarts),
+            [1],
+            "task 1 ran twice",
+          );
+          for (const i of [0, 1]) {
+            const log = readFileSync(join(logs, `sweep-${array}_${i}.log`), "utf8");
+            const units = `this process: 1 set\\(s\\), 2 cell\\(s\\) \\(shard ${i}/2\\)`;
+            assert.equal(log.match(new RegExp(units, "g"))?.length, i + 1, log);
+          }
+
+          const one = await reference;
+          assert.equal(one.code, 0, one.stderr);
+          const got = JSON.parse(readFileSync(join(out, "sweep.json"), "utf8"));
+          const want = JSON.parse(readFileSync(join(alone, "sweep.json"), "utf8"));
+          assert.equal(got.rows.length, 4);
+          assert.deepEqual(got, want, "the same table as one process");
+          assert.equal(
+            readFileSync(join(out, "sweep.csv"), "utf8"),
+            readFileSync(join(alone, "sweep.csv"), "utf8"),
+          );
+          assertCompleteSweep(out);
+          assertSameFiles(await sweepResults(out), await sweepResults(alone));
+        } finally {
+          // A failure above must not leave the one-process sweep running past the test.
+          await reference;
+        }
       });
     } finally {
       await cluster.stop();

@@ -4,15 +4,31 @@
  * uninterrupted; killed part-way through its first generation set and rerun; and as two shards
  * followed by `--table`. All three must end with the same table, images and adapters.
  *
- * The kill waits on the latch of `generate` (DIPSY_TEST_HOLD_AFTER_BATCH), never on timing.
+ * Ids hash resolved settings: a default spelt out shares the default's set, and the dtype "auto"
+ * stands for is part of every id. Two processes given one work unit: the second leaves it.
+ *
+ * The kill and the second process wait on the latch of `generate` (DIPSY_TEST_HOLD_AFTER_BATCH)
+ * or on a line the process prints, never on timing.
  */
 import assert from "node:assert/strict";
 import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { main } from "../cli/main.ts";
+import { hostname } from "node:os";
 import { loadPlan } from "../cli/sweep.ts";
-import { expandAxis, formatTable, slugOf, sweepTable, tableCsv } from "../core/sweep.ts";
+import { registry } from "../core/plugins.ts";
+import {
+  expandAxis,
+  formatTable,
+  planSweep,
+  readSweepFile,
+  settingsHash,
+  slugOf,
+  sweepTable,
+  tableCsv,
+} from "../core/sweep.ts";
+import { modelGeometry } from "../app/models.ts";
 import { readTree, withOutput, writeTinyDataset } from "./util.ts";
 
 const REPO = fileURLToPath(new URL("..", import.meta.url));
@@ -184,6 +200,101 @@ Deno.test("sweep plan: grid and list expansion, shared generation sets, stable i
   for (const [i, g] of more.generations.entries()) {
     assert.notEqual(g.id, plan.generations[i].id, "perClass is part of every generation id");
   }
+});
+
+Deno.test("sweep plan: defaults spelt out hash as the defaults; settings that spell none keep their ids", async () => {
+  const unsized = BASE.filter((l) => !l.startsWith("size:"));
+  const defaults = registry.resolve("guidance", "dipsy", {});
+  const { defaultSize } = await modelGeometry({ model: "tiny" });
+  // JSON is YAML: the values come from the plugin's schema and the model's config.
+  const list = (entries: unknown[]) => ["generate:", `  list: ${JSON.stringify(entries)}`];
+  const spelt = await loadPlan(
+    await sweepFile("spelt.yaml", [
+      ...unsized,
+      ...list([
+        { "guidance.negativeScale": defaults.negativeScale },
+        { "guidance.textScale": defaults.textScale },
+        { guidance: "dipsy" },
+        { size: defaultSize },
+        { size: `${defaultSize}x${defaultSize}`, preset: "dipsy" },
+      ]),
+    ]),
+    { out: join(ROOT, "spelt") },
+  );
+  assert.equal(spelt.generations.length, 1, "every entry resolves to the defaults: one set");
+  assert.equal(spelt.cells.length, 1);
+  const alone = await loadPlan(await sweepFile("alone.yaml", unsized), {
+    out: join(ROOT, "spelt"),
+  });
+  const [set] = alone.generations;
+  assert.equal(spelt.generations[0].id.split("-").at(-1), set.id.split("-").at(-1), "same hash");
+  // A plan that spells out no default hashes its configuration as resolveConfig gives it.
+  const { out: _out, device: _device, batch: _batch, ...hashed } = set.config;
+  assert.equal(set.id, `base-${settingsHash(hashed)}`);
+
+  const other = await loadPlan(
+    await sweepFile("spelt-other.yaml", [
+      ...unsized,
+      ...list([
+        { "guidance.negativeScale": (defaults.negativeScale as number) + 1 },
+        { size: defaultSize * 2 },
+        {},
+      ]),
+    ]),
+    { out: join(ROOT, "spelt") },
+  );
+  assert.equal(other.generations.length, 3, "values other than the defaults: sets of their own");
+  assert.equal(other.generations[2].id.split("-").at(-1), set.id.split("-").at(-1));
+});
+
+Deno.test("sweep plan: the dtype auto stands for is part of every id; another one is refused", async () => {
+  const auto = BASE.filter((l) => !l.startsWith("dtype:"));
+  const out = join(ROOT, "dtype");
+  const ids = (plan: { cells: { id: string }[] }) => plan.cells.map((c) => c.id);
+  const file = await sweepFile("dtype-auto.yaml", [...auto, "train: { list: [{ lr: 0.001 }] }"]);
+  const onCpu = await loadPlan(file, { out });
+  assert.equal(onCpu.dtype, "f32", "auto on the CPU");
+  assert.equal(onCpu.generations[0].config.dtype, "f32");
+  assert.equal(onCpu.trainings[0].classifier.options.dtype, "f32", "the classifier follows");
+  const f32 = await loadPlan(
+    await sweepFile("dtype-f32.yaml", [
+      ...auto,
+      "dtype: f32",
+      "train: { list: [{ lr: 0.001 }] }",
+    ]),
+    { out },
+  );
+  assert.deepEqual(ids(onCpu), ids(f32), "auto on the CPU is f32");
+  const f16File = await sweepFile("dtype-f16.yaml", [
+    ...auto,
+    "dtype: f16",
+    "train: { list: [{ lr: 0.001 }] }",
+  ]);
+  const f16 = await loadPlan(f16File, { out });
+  assert.notEqual(f16.generations[0].id, onCpu.generations[0].id, "generation ids differ");
+  assert.notEqual(f16.trainings[0].id, onCpu.trainings[0].id, "training ids differ");
+  // On CUDA, auto is f16: the cells of f16 there, never those of f32 here.
+  const onCuda = await planSweep(file, await readSweepFile(file), {
+    out,
+    autoDtype: () => Promise.resolve("f16"),
+  });
+  assert.deepEqual(ids(onCuda), ids(f16));
+
+  // A sweep folder planned on CUDA: a process here would run it in f32, and is refused before
+  // it writes anything; --plan and --table read the folder's dtype.
+  await Deno.mkdir(out, { recursive: true });
+  await Deno.writeTextFile(join(out, "plan.json"), JSON.stringify({ dtype: "f16" }));
+  const refused = await withOutput(() => main(["sweep", file, "--out", out]));
+  assert.equal(refused.result, 1);
+  assert.equal(refused.lines.length, 1, refused.lines.join("\n"));
+  assert.match(
+    refused.lines[0],
+    /plan\.json: this sweep runs in f16, and dtype auto on cpu is f32: .*"dtype: f16"/,
+  );
+  assert.deepEqual(readdirSync(out), ["plan.json"], "nothing written");
+  const printed = await withOutput(() => main(["sweep", file, "--out", out, "--plan"]));
+  assert.equal(printed.result, 0);
+  for (const id of ids(f16)) assert.ok(printed.lines.some((l) => l.includes(id)), id);
 });
 
 Deno.test("sweep table: ranked by validation top-1, ties in plan order; CSV and text alike", async () => {
@@ -369,6 +480,132 @@ Deno.test("sweep 2 x 2: uninterrupted, killed and rerun, and as two shards: one 
     assert.equal(final.code, 0, final.text);
     assert.deepEqual(table(out), table(reference));
     assertSameFiles(await results(out), want);
+  });
+});
+
+/** A child's stderr as it comes: `until` resolves once a pattern has appeared in it. */
+function watch(child: Deno.ChildProcess) {
+  let text = "";
+  const waiters: { pattern: RegExp; resolve: () => void }[] = [];
+  const decoder = new TextDecoder();
+  const done = (async () => {
+    for await (const chunk of child.stderr) {
+      text += decoder.decode(chunk, { stream: true });
+      for (const w of waiters.splice(0)) {
+        if (w.pattern.test(text)) w.resolve();
+        else waiters.push(w);
+      }
+    }
+  })();
+  const stdout = new Response(child.stdout).text();
+  return {
+    until: (pattern: RegExp) =>
+      new Promise<void>((resolve, reject) => {
+        if (pattern.test(text)) return resolve();
+        waiters.push({ pattern, resolve });
+        done.then(() => reject(new Error(`ended without ${pattern}:\n${text}`)));
+      }),
+    async end() {
+      const { code } = await child.status;
+      await done;
+      return { code, text: text + await stdout };
+    },
+  };
+}
+
+const escape = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+
+/** Takes OUT/locks/<name>.lock as a sweep process would, writing this process as its holder. */
+async function holdLock(out: string, name: string): Promise<Deno.FsFile> {
+  await Deno.mkdir(join(out, "locks"), { recursive: true });
+  const file = await Deno.open(join(out, "locks", `${name}.lock`), {
+    read: true,
+    write: true,
+    create: true,
+  });
+  assert.ok(await file.tryLock(true), `${name}: free`);
+  await file.write(new TextEncoder().encode(`${Deno.pid} ${hostname()}\n`));
+  return file;
+}
+
+Deno.test("sweep: two processes given one unit; the second leaves what the first holds", async (t) => {
+  const file = await sweepFile("locks.yaml", [
+    ...BASE,
+    "train: { list: [{ lr: 0.0001 }, { lr: 0.001 }] }",
+  ]);
+  const out = join(ROOT, "locks");
+  const plan = await loadPlan(file, { out });
+  const [set] = plan.generations;
+  const host = escape(hostname());
+
+  await t.step("a generation set being generated", async () => {
+    const hold = join(ROOT, "hold-locks");
+    await Deno.mkdir(hold);
+    const first = dipsy(
+      ["sweep", file, "--out", out, "--workers", "1"],
+      { DIPSY_TEST_HOLD_AFTER_BATCH: hold },
+      "null",
+    ).spawn();
+    let exited = false;
+    const status = first.status.then((s) => {
+      exited = true;
+      return s;
+    });
+    // The latch's signal: the first process has written a batch of the set, and holds it.
+    while (!existsSync(join(hold, "held-0")) && !exited) {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.ok(!exited, "the first process reached the latch");
+    try {
+      const second = await sweep(file, out);
+      assert.equal(second.code, 0, second.text);
+      assert.match(
+        second.text,
+        new RegExp(`gen/${set.id}: locked by pid ${first.pid} on ${host}, skipped with its 2 cell`),
+      );
+      assert.match(second.text, /0 of 2 cell\(s\) finished, 2 missing \(0 failed\)/);
+      const manifest = readFileSync(join(out, "gen", set.id, "manifest.jsonl"), "utf8");
+      assert.equal(manifest.split("\n").filter(Boolean).length, 2, "only the first one's batch");
+      assert.ok(!existsSync(join(out, "cells")), "the second trained nothing");
+    } finally {
+      // Released even when a check fails, so that the first process ends.
+      await Deno.writeTextFile(join(hold, "release-0"), "");
+    }
+    assert.equal((await status).code, 0);
+    assert.equal(table(out).rows.length, 2);
+    assert.deepEqual(table(out).missing, []);
+  });
+
+  await t.step("a cell being trained, and the class similarity being computed", async () => {
+    const other = join(ROOT, "locks-2");
+    const [held, free] = plan.cells;
+    const locks = [await holdLock(other, "similarity"), await holdLock(other, `cell-${held.id}`)];
+    try {
+      const child = watch(
+        dipsy(["sweep", file, "--out", other, "--workers", "1"]).spawn(),
+      );
+      // It waits for the similarity: given one now, it reads it instead of computing it.
+      await child.until(/similarity\.json: pid \d+ .*is computing it; waiting/);
+      await Deno.copyFile(join(out, "similarity.json"), join(other, "similarity.json"));
+      locks.shift()!.close();
+      const r = await child.end();
+      assert.equal(r.code, 0, r.text);
+      assert.match(r.text, new RegExp(`similarity\\.json: pid ${Deno.pid} on ${host} is`));
+      assert.doesNotMatch(r.text, /class similarity with/, "not computed again");
+      assert.match(
+        r.text,
+        new RegExp(`\\[1/2\\] ${held.id}: locked by pid ${Deno.pid} on ${host}, skipped`),
+      );
+      assert.match(r.text, /1 cell\(s\) left to the process\(es\) holding their lock/);
+      assert.deepEqual(table(other).rows.map((row: { cell: string }) => row.cell), [free.id]);
+      assert.deepEqual(table(other).missing, [held.id]);
+    } finally {
+      for (const lock of locks) lock.close();
+    }
+    // Released, the cell is trained by the next run, and the table is the first step's.
+    const again = await sweep(file, other);
+    assert.equal(again.code, 0, again.text);
+    assert.deepEqual(table(other).rows, table(out).rows);
   });
 });
 
