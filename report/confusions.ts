@@ -1,10 +1,11 @@
 /**
- * The worst confusions of an evaluation and example test images of the classes involved. The
- * eval record keeps the confusion counts, not per-image predictions, so the examples are images
- * of each class from the test folder the record names, not the misclassified ones themselves.
+ * The worst confusions of an evaluation and the test images behind them: the misclassified images
+ * themselves from the predictions kept beside the eval record, or, for an evaluation that kept
+ * none, example images of each class from the test folder the record names.
  */
 import { existsSync } from "node:fs";
 import { readImageFolder } from "../plugins/classifiers/data.ts";
+import type { PredictionLine } from "../app/classify.ts";
 import type { Problems } from "./read_run.ts";
 
 export interface Confusion {
@@ -24,6 +25,15 @@ export function topConfusionPairs(confusion: readonly (readonly number[])[], top
   );
   pairs.sort((a, b) => b.count - a.count || a.from - b.from || a.to - b.to);
   return pairs.slice(0, top);
+}
+
+/** The images of class `label` predicted as `predicted`, in the predictions' order. */
+export function misclassifiedAs(
+  predictions: readonly PredictionLine[],
+  label: string,
+  predicted: string,
+): PredictionLine[] {
+  return predictions.filter((p) => p.label === label && p.predicted === predicted);
 }
 
 /**

@@ -5,13 +5,13 @@
  * source is newer), so the sheets are light and the folder stands alone when copied.
  */
 import { existsSync, mkdirSync, statSync } from "node:fs";
-import { basename, dirname, join, relative } from "node:path";
+import { basename, dirname, isAbsolute, join, relative, sep as SEP } from "node:path";
 import sharp from "sharp";
 import { decodeImage } from "../core/image.ts";
 import { mapLimit } from "../core/dataset.ts";
 import { type ManifestEntry, type ShotRecord, writeAtomic } from "../core/output.ts";
 import type { GenerateData, Problems } from "./read_run.ts";
-import { esc, href, page } from "./html.ts";
+import { esc, href, markup, page } from "./html.ts";
 
 /** Images per sheet page and class. */
 export const SHEET_PAGE = 200;
@@ -25,7 +25,11 @@ const PARALLEL = 4;
 /** Makes thumbnails; a source that is missing or does not decode is a problem, never a throw. */
 export class Thumbnails {
   readonly #made = new Map<string, Promise<string | null>>();
-  constructor(readonly problems: Problems) {}
+  /**
+   * `sources`: the only folders (real paths) whose images may be shown, as a server's roots;
+   * any folder when absent.
+   */
+  constructor(readonly problems: Problems, readonly sources?: readonly string[]) {}
 
   /** The thumbnail of `src` at `dest` (absolute), or null when `src` is unusable. */
   make(src: string, dest: string, size: number): Promise<string | null> {
@@ -41,6 +45,10 @@ export class Thumbnails {
 
   async #make(src: string, dest: string, size: number): Promise<string | null> {
     const name = this.problems.rel(src);
+    if (this.sources && !(await insideAny(src, this.sources))) {
+      this.problems.add(src, "outside the served roots: not shown");
+      return null;
+    }
     let bytes: Uint8Array;
     try {
       bytes = await Deno.readFile(src);
@@ -67,6 +75,21 @@ export class Thumbnails {
       return null;
     }
   }
+}
+
+/** Whether the file `src` really is (links followed) inside one of the folders `dirs`. */
+async function insideAny(src: string, dirs: readonly string[]): Promise<boolean> {
+  let real: string;
+  try {
+    real = await Deno.realPath(src);
+  } catch {
+    // A file that is not there is not shown either way: reading it says why.
+    return true;
+  }
+  return dirs.some((d) => {
+    const rel = relative(d, real);
+    return rel !== ".." && !rel.startsWith(`..${SEP}`) && !isAbsolute(rel);
+  });
 }
 
 export interface SheetContext {
@@ -111,9 +134,8 @@ function tileHtml(t: Tile, fromDir: string, imagesDir: string): string {
   };
   return `<div class="tile" data-file="${esc(e.file)}">${main}<div class="refs">` +
     ref("positive", e.positive, t.positive) + ref("negative", e.negative, t.negative) +
-    `</div><div>#${e.index} &middot; negative: ${
-      e.negative ? esc(e.negative.class) : "none"
-    }</div></div>`;
+    markup`</div><div>#${e.index} &middot; negative: ${e.negative?.class ?? "none"}</div></div>`
+      .text;
 }
 
 async function tilesOf(
@@ -170,7 +192,7 @@ export async function contactSheets(
       ).join(" ");
       const back = href(relative(sheetsDir, join(ctx.outDir, "report.html")));
       const body = `<nav><a href="${back}">report</a> pages: ${nav}</nav>` +
-        `<h1>${esc(name)}: images ${part[0].index} to ${part.at(-1)!.index}</h1>` +
+        markup`<h1>${name}: images ${part[0].index} to ${part.at(-1)!.index}</h1>`.text +
         `<p>Each image with its positive reference (left) and negative reference (right); ` +
         `hover a reference for its file and augmentation.</p>` +
         `<div class="sheet">${tiles.map((t) => tileHtml(t, sheetsDir, data.dir)).join("\n")}` +
@@ -179,7 +201,9 @@ export async function contactSheets(
       await writeAtomic(file, new TextEncoder().encode(html));
       pages.push(file);
       links.push(
-        `<a href="${href(relative(ctx.outDir, file))}">${part[0].index}-${part.at(-1)!.index}</a>`,
+        markup`<a href="${href(relative(ctx.outDir, file))}">${part[0].index}-${
+          part.at(-1)!.index
+        }</a>`.text,
       );
       if (p === 0) {
         strip = tiles.slice(0, STRIP).map((t) => tileHtml(t, ctx.outDir, data.dir)).join("\n");

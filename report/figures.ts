@@ -159,6 +159,42 @@ export function epochCurve(
   } as TopLevelSpec;
 }
 
+/**
+ * One training statistic per optimizer step, with each point labelled `step N: VALUE` (the
+ * recorded number as written) so that what is drawn can be read back from the SVG.
+ */
+export function stepCurve(
+  title: string,
+  field: string,
+  points: readonly { step: number; value: number }[],
+  opts: { format?: string } = {},
+): TopLevelSpec {
+  return {
+    title,
+    data: {
+      values: points.map((p) => ({
+        step: p.step,
+        [field]: p.value,
+        label: `step ${p.step}: ${p.value}`,
+      })),
+    },
+    width: 480,
+    height: 180,
+    // Points only while they do not hide the line.
+    mark: { type: "line", point: points.length <= 400 ? { size: 10 } : false, strokeWidth: 1 },
+    encoding: {
+      x: { field: "step", type: "quantitative", axis: { tickMinStep: 1, format: "d" } },
+      y: {
+        field,
+        type: "quantitative",
+        scale: { zero: false },
+        axis: opts.format ? { format: opts.format } : {},
+      },
+      description: { field: "label" },
+    },
+  } as TopLevelSpec;
+}
+
 /** Accuracy per epoch of one or more splits (validation, test), as lines coloured by split. */
 export function accuracyCurves(
   points: readonly { epoch: number; split: string; metric: string; value: number }[],

@@ -12,6 +12,31 @@ export function esc(text: unknown): string {
   );
 }
 
+/** Markup that `markup` passes through as it is; every other value is escaped. */
+export class Markup {
+  constructor(readonly text: string) {}
+  toString(): string {
+    return this.text;
+  }
+}
+
+/**
+ * A template whose interpolated values are escaped unless they are `Markup` (as made by `markup`
+ * itself): a record's value cannot become markup by being written into a page. Arrays are
+ * joined; null, undefined and false add nothing.
+ */
+export function markup(strings: TemplateStringsArray, ...values: unknown[]): Markup {
+  const part = (v: unknown): string =>
+    v instanceof Markup
+      ? v.text
+      : Array.isArray(v)
+      ? v.map(part).join("")
+      : v === null || v === undefined || v === false
+      ? ""
+      : esc(v);
+  return new Markup(strings.reduce((out, s, i) => out + part(values[i - 1]) + s));
+}
+
 /** A relative file path as a URL: each segment percent-encoded ("a b/c#1.jpg" stays a path). */
 export function href(path: string): string {
   return path.replaceAll("\\", "/").split("/").map(encodeURIComponent).join("/");
@@ -113,7 +138,7 @@ nav a { margin-right: .8em; }
 `;
 
 /** Sorts a table.sortable by the clicked column: numbers as numbers, the rest as text. */
-const SORT_SCRIPT = `
+export const SORT_SCRIPT = `
 document.querySelectorAll("table.sortable").forEach(function (t) {
   t.querySelectorAll("th").forEach(function (th, col) {
     th.addEventListener("click", function () {

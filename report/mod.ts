@@ -10,7 +10,7 @@ import type { TopLevelSpec } from "vega-lite";
 import { UserError } from "../ffi/errors.ts";
 import { writeAtomic } from "../core/output.ts";
 import { negativeProbabilities } from "../plugins/pairs/similarity.ts";
-import { exampleImages, topConfusionPairs } from "./confusions.ts";
+import { exampleImages, misclassifiedAs, topConfusionPairs } from "./confusions.ts";
 import { contactSheets, Thumbnails } from "./contact_sheet.ts";
 import {
   accuracyCurves,
@@ -19,11 +19,24 @@ import {
   perClassBars,
   similarityHeatmap,
   stageTimes,
+  stepCurve,
   sweepPlot,
 } from "./figures.ts";
-import { esc, figure, fmt, href, page, pct, problemsBlock, settingsTable, table } from "./html.ts";
+import {
+  esc,
+  figure,
+  fmt,
+  href,
+  markup,
+  page,
+  pct,
+  problemsBlock,
+  settingsTable,
+  table,
+} from "./html.ts";
 import {
   detectKind,
+  type EvalData,
   EXPERIMENT_LAYOUTS,
   experimentLayout,
   type ExperimentRecord,
@@ -41,13 +54,14 @@ import {
   type TrainData,
 } from "./read_run.ts";
 import { renderFigure } from "./render.ts";
-import type { EvalRecord } from "../app/classify.ts";
+import type { EvalRecord, PredictionLine } from "../app/classify.ts";
 
 export { NotDipsyOutputError, type ReportKind } from "./read_run.ts";
 
 /** The report cannot be written where it was asked for. */
 export class ReportError extends UserError {}
 
+/** Where a report goes and what it may read besides the run's own records. */
 export interface ReportOptions {
   /** Folder for report.html and report/ (default: PATH itself). */
   out?: string;
@@ -55,8 +69,14 @@ export interface ReportOptions {
   data?: string;
   /** Progress lines. */
   log?: (line: string) => void;
+  /**
+   * The folders (real paths) whose images the report may show, as a server's roots; images
+   * elsewhere that a record names are listed as problems instead. Any folder when absent.
+   */
+  sources?: readonly string[];
 }
 
+/** What `writeReport` wrote, and what it could not show. */
 export interface ReportResult {
   /** Absolute path of report.html. */
   html: string;
@@ -64,6 +84,7 @@ export interface ReportResult {
   figures: string[];
   /** One line per missing or corrupt input. */
   problems: string[];
+  /** What PATH was found to be. */
   kind: ReportKind;
 }
 
@@ -75,9 +96,13 @@ class Report {
   readonly figDir: string;
   #ids = new Set<string>();
 
-  constructor(readonly outDir: string, readonly log: (line: string) => void) {
+  constructor(
+    readonly outDir: string,
+    readonly log: (line: string) => void,
+    sources?: readonly string[],
+  ) {
     this.problems = new Problems(outDir);
-    this.thumbs = new Thumbnails(this.problems);
+    this.thumbs = new Thumbnails(this.problems, sources);
     this.figDir = join(outDir, "report", "figures");
     mkdirSync(this.figDir, { recursive: true });
   }
@@ -85,7 +110,8 @@ class Report {
   /** A unique file name for a figure. */
   name(base: string): string {
     let name = base.replace(/[^A-Za-z0-9_-]+/g, "-"), i = 2;
-    while (this.#ids.has(name)) name = `${base}-${i++}`;
+    const safe = name;
+    while (this.#ids.has(name)) name = `${safe}-${i++}`;
     this.#ids.add(name);
     return name;
   }
@@ -121,6 +147,12 @@ class Report {
   }
 }
 
+/**
+ * Writes report.html (and report/: figures as SVG and PNG, thumbnails, contact sheets) of the
+ * `generate` output, `train`/`eval` run, `run` experiment or sweep in `path`, as
+ * `dipsy report` does. Missing or corrupt inputs are listed in the result and on the page;
+ * a folder that is no dipsy output is a `NotDipsyOutputError`.
+ */
 export async function writeReport(path: string, opts: ReportOptions = {}): Promise<ReportResult> {
   const dir = resolve(path);
   const kind = detectKind(dir);
@@ -130,7 +162,7 @@ export async function writeReport(path: string, opts: ReportOptions = {}): Promi
   } catch (e) {
     throw new ReportError(`cannot write the report into ${outDir}: ${(e as Error).message}`);
   }
-  const r = new Report(outDir, opts.log ?? (() => {}));
+  const r = new Report(outDir, opts.log ?? (() => {}), opts.sources);
   let title: string, body: string;
   switch (kind) {
     case "generate": {
@@ -190,13 +222,17 @@ async function generateSection(
   const sim = data.similarity;
   const shotsRoot = findShotsRoot(data, [
     ...roots.map((x) => (x ? resolve(x) : x)),
+    typeof rec?.data === "string" ? rec.data : null,
     typeof sim?.meta.data === "string" ? sim.meta.data : null,
   ]);
   const anyRefs = data.entries.some((l) => l.some((e) => e.positive || e.negative));
   if (!shotsRoot && anyRefs) {
     r.problems.add(
       data.dir,
-      "the few-shot reference images were not found (the folder is not recorded in the run; " +
+      "the few-shot reference images were not found (" +
+        (typeof rec?.data === "string"
+          ? `${rec.data}, recorded in run.json, does not hold them; `
+          : "the folder is not recorded in the run; ") +
         "give --data DIR): reference thumbnails are left out",
     );
   }
@@ -207,7 +243,7 @@ async function generateSection(
   out.push(
     `<p>${total} images listed in <code>${esc(r.problems.rel(join(data.dir, "manifest.jsonl")))}` +
       `</code> for ${data.classes.length} classes` +
-      (rec?.settings?.perClass ? `, ${rec.settings.perClass} per class planned` : "") +
+      (rec?.settings?.perClass ? markup`, ${rec.settings.perClass} per class planned`.text : "") +
       (shotsRoot ? `; references from <code>${esc(r.problems.rel(shotsRoot))}</code>` : "") +
       `.</p>`,
   );
@@ -321,10 +357,12 @@ async function trainSection(r: Report, data: TrainData): Promise<string> {
   }
   const h = Array.isArray(rec.history) ? rec.history : [];
   out.push(
-    `<p>${esc(rec.status)}: ${rec.epochsDone} of ${rec.settings?.epochs} epochs, ` +
-      `${rec.data?.real} real and ${rec.data?.synthetic} synthetic images ` +
-      `(${rec.data?.perEpoch} per epoch, ${rec.data?.itersPerEpoch} steps), ` +
-      `${fmt(rec.seconds ?? 0)} s on ${esc(rec.device)}.</p>`,
+    [
+      markup`<p>${rec.status}: ${rec.epochsDone} of ${rec.settings?.epochs} epochs, `,
+      markup`${rec.data?.real} real and ${rec.data?.synthetic} synthetic images `,
+      markup`(${rec.data?.perEpoch} per epoch, ${rec.data?.itersPerEpoch} steps), `,
+      markup`${fmt(rec.seconds ?? 0)} s on ${rec.device}.</p>`,
+    ].join(""),
   );
   if (h.length) {
     const curve = (field: keyof (typeof h)[number]) =>
@@ -344,6 +382,30 @@ async function trainSection(r: Report, data: TrainData): Promise<string> {
         epochCurve("Training throughput", "images/s", curve("imagesPerSecond")),
         "throughput",
         "Images per second per epoch",
+      ),
+    );
+  }
+  if (data.steps.length) {
+    const steps = data.steps;
+    out.push(
+      await r.figure(
+        stepCurve(
+          "Training loss per step",
+          "loss",
+          steps.map((s) => ({ step: s.step, value: s.loss })),
+        ),
+        "loss-steps",
+        `Loss of each of the ${steps.length} optimizer steps (steps.jsonl)`,
+      ),
+      await r.figure(
+        stepCurve(
+          "Learning rate per step",
+          "lr",
+          steps.map((s) => ({ step: s.step, value: s.lr })),
+          { format: ".1e" },
+        ),
+        "lr-steps",
+        "Learning rate of each optimizer step",
       ),
     );
   }
@@ -369,7 +431,7 @@ async function trainSection(r: Report, data: TrainData): Promise<string> {
         ["epoch", "loss", "lr", "images/s", "seconds", "skipped steps"],
         h.map((e) =>
           [e.epoch, fmt(e.loss), fmt(e.lr), fmt(e.imagesPerSecond), fmt(e.seconds), e.skippedSteps]
-            .map(String)
+            .map(esc)
         ),
       ),
     );
@@ -382,18 +444,17 @@ async function trainSection(r: Report, data: TrainData): Promise<string> {
 
 async function evalSections(
   r: Report,
-  evals: readonly { file: string; record: EvalRecord }[],
+  evals: readonly EvalData[],
   train: TrainData | null,
 ): Promise<string> {
   const out: string[] = [];
-  for (const { file, record } of evals) out.push(await evalSection(r, file, record, train));
+  for (const data of evals) out.push(await evalSection(r, data, train));
   return out.join("\n");
 }
 
 async function evalSection(
   r: Report,
-  file: string,
-  e: EvalRecord,
+  { file, record: e, predictions }: EvalData,
   train: TrainData | null,
 ): Promise<string> {
   const base = file.replace(/\.json$/, "");
@@ -401,13 +462,13 @@ async function evalSection(
   const out: string[] = [`<section id="${esc(base)}"><h2>Evaluation (${esc(file)})</h2>`];
   out.push(
     table(
-      ["test images", "top-1", `top-${e.topK ?? 5}`, "mean per class", "epoch", "selected on"],
+      ["test images", "top-1", esc(`top-${e.topK ?? 5}`), "mean per class", "epoch", "selected on"],
       [[
-        String(e.total),
+        esc(e.total),
         pct(e.top1),
         pct(e.top5),
         pct(e.meanPerClass),
-        String(e.selection?.epoch ?? "-"),
+        esc(e.selection?.epoch ?? "-"),
         esc(`${e.selection?.selectedOn ?? "-"} (${e.selection?.rule ?? "-"})`),
       ]],
     ),
@@ -425,12 +486,67 @@ async function evalSection(
         `data-classes="${names.length}" data-figure="confusion"`,
       ),
     );
-    out.push(await worstConfusions(r, file, e, names, train));
+    out.push(
+      predictions
+        ? await misclassified(r, file, e, names, predictions)
+        : await worstConfusions(r, file, e, names, train),
+    );
   } else {
     r.problems.lines.push(`${file}: the confusion matrix is not ${names.length} x ${names.length}`);
   }
   out.push(`</section>`);
   return out.join("\n");
+}
+
+/** Misclassified images shown per confusion pair, at most. */
+export const CONFUSION_EXAMPLES = 12;
+
+/** The worst confusions with the very test images that were misclassified. */
+async function misclassified(
+  r: Report,
+  file: string,
+  e: EvalRecord,
+  names: string[],
+  predictions: readonly PredictionLine[],
+): Promise<string> {
+  const worst = topConfusionPairs(e.confusion, 8);
+  if (!worst.length) return "<h3>Worst confusions</h3><p>No test image was misclassified.</p>";
+  const base = `test-${file.replace(/\.json$/, "")}`;
+  const rows: string[][] = [];
+  for (const { count, from, to } of worst) {
+    const wrong = misclassifiedAs(predictions, names[from], names[to]);
+    const shown = wrong.slice(0, CONFUSION_EXAMPLES);
+    const made = await Promise.all(
+      shown.map((p, i) =>
+        r.thumbs.make(
+          join(e.test, p.file),
+          join(r.outDir, "report", "thumbs", base, `c${from}-${to}`, `${i}.jpg`),
+          64,
+        )
+      ),
+    );
+    const images = shown.map((p, i) => {
+      const title = esc(`${p.file}; top-5: ${p.top5.join(", ")}`);
+      return made[i]
+        ? `<img src="${href(r.problems.rel(made[i]!))}" alt="${esc(p.file)}" title="${title}" ` +
+          `data-file="${esc(p.file)}">`
+        : `<span class="gone" data-file="${esc(p.file)}" title="${title}">missing</span>`;
+    }).join("");
+    const share = e.perClass[from]?.total ? count / e.perClass[from].total : null;
+    rows.push([
+      esc(names[from]),
+      esc(names[to]),
+      markup`${count} (${pct(share)})`.text,
+      `<span class="examples" data-true="${esc(names[from])}" data-predicted="${
+        esc(names[to])
+      }">${images}</span>` +
+      (wrong.length > shown.length ? ` and ${wrong.length - shown.length} more` : ""),
+    ]);
+  }
+  return `<h3>Worst confusions</h3><p>Test images of a class taken for another, most ` +
+    `frequent first, with the images that were misclassified (up to ${CONFUSION_EXAMPLES} ` +
+    `per pair; hover one for its file and top-5 classes).</p>` +
+    table(["true class", "taken for", "images (share of class)", "misclassified images"], rows);
 }
 
 async function worstConfusions(
@@ -463,14 +579,14 @@ async function worstConfusions(
     rows.push([
       esc(names[from]),
       esc(names[to]),
-      `${count} (${pct(share)})`,
+      markup`${count} (${pct(share)})`.text,
       `<span class="examples">${await thumbs(from)}</span>`,
       `<span class="examples">${await thumbs(to)}</span>`,
     ]);
   }
   return `<h3>Worst confusions</h3><p>Test images of a class taken for another, most ` +
-    `frequent first, with example test images of both classes (the record keeps counts, not ` +
-    `which images were misclassified).</p>` +
+    `frequent first, with example test images of both classes (the evaluation kept no ` +
+    `per-image predictions; evaluate again to see the misclassified images).</p>` +
     table([
       "true class",
       "taken for",
@@ -497,8 +613,8 @@ async function runSection(r: Report, dir: string, data?: string): Promise<string
       table(
         ["classes", "test images", "top-1", "top-5", "mean per class", "device"],
         [[
-          String(rec.classes),
-          String(rec.accuracy?.total),
+          esc(rec.classes),
+          esc(rec.accuracy?.total),
           pct(rec.accuracy?.top1),
           pct(rec.accuracy?.top5),
           pct(rec.accuracy?.meanPerClass),
@@ -580,7 +696,7 @@ async function sweepSection(r: Report, dir: string): Promise<string> {
   const num = (v: unknown) => (typeof v === "number" && Number.isFinite(v) ? v : null);
   const rows = sweep.rows.map((row) => {
     const cells = [
-      [String(row.rank), String(row.rank)],
+      [esc(row.rank), String(row.rank)],
       [cellLink(row), row.cell],
       ...sweep.swept.map((k) => {
         const v = row.settings[k];

@@ -15,8 +15,15 @@ import {
   SIMILARITY_FILE,
 } from "../core/output.ts";
 import type { TrainRecord } from "../plugins/classifiers/trainer.ts";
-import type { EvalRecord, ValidationRecord } from "../app/classify.ts";
+import { readStepHistory, type StepRecord } from "../plugins/classifiers/steps.ts";
+import {
+  type EvalRecord,
+  type PredictionLine,
+  predictionsFileFor,
+  type ValidationRecord,
+} from "../app/classify.ts";
 
+/** The kinds of dipsy output a report is made of. */
 export type ReportKind = "generate" | "train" | "run" | "sweep";
 
 /** PATH holds none of the records dipsy writes. */
@@ -211,8 +218,8 @@ export async function readGenerate(dir: string, problems: Problems): Promise<Gen
 
 /**
  * The class root the manifest's reference files are relative to: the first candidate that
- * holds the run's shots (the few-shot folder is not part of run.json, so it is found from what
- * recorded it: the caller, the experiment record, the similarity file).
+ * holds the run's shots: the caller's, then what recorded it (the experiment record, run.json,
+ * the similarity file); a recorded folder may have moved since.
  */
 export function findShotsRoot(
   data: GenerateData,
@@ -233,8 +240,17 @@ export interface TrainData {
   dir: string;
   record: TrainRecord | null;
   validation: ValidationRecord | null;
+  /** The per-step history (empty for a run trained before it was kept). */
+  steps: StepRecord[];
   /** eval.json and eval-<test>.json, by file name. */
-  evals: { file: string; record: EvalRecord }[];
+  evals: EvalData[];
+}
+
+/** An eval record and, when they are there and its own, its per-image predictions. */
+export interface EvalData {
+  file: string;
+  record: EvalRecord;
+  predictions: PredictionLine[] | null;
 }
 
 export function readTrain(dir: string, problems: Problems): TrainData {
@@ -246,7 +262,13 @@ export function readTrain(dir: string, problems: Problems): TrainData {
     format: "dipsy-validation",
   });
   const evals = readEvals(dir, problems);
-  return { dir, record, validation, evals };
+  let steps: StepRecord[] = [];
+  try {
+    steps = readStepHistory(dir);
+  } catch (e) {
+    problems.add(join(dir, "steps.jsonl"), `unreadable (${(e as Error).message})`);
+  }
+  return { dir, record, validation, steps, evals };
 }
 
 /** The eval records of a folder (eval.json first). */
@@ -264,9 +286,65 @@ export function readEvals(dir: string, problems: Problems): TrainData["evals"] {
       problems.add(join(dir, name), "corrupt record (no confusion matrix or per-class results)");
       continue;
     }
-    out.push({ file: name, record });
+    out.push({
+      file: name,
+      record,
+      predictions: readPredictions(join(dir, name), record, problems),
+    });
   }
   return out;
+}
+
+/**
+ * The predictions beside an eval record, or null: missing (an evaluation made before they were
+ * kept), unreadable, or not adding up to the record's confusion matrix (left from another
+ * evaluation), each but the first with a problem.
+ */
+export function readPredictions(
+  evalFile: string,
+  record: EvalRecord,
+  problems: Problems,
+): PredictionLine[] | null {
+  const file = predictionsFileFor(evalFile);
+  let text: string;
+  try {
+    text = Deno.readTextFileSync(file);
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) {
+      problems.add(file, `unreadable (${(e as Error).message})`);
+    }
+    return null;
+  }
+  const names = record.perClass.map((c) => c.class);
+  const index = new Map(names.map((c, i) => [c, i]));
+  const tally = names.map(() => names.map(() => 0));
+  const lines: PredictionLine[] = [];
+  for (const [i, line] of text.split("\n").entries()) {
+    if (!line.trim()) continue;
+    let p: PredictionLine;
+    try {
+      p = JSON.parse(line);
+    } catch {
+      problems.add(file, `line ${i + 1} is not JSON: the misclassified images are not shown`);
+      return null;
+    }
+    const from = index.get(p?.label), to = index.get(p?.predicted);
+    if (typeof p?.file !== "string" || from === undefined || to === undefined) {
+      problems.add(file, `line ${i + 1} is not a prediction of the record's classes`);
+      return null;
+    }
+    tally[from][to]++;
+    lines.push(p);
+  }
+  if (JSON.stringify(tally) !== JSON.stringify(record.confusion)) {
+    problems.add(
+      file,
+      "does not add up to the confusion matrix of its eval record (left from another " +
+        "evaluation?): the misclassified images are not shown",
+    );
+    return null;
+  }
+  return lines;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@
 import { Buffer } from "node:buffer";
 import { Hono } from "hono";
 import denoJson from "../deno.json" with { type: "json" };
-import type { ConfigLayer } from "../core/config.ts";
+import { type ConfigLayer, DEFAULTS } from "../core/config.ts";
 import { decodeImage, ImageDecodeError, type ImageFormat, type RgbImage } from "../core/image.ts";
 import type { Guidance, Registry, SchedulerConfig } from "../core/plugins.ts";
 import { prepareSample, SampleError, sampleSize, type SampleSpec } from "../core/sample.ts";
 import { memory } from "../ffi/mod.ts";
-import { authorized, checkExposure } from "./auth.ts";
+import { authorized, checkExposure, isLoopback } from "./auth.ts";
 import {
   ClosedError,
   Engine,
@@ -49,7 +49,14 @@ import {
   readJson,
 } from "./body.ts";
 import { type HttpServer, serveHttp } from "./http.ts";
-import { mountPages, pageCookieAuthorized, pageGate } from "./pages.ts";
+import {
+  mountPages,
+  pageCookieAuthorized,
+  pageErrorFor,
+  pageGate,
+  pageRefusal,
+  REPORT_PREFIX,
+} from "./pages.ts";
 import { API_VERSION, openApi, routeDocs } from "./openapi.ts";
 import * as s from "../core/schema.ts";
 import { pluginOptionSchemas } from "./openapi.ts";
@@ -102,8 +109,8 @@ function engineError(e: unknown): HttpError {
 // Sample requests
 
 const GUIDANCE_FIELD = /^guidance\.([A-Za-z_][A-Za-z0-9_]{0,63})$/;
-const DEFAULT_GUIDANCE = "dipsy";
-const DEFAULT_SAMPLER = "dpm-solver++";
+const DEFAULT_GUIDANCE = DEFAULTS.guidance.name;
+const DEFAULT_SAMPLER = DEFAULTS.sampler.name;
 
 /**
  * The guidances that need each reference image, as each declares with its default options
@@ -195,7 +202,7 @@ function sampleForm(reg: Registry, limits: Limits) {
     steps: s.optional(s.integer({
       min: 1,
       max: limits.maxSteps,
-      default: 50,
+      default: DEFAULTS.steps,
       description: "denoising steps",
     })),
     width: side("width"),
@@ -372,6 +379,12 @@ function eventStream(job: Job, signal: AbortSignal): Response {
 
 const JOB_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
+/** Whether a Host header names this machine's loopback (a name or address, any port). */
+function loopbackHost(host: string): boolean {
+  const m = /^(\[[0-9A-Fa-f:.]+\]|[^:[\]]+)(?::\d{1,5})?$/.exec(host.trim());
+  return m !== null && isLoopback(m[1]);
+}
+
 /** The Hono app and its OpenAPI document. */
 export function createApp(o: AppOptions): {
   app: Hono;
@@ -414,14 +427,31 @@ export function createApp(o: AppOptions): {
   app.notFound((c) => unrouted(c.req.method, new URL(c.req.url).pathname));
 
   const unauthorized = (path: string, authorization: string | undefined): Response | null => {
-    if (o.token === null || path === "/healthz" || authorized(authorization, o.token)) return null;
+    // A report's own requests carry its key instead (see server/pages.ts).
+    if (
+      o.token === null || path === "/healthz" || path.startsWith(REPORT_PREFIX) ||
+      authorized(authorization, o.token)
+    ) return null;
     return errorResponse(
       new HttpError(401, "missing or wrong bearer token (Authorization: Bearer <token>)", [], {
         "www-authenticate": 'Bearer realm="dipsy"',
       }),
     );
   };
-  if (o.token !== null) {
+  if (o.token === null) {
+    // Without a token, a name that only resolves here is the guard: a web page whose own name
+    // is made to resolve to this machine (DNS rebinding) still sends that name.
+    app.use("*", async (c, next) => {
+      const host = c.req.header("host");
+      if (host !== undefined && !loopbackHost(host)) {
+        const message = `Host ${JSON.stringify(host)} is not a name of this server: without a ` +
+          "token it answers only to localhost, 127.0.0.0/8 and [::1]";
+        return pageErrorFor(c.req.raw, 421, message) ??
+          errorResponse(new HttpError(421, message));
+      }
+      await next();
+    });
+  } else {
     const token = o.token;
     app.use("*", async (c, next) => {
       const answered = pageGate(c.req.raw, token);
@@ -429,7 +459,7 @@ export function createApp(o: AppOptions): {
       // Pages and their own API calls (an EventSource sends no header) carry the page cookie.
       if (!pageCookieAuthorized(c.req.raw, token)) {
         const refused = unauthorized(new URL(c.req.url).pathname, c.req.header("authorization"));
-        if (refused) return refused;
+        if (refused) return pageRefusal(c.req.raw) ?? refused;
       }
       await next();
     });
@@ -508,7 +538,7 @@ export function createApp(o: AppOptions): {
       guidance: v.guidance ?? DEFAULT_GUIDANCE,
       guidanceOptions: { ...v.guidanceOptions, ...dotted.options },
       sampler: v.sampler ?? DEFAULT_SAMPLER,
-      steps: v.steps ?? 50,
+      steps: v.steps ?? DEFAULTS.steps,
       width: v.width ?? null,
       height: v.height ?? null,
     };

@@ -13,6 +13,7 @@ import {
   PRESETS,
   resolveConfig,
   resolveRun,
+  RUN_FIELDS,
   type RunConfig,
 } from "../core/config.ts";
 import { type ProgressInfo, resolveShard, type Shard } from "../core/generate.ts";
@@ -38,6 +39,10 @@ const plugin = (kind: string) =>
 
 const path = (description: string) => s.string({ minLength: 1, maxLength: 4096, description });
 
+/** A run setting as RUN_FIELDS declares it (type, bounds, doc); absent, the preset's holds. */
+const runField = (key: "seed" | "steps" | "quality") =>
+  s.optional(s.withoutDefault(RUN_FIELDS.shape[key].schema as s.Schema<number>));
+
 /** The body of POST /v1/jobs: `dipsy generate`'s settings, without the server's model ones. */
 export const JOB_REQUEST = s.object({
   data: s.required(path("few-shot images: DIR/<class>/*.jpg, or the DataDream layout")),
@@ -51,8 +56,8 @@ export const JOB_REQUEST = s.object({
   similarity: s.optional(s.nullable(path("class similarity file"))),
   preset: s.optional(s.string({ enum: Object.keys(PRESETS), description: "named settings" })),
   perClass: s.optional(s.integer({ min: 1, max: 1_000_000, description: "images per class" })),
-  seed: s.optional(s.integer({ min: 0, description: "run seed" })),
-  steps: s.optional(s.integer({ min: 1, max: 1000, description: "denoising steps" })),
+  seed: runField("seed"),
+  steps: runField("steps"),
   width: s.optional(s.nullable(s.integer({ min: 8, max: 4096, description: "pixels" }))),
   height: s.optional(s.nullable(s.integer({ min: 8, max: 4096, description: "pixels" }))),
   prompt: s.optional(s.nullable(s.string({
@@ -63,7 +68,7 @@ export const JOB_REQUEST = s.object({
   sampler: s.optional(plugin("sampler")),
   pairs: s.optional(plugin("pairs")),
   batch: s.optional(s.integer({ min: 1, max: 256, description: "images per model call" })),
-  quality: s.optional(s.integer({ min: 1, max: 100, description: "JPEG quality" })),
+  quality: runField("quality"),
   shard: s.optional(s.string({
     pattern: /^\d+\/\d+$/,
     patternText: 'I/N, e.g. "0/4"',

@@ -1,19 +1,20 @@
 /**
  * Pages for a person with a browser, beside the API: the runs under the roots (`GET /`), each
- * run's report (`GET /runs/<root>/<path>/`, made by report/ when missing or older than the run's
- * records) with the files it links to, and a live page per job (`GET /jobs/<id>`) that follows
- * the job's event stream. Files are served only from inside the roots, by the same checks the
- * API applies to job paths.
+ * run's report (`GET /runs/<root>/<path>/`, sent on to its address under a key, and made by
+ * report/ when missing or older than the run's records) with the files it links to, and a live
+ * page per job (`GET /jobs/<id>`) that follows the job's event stream. Files are served only from
+ * inside the roots, by the same checks the API applies to job paths.
  *
  * A browser cannot send a bearer token with a link or an EventSource, so when the server needs a
  * token a page is opened once with `?token=<token>`: the answer sets an HttpOnly, SameSite=Strict
  * cookie and redirects to the same page without the token, and the cookie then stands for the
  * token on every request, the API's included (unsafe methods only from the server's own origin).
  */
-import { createHash, timingSafeEqual } from "node:crypto";
+import { createHash, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 import { basename, extname, isAbsolute, join, relative, sep as SEPARATOR } from "node:path";
 import type { Hono } from "hono";
-import { MANIFEST, RUN_RECORD } from "../core/output.ts";
+import { MANIFEST, RUN_RECORD, SIMILARITY_FILE } from "../core/output.ts";
+import { SORT_SCRIPT } from "../report/html.ts";
 import { UserError } from "../ffi/errors.ts";
 import { confine, JobRequestError, type JobStore, type JobView } from "./jobs.ts";
 
@@ -27,7 +28,9 @@ export interface PagesOptions {
 // The page cookie
 
 const COOKIE = "dipsy_pages";
-const PAGE_PATH = /^\/(?:$|runs(?:\/|$)|jobs(?:\/|$))/;
+/** Where reports are sent from, authorized by their key rather than the token (see below). */
+export const REPORT_PREFIX = "/reports/";
+const PAGE_PATH = /^\/(?:$|runs(?:\/|$)|jobs(?:\/|$)|reports\/)/;
 
 /** The cookie's value: derived from the token, so the cookie never holds the token itself. */
 function cookieValue(token: string): string {
@@ -90,6 +93,38 @@ export function pageGate(req: Request, token: string): Response | null {
   });
 }
 
+/**
+ * The refusal a person sees: a browser asking for a page (Accept: text/html) without the token
+ * gets a short page saying how to open it, with the API's status and challenge; anything else
+ * (the API, images, scripts) is left to the API's JSON refusal. Null when it is not a page.
+ */
+export function pageRefusal(req: Request): Response | null {
+  if (req.method !== "GET" && req.method !== "HEAD") return null;
+  const url = new URL(req.url);
+  if (!PAGE_PATH.test(url.pathname) || !/\btext\/html\b/.test(req.headers.get("accept") ?? "")) {
+    return null;
+  }
+  const wrong = url.searchParams.has("token");
+  url.searchParams.delete("token");
+  url.searchParams.set("token", "TOKEN");
+  const example = url.pathname + url.search;
+  const res = html(
+    page(
+      "Token needed",
+      `<main><h1>Token needed</h1><p>${
+        wrong ? "The token given is not this server's. " : ""
+      }This server needs its token: open <code>${esc(example)}</code>, with TOKEN the one ` +
+        `<code>dipsy serve</code> was started with (its <code>--token-file</code> or ` +
+        `<code>DIPSY_TOKEN</code>). The page then keeps it as a cookie, and later links work ` +
+        `without it.</p></main>`,
+    ),
+    401,
+  );
+  res.headers.set("www-authenticate", 'Bearer realm="dipsy"');
+  res.headers.set("cache-control", "no-store");
+  return res;
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTML
 
@@ -100,15 +135,36 @@ const PAGE_POLICY =
   "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; " +
   "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 /**
- * A report has its own inline style and script (a sortable table) and fetches nothing: it
- * works offline, and here it may not connect anywhere either.
+ * A report has its own inline style and one script (it sorts a table) and fetches nothing. Any
+ * HTML file in a run's report folder is sent so, whoever wrote it: sandboxed, it runs in an
+ * origin of its own that holds no cookie and reaches none of the server's pages, and the only
+ * script it may run is the report's own, by its hash.
  */
-const REPORT_POLICY = "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' " +
-  "'unsafe-inline'; img-src 'self' data:; font-src 'self' data:; connect-src 'none'; " +
-  "base-uri 'self'; form-action 'none'; frame-ancestors 'none'";
+const REPORT_POLICY = "sandbox allow-scripts; default-src 'none'; script-src 'sha256-" +
+  createHash("sha256").update(SORT_SCRIPT).digest("base64") + "'; style-src 'unsafe-inline'; " +
+  "img-src 'self' data:; font-src data:; connect-src 'none'; base-uri 'self'; " +
+  "form-action 'none'; frame-ancestors 'none'";
 /** Files from the roots are shown, never run (an SVG may hold a script). */
 const FILE_POLICY = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; " +
   "sandbox";
+
+/**
+ * The answer a page path gets for a refusal that the API would send as JSON: a small page with
+ * one line. Null for any other path.
+ */
+export function pageErrorFor(req: Request, status: number, message: string): Response | null {
+  return PAGE_PATH.test(new URL(req.url).pathname)
+    ? errorPage(new PageError(status, message))
+    : null;
+}
+
+/**
+ * A redirect to a path of this server, as a relative reference: the request's URL does not know
+ * the address the client used.
+ */
+function redirect(path: string, status: 301 | 303): Response {
+  return new Response(null, { status, headers: { location: path, "cache-control": "no-store" } });
+}
 
 function html(body: string, status = 200): Response {
   return new Response(body, {
@@ -234,11 +290,11 @@ const TYPES: Record<string, string> = {
   ".json": "application/json; charset=utf-8",
   ".jsonl": "text/plain; charset=utf-8",
 };
-/** And inside a report's assets folder, its other files. */
+const HTML_TYPE = "text/html; charset=utf-8";
+/** And in a run's report folder, its other files. */
 const REPORT_TYPES: Record<string, string> = {
-  ".html": "text/html; charset=utf-8",
+  ".html": HTML_TYPE,
   ".css": "text/css; charset=utf-8",
-  ".js": "text/javascript; charset=utf-8",
   ".csv": "text/csv; charset=utf-8",
   ".txt": "text/plain; charset=utf-8",
 };
@@ -247,27 +303,66 @@ const REPORT_HTML = "report.html";
 const REPORT_ASSETS = "report";
 
 /**
- * The type of a file the run pages may send, by its path from the root; null for the others:
- * nothing else in the roots is readable over HTTP.
+ * How many leading parts of a path from a root name the run folder a report file belongs to:
+ * report.html's own folder, or the folder that holds the report assets folder. Null for a
+ * path that is no report file's.
  */
-function servableType(rel: string[]): string | null {
-  const name = rel[rel.length - 1], ext = extname(name).toLowerCase();
-  if (name === REPORT_HTML) return REPORT_TYPES[".html"];
-  return TYPES[ext] ?? (rel.slice(0, -1).includes(REPORT_ASSETS) ? REPORT_TYPES[ext] : null) ??
-    null;
+function reportRunDepth(rel: readonly string[]): number | null {
+  if (rel.at(-1) === REPORT_HTML) return rel.length - 1;
+  const i = rel.indexOf(REPORT_ASSETS);
+  return i >= 0 && i < rel.length - 1 ? i : null;
 }
 
+/**
+ * The type of the file at `real` (a real path in one of `roots`) that the run pages may send,
+ * or null: nothing else in the roots is readable over HTTP. Judged by the real path, so that a
+ * link with a servable name serves no other file; a report's HTML only in a run's folder.
+ */
+async function servableType(real: string, roots: readonly string[]): Promise<string | null> {
+  const root = roots.find((r) => within(r, real) !== null);
+  if (root === undefined) return null;
+  const rel = within(root, real)!.split(SEPARATOR).filter((p) => p);
+  const hidden = rel.find((p) => p.startsWith("."));
+  if (hidden !== undefined) throw new PageError(404, `hidden files are not served: ${hidden}`);
+  const name = rel.at(-1) ?? "", ext = extname(name).toLowerCase();
+  if (TYPES[ext] !== undefined) return TYPES[ext];
+  const type = name === REPORT_HTML ? HTML_TYPE : REPORT_TYPES[ext];
+  const depth = reportRunDepth(rel);
+  if (type === undefined || depth === null) return null;
+  return (await runKind(join(root, ...rel.slice(0, depth)))) ? type : null;
+}
+
+/**
+ * Sends the file as it is when opened: a file a running job appends to is sent at the length
+ * it had then, which the content-length says.
+ */
 async function sendFile(path: string, type: string): Promise<Response> {
   const file = await Deno.open(path, { read: true });
-  const { size } = await file.stat();
+  let body: Uint8Array;
+  try {
+    const { size } = await file.stat();
+    body = new Uint8Array(size);
+    let n = 0;
+    while (n < size) {
+      const got = await file.read(body.subarray(n));
+      if (got === null) break;
+      n += got;
+    }
+    body = body.subarray(0, n);
+  } finally {
+    file.close();
+  }
+  const report = type === HTML_TYPE;
   const headers: Record<string, string> = {
     "content-type": type,
-    "content-length": String(size),
+    "content-length": String(body.length),
     "x-content-type-options": "nosniff",
     "cache-control": "no-cache",
-    "content-security-policy": type.startsWith("text/html") ? REPORT_POLICY : FILE_POLICY,
+    "content-security-policy": report ? REPORT_POLICY : FILE_POLICY,
+    // A report's address holds its key (see mountPages): not to be passed on.
+    "referrer-policy": "no-referrer",
   };
-  return new Response(file.readable, { headers });
+  return new Response(body as Uint8Array<ArrayBuffer>, { headers });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -284,8 +379,10 @@ const KIND_RECORDS: [RunKind, string][] = [
 ];
 /** Records whose change makes a report out of date. */
 const RECORD = new RegExp(
-  `^(${[...KIND_RECORDS.map(([, f]) => f), MANIFEST].map((f) => f.replace(".", "\\.")).join("|")}` +
-    `|eval(-.+)?\\.json)$`,
+  `^(${
+    [...KIND_RECORDS.map(([, f]) => f), MANIFEST, SIMILARITY_FILE, "validation.json", "steps.jsonl"]
+      .map((f) => f.replace(".", "\\.")).join("|")
+  }|eval(-.+)?\\.json|predictions-.+\\.jsonl)$`,
 );
 
 async function runKind(dir: string): Promise<RunKind | null> {
@@ -294,7 +391,9 @@ async function runKind(dir: string): Promise<RunKind | null> {
     if (await has(file)) return kind;
     // An experiment before its own record: its first stages are there.
     if (
-      kind === "run" && (await has("synthetic", RUN_RECORD) || await has("train", "train.json"))
+      kind === "run" && (await has("synthetic", RUN_RECORD) || await has("train", "train.json") ||
+        // `dipsy demo`'s experiment, under its own folder names.
+        (await has("images", RUN_RECORD) && await has("classifier", "train.json")))
     ) {
       return kind;
     }
@@ -302,15 +401,22 @@ async function runKind(dir: string): Promise<RunKind | null> {
   return null;
 }
 
-/** The newest modification time of the run's records, its stages' (one level down) included. */
+/**
+ * The newest modification time of the run's records, its stages' (one level down, through
+ * links: a sweep cell's generated set is one) included.
+ */
 async function recordsChanged(dir: string, kind: RunKind): Promise<number> {
   let newest = 0;
   const scan = async (d: string, descend: boolean) => {
     try {
       for await (const e of Deno.readDir(d)) {
-        if (e.isFile && RECORD.test(e.name)) {
+        if (e.name.startsWith(".") || !(e.isFile || e.isDirectory || e.isSymlink)) continue;
+        const record = RECORD.test(e.name);
+        if (!record && !(descend && e.name !== REPORT_ASSETS)) continue;
+        const info = e.isSymlink ? await statOrNull(join(d, e.name)) : e;
+        if (record && info?.isFile) {
           newest = Math.max(newest, (await statOrNull(join(d, e.name)))?.mtime?.getTime() ?? 0);
-        } else if (descend && e.isDirectory && !e.name.startsWith(".") && e.name !== "report") {
+        } else if (descend && info?.isDirectory) {
           await scan(join(d, e.name), false);
         }
       }
@@ -465,7 +571,11 @@ ${
       } catch (e) {
         if (e instanceof PageError) return errorPage(e);
         if (e instanceof UserError) return errorPage(new PageError(422, e.message));
-        throw e;
+        // Not the visitor's to fix (a full disk, a folder it may not write): said on the page
+        // in one line, the details in the server's log.
+        console.error(e);
+        const message = (e instanceof Error ? e.message : String(e)).split("\n")[0];
+        return errorPage(new PageError(500, `the server could not answer: ${message}`));
       }
     };
 
@@ -489,50 +599,107 @@ ${
 
   app.get("/runs", (c) => c.redirect("/", 302));
 
+  /**
+   * A report and its files are sent from /reports/<key>/<root>/<run path>/, where the key stands
+   * for the page cookie on requests under that run's folder alone: a report is sandboxed (see
+   * REPORT_POLICY), so its own requests carry no cookie. The key is made afresh each time the
+   * server starts; an old one leads back through /runs/, which asks for the token again.
+   */
+  const secret = randomBytes(32);
+  const keyOf = (parts: readonly string[]) =>
+    createHmac("sha256", secret).update(parts.join("/")).digest("hex").slice(0, 32);
+  const pathOf = (parts: readonly string[]) => parts.map(encodeURIComponent).join("/");
+  const reportUrl = (run: readonly string[], parts: readonly string[]) =>
+    `/reports/${keyOf(run)}/${pathOf(parts)}`;
+
+  /** A path from the roots' names: its root and the real path it names (confined). */
+  const resolvePath = async (parts: string[]) => {
+    const root = names.get(parts[0] ?? "");
+    if (root === undefined) throw new PageError(404, `no root named "${parts[0] ?? ""}"`);
+    const rel = parts.slice(1).filter((p) => p);
+    const real = await confined(join(root, ...rel), o.roots);
+    const info = await statOrNull(real);
+    if (!info) throw new PageError(404, `${join(...parts)} does not exist`);
+    return { real, info, slash: parts.length === 1 || parts.at(-1) === "" };
+  };
+
   app.get(
     "/runs/*",
     guard(async (req) => {
-      const parts = segments(new URL(req.url).pathname.slice("/runs/".length));
-      const root = names.get(parts[0] ?? "");
-      if (root === undefined) throw new PageError(404, `no root named "${parts[0] ?? ""}"`);
-      const rel = parts.slice(1);
-      const slash = rel.length === 0 || rel[rel.length - 1] === "";
-      const real = await confined(join(root, ...rel.filter((p) => p)), o.roots);
-      const info = await statOrNull(real);
-      if (!info) throw new PageError(404, `${join(...parts)} does not exist`);
+      const url = new URL(req.url);
+      const parts = segments(url.pathname.slice("/runs/".length));
+      const { real, info, slash } = await resolvePath(parts);
+      const named = parts.filter((p) => p);
       if (info.isDirectory) {
         // The report's links are relative to its folder.
-        if (!slash) {
-          return Response.redirect(new URL(`${new URL(req.url).pathname}/`, req.url), 301);
+        if (!slash) return redirect(`${url.pathname}/`, 301);
+        if (!await runKind(real)) {
+          throw new PageError(404, `${urlOf(real) ?? real} is not a dipsy run (no run record)`);
         }
-        return await reportPage(real);
+        return redirect(`${reportUrl(named, named)}/`, 303);
       }
       if (slash || !info.isFile) throw new PageError(404, `${join(...parts)} is not a folder`);
-      const type = servableType(rel);
-      if (!type) throw new PageError(404, `${rel[rel.length - 1]} is not a file the pages serve`);
+      const type = await servableType(real, o.roots);
+      if (!type) throw new PageError(404, `${parts.at(-1)} is not a file the pages serve`);
+      if (type === HTML_TYPE) {
+        const depth = reportRunDepth(named.slice(1));
+        if (depth === null) throw new PageError(404, `${parts.at(-1)} is not a report's page`);
+        return redirect(reportUrl(named.slice(0, depth + 1), named), 303);
+      }
       return await sendFile(real, type);
     }),
   );
 
-  /** The report of the run in `dir`, remade first when missing or older than its records. */
+  app.get(
+    "/reports/:key/*",
+    guard(async (req) => {
+      const url = new URL(req.url);
+      const [, , key, ...rest] = url.pathname.split("/");
+      const parts = segments(rest.join("/"));
+      const named = parts.filter((p) => p);
+      // The run folder the key is for: one of the path's leading folders.
+      let run = 0;
+      for (let n = 1; n <= named.length && !run; n++) {
+        if (sameText(key, keyOf(named.slice(0, n)))) run = n;
+      }
+      if (!run) return redirect(`/runs/${pathOf(parts)}`, 303);
+      const { real, info, slash } = await resolvePath(parts);
+      if (info.isDirectory) {
+        if (!slash) return redirect(`${url.pathname}/`, 301);
+        return await reportPage(real);
+      }
+      if (slash || !info.isFile) throw new PageError(404, `${join(...parts)} is not a folder`);
+      const type = await servableType(real, o.roots);
+      if (!type) throw new PageError(404, `${parts.at(-1)} is not a file the pages serve`);
+      return await sendFile(real, type);
+    }),
+  );
+
+  /**
+   * The report of the run in `dir`, remade first when missing or older than its records. A
+   * report takes the time of the records it was made from, so that one written while a job
+   * changed them is out of date.
+   */
   const reportPage = async (dir: string): Promise<Response> => {
     const kind = await runKind(dir);
     if (!kind) throw new PageError(404, `${urlOf(dir) ?? dir} is not a dipsy run (no run record)`);
     const file = join(dir, REPORT_HTML);
     const made = (await statOrNull(file))?.mtime?.getTime() ?? -1;
-    if (made < await recordsChanged(dir, kind)) {
+    const changed = await recordsChanged(dir, kind);
+    if (made < changed) {
       // One report at a time per run: two visitors wait for the same one.
       let p = making.get(dir);
       if (!p) {
         p = (async () => {
           reportModule ??= import("../report/mod.ts");
-          await (await reportModule).writeReport(dir, { log: () => {} });
+          await (await reportModule).writeReport(dir, { log: () => {}, sources: o.roots });
+          await Deno.utime(file, new Date(), new Date(changed));
         })().finally(() => making.delete(dir));
         making.set(dir, p);
       }
       await p;
     }
-    return await sendFile(file, "text/html; charset=utf-8");
+    return await sendFile(file, HTML_TYPE);
   };
 
   const findJob = (id: string) => {
@@ -592,7 +759,9 @@ ${
         throw new PageError(403, `${rel.join("/")} is outside the job's output folder`);
       }
       if (!(await statOrNull(real))?.isFile) throw new PageError(404, `no image ${rel.join("/")}`);
-      return await sendFile(real, TYPES[extname(real).toLowerCase()]);
+      const type = await servableType(real, o.roots);
+      if (!type || !IMAGE.test(real)) throw new PageError(404, `no image ${rel.join("/")}`);
+      return await sendFile(real, type);
     }),
   );
 }

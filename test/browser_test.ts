@@ -71,6 +71,9 @@ function tinyExperiment(): Promise<string> {
 
 const runUrl = (...parts: string[]) =>
   `/runs/${[ROOT_NAME, ...parts].map(encodeURIComponent).join("/")}`;
+/** Where a run's report is shown: under its key, in the run's own folder. */
+const reportPath = (...parts: string[]) =>
+  new RegExp(`^/reports/[0-9a-f]{32}/${[ROOT_NAME, ...parts].map(encodeURIComponent).join("/")}/$`);
 
 // ---------------------------------------------------------------------------------------------
 
@@ -145,9 +148,15 @@ browserTest(
       const link = page.locator('#runs tr[data-kind="run"] a', { hasText: "experiment/exp" });
       assert.equal(await link.count(), 1, "the experiment is listed as a run");
       await screenshot(page, "runs");
-      await link.click();
-      await page.waitForLoadState("load");
-      assert.equal(new URL(page.url()).pathname, `${runUrl("experiment", "exp")}/`);
+      // Sent on from /runs/ to the report's own address once it is made.
+      // The report is made before the answer comes: no deadline but the safety net's.
+      await Promise.all([
+        page.waitForURL((u) => reportPath("experiment", "exp").test(u.pathname), {
+          timeout: 300_000,
+        }),
+        link.click(),
+      ]);
+      assert.match(new URL(page.url()).pathname, reportPath("experiment", "exp"));
       assert.ok((await Deno.stat(join(out, "report.html"))).isFile, "report.html was made");
 
       const images = await assertImagesLoad(page, "report page");
@@ -177,11 +186,16 @@ browserTest("pages: with a token, a page is refused without it and works once gi
     const page = await browser.newContext().then((c) => c.newPage());
     const url = `${server.url}${runUrl("experiment", "exp")}/`;
     assert.equal((await page.goto(url))?.status(), 401);
+    // The refusal is a page that says how to open it.
+    assert.match(await page.locator("main").innerText(), /open \S+\?token=TOKEN/);
+    await screenshot(page, "token-needed");
     assert.equal((await page.goto(`${url}?token=${"0".repeat(32)}`))?.status(), 401);
+    assert.match(await page.locator("main").innerText(), /not this server's/);
     const { problems } = watchPage(page);
     const res = await page.goto(`${url}?token=${TOKEN}`);
     assert.equal(res?.status(), 200);
-    assert.equal(page.url(), url, "the token leaves the address");
+    assert.equal(new URL(page.url()).search, "", "the token leaves the address");
+    assert.match(new URL(page.url()).pathname, reportPath("experiment", "exp"));
     // The cookie stands for the token on the following loads, images included. The report is
     // made again only once a record is newer than it.
     const report = join(out, "report.html");
@@ -202,6 +216,9 @@ browserTest("pages: with a token, a page is refused without it and works once gi
     assert.equal(cookies[0].httpOnly, true);
     assert.equal(cookies[0].sameSite, "Strict");
     assert.equal(cookies[0].value.includes(TOKEN), false, "the cookie does not hold the token");
+    // (A report is sandboxed: there no script may ask at all; the list of runs is not.)
+    await assert.rejects(page.evaluate(() => document.cookie), /sandboxed/);
+    await page.goto(`${server.url}/`);
     assert.equal(await page.evaluate(() => document.cookie), "");
   } finally {
     await browser.close();
@@ -245,6 +262,26 @@ serverTest("pages: run files are served from inside the roots only", async () =>
   // Without the token (or its cookie) nothing is served; the cookie does not unlock unsafe
   // methods from another origin.
   assert.equal((await client.call("GET", runUrl(...shot.split("/")), { auth: false })).status, 401);
+  // A browser asking for a page is told how to open it; the API keeps its JSON refusal.
+  const browserAccept = { accept: "text/html,application/xhtml+xml,*/*;q=0.8" };
+  const pageRefused = await client.call("GET", runUrl("data") + "/", {
+    auth: false,
+    headers: browserAccept,
+  });
+  assert.equal(pageRefused.status, 401);
+  assert.match(pageRefused.headers.get("content-type")!, /^text\/html/);
+  assert.equal(pageRefused.headers.get("www-authenticate"), 'Bearer realm="dipsy"');
+  assert.ok(
+    new TextDecoder().decode(pageRefused.bytes).includes(`${runUrl("data")}/?token=TOKEN`),
+    "the refusal page shows the address to open",
+  );
+  for (
+    const [path, headers] of [["/v1/jobs", browserAccept], [runUrl("data") + "/", {}]] as const
+  ) {
+    const api = await client.call("GET", path, { auth: false, headers });
+    assert.equal(api.status, 401, path);
+    assert.match(api.json?.error?.message ?? "", /bearer token/, path);
+  }
   const exchange = await fetch(`${server.url}/?token=${TOKEN}`, { redirect: "manual" });
   await exchange.body?.cancel();
   assert.equal(exchange.status, 303);
