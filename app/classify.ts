@@ -9,7 +9,7 @@
  * numbers. Ties go to the earliest epoch (DataDream keeps a new best only when it is higher).
  */
 import { existsSync, readFileSync } from "node:fs";
-import { basename, join, resolve } from "node:path";
+import { basename, dirname, join, relative, resolve } from "node:path";
 import type { Device } from "../ffi/mod.ts";
 import { TINY } from "../core/config.ts";
 import { RunError, writeAtomic } from "../core/output.ts";
@@ -22,7 +22,7 @@ import {
   type LabeledImage,
   registry,
 } from "../core/plugins.ts";
-import type { EvalMetrics, EvalResult } from "../plugins/classifiers/evaluate.ts";
+import type { EvalMetrics, EvalResult, ImagePrediction } from "../plugins/classifiers/evaluate.ts";
 
 /** Files a CLIP folder needs for the classifier (weights, config, tokenizer). */
 export const CLIP_CLASSIFIER_FILES = [
@@ -33,6 +33,24 @@ export const CLIP_CLASSIFIER_FILES = [
 ];
 
 export const EVAL_RECORD = "eval.json";
+
+/** One line of the predictions file beside an eval record: one test image. */
+export interface PredictionLine {
+  /** The image, relative to the test folder (with "/"). */
+  file: string;
+  /** Its class. */
+  label: string;
+  /** The class it was taken for. */
+  predicted: string;
+  /** The highest-scoring classes, highest first (up to 5). */
+  top5: string[];
+  correct: boolean;
+}
+
+/** The predictions file of an eval record: predictions-<record name>.jsonl beside it. */
+export function predictionsFileFor(evalFile: string): string {
+  return join(dirname(evalFile), `predictions-${basename(evalFile).replace(/\.json$/i, "")}.jsonl`);
+}
 /** The validation split of a run and its per-epoch results (written by training). */
 export const VALIDATION_RECORD = "validation.json";
 const VALIDATION_FORMAT = "dipsy-validation";
@@ -66,18 +84,23 @@ export async function resolveDevice(device: string): Promise<Device> {
   return runtimeInfo().cuda_available ? "cuda" : "cpu";
 }
 
+/** The images a classifier trains on, and its validation split. */
 export interface TrainInputs {
+  /** Real few-shot images: `DIR/<class>/*`, or the DataDream layout. */
   real?: string;
+  /** Synthetic images: a generate output folder, or `DIR/<class>/*`. */
   synthetic?: string;
-  /** Dataset name (DataDream layout, prompt word, a benchmark's class names). */
+  /** Dataset name: DataDream layout, the prompt word, a benchmark's class names. */
   dataset?: string;
+  /** DataDream few-shot split when there are several. */
   fewshotSeed?: string;
-  /** The first k ranked real shots of each class. */
+  /** The first k ranked real shots of each class. Default: all. */
   shots?: number;
+  /** Leave unreadable or broken images out. Default false. */
   skipBad?: boolean;
-  /** Validation images: a folder of class folders ... */
+  /** Validation images, one folder per class (for `evaluate`'s "best-val"). */
   val?: string;
-  /** ... or the last n real shots of each class, kept out of training. */
+  /** Or: the last n real shots of each class, kept out of training for validation. */
   valShots?: number;
 }
 
@@ -373,6 +396,7 @@ async function evaluateEpochs<E extends number | undefined>(
   label: string,
   opts: EpochEvalOptions,
   onEpoch?: (epoch: E, result: EvalResult) => Promise<void>,
+  predictions?: Map<E, ImagePrediction[]>,
 ): Promise<Map<E, EvalResult>> {
   const { evaluate } = await import("../plugins/classifiers/evaluate.ts");
   const device = opts.device ? await resolveDevice(opts.device) : undefined;
@@ -384,7 +408,9 @@ async function evaluateEpochs<E extends number | undefined>(
     const bar = show ? new Progress(images.length, { unit: "images", label: what }) : null;
     try {
       using trained = await classifier.load(run, { modelSource, device, epoch });
+      const kept: ImagePrediction[] | undefined = predictions ? [] : undefined;
       const r = await evaluate(trained, images, {
+        predictions: kept,
         batch: opts.batch,
         loader: { workers: opts.workers },
         signal: opts.signal,
@@ -394,6 +420,7 @@ async function evaluateEpochs<E extends number | undefined>(
         },
       });
       results.set(epoch, r);
+      if (kept) predictions!.set(epoch, kept);
       await onEpoch?.(epoch, r);
     } finally {
       bar?.finish();
@@ -484,8 +511,20 @@ export async function evalStage(opts: EvalStageOptions): Promise<EvalRecord & { 
   const epochOpts = { ...opts, progress: opts.progress };
 
   let perEpoch: Map<number, EvalResult> | undefined;
+  // Each image's prediction of the epochs evaluated on the test set, to keep the selected one's.
+  const perEpochPredictions = new Map<number, ImagePrediction[]>();
+  const selectedPredictions = new Map<number | undefined, ImagePrediction[]>();
   if (rule === "best-test" || opts.perEpoch) {
-    perEpoch = await evaluateEpochs(classifier, run, images, epochs, "test", epochOpts);
+    perEpoch = await evaluateEpochs(
+      classifier,
+      run,
+      images,
+      epochs,
+      "test",
+      epochOpts,
+      undefined,
+      perEpochPredictions,
+    );
   }
   const briefs = perEpoch ? [...perEpoch].map(([e, r]) => brief(e, r)) : undefined;
   let selection: Selection;
@@ -509,7 +548,16 @@ export async function evalStage(opts: EvalStageOptions): Promise<EvalRecord & { 
   }
   const which = rule === "last" ? last : selection.epoch;
   const result = (which !== undefined ? perEpoch?.get(which) : undefined) ??
-    (await evaluateEpochs(classifier, run, images, [which], "eval", epochOpts)).get(which)!;
+    (await evaluateEpochs(
+      classifier,
+      run,
+      images,
+      [which],
+      "eval",
+      epochOpts,
+      undefined,
+      selectedPredictions,
+    )).get(which)!;
 
   const file = opts.out === undefined ? evalFileFor(run, opts.test) : resolve(opts.out);
   const json: EvalRecord = {
@@ -528,6 +576,21 @@ export async function evalStage(opts: EvalStageOptions): Promise<EvalRecord & { 
       dtype: String(record.settings.dtype ?? "unknown"),
     }),
   };
+  // Written first: a record on disk always has its own predictions beside it.
+  const names = record.classNames, testDir = resolve(opts.test);
+  const kept = (which !== undefined ? perEpochPredictions.get(which) : undefined) ??
+    selectedPredictions.get(which) ?? [];
+  const lines = kept.map((p, i): PredictionLine => ({
+    file: relative(testDir, images[i].path).replaceAll("\\", "/"),
+    label: names[p.label],
+    predicted: names[p.predicted],
+    top5: p.top.map((j) => names[j]),
+    correct: p.label === p.predicted,
+  }));
+  await writeAtomic(
+    predictionsFileFor(file),
+    new TextEncoder().encode(lines.map((l) => JSON.stringify(l) + "\n").join("")),
+  );
   await writeAtomic(file, new TextEncoder().encode(JSON.stringify(json, null, 2) + "\n"));
   return { ...json, file };
 }

@@ -5,7 +5,7 @@
  * per epoch) and `best-test` (labelled as chosen on the test set).
  */
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { memory } from "../ffi/mod.ts";
 import { drawDataset } from "../cli/demo.ts";
@@ -15,6 +15,8 @@ import {
   bestEpoch,
   type EvalRecord,
   evalStage,
+  type PredictionLine,
+  predictionsFileFor,
   readValidationRecord,
   TEST_SELECTED_WARNING,
   type ValidationRecord,
@@ -43,7 +45,7 @@ Deno.test("metrics equal scikit-learn's (accuracy, top-k, confusion, recall, bal
   );
   for (const c of cases as MetricsCase[]) {
     const names = Array.from({ length: c.classes }, (_, i) => `c${i}`);
-    const m = new MetricsAccumulator(names);
+    const m = new MetricsAccumulator(names, 5, true);
     // In uneven batches, as the loader delivers them.
     const n = c.labels.length;
     for (let a = 0, b = 0; a < n; a = b) {
@@ -64,6 +66,20 @@ Deno.test("metrics equal scikit-learn's (accuracy, top-k, confusion, recall, bal
     });
     close(r.meanPerClass, e.balanced_accuracy, "balanced accuracy");
     assert.equal(r.total, n);
+    // The kept predictions are sklearn's: labels in order, argmax predictions, its confusion.
+    const kept = m.predictions();
+    assert.deepEqual(kept.map((p) => p.label), c.labels);
+    const tally = names.map(() => names.map(() => 0));
+    for (const p of kept) tally[p.label][p.predicted]++;
+    assert.deepEqual(tally, e.confusion, `${c.name} kept predictions`);
+    kept.forEach((p, i) => {
+      const s = c.scores.slice(i * c.classes, (i + 1) * c.classes);
+      assert.equal(p.top.length, e.k);
+      assert.equal(p.top[0], p.predicted);
+      for (let j = 1; j < p.top.length; j++) assert.ok(s[p.top[j - 1]] >= s[p.top[j]]);
+      const cut = s[p.top.at(-1)!];
+      assert.ok(s.every((v, j) => p.top.includes(j) || v <= cut), `${c.name} image ${i} top-k`);
+    });
     console.log(
       `  ${c.name}: top-1 ${r.top1.toFixed(3)}, top-${r.topK} ${r.top5.toFixed(3)}, ` +
         `mean/class ${r.meanPerClass.toFixed(3)}`,
@@ -153,6 +169,23 @@ Deno.test("--select: last, best-val (carved from the shots) and best-test, recor
     assert.equal(saved.confusion.flat().reduce((a, b) => a + b, 0), saved.total);
     assert.equal(saved.total, 3 * classes);
     assert.ok(saved.top5 >= saved.top1);
+    // Beside it, each test image's prediction, which adds up to its confusion matrix.
+    const predictions: PredictionLine[] = readFileSync(
+      predictionsFileFor(join(run, "eval.json")),
+      "utf8",
+    )
+      .trim().split("\n").map((l) => JSON.parse(l));
+    assert.equal(predictions.length, saved.total);
+    const names = saved.perClass.map((c) => c.class);
+    const tally = names.map(() => names.map(() => 0));
+    for (const p of predictions) {
+      assert.ok(existsSync(join(test, p.file)), p.file);
+      assert.equal(p.file.split("/")[0], p.label, "a test image's folder is its class");
+      assert.equal(p.correct, p.label === p.predicted);
+      assert.equal(p.top5[0], p.predicted);
+      tally[names.indexOf(p.label)][names.indexOf(p.predicted)]++;
+    }
+    assert.deepEqual(tally, saved.confusion);
 
     // Training again on the same folder finds it complete and its epochs evaluated.
     const stamp = Deno.statSync(join(run, "validation.json")).mtime!.getTime();

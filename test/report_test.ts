@@ -21,6 +21,7 @@ import sharp from "sharp";
 import { main } from "../cli/main.ts";
 import { drawDataset } from "../cli/demo.ts";
 import { writeReport } from "../report/mod.ts";
+import type { PredictionLine } from "../app/classify.ts";
 import { quickGenerateFlags, tinyRunArgs, withOutput, withTempDir } from "./util.ts";
 
 const readJson = (file: string) => JSON.parse(readFileSync(file, "utf8"));
@@ -174,8 +175,21 @@ Deno.test("report of a run experiment (and of its train folder, and in the demo'
     assert.equal(train.html, join(elsewhere, "report.html"));
     assert.deepEqual(train.problems, []);
     await assertFigures(train.figures);
-    for (const name of ["loss", "lr", "throughput"]) {
+    for (const name of ["loss", "lr", "throughput", "loss-steps", "lr-steps"]) {
       assert.ok(train.figures.includes(join(elsewhere, "report", "figures", `${name}.png`)), name);
+    }
+    // The per-step curves' points are the step history, step for step.
+    const steps = readFileSync(join(exp, "train", "steps.jsonl"), "utf8").trim().split("\n")
+      .map((l) => JSON.parse(l));
+    assert.equal(steps.length, readJson(join(exp, "train", "train.json")).data.itersPerEpoch * 2);
+    for (const field of ["loss", "lr"]) {
+      const curve = readFileSync(
+        join(elsewhere, "report", "figures", `${field}-steps.svg`),
+        "utf8",
+      );
+      const drawn = [...curve.matchAll(/aria-label="([^"]*)"[^>]*aria-roledescription="point"/g)]
+        .map((m) => unescapeHtml(m[1]));
+      assert.deepEqual(drawn, steps.map((s) => `step ${s.step}: ${s[field]}`), field);
     }
     await assertImagesLoad(train.html);
     assertSelfContained(train.html, dir);
@@ -192,6 +206,53 @@ Deno.test("report of a run experiment (and of its train folder, and in the demo'
     const demoPage = readFileSync(d.html, "utf8");
     for (const id of ["generated", "training"]) assert.ok(demoPage.includes(`id="${id}"`), id);
     await assertImagesLoad(d.html);
+
+    // The worst confusions show the misclassified images themselves: for each pair, exactly the
+    // predictions of that (label, predicted). The run's own confusions first (there may be none),
+    // then every prediction turned into a confusion, so that every class has one.
+    const predictionsFile = join(exp, "predictions-eval.jsonl");
+    const readPredictions = (): PredictionLine[] =>
+      readFileSync(predictionsFile, "utf8").trim().split("\n").map((l) => JSON.parse(l));
+    const assertShown = (page: string, predictions: PredictionLine[], pairs: number) => {
+      const shown = [
+        ...page.matchAll(/data-true="([^"]*)" data-predicted="([^"]*)">(.*?)<\/span>/g),
+      ];
+      assert.equal(shown.length, pairs, "one row per confusion pair");
+      for (const [, label, predicted, images] of shown.map((m) => m.map(unescapeHtml))) {
+        const files = [...images.matchAll(/<img [^>]*data-file="([^"]*)"/g)].map((m) => m[1]);
+        const want = predictions.filter((p) => p.label === label && p.predicted === predicted)
+          .map((p) => p.file);
+        assert.ok(want.length > 0);
+        assert.deepEqual(files, want, `${label} taken for ${predicted}`);
+      }
+    };
+    const own = readPredictions();
+    const pairs = new Set(own.filter((p) => !p.correct).map((p) => `${p.label}\t${p.predicted}`));
+    assertShown(readFileSync(html, "utf8"), own, pairs.size);
+
+    const turned = own.map((p) => {
+      const predicted = names[(names.indexOf(p.label) + 1) % names.length];
+      return { ...p, predicted, top5: [predicted], correct: false };
+    });
+    Deno.writeTextFileSync(predictionsFile, turned.map((p) => JSON.stringify(p)).join("\n"));
+    const confusion = names.map(() => names.map(() => 0));
+    for (const p of turned) confusion[names.indexOf(p.label)][names.indexOf(p.predicted)]++;
+    Deno.writeTextFileSync(join(exp, "eval.json"), JSON.stringify({ ...record, confusion }));
+    const mixed = await writeReport(exp);
+    assert.deepEqual(mixed.problems, []);
+    assertShown(readFileSync(mixed.html, "utf8"), turned, CLASSES);
+    await assertImagesLoad(mixed.html);
+
+    // Predictions left from another evaluation are called out, and the examples shown instead.
+    Deno.writeTextFileSync(join(exp, "eval.json"), JSON.stringify(record));
+    const stale = await writeReport(exp);
+    assert.ok(
+      stale.problems.some((p) =>
+        p.startsWith("predictions-eval.jsonl: does not add up to the confusion matrix")
+      ),
+      stale.problems.join("\n"),
+    );
+    assert.ok(!readFileSync(stale.html, "utf8").includes("data-predicted="));
   });
 });
 
@@ -256,6 +317,46 @@ Deno.test("report of a generate output; a deleted and a truncated image are prob
       third.problems.some((p) => p.startsWith("similarity.json: not the matrix this run drew")),
       third.problems.join("\n"),
     );
+  });
+});
+
+Deno.test("report of a plain generate output shows the references from the folder run.json records", async () => {
+  await withTempDir(async (dir) => {
+    const data = join(dir, "data"), out = join(dir, "gen");
+    await drawDataset(data, 2, 0);
+    // Uniform pairs write no similarity file, so run.json is the only record of the folder.
+    const args = ["generate", "--data", data, "--out", out, "--tiny", "--device", "cpu"];
+    const gen = await withOutput(() =>
+      main([...args, "--pairs", "uniform", ...quickGenerateFlags(2, 5)])
+    );
+    assert.equal(gen.result, 0, gen.lines.join("\n"));
+    assert.ok(!existsSync(join(out, "similarity.json")));
+    assert.equal(readJson(join(out, "run.json")).data, resolve(data));
+
+    const r = await writeReport(out);
+    assert.deepEqual(r.problems, []);
+    const sheets = pagesOf(r.html).slice(1).map((p) => readFileSync(p, "utf8")).join("");
+    const tiles = [...sheets.matchAll(/<div class="refs">(.*?)<\/div>/g)].map((m) => m[1]);
+    assert.equal(tiles.length, CLASSES * 2);
+    for (const refs of tiles) {
+      assert.equal(
+        [...refs.matchAll(/<img /g)].length,
+        2,
+        `a tile without both references: ${refs}`,
+      );
+    }
+    assert.ok(!sheets.includes("not found"));
+    await assertImagesLoad(r.html);
+
+    // A recorded folder that has moved is named in the problem, and --data still finds it.
+    const moved = join(dir, "moved");
+    Deno.renameSync(data, moved);
+    const lost = await writeReport(out);
+    assert.ok(
+      lost.problems.some((p) => p.includes(`${resolve(data)}, recorded in run.json`)),
+      lost.problems.join("\n"),
+    );
+    assert.deepEqual((await writeReport(out, { data: moved })).problems, []);
   });
 });
 

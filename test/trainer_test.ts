@@ -27,6 +27,9 @@ import { ImageLoader } from "../plugins/classifiers/loader.ts";
 import { evaluate } from "../plugins/classifiers/evaluate.ts";
 import {
   loadTrainedRun,
+  readStepHistory,
+  STEP_HISTORY,
+  type StepRecord,
   TRAIN_DEFAULTS,
   trainRun,
   type TrainSettings,
@@ -186,6 +189,13 @@ Deno.test("trainer: killed after an epoch and resumed, a run ends with the same 
     assert.equal(cut.record.epochsDone, 1);
     assert.ok(existsSync(join(dir, "cut", "checkpoints", "epoch-001", "state.json")));
     assert.ok(!existsSync(join(dir, "cut", "adapter")));
+    // As if killed after epoch 2's steps were appended but before its checkpoint, mid-line.
+    Deno.writeTextFileSync(
+      join(dir, "cut", STEP_HISTORY),
+      JSON.stringify({ step: 99, epoch: 2, loss: 1, lr: 1, imagesPerSecond: 1, skipped: false }) +
+        '\n{"step": 100, "ep',
+      { append: true },
+    );
     const lines: string[] = [];
     const resumed = await trainRun(data, TINY, {
       ...job,
@@ -199,6 +209,22 @@ Deno.test("trainer: killed after an epoch and resumed, a run ends with the same 
       resumed.record.history.map((h) => h.loss),
       whole.record.history.map((h) => h.loss),
     );
+    // The per-step history of the resumed run is the uninterrupted one's, apart from timing.
+    const untimed = (steps: StepRecord[]) => steps.map(({ imagesPerSecond: _, ...s }) => s);
+    const wholeSteps = readStepHistory(join(dir, "whole"));
+    const perEpoch = whole.record.data.itersPerEpoch;
+    assert.deepEqual(
+      wholeSteps.map((s) => s.step),
+      Array.from({ length: 3 * perEpoch }, (_, i) => i + 1),
+    );
+    assert.ok(wholeSteps.every((s) => s.imagesPerSecond > 0 && Number.isFinite(s.loss)));
+    assert.deepEqual(untimed(readStepHistory(join(dir, "cut"))), untimed(wholeSteps));
+    // Each epoch's mean loss and last rate are its steps'.
+    whole.record.history.forEach((h) => {
+      const mine = wholeSteps.filter((s) => s.epoch === h.epoch);
+      assert.equal(mine.at(-1)!.lr, h.lr);
+      assert.ok(Math.abs(mine.reduce((a, s) => a + s.loss, 0) / mine.length - h.loss) < 1e-12);
+    });
     assert.equal(memory().handles, handles, "resuming leaked tensor handles");
 
     // Complete runs are left alone; other settings are refused rather than mixed in.
@@ -451,6 +477,12 @@ Deno.test("cli: train killed (SIGKILL) and then stopped (SIGINT) resumes to the 
     const record = JSON.parse(readFileSync(join(out, "train.json"), "utf8"));
     assert.equal(record.status, "complete");
     assert.deepEqual(record.history.map((h: { epoch: number }) => h.epoch), [1, 2, 3, 4]);
+    const untimed = (steps: StepRecord[]) => steps.map(({ imagesPerSecond: _, ...s }) => s);
+    assert.deepEqual(
+      untimed(readStepHistory(out)),
+      untimed(readStepHistory(join(dir, "whole"))),
+      "the step history after a SIGKILL and a SIGINT differs from the uninterrupted run's",
+    );
     // Nothing half-written is left behind by the stops.
     const names = [out, join(out, "checkpoints")].flatMap((d) =>
       [...Deno.readDirSync(d)].map((e) => e.name)

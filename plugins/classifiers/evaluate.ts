@@ -51,14 +51,30 @@ export interface EvalResult extends EvalMetrics {
   seconds: number;
 }
 
+/** What the classifier made of one image. */
+export interface ImagePrediction {
+  /** The true class index. */
+  label: number;
+  /** The first highest score's class. */
+  predicted: number;
+  /**
+   * The `topK` highest-scoring classes, highest first; equal scores in class order, so the first
+   * is `predicted` (the top-k accuracy ranks ties as scikit-learn does, which may differ on ties).
+   */
+  top: number[];
+}
+
 /** Accumulates predictions batch by batch; `result()` gives the metrics. */
 export class MetricsAccumulator {
   readonly #k: number;
   readonly #confusion: number[][];
   readonly #topK: number;
   #inTopK = 0;
+  readonly #predictions: ImagePrediction[] | null;
 
-  constructor(readonly classNames: readonly string[], topK = 5) {
+  /** With `keep`, each image's prediction is kept too (see `predictions()`). */
+  constructor(readonly classNames: readonly string[], topK = 5, keep = false) {
+    this.#predictions = keep ? [] : null;
     this.#k = classNames.length;
     if (this.#k < 1) throw new RangeError("MetricsAccumulator: no classes");
     this.#topK = Math.min(topK, this.#k);
@@ -88,7 +104,17 @@ export class MetricsAccumulator {
         if (s > sy || (s === sy && j > y)) above++;
       }
       if (above < this.#topK) this.#inTopK++;
+      if (this.#predictions) {
+        const top = Array.from({ length: k }, (_, j) => j)
+          .sort((a, b) => scores[row + b] - scores[row + a] || a - b).slice(0, this.#topK);
+        this.#predictions.push({ label: y, predicted: best, top });
+      }
     });
+  }
+
+  /** Each image's prediction, in the order added (empty unless constructed with `keep`). */
+  predictions(): ImagePrediction[] {
+    return [...(this.#predictions ?? [])];
   }
 
   result(): EvalMetrics {
@@ -121,6 +147,8 @@ export interface EvalOptions {
   loader?: LoaderOptions;
   signal?: AbortSignal;
   onProgress?: (done: number, total: number) => void;
+  /** Receives each image's prediction, in the order of `images`. */
+  predictions?: ImagePrediction[];
 }
 
 export async function evaluate(
@@ -130,7 +158,7 @@ export async function evaluate(
 ): Promise<EvalResult> {
   const started = performance.now();
   const k = classifier.classNames.length;
-  const metrics = new MetricsAccumulator(classifier.classNames);
+  const metrics = new MetricsAccumulator(classifier.classNames, 5, !!opts.predictions);
   const size = classifier.inputSize;
   const batches = batchesOf(images.length, opts.batch ?? EVAL_BATCH);
   using loader = new ImageLoader({ kind: "test", size }, opts.loader);
@@ -150,6 +178,7 @@ export async function evaluate(
     opts.onProgress?.(done, images.length);
   }
   if (opts.signal?.aborted) throw new Error("evaluation interrupted");
+  opts.predictions?.push(...metrics.predictions());
   return { ...metrics.result(), seconds: (performance.now() - started) / 1000 };
 }
 

@@ -5,6 +5,8 @@
  *
  * A run folder holds:
  *   train.json                   settings, classes, data fingerprint, per-epoch history, status
+ *   steps.jsonl                  one line per optimizer step (loss, learning rate, images/s) of
+ *                                the checkpointed epochs, appended an epoch at a time
  *   checkpoints/epoch-NNN/       the peft adapter of that epoch, plus optimizer.safetensors and
  *                                state.json (what resuming needs)
  *   adapter/                     the final adapter (peft layout), once training is complete
@@ -14,6 +16,7 @@
  * resumed therefore ends with the same weights as one that was never interrupted.
  */
 import {
+  appendFileSync,
   cpSync,
   existsSync,
   mkdirSync,
@@ -50,6 +53,9 @@ import { batchesOf, epochItems, epochOrder, realRepeats } from "./data.ts";
 import { ImageLoader, type LoaderOptions } from "./loader.ts";
 import type { PrepareJob } from "./prepare.ts";
 import { trainSettings } from "./settings.ts";
+import { readStepHistory, STEP_HISTORY, type StepRecord } from "./steps.ts";
+
+export { readStepHistory, STEP_HISTORY, type StepRecord } from "./steps.ts";
 
 export const TRAIN_RECORD = "train.json";
 /** The `format` of train.json. */
@@ -229,6 +235,23 @@ function differences(a: unknown, b: unknown, prefix = ""): string[] {
   return JSON.stringify(a) === JSON.stringify(b)
     ? []
     : [`${prefix}: ${JSON.stringify(a)} before, ${JSON.stringify(b)} now`];
+}
+
+/**
+ * Cuts steps.jsonl back to the checkpointed epochs: an epoch's steps are appended just before its
+ * checkpoint, so a kill in between (or during the append) leaves steps that the resumed run
+ * redoes.
+ */
+function restoreStepHistory(out: string, done: number): void {
+  const path = join(out, STEP_HISTORY);
+  if (!existsSync(path)) return;
+  const kept = readStepHistory(out).filter((s) => s.epoch <= done);
+  const text = kept.map((s) => JSON.stringify(s) + "\n").join("");
+  if (readFileSync(path, "utf8") !== text) {
+    const tmp = `${path}.tmp`;
+    Deno.writeTextFileSync(tmp, text);
+    renameSync(tmp, path);
+  }
 }
 
 /** The last epoch whose checkpoint is complete (its state.json is written last), or 0. */
@@ -445,6 +468,7 @@ export async function trainRun(
       seconds: previous?.seconds ?? 0,
       provenance: await provenance({ device: opts.device, dtype: settings.dtype }),
     };
+    restoreStepHistory(out, done);
     if (done > 0) {
       loadCheckpoint(clf, out, done);
       log(`resuming ${out} after epoch ${done}/${settings.epochs}`);
@@ -473,7 +497,8 @@ export async function trainRun(
           seed: deriveSeed(settings.seed, "augment", epoch, pos).toString(),
         }))
       );
-      let lossSum = 0, steps = 0, skipped = 0;
+      let lossSum = 0, steps = 0, skipped = 0, stepStarted = performance.now();
+      const stepRecords: StepRecord[] = [];
       for await (const batch of loader.batches(jobs, opts.signal)) {
         const [a, b] = batches[batch.index];
         const picked = Array.from(order.subarray(a, b), (pos) => items[pos]);
@@ -485,6 +510,16 @@ export async function trainRun(
         if (!clf.lastStepApplied) skipped++;
         lossSum += loss;
         steps++;
+        const now = performance.now();
+        stepRecords.push({
+          step: (epoch - 1) * batches.length + steps,
+          epoch,
+          loss,
+          lr: clf.lastLr,
+          imagesPerSecond: batch.count / Math.max(1e-6, (now - stepStarted) / 1000),
+          skipped: !clf.lastStepApplied,
+        });
+        stepStarted = now;
         imagesDone += batch.count;
         opts.onProgress?.({
           epoch,
@@ -511,6 +546,10 @@ export async function trainRun(
         lr: clf.lastLr,
         skippedSteps: skipped,
       };
+      appendFileSync(
+        join(out, STEP_HISTORY),
+        stepRecords.map((s) => JSON.stringify(s) + "\n").join(""),
+      );
       saveCheckpoint(clf, out, epochRecord);
       record.history.push(epochRecord);
       record.epochsDone = epoch;
