@@ -62,7 +62,13 @@ export {
   type RunRecord,
   type ShotRecord,
 } from "./core/output.ts";
-export type { EpochMetrics, EvalRecord, Selection, SelectRule } from "./app/classify.ts";
+export type {
+  EpochMetrics,
+  EvalRecord,
+  Selection,
+  SelectRule,
+  TrainInputs,
+} from "./app/classify.ts";
 export type { ClassAccuracy, EvalMetrics, EvalResult } from "./plugins/classifiers/evaluate.ts";
 export {
   type EpochRecord,
@@ -73,6 +79,15 @@ export {
 export type { ClipTower, TrainMode } from "./plugins/classifiers/clip_lora.ts";
 export type { LoraConfig } from "./plugins/classifiers/lora.ts";
 export type { Provenance } from "./core/provenance.ts";
+
+// The report of a run folder, as `dipsy report` writes it.
+export {
+  NotDipsyOutputError,
+  type ReportKind,
+  type ReportOptions,
+  type ReportResult,
+  writeReport,
+} from "./report/mod.ts";
 
 // Configuration defaults.
 export {
@@ -91,15 +106,18 @@ export {
 // the built-in plugins themselves; code that reads the registry first calls loadDefaultPlugins.
 export * from "./core/plugins.ts";
 export { loadDefaultPlugins } from "./app/plugins.ts";
+/** The option-schema combinators plugins declare their options with (`schema.number`, ...). */
 export * as schema from "./core/schema.ts";
 export type {
   CheckContext,
   Field,
   FieldDoc,
+  Infer,
   Issue,
   JsonSchema,
   ObjectOf,
   ObjectSchema,
+  RequiredKeys,
   Schema,
   Shape,
 } from "./core/schema.ts";

@@ -31,10 +31,10 @@ import {
   RUN_RECORD,
   type RunRecord,
 } from "../core/generate.ts";
-import type { ImageFormat, RgbImage } from "../core/image.ts";
+import { ImageDecodeError, type ImageFormat, type RgbImage } from "../core/image.ts";
 import type { ClassifierProgress } from "../core/plugins.ts";
 import type { TrainRecord } from "../plugins/classifiers/trainer.ts";
-import type { EvalRecord, SelectRule } from "./classify.ts";
+import type { EvalRecord, SelectRule, TrainInputs } from "./classify.ts";
 import { loadDefaultPlugins } from "./plugins.ts";
 
 export type { ClassifierProgress, ProgressInfo };
@@ -238,14 +238,18 @@ export interface SampleJobOptions extends JobOptions {
   negative?: string | RgbImage | null;
   /** Where to write the image (.png, .jpg/.jpeg or .webp). Default: nothing written. */
   out?: string;
+  /** Also save the final latents (float32) there, as safetensors with the settings. */
+  latentsOut?: string;
   /** The encoding when `out` is not given. Default "png". */
   format?: ImageFormat;
-  /** Replace an existing `out`. Default false. */
+  /** Replace existing output files. Default false. */
   force?: boolean;
   /** "tiny", a diffusers SD1.5 folder, or a Hub id. Default `DEFAULT_MODEL`. */
   model?: string;
   /** IP-Adapter file. Default `DEFAULT_IP_ADAPTER`. */
   ipAdapter?: string;
+  /** The negative image's IP-Adapter file. Default: `ipAdapter`. */
+  negativeIpAdapter?: string;
   /** Its image encoder. Default `DEFAULT_IMAGE_ENCODER`. */
   imageEncoder?: string;
   /** Guidance plugin. Default "dipsy". */
@@ -254,6 +258,8 @@ export interface SampleJobOptions extends JobOptions {
   guidanceOptions?: Record<string, unknown>;
   /** Sampler plugin. Default "dpm-solver++". */
   sampler?: string;
+  /** Its options (scheduler config overrides, e.g. `{ timestep_spacing: "trailing" }`). */
+  samplerOptions?: Record<string, unknown>;
   /** Denoising steps. Default 50. */
   steps?: number;
   /** Width in pixels. Default: the model's (512 for SD1.5). */
@@ -276,6 +282,8 @@ export interface SampleJobResult {
   format: ImageFormat;
   /** The file written, absolute; null without `out`. */
   file: string | null;
+  /** The latents file written, absolute; null without `latentsOut`. */
+  latentsFile: string | null;
   /** Width in pixels. */
   width: number;
   /** Height in pixels. */
@@ -286,6 +294,8 @@ export interface SampleJobResult {
   dtype: string;
   /** The model identifiers the backbone reports. */
   models: Record<string, string>;
+  /** Seconds spent loading the model and sampling. */
+  seconds: { load: number; sampling: number };
 }
 
 const FORMATS: Record<string, ImageFormat> = {
@@ -295,8 +305,23 @@ const FORMATS: Record<string, ImageFormat> = {
   webp: "webp",
 };
 
-/** A user mistake in a job's options: one line naming the option. */
-export class JobOptionError extends UserError {}
+/** A user mistake in a job's option, which `field` names (so the CLI can name its flag). */
+export class JobOptionError extends UserError {
+  /** `detail` is the problem without the option's name; `overwrite`: `force` would allow it. */
+  constructor(readonly field: string, readonly detail: string, readonly overwrite = false) {
+    super(`${field}: ${detail}${overwrite ? " (force: true overwrites it)" : ""}`);
+  }
+}
+
+/** Runs `fn`, reporting an unreadable image as a mistake in `option`. */
+async function inOption<T>(option: string, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (e) {
+    if (e instanceof ImageDecodeError) throw new JobOptionError(option, e.message);
+    throw e;
+  }
+}
 
 /**
  * `dipsy sample`: one image. The signal is checked before the model loads and before sampling
@@ -307,62 +332,125 @@ export async function sample(opts: SampleJobOptions): Promise<SampleJobResult> {
   const { encodeImage, readImage } = await import("../core/image.ts");
   const models = await import("./models.ts");
   await loadDefaultPlugins();
-  const file = opts.out === undefined ? null : resolve(opts.out);
-  const format = file === null ? (opts.format ?? "png") : FORMATS[extension(file)];
-  if (!format) throw new JobOptionError(`out ${opts.out}: use a .png, .jpg, .jpeg or .webp name`);
-  if (file !== null) checkWritable(file, opts.force ?? false);
+  const force = opts.force ?? false;
+  const { file, format, latentsFile } = sampleOutputs(opts);
+  if (file !== null) checkWritable("out", file, force);
+  if (latentsFile !== null) checkWritable("latentsOut", latentsFile, force);
   const spec = {
     prompt: opts.prompt,
     seed: opts.seed,
     guidance: opts.guidance ?? DEFAULTS.guidance.name,
     guidanceOptions: opts.guidanceOptions ?? {},
     sampler: opts.sampler ?? DEFAULTS.sampler.name,
+    samplerOptions: opts.samplerOptions ?? {},
     steps: opts.steps ?? DEFAULTS.steps,
     width: opts.width ?? null,
     height: opts.height ?? null,
   };
   const given = { positive: opts.positive != null, negative: opts.negative != null };
-  const prepared = prepareSample(spec, given);
-  const { guidance, adapters } = prepared;
+  const { guidance, adapters, ignored } = prepareSample(spec, given);
   const log = opts.log ?? toStderr;
-  for (const k of prepared.ignored) log(`note: guidance "${guidance.name}" ignores ${k}`);
-  const image = async (ref: string | RgbImage | null | undefined, use: boolean) =>
-    use && ref != null ? (typeof ref === "string" ? await readImage(ref) : ref) : null;
+  for (const k of ignored) log(`note: guidance "${guidance.name}" ignores ${k}`);
+  const image = async (option: "positive" | "negative", use: boolean) => {
+    const ref = opts[option];
+    if (!use || ref == null) return null;
+    return typeof ref === "string" ? await inOption(option, () => readImage(ref)) : ref;
+  };
   const refs = {
-    positive: await image(opts.positive, guidance.usesImages),
-    negative: await image(opts.negative, guidance.usesNegative),
+    positive: await image("positive", guidance.usesImages),
+    negative: await image("negative", guidance.usesNegative),
   };
   const config: RunConfig = {
     ...DEFAULTS,
     model: opts.model ?? DEFAULTS.model,
     ipAdapter: opts.ipAdapter ?? DEFAULTS.ipAdapter,
+    negativeIpAdapter: opts.negativeIpAdapter ?? null,
     imageEncoder: opts.imageEncoder ?? DEFAULTS.imageEncoder,
     device: opts.device ?? DEFAULTS.device,
     dtype: opts.dtype ?? DEFAULTS.dtype,
   };
   const placement = await models.resolvePlacement(config);
   const paths = await models.resolveModels(config, adapters);
-  // The size is checked against the model's config files before any weights load.
+  // The size and the sampler's options are checked against the model's config files before
+  // any weights load.
   sampleSize(await models.modelGeometry(paths), spec);
+  const prepared = prepareSample(spec, given, {
+    schedulerConfig: await models.schedulerConfigOf(paths),
+  });
   opts.signal?.throwIfAborted();
+  const t0 = performance.now();
   using bb = await models.loadBackbone(config, paths, adapters, placement);
+  const loaded = performance.now();
   opts.signal?.throwIfAborted();
   const result = sampleImage(bb, prepared, refs, {
     onStep: (index, total) => opts.onProgress?.({ index, total }),
   });
-  result.latents.dispose();
+  using latents = result.latents;
+  const { width, height } = result;
   const bytes = await encodeImage(result.image, format);
-  if (file !== null) await writeNew(file, bytes, opts.force ?? false);
+  const sampled = performance.now();
+  if (file !== null) await writeNew("out", file, force, (tmp) => Deno.writeFile(tmp, bytes));
+  if (latentsFile !== null) {
+    const { ops, saveSafetensors } = await import("../ffi/mod.ts");
+    const meta: Record<string, string> = {
+      prompt: spec.prompt,
+      seed: String(spec.seed),
+      guidance: guidance.name,
+      guidance_options: JSON.stringify(spec.guidanceOptions),
+      sampler: spec.sampler,
+      ...(Object.keys(spec.samplerOptions).length
+        ? { sampler_options: JSON.stringify(spec.samplerOptions) }
+        : {}),
+      steps: String(spec.steps),
+      width: String(width),
+      height: String(height),
+      dtype: placement.dtype,
+      models: JSON.stringify(bb.modelIds),
+      ...(typeof opts.positive === "string" ? { positive: opts.positive } : {}),
+      ...(typeof opts.negative === "string" ? { negative: opts.negative } : {}),
+    };
+    using host = ops.to(latents, "f32", "cpu");
+    await writeNew(
+      "latentsOut",
+      latentsFile,
+      force,
+      (tmp) => saveSafetensors(tmp, { latents: host }, meta),
+    );
+  }
   return {
     bytes,
     format,
     file,
-    width: result.width,
-    height: result.height,
+    latentsFile,
+    width,
+    height,
     device: placement.device,
     dtype: placement.dtype,
     models: { ...bb.modelIds },
+    seconds: { load: (loaded - t0) / 1000, sampling: (sampled - loaded) / 1000 },
   };
+}
+
+/**
+ * Where `sample` writes, checked without reading anything: the image's encoding from its name,
+ * and a latents file of its own.
+ */
+export function sampleOutputs(
+  opts: Pick<SampleJobOptions, "out" | "latentsOut" | "format">,
+): { file: string | null; format: ImageFormat; latentsFile: string | null } {
+  const file = opts.out === undefined ? null : resolve(opts.out);
+  const format = file === null ? (opts.format ?? "png") : FORMATS[extension(file)];
+  if (!format) {
+    throw new JobOptionError("out", `${opts.out}: use a .png, .jpg, .jpeg or .webp name`);
+  }
+  const latentsFile = opts.latentsOut === undefined ? null : resolve(opts.latentsOut);
+  if (latentsFile !== null && !latentsFile.endsWith(".safetensors")) {
+    throw new JobOptionError("latentsOut", `${opts.latentsOut}: the name must end in .safetensors`);
+  }
+  if (latentsFile !== null && latentsFile === file) {
+    throw new JobOptionError("latentsOut", "names the same file as out");
+  }
+  return { file, format, latentsFile };
 }
 
 function extension(path: string): string {
@@ -370,23 +458,27 @@ function extension(path: string): string {
   return name.includes(".") ? name.slice(name.lastIndexOf(".") + 1).toLowerCase() : "";
 }
 
-function checkWritable(file: string, force: boolean): void {
-  if (!force && existsSync(file)) {
-    throw new JobOptionError(`out ${file} exists (force: true overwrites it)`);
-  }
+function checkWritable(option: string, file: string, force: boolean): void {
+  if (!force && existsSync(file)) throw new JobOptionError(option, `${file} exists`, true);
   if (!existsSync(dirname(file))) {
-    throw new JobOptionError(`out ${file}: folder ${dirname(file)} does not exist`);
+    throw new JobOptionError(option, `${file}: folder ${dirname(file)} does not exist`);
   }
 }
 
 /**
- * Writes through a temporary file; without `force` the final step is a hard link, which fails
- * rather than replace a file that appeared meanwhile.
+ * Lets `write` fill a temporary file, then moves it into place, so a reader never sees a partial
+ * file; without `force` the final step is a hard link, which fails rather than replace a file
+ * that appeared meanwhile.
  */
-async function writeNew(file: string, bytes: Uint8Array, force: boolean): Promise<void> {
+async function writeNew(
+  option: string,
+  file: string,
+  force: boolean,
+  write: (tmp: string) => Promise<void> | void,
+): Promise<void> {
   const tmp = join(dirname(file), `.${basename(file)}.${crypto.randomUUID().slice(0, 8)}.tmp`);
   try {
-    await Deno.writeFile(tmp, bytes);
+    await write(tmp);
     if (force) {
       await Deno.rename(tmp, file);
       return;
@@ -395,7 +487,7 @@ async function writeNew(file: string, bytes: Uint8Array, force: boolean): Promis
       await Deno.link(tmp, file);
     } catch (e) {
       if (e instanceof Deno.errors.AlreadyExists) {
-        throw new JobOptionError(`out ${file} exists (force: true overwrites it)`);
+        throw new JobOptionError(option, `${file} exists`, true);
       }
       throw e;
     }
@@ -496,26 +588,10 @@ export async function similarity(opts: SimilarityJobOptions): Promise<Similarity
 // ---------------------------------------------------------------------------------------------
 // train
 
-/** `train`'s options. */
-export interface TrainJobOptions extends JobOptions {
-  /** Real few-shot images: `DIR/<class>/*`, or the DataDream layout. */
-  real?: string;
-  /** Synthetic images: a generate output folder, or `DIR/<class>/*`. */
-  synthetic?: string;
+/** `train`'s options: the images (as `TrainInputs` names them), the run folder, the plugin. */
+export interface TrainJobOptions extends JobOptions, TrainInputs {
   /** Run folder; a second call resumes after the last finished epoch. */
   out: string;
-  /** Dataset name: DataDream layout, the prompt word, a benchmark's class names. */
-  dataset?: string;
-  /** DataDream few-shot split when there are several. */
-  fewshotSeed?: string;
-  /** The first k ranked real shots of each class. Default: all. */
-  shots?: number;
-  /** Leave unreadable or broken images out. Default false. */
-  skipBad?: boolean;
-  /** Validation images, one folder per class (for `evaluate`'s "best-val"). */
-  val?: string;
-  /** Or: the last n real shots of each class, kept out of training for validation. */
-  valShots?: number;
   /** "auto", "cpu", "cuda" or "cuda:N". Default "auto". */
   device?: string;
   /** Image preparation threads. Default: cores - 1, at most 16. */
@@ -551,39 +627,24 @@ export interface TrainJobResult {
  */
 export async function train(opts: TrainJobOptions): Promise<TrainJobResult> {
   if (!opts.real && !opts.synthetic) {
-    throw new JobOptionError("give real and/or synthetic images");
+    throw new JobOptionError("real", "give real and/or synthetic images");
   }
   const app = await import("./classify.ts");
   const { registry } = await import("../core/plugins.ts");
   const { loadPluginFile } = await import("../core/config.ts");
-  const { classifierOptions, DEFAULT_CLASSIFIER } = await import("../cli/train_flags.ts");
+  const { DEFAULT_CLASSIFIER, withRunDefaults } = await import("../cli/train_flags.ts");
   const { readTrainRecord } = await import("../plugins/classifiers/trainer.ts");
   await loadDefaultPlugins();
   for (const file of opts.plugins ?? []) await loadPluginFile(resolve(file));
   const name = opts.classifier ?? DEFAULT_CLASSIFIER;
   const given = opts.options ?? {};
-  // The defaults that depend on the run (the dataset, the dtype per device) follow the CLI's
-  // rules; the options given win over all but the dtype, whose "auto" is resolved here.
-  const withDefaults = (extra: { dataset?: string; device?: string }) => {
-    const placed = classifierOptions({ classifier: name, dtype: given.dtype }, extra);
-    return { ...placed.options, ...given, dtype: placed.options.dtype };
-  };
   // A mistyped plugin name or option is reported before any image is read.
-  registry.create("classifier", name, withDefaults({}));
-  const data = await app.readTrainData({
-    real: opts.real,
-    synthetic: opts.synthetic,
-    dataset: opts.dataset,
-    fewshotSeed: opts.fewshotSeed,
-    shots: opts.shots,
-    skipBad: opts.skipBad,
-    val: opts.val,
-    valShots: opts.valShots,
-  });
+  registry.create("classifier", name, withRunDefaults(given, {}));
+  const data = await app.readTrainData(opts);
   const device = await app.resolveDevice(opts.device ?? "auto");
   const classifier = await app.makeClassifier(
     name,
-    withDefaults({ dataset: data.dataset, device }),
+    withRunDefaults(given, { dataset: data.dataset, device }),
   );
   const result = await app.trainStage(classifier, data, {
     out: opts.out,

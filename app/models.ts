@@ -87,11 +87,17 @@ export interface Placement {
 }
 
 /** "auto" device: CUDA when libtorch sees a GPU; "auto" dtype: f16 on CUDA (as DIPSY), else f32. */
-export async function resolvePlacement(config: RunConfig): Promise<Placement> {
+export async function resolvePlacement(
+  config: Pick<RunConfig, "device" | "dtype">,
+): Promise<Placement> {
   let device = config.device as Device | "auto";
-  if (device === "auto") {
+  if (device !== "cpu") {
     const { runtimeInfo } = await import("../ffi/mod.ts");
-    device = runtimeInfo().cuda_available ? "cuda" : "cpu";
+    const cuda = runtimeInfo().cuda_available;
+    if (device === "auto") device = cuda ? "cuda" : "cpu";
+    else if (!cuda) {
+      throw new RunError(`device ${device}: this libtorch build has no usable CUDA device`);
+    }
   }
   const dtype: Placement["dtype"] = config.dtype === "auto"
     ? (device === "cpu" ? "f32" : "f16")

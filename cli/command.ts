@@ -21,6 +21,44 @@ export interface Command {
 /** A usage mistake (a flag, a missing argument): printed without a stack trace, exit code 2. */
 export class CliError extends UserError {}
 
+/** `--device`: auto (the default), cpu, cuda or cuda:N. */
+export function deviceFlag(value: string | undefined): string {
+  const device = value ?? "auto";
+  if (!/^(auto|cpu|cuda(:\d+)?)$/.test(device)) {
+    throw new CliError(`--device must be auto, cpu, cuda or cuda:N, got "${device}"`);
+  }
+  return device;
+}
+
+/** An integer flag of at least `min`, or undefined. */
+export function intFlag(value: string | undefined, flag: string, min = 0): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (!/^\d+$/.test(value) || !Number.isSafeInteger(n) || n < min) {
+    throw new CliError(`${flag} must be an integer of at least ${min}, got "${value}"`);
+  }
+  return n;
+}
+
+/**
+ * Runs `job` with Ctrl-C wired to its signal: the first stops it after the step in flight (what
+ * it wrote stays resumable), a second quits at once.
+ */
+export async function withInterrupt<T>(job: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  const controller = new AbortController();
+  const onSigint = () => {
+    if (controller.signal.aborted) Deno.exit(130);
+    console.error("\nstopping after the step in flight (Ctrl-C again to quit at once)");
+    controller.abort();
+  };
+  Deno.addSignalListener("SIGINT", onSigint);
+  try {
+    return await job(controller.signal);
+  } finally {
+    Deno.removeSignalListener("SIGINT", onSigint);
+  }
+}
+
 /** One flag as a command declares it. */
 export interface Flag {
   /** The value's name in the help ("DIR", "N"); a flag without one is a switch. */

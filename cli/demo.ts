@@ -185,6 +185,10 @@ have random weights: the generated images are noise.`,
     }
     if (accuracy === null) return 130;
 
+    const { writeReport } = await import("../report/mod.ts");
+    const report = await writeReport(root);
+    for (const problem of report.problems) console.error(`report: ${problem}`);
+
     const secs = ((performance.now() - started) / 1000).toFixed(1);
     console.log(`
 demo finished in ${secs} s.
@@ -192,6 +196,7 @@ demo finished in ${secs} s.
   manifest:   ${images}/manifest.jsonl (one line per image: seed, references, augmentation, ...)
   classifier: ${join(root, "classifier")} (train.json, per-epoch checkpoints, adapter/ for peft)
   accuracy:   ${(100 * accuracy).toFixed(1)}% top-1 on ${join(root, "test")} (chance: 25%)
+  report:     ${report.html} (figures and contact sheets; open it in a browser)
 
 The tiny models have random weights, so the generated images are noise. The demo checks the
 pipeline (similarity, pair sampling, dual IP-Adapter guidance, resumable output, the classifier

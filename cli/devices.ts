@@ -59,13 +59,7 @@ export async function runOnDevices(
   prepared: PreparedGenerate,
   log: (message: string) => void = (m) => console.error(m),
 ): Promise<number> {
-  const { config, dataset, placement, shard } = prepared;
-  const { registry } = await import("../core/plugins.ts");
-  const pairs = registry.create<import("../core/plugins.ts").SamplerPair>(
-    "pairs",
-    config.pairs.name,
-    config.pairs.options,
-  );
+  const { config, dataset, placement, shard, run: { pairs } } = prepared;
   let scratch: string | null = null;
   let similarity = config.similarity ?? undefined;
   const listeners: [Deno.Signal, () => void][] = [];

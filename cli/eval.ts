@@ -4,12 +4,10 @@
  */
 import type { EpochMetrics, EvalRecord } from "../app/classify.ts";
 import { EVAL_BATCH } from "../plugins/classifiers/evaluate.ts";
-import { CliError, defineCommand } from "./command.ts";
+import { CliError, defineCommand, deviceFlag, intFlag } from "./command.ts";
 import { loadPlugins } from "./plugin_docs.ts";
 import {
   CLASSIFIER_PLUGIN_FLAGS,
-  deviceFlag,
-  intFlag,
   listClassifiers,
   SELECT_FLAGS,
   selectFlag,
@@ -52,8 +50,7 @@ this one's go to RUN/eval-<DIR's name>.json.`,
     if (!model || !test) {
       throw new CliError(`--model and --test are required (see --help)`);
     }
-    const batch = intFlag(values.batch, "--batch");
-    if (batch === 0) throw new CliError("--batch must be at least 1");
+    const batch = intFlag(values.batch, "--batch", 1);
     const select = selectFlag(values.select);
     // The run's classifier may come from a plugin file: it is looked up by name.
     await loadPlugins(values.plugin);

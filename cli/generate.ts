@@ -20,7 +20,7 @@ import type { Shard } from "../core/shard.ts";
 import type { PluginKind } from "../core/plugins.ts";
 import type { Progress } from "../core/progress.ts";
 import type { ModelPaths, Placement } from "../app/models.ts";
-import { CliError, defineCommand, type Flags, type FlagValues } from "./command.ts";
+import { CliError, defineCommand, type Flags, type FlagValues, intFlag } from "./command.ts";
 import { loadPlugins, pluginList, pluginOptionsHelp } from "./plugin_docs.ts";
 
 const registry = await loadPlugins();
@@ -463,12 +463,7 @@ resumes; shards of one run may share OUT.`,
 
 Ctrl-C finishes and writes the batch in flight, then stops; run the same command to resume.`,
   async run(flags: GenerateFlags) {
-    const shardCount = flags["shard-count"] === undefined
-      ? undefined
-      : Number(flags["shard-count"]);
-    if (shardCount !== undefined && !(Number.isInteger(shardCount) && shardCount > 0)) {
-      throw new CliError(`--shard-count must be a positive integer, got "${flags["shard-count"]}"`);
-    }
+    const shardCount = intFlag(flags["shard-count"], "--shard-count", 1);
 
     const controller = new AbortController();
     let interrupts = 0;

@@ -6,18 +6,19 @@
 import { existsSync, readFileSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { DEFAULTS, type RunConfig } from "../core/config.ts";
+import type { Dataset } from "../core/dataset.ts";
 import { RunError } from "../core/output.ts";
+import type { Classifier } from "../core/plugins.ts";
+import type { EvalRecord } from "../app/classify.ts";
 import { provenance } from "../core/provenance.ts";
 import { type GenerateFlags, MODEL_FLAGS, PLACEMENT_FLAGS, SETTING_FLAGS } from "./generate.ts";
-import { CliError, defineCommand, type Flags } from "./command.ts";
+import { CliError, defineCommand, type Flags, intFlag, withInterrupt } from "./command.ts";
 import {
   CLASSIFIER_FLAGS,
   classifierOptions,
-  intFlag,
   renamed,
   SELECT_FLAGS,
   selectFlag,
-  shotsFlag,
   VALIDATION_FLAGS,
   VALIDATION_TITLE,
 } from "./train_flags.ts";
@@ -59,11 +60,55 @@ const GEN_KEYS = Object.keys(GENERATION_FLAGS).filter((k) => k !== "gen-batch");
 export const STAGES = ["similarity", "generate", "train"] as const;
 export type Stage = (typeof STAGES)[number];
 
-interface StageReport {
+/** One stage's line in a report. */
+export interface StageReport {
   stage: string;
   status: "done" | "skipped" | "not needed";
   seconds: number;
   output?: string;
+}
+
+/** What a report is made of, for `run` and for each cell of a sweep. */
+export interface ReportParts {
+  dataset: Dataset;
+  /** The test folder. */
+  test: string;
+  out: string;
+  /** Where in a sweep the run is. */
+  sweep?: Record<string, string>;
+  /** Generation as it ran: device and dtype resolved, not "auto". */
+  generation: RunConfig;
+  classifier: Classifier;
+  device: string;
+  stages: StageReport[];
+  result: EvalRecord;
+}
+
+/** REPORT_FILE's contents: configuration, stage timings and accuracy. */
+export async function runReport(p: ReportParts): Promise<Record<string, unknown>> {
+  const { dataset, result } = p;
+  return {
+    format: "dipsy-run-report",
+    data: dataset.root,
+    test: p.test,
+    out: p.out,
+    ...(p.sweep ? { sweep: p.sweep } : {}),
+    classes: dataset.classes.length,
+    shotsPerClass: dataset.classes.map((c) => c.shots.length),
+    generation: p.generation,
+    classifier: { name: p.classifier.name, ...p.classifier.settings },
+    device: p.device,
+    stages: p.stages,
+    accuracy: {
+      top1: result.top1,
+      top5: result.top5,
+      meanPerClass: result.meanPerClass,
+      total: result.total,
+    },
+    selection: result.selection,
+    perClass: result.perClass,
+    provenance: await provenance(p.generation),
+  };
 }
 
 export const command = defineCommand({
@@ -152,18 +197,7 @@ A stage whose output is complete is skipped: run the same command again after an
       if (stage !== undefined) throw new CliError("--slurm submits every stage: leave --stage out");
       return await submitExperiment(values, () => checkExperiment(values));
     }
-    const controller = new AbortController();
-    const onSigint = () => {
-      if (controller.signal.aborted) Deno.exit(130);
-      console.error("\nstopping after the step in flight (Ctrl-C again to quit at once)");
-      controller.abort();
-    };
-    Deno.addSignalListener("SIGINT", onSigint);
-    try {
-      return await runExperiment(values, controller.signal, stage);
-    } finally {
-      Deno.removeSignalListener("SIGINT", onSigint);
-    }
+    return await withInterrupt((signal) => runExperiment(values, signal, stage));
   },
 });
 
@@ -183,7 +217,7 @@ async function generationConfig(v: Values, out: string): Promise<RunConfig> {
     batch: v["gen-batch"],
   } as GenerateFlags);
   // Validation shots are kept from generation too: they must not guide the synthetic images.
-  const holdout = shotsFlag(v["val-shots"] as string | undefined, "--val-shots");
+  const holdout = intFlag(v["val-shots"] as string | undefined, "--val-shots", 1);
   return holdout ? { ...config, holdout } : config;
 }
 
@@ -206,7 +240,6 @@ export async function checkExperiment(v: Values) {
     ? null
     : await readImageFolder(v.val as string, { dataset: v.dataset as string });
   const { prepareGenerate } = await import("./generate.ts");
-  const { registry } = await import("../core/plugins.ts");
   // The whole generation setup (models, size, plugins) too: nothing is written before it is.
   const prepared = await prepareGenerate(config);
   const { dataset } = prepared;
@@ -235,11 +268,6 @@ export async function checkExperiment(v: Values) {
     { dataset: config.dataset ?? dataset.dataset, device },
   );
   const classifier = await app.makeClassifier(train.name, train.options);
-  const pairs = registry.create<import("../core/plugins.ts").SamplerPair>(
-    "pairs",
-    config.pairs.name,
-    config.pairs.options,
-  );
   return {
     out,
     workers,
@@ -250,7 +278,7 @@ export async function checkExperiment(v: Values) {
     device,
     classifier,
     /** Whether the pair sampler draws negatives by class similarity. */
-    usesSimilarity: pairs.needsSimilarity,
+    usesSimilarity: prepared.run.pairs.needsSimilarity,
     /** Images of a complete generate stage. */
     expectedImages: dataset.classes.length * config.perClass,
   };
@@ -378,28 +406,16 @@ export async function runExperiment(v: Values, signal: AbortSignal, only?: Stage
     ];
   });
 
-  const report = {
-    format: "dipsy-run-report",
-    data: dataset.root,
+  const report = await runReport({
+    dataset,
     test: test.path,
     out,
-    classes: dataset.classes.length,
-    shotsPerClass: dataset.classes.map((c) => c.shots.length),
-    // The device and dtype generation resolved, not "auto".
     generation: { ...prepared.config, similarity: genConfig.similarity },
-    classifier: { name: classifier.name, ...classifier.settings },
+    classifier,
     device,
     stages,
-    accuracy: {
-      top1: result.top1,
-      top5: result.top5,
-      meanPerClass: result.meanPerClass,
-      total: result.total,
-    },
-    selection: result.selection,
-    perClass: result.perClass,
-    provenance: await provenance(prepared.config),
-  };
+    result,
+  });
   const { writeAtomic } = await import("../core/output.ts");
   await writeAtomic(
     join(out, REPORT_FILE),

@@ -4,7 +4,7 @@
  * running sample finished, a running job stopped after its batch in flight (resumable).
  */
 import type { ServerOptions } from "../server/app.ts";
-import { CliError, defineCommand, type FlagValues } from "./command.ts";
+import { CliError, defineCommand, type FlagValues, intFlag } from "./command.ts";
 import { MODEL_FLAGS, PLACEMENT_FLAGS, SETTING_FLAGS } from "./generate.ts";
 
 export const DEFAULT_PORT = 8765;
@@ -51,12 +51,7 @@ const SERVE_MODEL_FLAGS = { ...MODEL_FLAGS, ...PLACEMENT_FLAGS, plugin: SETTING_
 type ServeFlags = FlagValues<typeof NETWORK_FLAGS & typeof SERVE_MODEL_FLAGS>;
 
 function integerFlag(flags: ServeFlags, name: keyof ServeFlags, min: number, fallback: number) {
-  const v = flags[name];
-  if (v === undefined) return fallback;
-  if (typeof v !== "string" || !/^\d+$/.test(v) || Number(v) < min) {
-    throw new CliError(`--${name} must be an integer of at least ${min}, got "${v}"`);
-  }
-  return Number(v);
+  return intFlag(flags[name] as string | undefined, `--${name}`, min) ?? fallback;
 }
 
 export interface ServeSettings {
@@ -234,7 +229,9 @@ export const command = defineCommand({
   synopsis: "serve [options]",
   about:
     `Serves sampling and dataset generation over HTTP (see the README's "HTTP endpoint" section and
-GET /openapi.json). One engine runs one request at a time, in arrival order.`,
+GET /openapi.json). One engine runs one request at a time, in arrival order.
+Pages for a browser: / lists the runs under --roots with their reports, /jobs/ID follows a job
+live; with a token, open a page once as URL?token=TOKEN (a cookie keeps it).`,
   sections: {
     "network:": NETWORK_FLAGS,
     "models (as \`dipsy sample\` and \`dipsy generate\`):": SERVE_MODEL_FLAGS,

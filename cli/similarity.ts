@@ -2,21 +2,16 @@
  * `dipsy similarity`: computes the class similarity matrix and saves it as `similarity.json`
  * beside the class folders, where `generate` finds it.
  */
-import { dirname, join, resolve } from "node:path";
-import { DEFAULT_CLIP, DEFAULTS, type RunConfig, TINY } from "../core/config.ts";
-import type { Dataset } from "../core/dataset.ts";
+import { DEFAULT_CLIP, DEFAULTS, type DTypeChoice, TINY } from "../core/config.ts";
+import { describeSimilarity, SIMILARITY_FILE } from "../app/similarity.ts";
 import {
-  computeSimilarity,
-  describeSimilarity,
-  isFile,
-  readSimilarityFile,
-  saveSimilarityFile,
-  SIMILARITY_FILE,
-  similarityMeta,
-  staleSimilarity,
-} from "../app/similarity.ts";
-import { CliError, defineCommand, type Flags, type FlagValues } from "./command.ts";
-import { shotsFlag } from "./train_flags.ts";
+  CliError,
+  defineCommand,
+  deviceFlag,
+  type Flags,
+  type FlagValues,
+  intFlag,
+} from "./command.ts";
 
 /** What `--top` and `--seed` leave out. */
 const TOP = 3, SEED = 0;
@@ -69,69 +64,37 @@ than --clip is computed again.`,
 
 async function similarityCommand(values: FlagValues<typeof FLAGS>): Promise<number> {
   if (!values.data) throw new CliError(`--data is required (see --help)`);
-  const top = Number(values.top ?? TOP);
-  if (!Number.isInteger(top) || top < 1) throw new CliError("--top must be a positive integer");
-  const seed = Number(values.seed ?? SEED);
-  if (!Number.isSafeInteger(seed) || seed < 0) {
-    throw new CliError(`--seed must be a non-negative integer, got "${values.seed}"`);
-  }
-  const shots = shotsFlag(values.shots);
-
-  const { validateDataset } = await import("../core/dataset.ts");
-  const { parseConfigObject } = await import("../core/config.ts");
-  const layer = parseConfigObject(
-    { device: values.device ?? DEFAULTS.device, dtype: values.dtype ?? DEFAULTS.dtype },
-    "command line",
-    { textual: true },
-  );
-  const config: RunConfig = { ...DEFAULTS, ...layer.values };
-  if (!/^(auto|cpu|cuda(:\d+)?)$/.test(config.device)) {
-    throw new CliError(`--device must be auto, cpu, cuda or cuda:N, got "${config.device}"`);
-  }
-  const dataset: Dataset = await validateDataset(values.data, {
+  const top = intFlag(values.top, "--top", 1) ?? TOP;
+  const seed = intFlag(values.seed, "--seed") ?? SEED;
+  const device = deviceFlag(values.device);
+  const { similarity } = await import("../app/api.ts");
+  const clip = values.clip ?? DEFAULT_CLIP;
+  const started = performance.now();
+  const result = await similarity({
+    data: values.data,
+    out: values.out,
+    clip,
     dataset: values.dataset,
     fewshotSeed: values["fewshot-seed"],
-    shots,
-    skipBad: values["skip-bad"] ?? false,
-    negatives: false,
+    shots: intFlag(values.shots, "--shots", 1),
+    skipBad: values["skip-bad"],
+    force: values.force,
+    device,
+    dtype: (values.dtype ?? DEFAULTS.dtype) as DTypeChoice,
+    seed,
+    onProgress: ({ done, total }) => {
+      if (!Deno.stderr.isTerminal()) return;
+      Deno.stderr.writeSync(new TextEncoder().encode(`\rencoding classes ${done}/${total}`));
+      if (done === total) Deno.stderr.writeSync(new TextEncoder().encode("\n"));
+    },
   });
-  for (const p of dataset.problems) console.error(`${p.severity}: ${p.path}: ${p.message}`);
-
-  let path = values.out ? resolve(values.out) : join(dataset.root, SIMILARITY_FILE);
-  if (values.out && !/\.(json|npz)$/i.test(path)) path = join(path, SIMILARITY_FILE);
-  const names = dataset.classes.map((c) => c.name);
-  const clip = values.clip ?? DEFAULT_CLIP;
-  let matrix: number[][] | null = null;
-  if (isFile(path) && !values.force) {
-    const saved = await readSimilarityFile(path, dataset);
-    const stale = staleSimilarity(saved.meta, clip, seed);
-    if (stale) {
-      console.error(`${path}: ${stale}; computing it again`);
-    } else {
-      matrix = saved.matrix;
-      console.log(`${path} exists (--force recomputes it); its most similar classes:`);
-    }
-  }
-  if (!matrix) {
-    const { resolvePlacement } = await import("../app/models.ts");
-    const placement = await resolvePlacement(config);
-    const started = performance.now();
-    matrix = await computeSimilarity(dataset, clip, placement, {
-      seed,
-      onClass: (done, total) => {
-        if (Deno.stderr.isTerminal()) {
-          Deno.stderr.writeSync(new TextEncoder().encode(`\rencoding classes ${done}/${total}`));
-          if (done === total) Deno.stderr.writeSync(new TextEncoder().encode("\n"));
-        }
-      },
-    });
-    await Deno.mkdir(dirname(path), { recursive: true });
-    const meta = similarityMeta(clip, { seed, data: dataset.root });
-    const folders = dataset.classes.map((c) => c.folder);
-    await saveSimilarityFile(path, names, matrix, meta, { folders });
+  const { file, classNames: names, matrix } = result;
+  if (!result.computed) {
+    console.log(`${file} exists (--force recomputes it); its most similar classes:`);
+  } else {
     const secs = ((performance.now() - started) / 1000).toFixed(1);
     console.log(
-      `class similarity of ${names.length} classes (${clip}, ${secs} s) saved to ${path}`,
+      `class similarity of ${names.length} classes (${clip}, ${secs} s) saved to ${file}`,
     );
     if (clip === TINY) {
       console.log("(tiny CLIP has random weights: these similarities carry no meaning)");

@@ -14,7 +14,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { UserError } from "../ffi/errors.ts";
-import { CliError, flagArgs, type Flags } from "./command.ts";
+import { CliError, flagArgs, type Flags, intFlag } from "./command.ts";
 
 /** What `--gpus-per-task` and `--array-size` leave out. */
 export const SLURM_DEFAULTS = { gpusPerTask: 1, arraySize: 4 };
@@ -170,15 +170,6 @@ interface SlurmOptions {
   sbatch: string[];
 }
 
-function count(value: unknown, flag: string, min: number): number | undefined {
-  if (value === undefined) return undefined;
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < min) {
-    throw new CliError(`${flag} must be an integer of at least ${min}, got "${value}"`);
-  }
-  return n;
-}
-
 function slurmOptions(v: Record<string, unknown>): SlurmOptions {
   for (const flag of (v.sbatch as string[] | undefined) ?? []) {
     if (!flag.startsWith("-")) {
@@ -189,8 +180,9 @@ function slurmOptions(v: Record<string, unknown>): SlurmOptions {
   }
   return {
     partition: v.partition as string | undefined,
-    gpusPerTask: count(v["gpus-per-task"], "--gpus-per-task", 0) ?? SLURM_DEFAULTS.gpusPerTask,
-    arraySize: count(v["array-size"], "--array-size", 1),
+    gpusPerTask: intFlag(v["gpus-per-task"] as string | undefined, "--gpus-per-task") ??
+      SLURM_DEFAULTS.gpusPerTask,
+    arraySize: intFlag(v["array-size"] as string | undefined, "--array-size", 1),
     time: v.time as string | undefined,
     sbatch: (v.sbatch as string[] | undefined) ?? [],
   };

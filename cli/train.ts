@@ -3,15 +3,12 @@
  * checkpoint per epoch; running it again on the same folder resumes after the last checkpoint.
  */
 import { DEFAULTS } from "../core/config.ts";
-import { CliError, defineCommand } from "./command.ts";
+import { CliError, defineCommand, deviceFlag, intFlag } from "./command.ts";
 import {
   CLASSIFIER_FLAGS,
   CLASSIFIER_PLUGIN_FLAGS,
   classifierOptions,
-  deviceFlag,
-  intFlag,
   listClassifiers,
-  shotsFlag,
   VALIDATION_FLAGS,
   VALIDATION_TITLE,
 } from "./train_flags.ts";
@@ -66,8 +63,8 @@ the last finished epoch.`,
       throw new CliError(`give --real and/or --synthetic (see --help)`);
     }
     const workers = intFlag(values.workers, "--workers");
-    const shots = shotsFlag(values.shots);
-    const valShots = shotsFlag(values["val-shots"], "--val-shots");
+    const shots = intFlag(values.shots, "--shots", 1);
+    const valShots = intFlag(values["val-shots"], "--val-shots", 1);
     // A mistyped plugin name or option is reported before any image is read.
     const registry = await loadPlugins(values.plugin);
     const chosen = classifierOptions(values);

@@ -128,30 +128,24 @@ export function classifierOptions(
     if (eq <= 0) throw new CliError(`--set ${spec}: expected KEY=VALUE`);
     options[spec.slice(0, eq)] = spec.slice(eq + 1);
   }
-  if (extra.dataset !== undefined && options.dataset === undefined) options.dataset = extra.dataset;
-  if (options.dtype === undefined || options.dtype === "auto") {
-    options.dtype = extra.device?.startsWith("cuda") ? "f16" : "f32";
-  }
-  return { name: (values.classifier as string | undefined) ?? DEFAULT_CLASSIFIER, options };
+  const name = (values.classifier as string | undefined) ?? DEFAULT_CLASSIFIER;
+  return { name, options: withRunDefaults(options, extra) };
 }
 
-/** `--device`: auto (the default), cpu, cuda or cuda:N. */
-export function deviceFlag(value: string | undefined): string {
-  const device = value ?? "auto";
-  if (!/^(auto|cpu|cuda(:\d+)?)$/.test(device)) {
-    throw new CliError(`--device must be auto, cpu, cuda or cuda:N, got "${device}"`);
+/**
+ * Classifier options with the defaults that depend on the run filled in: the dataset's name, and
+ * the dtype for the device ("auto": f16 on CUDA, f32 on the CPU).
+ */
+export function withRunDefaults(
+  options: Record<string, unknown>,
+  extra: { dataset?: string; device?: string },
+): Record<string, unknown> {
+  const out = { ...options };
+  if (extra.dataset !== undefined && out.dataset === undefined) out.dataset = extra.dataset;
+  if (out.dtype === undefined || out.dtype === "auto") {
+    out.dtype = extra.device?.startsWith("cuda") ? "f16" : "f32";
   }
-  return device;
-}
-
-/** A non-negative integer flag, or undefined. */
-export function intFlag(value: string | undefined, flag: string): number | undefined {
-  if (value === undefined) return undefined;
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 0) {
-    throw new CliError(`${flag} must be a non-negative integer, got "${value}"`);
-  }
-  return n;
+  return out;
 }
 
 export const VALIDATION_FLAGS = {
@@ -183,13 +177,6 @@ export function selectFlag(value: string | undefined): SelectRule | undefined {
     throw new CliError(`--select must be last, best-val or best-test, got "${value}"`);
   }
   return value;
-}
-
-/** `--shots K`: a positive integer, or undefined. */
-export function shotsFlag(value: string | undefined, flag = "--shots"): number | undefined {
-  const n = intFlag(value, flag);
-  if (n === 0) throw new CliError(`${flag} must be at least 1`);
-  return n;
 }
 
 /** `--list` of train and eval: the classifier plugins, those of `--plugin` files included. */

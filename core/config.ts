@@ -631,6 +631,11 @@ export interface ResolvedRun {
   };
   /** A fresh sampler (samplers keep multistep history) for the model's scheduler config. */
   sampler(schedulerConfig: SchedulerConfig): Sampler;
+  /**
+   * A recorded plugin (an older run.json's, which left defaults out) with its options resolved
+   * as this version resolves them; unchanged when they no longer resolve.
+   */
+  resolveRecord(key: PluginKey, record: PluginRecord): PluginRecord;
 }
 
 export interface PluginRecord {
@@ -673,6 +678,17 @@ export function resolveRun(config: RunConfig, reg: Registry = registry): Resolve
         steps: config.steps,
         config: schedulerConfig,
       }),
+    resolveRecord: (key, record) => {
+      const { name, ...options } = record;
+      const top = key === "sampler" ? { steps: options.steps } : {};
+      if (key === "sampler") delete options.steps;
+      try {
+        return { name, ...top, ...reg.resolve(key, name, options) };
+      } catch (e) {
+        if (e instanceof UserError) return record;
+        throw e;
+      }
+    },
   };
 }
 

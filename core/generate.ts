@@ -23,7 +23,7 @@ import { ops, type Tensor } from "../ffi/mod.ts";
 import { applyAugment } from "./augment.ts";
 import type { DiffusionBackbone } from "./backbone.ts";
 import type { RunConfig } from "./config.ts";
-import { type ResolvedRun, resolveRun, TINY } from "./config.ts";
+import { type PluginRecord, type ResolvedRun, resolveRun, TINY } from "./config.ts";
 import { type Dataset, promptFor, promptTemplate, validateDataset } from "./dataset.ts";
 import { encodeImage, imageFromTensor, readImage, type RgbImage } from "./image.ts";
 import {
@@ -43,6 +43,7 @@ import {
   type RunRecord,
   type ShotRecord,
   SIMILARITY_FILE,
+  type UpgradeRecord,
   writeAtomic,
 } from "./output.ts";
 import {
@@ -392,6 +393,7 @@ export async function planRun(opts: PlanOptions): Promise<RunPlan> {
       clip: pairs.needsSimilarity ? config.clip : null,
     },
     adapters: adapterRecords(config, guidance, adapters),
+    data: resolve(dataset.root),
     provenance: await provenance(config),
   };
 
@@ -438,7 +440,24 @@ export interface OpenedRun {
  */
 export async function surveyRun(plan: RunPlan): Promise<OpenedRun> {
   checkOutputFolder(plan.out, plan.dataset.root);
-  return await findWork(plan, await checkRecord(plan.out, plan.record));
+  return await findWork(plan, await checkRecord(plan.out, plan.record, upgrader(plan.run)));
+}
+
+/**
+ * Resolves an earlier run.json's plugin options as this version does: records written before
+ * defaults were recorded (no `interval: null`, no DDIM `eta: 0`) compare by effective settings.
+ */
+function upgrader(run: ResolvedRun): UpgradeRecord {
+  return (previous) => {
+    const output = { ...previous.output };
+    for (const key of ["guidance", "sampler", "pairs"] as const) {
+      const p = output[key] as PluginRecord | undefined;
+      if (p && typeof p === "object" && typeof p.name === "string") {
+        output[key] = run.resolveRecord(key, p);
+      }
+    }
+    return { ...previous, output };
+  };
 }
 
 /**
@@ -451,7 +470,7 @@ export async function openRun(plan: RunPlan): Promise<OpenedRun> {
   if (checkOutputFolder(out, dataset.root) === "missing") {
     await Deno.mkdir(out, { recursive: true });
   }
-  const { notes } = await claimRecord(out, plan.record);
+  const { notes } = await claimRecord(out, plan.record, upgrader(plan.run));
   if (plan.similarity && plan.similaritySource?.keep) {
     const copy = join(out, SIMILARITY_FILE);
     if (listOrNull(out)?.every((e) => e.name !== SIMILARITY_FILE)) {

@@ -149,6 +149,12 @@ export interface RunRecord {
    * and `output.guidance`, which are (so a run made before they were recorded still resumes).
    */
   adapters?: AdapterRecord[];
+  /**
+   * The few-shot class root (absolute) that the shots and the manifest's reference files are
+   * relative to, as the session that created run.json found it; never compared, so a moved
+   * dataset still resumes.
+   */
+  data?: string;
   /** Who made the run (of the session that created run.json); never compared. */
   provenance?: Provenance;
 }
@@ -256,11 +262,19 @@ async function readRecord(path: string): Promise<RunRecord | null> {
   }
 }
 
-function compareWith(out: string, previous: RunRecord, record: RunRecord): string[] {
+/** Brings an older run.json to the current layout before it is compared (defaults filled in). */
+export type UpgradeRecord = (previous: RunRecord) => RunRecord;
+
+function compareWith(
+  out: string,
+  previous: RunRecord,
+  record: RunRecord,
+  upgrade: UpgradeRecord = (r) => r,
+): string[] {
   if (previous.format !== RECORD_FORMAT) {
     throw new RunError(`${join(out, RUN_RECORD)}: not a dipsy generate run record`);
   }
-  const { differences, notes } = compareRecords(previous, record);
+  const { differences, notes } = compareRecords(upgrade(previous), record);
   if (differences.length) throw new IncompatibleRunError(out, differences);
   return notes;
 }
@@ -269,15 +283,20 @@ function compareWith(out: string, previous: RunRecord, record: RunRecord): strin
  * Checks `record` against the run.json in `out`, if there is one, without writing anything:
  * an incompatible folder is refused before a model loads. Returns the notes.
  */
-export async function checkRecord(out: string, record: RunRecord): Promise<string[]> {
+export async function checkRecord(
+  out: string,
+  record: RunRecord,
+  upgrade?: UpgradeRecord,
+): Promise<string[]> {
   const previous = await readRecord(join(out, RUN_RECORD));
-  return previous ? compareWith(out, previous, record) : [];
+  return previous ? compareWith(out, previous, record, upgrade) : [];
 }
 
 /** Creates run.json, or checks the one there; safe when several shards start at once. */
 export async function claimRecord(
   out: string,
   record: RunRecord,
+  upgrade?: UpgradeRecord,
 ): Promise<{ created: boolean; notes: string[] }> {
   const path = join(out, RUN_RECORD);
   const text = `${JSON.stringify(record, null, 2)}\n`;
@@ -302,7 +321,7 @@ export async function claimRecord(
       await Deno.remove(tmp).catch(() => {});
     }
   }
-  return { created: false, notes: compareWith(out, previous, record) };
+  return { created: false, notes: compareWith(out, previous, record, upgrade) };
 }
 
 /**

@@ -439,6 +439,21 @@ export interface Field<T, R extends boolean = boolean> {
   required: R;
 }
 
+/**
+ * `schema` without its default, for a partial layer (a request over a preset) whose absent
+ * fields are left to the layers below it.
+ */
+export function withoutDefault<T>(schema: Schema<T>): Schema<T> {
+  return {
+    ...schema,
+    default: undefined,
+    jsonSchema: () => {
+      const { default: _, ...json } = schema.jsonSchema();
+      return json;
+    },
+  };
+}
+
 /** A field the object must have. */
 export const required = <T>(schema: Schema<T>): Field<T, true> => ({ schema, required: true });
 /** A field the object may leave out (its default is then filled in). */

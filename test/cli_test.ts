@@ -155,7 +155,7 @@ const RESOLVED: Record<string, (flags: Flags) => Promise<(flag: string) => unkno
   },
   async train(flags) {
     const classifier = await classifierDefaults();
-    const { deviceFlag } = await import("../cli/train_flags.ts");
+    const { deviceFlag } = await import("../cli/command.ts");
     return (flag) =>
       flag === "device" ? deviceFlag(undefined) : classifier[flags[flag].field ?? flag];
   },

@@ -386,6 +386,60 @@ Deno.test("refuses to resume with another configuration or into a foreign folder
   await assert.rejects(() => Deno.stat(join(DATA, "generated")), Deno.errors.NotFound);
 });
 
+/**
+ * A plugin record as the writer before the option schemas wrote it: guidance and pair options
+ * without a default (now `null`) left out, and only the sampler options given (none here).
+ */
+function oldPluginRecord(key: string, record: Record<string, unknown>): Record<string, unknown> {
+  if (key === "sampler") return { name: record.name, steps: record.steps };
+  return Object.fromEntries(Object.entries(record).filter(([, v]) => v !== null));
+}
+
+function asOldWriter(value: Record<string, unknown>): Record<string, unknown> {
+  const out = { ...value };
+  for (const key of ["guidance", "sampler", "pairs"]) {
+    out[key] = oldPluginRecord(key, value[key] as Record<string, unknown>);
+  }
+  return out;
+}
+
+Deno.test("a folder from before the resolved records resumes; a real difference is refused", async () => {
+  const out = join(ROOT, "old_writer");
+  const extra = { sampler: "ddim", perClass: 1 };
+  assert.equal((await run(out, { extra })).written, CLASSES.length);
+  const made = await snapshot(out);
+  const recordPath = join(out, "run.json");
+  const record = JSON.parse(await Deno.readTextFile(recordPath));
+  assert.equal(record.output.sampler.eta, 0, "the resolved record lists DDIM's eta");
+  assert.ok(Object.values(record.output.guidance).includes(null), "a defaulted null option");
+  const { adapters: _, ...old } = { ...record, output: asOldWriter(record.output) };
+  await Deno.writeTextFile(recordPath, `${JSON.stringify(old, null, 2)}\n`);
+  // One image lost with its line; the others' lines as the old writer wrote them.
+  const lost = "red circle/0000.jpg";
+  await Deno.remove(join(out, lost));
+  const lines = made.lines.filter((l) => !l.includes(`"file":"${lost}"`))
+    .map((l) => JSON.stringify(asOldWriter(JSON.parse(l))));
+  await Deno.writeTextFile(join(out, "manifest.jsonl"), lines.map((l) => `${l}\n`).join(""));
+
+  const resumed = await run(out, { extra });
+  assert.equal(resumed.written, 1);
+  assert.equal(resumed.skipped, CLASSES.length - 1);
+  const after = await snapshot(out);
+  assertSameImages(after.files, made.files);
+  assert.deepEqual(JSON.parse(await Deno.readTextFile(recordPath)), old, "run.json kept as it was");
+
+  await assert.rejects(
+    () => run(out, { extra: { ...extra, sampler: { name: "ddim", eta: 0.5 } } }),
+    (e: unknown) => {
+      assert.ok(e instanceof IncompatibleRunError, String(e));
+      assert.match(e.message, /sampler\.eta: 0 \(run.json\) vs 0\.5 \(now\)/);
+      assert.equal(e.differences.length, 1, e.message);
+      return true;
+    },
+  );
+  assert.deepEqual((await snapshot(out)).files, after.files);
+});
+
 Deno.test("guidance that needs a negative with a pair sampler that gives none is refused early", async () => {
   const out = join(ROOT, "mismatch");
   await assert.rejects(

@@ -195,7 +195,7 @@ Deno.test("bad flags and values: one line naming the flag or field, no stack", a
     {
       args: ["sample", "--prompt", "a cat", "--out", join(ROOT, "x.png"), "--seed=-1"],
       code: 2,
-      says: /--seed must be a non-negative integer, got "-1"/,
+      says: /--seed must be an integer of at least 0, got "-1"/,
     },
     {
       args: ["train", "--real", DATA, "--out", join(ROOT, "train"), "--classifier", "foo"],
