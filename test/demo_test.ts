@@ -5,6 +5,14 @@
 import assert from "node:assert/strict";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import { pathToFileURL } from "node:url";
+import {
+  assertImagesLoad,
+  browserTest,
+  launchBrowser,
+  screenshot,
+  watchPage,
+} from "./browser_util.ts";
 import { withTempDir } from "./util.ts";
 
 const MAIN = new URL("../cli/main.ts", import.meta.url).pathname;
@@ -43,5 +51,30 @@ Deno.test("demo: runs end to end, writes its report, and runs again in the same 
     assert.equal(second.code, 0, second.stderr);
     assert.match(second.stdout, /already drawn/);
     assert.match(second.stdout, /report: /);
+  });
+});
+
+browserTest("demo: its report opens from disk in chromium, every image loads", async () => {
+  await withTempDir(async (dir) => {
+    const out = join(dir, "demo");
+    const run = await demo(out);
+    assert.equal(run.code, 0, run.stderr);
+    const browser = await launchBrowser();
+    try {
+      const page = await browser.newPage();
+      const { problems } = watchPage(page);
+      await page.goto(pathToFileURL(join(out, "report.html")).href);
+      assert.ok(await assertImagesLoad(page, "demo report") >= 8, "the report shows the images");
+      // The similarity heatmap: one cell mark per pair of the demo's 4 classes.
+      const heatmap = page.locator('img[data-figure="similarity"]');
+      assert.equal(await heatmap.getAttribute("data-classes"), "4");
+      const svg = await browser.newPage();
+      await svg.goto(new URL((await heatmap.getAttribute("src"))!, page.url()).href);
+      assert.equal(await svg.locator("g.cell_marks > path").count(), 16, "heatmap cells");
+      await screenshot(page, "demo-report");
+      assert.deepEqual(problems, []);
+    } finally {
+      await browser.close();
+    }
   });
 });
