@@ -19,6 +19,7 @@ import { parse as parseYaml } from "yaml";
 import { expandTasks, type JobRecord, parseJobRecords } from "../cli/slurm.ts";
 import { planChunks, resolveShard, shardChunks, workerShard } from "../core/shard.ts";
 import { type Cluster, clusterUnavailable, startCluster } from "./slurm_cluster.ts";
+import { assertSameFiles, sweepResults } from "./sweep_util.ts";
 import { quickGenerateFlags, readTree, writeTinyDataset } from "./util.ts";
 
 const REPO = fileURLToPath(new URL("..", import.meta.url));
@@ -290,29 +291,6 @@ function assertCompleteSweep(out: string) {
       e.isDirectory() ? walk(join(dir, e.name)) : [join(dir, e.name)]
     );
   assert.deepEqual(walk(out).filter((f) => f.endsWith(".tmp")), [], "temporary files left");
-}
-
-/** A sweep's generated images, sorted manifests and final adapters, by path. */
-async function sweepResults(out: string): Promise<Map<string, Uint8Array>> {
-  const files = new Map<string, Uint8Array>();
-  for (const set of readdirSync(join(out, "gen"))) {
-    for (const [f, bytes] of await readTree(join(out, "gen", set))) {
-      if (f.endsWith(".jpg")) files.set(`gen/${set}/${f}`, bytes);
-    }
-    const lines = readFileSync(join(out, "gen", set, "manifest.jsonl"), "utf8").split("\n");
-    files.set(`gen/${set}/manifest`, new TextEncoder().encode(lines.filter(Boolean).sort().join()));
-  }
-  for (const cell of readdirSync(join(out, "cells"))) {
-    for (const [f, bytes] of await readTree(join(out, "cells", cell, "train", "adapter"))) {
-      files.set(`cells/${cell}/adapter/${f}`, bytes);
-    }
-  }
-  return files;
-}
-
-function assertSameFiles(got: Map<string, Uint8Array>, want: Map<string, Uint8Array>) {
-  assert.deepEqual([...got.keys()].sort(), [...want.keys()].sort(), "the same files");
-  for (const [f, bytes] of want) assert.deepEqual(got.get(f), bytes, `${f}: the same bytes`);
 }
 
 /** Waits until `file` has `n` lines (a held task writes one each time it is held). */

@@ -29,7 +29,8 @@ import {
   tableCsv,
 } from "../core/sweep.ts";
 import { modelGeometry } from "../app/models.ts";
-import { readTree, withOutput, writeTinyDataset } from "./util.ts";
+import { assertSameFiles, sweepResults } from "./sweep_util.ts";
+import { withOutput, writeTinyDataset } from "./util.ts";
 
 const REPO = fileURLToPath(new URL("..", import.meta.url));
 const MAIN = join(REPO, "cli", "main.ts");
@@ -96,32 +97,6 @@ async function sweep(file: string, out: string, ...flags: string[]) {
 }
 
 const table = (out: string) => JSON.parse(readFileSync(join(out, "sweep.json"), "utf8"));
-
-/** Each generation set's images and manifest, and each cell's final adapter, by path. */
-async function results(out: string): Promise<Map<string, Uint8Array>> {
-  const files = new Map<string, Uint8Array>();
-  for (const set of readdirSync(join(out, "gen"))) {
-    for (const [f, bytes] of await readTree(join(out, "gen", set))) {
-      if (f.endsWith(".jpg")) files.set(`gen/${set}/${f}`, bytes);
-    }
-    const lines = readFileSync(join(out, "gen", set, "manifest.jsonl"), "utf8").split("\n");
-    files.set(
-      `gen/${set}/manifest`,
-      new TextEncoder().encode(lines.filter(Boolean).sort().join("\n")),
-    );
-  }
-  for (const cell of readdirSync(join(out, "cells"))) {
-    for (const [f, bytes] of await readTree(join(out, "cells", cell, "train", "adapter"))) {
-      files.set(`cells/${cell}/adapter/${f}`, bytes);
-    }
-  }
-  return files;
-}
-
-function assertSameFiles(got: Map<string, Uint8Array>, want: Map<string, Uint8Array>) {
-  assert.deepEqual([...got.keys()].sort(), [...want.keys()].sort(), "the same files");
-  for (const [f, bytes] of want) assert.deepEqual(got.get(f), bytes, `${f}: the same bytes`);
-}
 
 Deno.test("sweep plan: grid and list expansion, shared generation sets, stable ids", async () => {
   assert.deepEqual(expandAxis({ grid: { a: [1, 2], b: ["x", "y", "z"] } }, "t"), [
@@ -423,7 +398,7 @@ Deno.test("sweep 2 x 2: uninterrupted, killed and rerun, and as two shards: one 
     );
     assert.equal(csv.length, 5);
   });
-  const want = await results(reference);
+  const want = await sweepResults(reference);
 
   await t.step("killed part-way through and rerun", async () => {
     const out = join(ROOT, "killed");
@@ -454,7 +429,7 @@ Deno.test("sweep 2 x 2: uninterrupted, killed and rerun, and as two shards: one 
     const r = await sweep(file, out);
     assert.equal(r.code, 0, r.text);
     assert.deepEqual(table(out), table(reference));
-    assertSameFiles(await results(out), want);
+    assertSameFiles(await sweepResults(out), want);
 
     const again = await sweep(file, out);
     assert.equal(again.code, 0, again.text);
@@ -479,7 +454,7 @@ Deno.test("sweep 2 x 2: uninterrupted, killed and rerun, and as two shards: one 
     const final = await sweep(file, out, "--table");
     assert.equal(final.code, 0, final.text);
     assert.deepEqual(table(out), table(reference));
-    assertSameFiles(await results(out), want);
+    assertSameFiles(await sweepResults(out), want);
   });
 });
 
