@@ -10,6 +10,7 @@ import type { Dataset } from "../core/dataset.ts";
 import { RunError } from "../core/output.ts";
 import type { Classifier } from "../core/plugins.ts";
 import type { EvalRecord } from "../app/classify.ts";
+import type { ImageFolder } from "../plugins/classifiers/data.ts";
 import { provenance } from "../core/provenance.ts";
 import { type GenerateFlags, MODEL_FLAGS, PLACEMENT_FLAGS, SETTING_FLAGS } from "./generate.ts";
 import { CliError, defineCommand, type Flags, intFlag, withInterrupt } from "./command.ts";
@@ -222,6 +223,30 @@ async function generationConfig(v: Values, out: string): Promise<RunConfig> {
 }
 
 /**
+ * Refuses test or validation classes the few-shot set does not have: the classifier could never
+ * predict them, so their accuracy would silently count as 0.
+ */
+export function checkEvalClasses(
+  dataset: Dataset,
+  test: ImageFolder,
+  val: ImageFolder | null,
+): void {
+  const realNames = new Set(dataset.classes.map((c) => c.name));
+  const folders: [string, ImageFolder][] = [["test", test]];
+  if (val) folders.push(["validation", val]);
+  for (const [what, folder] of folders) {
+    const unknown = folder.classNames.filter((c) => !realNames.has(c));
+    if (unknown.length) {
+      throw new RunError(
+        `${folder.path}: ${what} class(es) not in ${dataset.root}: ${
+          unknown.map((c) => `"${c}"`).join(", ")
+        }`,
+      );
+    }
+  }
+}
+
+/**
  * Everything the stages read, checked before any stage runs or is submitted: a bad test folder
  * should not surface after hours of generation.
  */
@@ -243,19 +268,7 @@ export async function checkExperiment(v: Values) {
   // The whole generation setup (models, size, plugins) too: nothing is written before it is.
   const prepared = await prepareGenerate(config);
   const { dataset } = prepared;
-  const realNames = new Set(dataset.classes.map((c) => c.name));
-  const folders: [string, typeof test][] = [["test", test]];
-  if (val) folders.push(["validation", val]);
-  for (const [what, folder] of folders) {
-    const unknown = folder.classNames.filter((c) => !realNames.has(c));
-    if (unknown.length) {
-      throw new RunError(
-        `${folder.path}: ${what} class(es) not in ${dataset.root}: ${
-          unknown.map((c) => `"${c}"`).join(", ")
-        }`,
-      );
-    }
-  }
+  checkEvalClasses(dataset, test, val);
   const device = await app.resolveDevice(config.device);
   const train = classifierOptions(
     {

@@ -200,7 +200,6 @@ async function check(plan: SweepPlan): Promise<Checked> {
   const { prepareGenerate } = await import("./generate.ts");
   const app = await import("../app/classify.ts");
   const { readImageFolder } = await import("../plugins/classifiers/data.ts");
-  const { RunError } = await import("../core/output.ts");
   const quiet = () => {};
   const prepared = new Map<string, PreparedGenerate>();
   for (const g of plan.generations) {
@@ -210,25 +209,14 @@ async function check(plan: SweepPlan): Promise<Checked> {
   const first = prepared.get(plan.generations[0].id)!;
   for (const p of first.dataset.problems) console.error(`${p.severity}: ${p.path}: ${p.message}`);
   const { dataset } = first;
-  const test = await readImageFolder(plan.test, { dataset: plan.base.dataset ?? undefined });
-  const folders: [string, ImageFolder][] = [["test", test]];
-  if (plan.val) {
-    folders.push([
-      "validation",
-      await readImageFolder(plan.val, { dataset: plan.base.dataset ?? undefined }),
-    ]);
-  }
-  const realNames = new Set(dataset.classes.map((c) => c.name));
-  for (const [what, folder] of folders) {
-    const unknown = folder.classNames.filter((c) => !realNames.has(c));
-    if (unknown.length) {
-      throw new RunError(
-        `${folder.path}: ${what} class(es) not in ${dataset.root}: ${
-          unknown.map((c) => `"${c}"`).join(", ")
-        }`,
-      );
-    }
-  }
+  const folderOptions = { dataset: plan.base.dataset ?? undefined };
+  const test = await readImageFolder(plan.test, folderOptions);
+  const { checkEvalClasses } = await import("./run.ts");
+  checkEvalClasses(
+    dataset,
+    test,
+    plan.val ? await readImageFolder(plan.val, folderOptions) : null,
+  );
   const device = await app.resolveDevice(first.config.device);
   const classifiers = new Map<string, Classifier>();
   for (const t of plan.trainings) {
