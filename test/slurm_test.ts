@@ -19,7 +19,7 @@ import { parse as parseYaml } from "yaml";
 import { expandTasks, type JobRecord, parseJobRecords } from "../cli/slurm.ts";
 import { planChunks, resolveShard, shardChunks, workerShard } from "../core/shard.ts";
 import { type Cluster, clusterUnavailable, startCluster } from "./slurm_cluster.ts";
-import { assertSameFiles, sweepResults } from "./sweep_util.ts";
+import { assertSameFiles, sweepResults, TINY_SWEEP_AXES, tinySweepBase } from "./sweep_util.ts";
 import { quickGenerateFlags, readTree, writeTinyDataset } from "./util.ts";
 
 const REPO = fileURLToPath(new URL("..", import.meta.url));
@@ -66,25 +66,7 @@ const TRAIN = [
  * The 2 x 2 sweep of test/sweep_test.ts (2 classes x 2 images, 2 steps at 32x32, one epoch, a
  * held-out shot), its paths relative to the file's folder as docs/sweep.md has them.
  */
-const SWEEP = [
-  "data: data",
-  "test: test",
-  "model: tiny",
-  "perClass: 2",
-  "steps: 2",
-  "size: 32",
-  "batch: 2",
-  "dtype: f32",
-  "device: cpu",
-  "holdout: 1",
-  "classifier: { epochs: 1, warmupEpochs: 0, batch: 8 }",
-  "generate:",
-  "  grid:",
-  "    guidance.negativeScale: [2, 4]",
-  "train:",
-  "  grid:",
-  "    lr: [0.0001, 0.001]",
-];
+const SWEEP = [...tinySweepBase("data", "test"), ...TINY_SWEEP_AXES];
 const SWEEP_FLAGS = ["--workers", "1"];
 
 /**

@@ -29,7 +29,7 @@ import {
   tableCsv,
 } from "../core/sweep.ts";
 import { modelGeometry } from "../app/models.ts";
-import { assertSameFiles, sweepResults } from "./sweep_util.ts";
+import { assertSameFiles, sweepResults, TINY_SWEEP_AXES, tinySweepBase } from "./sweep_util.ts";
 import { withOutput, writeTinyDataset } from "./util.ts";
 
 const REPO = fileURLToPath(new URL("..", import.meta.url));
@@ -42,31 +42,9 @@ await writeTinyDataset(DATA);
 await writeTinyDataset(TEST);
 globalThis.addEventListener("unload", () => Deno.removeSync(ROOT, { recursive: true }));
 
-/** The base experiment: 2 classes x 2 images, 2 steps at 32x32, one epoch, a held-out shot. */
-const BASE = [
-  `data: ${DATA}`,
-  `test: ${TEST}`,
-  "model: tiny",
-  "perClass: 2",
-  "steps: 2",
-  "size: 32",
-  "batch: 2",
-  "dtype: f32",
-  "device: cpu",
-  "holdout: 1",
-  "classifier: { epochs: 1, warmupEpochs: 0, batch: 8 }",
-];
-
+const BASE = tinySweepBase(DATA, TEST);
 /** The 2 x 2 sweep the run tests share. */
-const SWEEP = [
-  ...BASE,
-  "generate:",
-  "  grid:",
-  "    guidance.negativeScale: [2, 4]",
-  "train:",
-  "  grid:",
-  "    lr: [0.0001, 0.001]",
-];
+const SWEEP = [...BASE, ...TINY_SWEEP_AXES];
 
 async function sweepFile(name: string, lines: string[]): Promise<string> {
   const path = join(ROOT, name);
@@ -273,7 +251,7 @@ Deno.test("sweep plan: the dtype auto stands for is part of every id; another on
 });
 
 Deno.test("sweep table: ranked by validation top-1, ties in plan order; CSV and text alike", async () => {
-  const lines = [...BASE, ...SWEEP.slice(BASE.length)];
+  const lines = [...BASE, ...TINY_SWEEP_AXES];
   const plan = await loadPlan(await sweepFile("rank.yaml", lines), { out: join(ROOT, "rank") });
   const [a, b, c, d] = plan.cells.map((cell) => cell.id);
   const result = (val: number | null, test: number) => ({

@@ -1,8 +1,38 @@
-/** What two sweep tests compare: the files a sweep's result consists of, byte for byte. */
+/** What the sweep tests share: the tiny 2 x 2 sweep, and the files its result consists of. */
 import assert from "node:assert/strict";
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { readTree } from "./util.ts";
+
+/**
+ * The base experiment of the tiny sweep (2 classes x 2 images, 2 steps at 32x32, one epoch, a
+ * held-out shot), its data and test folders as the file should name them.
+ */
+export function tinySweepBase(data: string, test: string): string[] {
+  return [
+    `data: ${data}`,
+    `test: ${test}`,
+    "model: tiny",
+    "perClass: 2",
+    "steps: 2",
+    "size: 32",
+    "batch: 2",
+    "dtype: f32",
+    "device: cpu",
+    "holdout: 1",
+    "classifier: { epochs: 1, warmupEpochs: 0, batch: 8 }",
+  ];
+}
+
+/** Its axes: 2 negative scales x 2 learning rates. */
+export const TINY_SWEEP_AXES = [
+  "generate:",
+  "  grid:",
+  "    guidance.negativeScale: [2, 4]",
+  "train:",
+  "  grid:",
+  "    lr: [0.0001, 0.001]",
+];
 
 /**
  * Each generation set's images and manifest (lines sorted: shards append in their own order),
