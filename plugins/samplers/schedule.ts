@@ -8,14 +8,15 @@
  * on 0-dim tensors: `+ - * /` with Math.fround (correctly rounded either way), and sqrt, log and exp
  * through torch itself, whose float32 results differ from correctly rounded ones in the last bit.
  */
-import { readFileSync, statSync } from "node:fs";
+import { statSync } from "node:fs";
 import { join } from "node:path";
 import type { SamplerOptions, SchedulerConfig } from "../../core/plugins.ts";
-import { fromHost, ops, scalar, scope, type Tensor, UserError } from "../../ffi/mod.ts";
+import { fromHost, ops, scalar, scope, type Tensor } from "../../ffi/mod.ts";
+import { choice, ConfigFileError, readConfigFile } from "../../core/json_config.ts";
 import * as s from "../../core/schema.ts";
 
 /** A `scheduler_config.json` that cannot be read. */
-export class SchedulerConfigError extends UserError {}
+export class SchedulerConfigError extends ConfigFileError {}
 
 // ---------------------------------------------------------------------------------------------
 // scheduler_config.json
@@ -63,7 +64,7 @@ export function parseSchedulerConfig(
   source = "scheduler_config.json",
 ): SchedulerConfig {
   if (json === null || typeof json !== "object" || Array.isArray(json)) {
-    throw new SchedulerConfigError(`${source}: expected a JSON object`);
+    throw new SchedulerConfigError(source, null, "expected a JSON object");
   }
   const raw = json as Record<string, unknown>;
   const defaulted = new Set<string>(
@@ -97,26 +98,16 @@ export function readSchedulerConfig(path: string): SchedulerConfig {
       file = isFile(direct) ? direct : join(path, "scheduler", "scheduler_config.json");
     }
   } catch { /* reported below */ }
-  let text: string;
-  try {
-    text = readFileSync(file, "utf8");
-  } catch (e) {
-    throw new SchedulerConfigError(
-      `${file}: cannot read the scheduler config (${(e as Error).message})`,
-    );
-  }
-  let json: unknown;
-  try {
-    json = JSON.parse(
-      text.replace(NON_FINITE, (_m, a, v, b) => `${a}"${NON_FINITE_TAG}${v}"${b}`),
-      (_k, v) =>
-        typeof v === "string" && v.startsWith(NON_FINITE_TAG)
-          ? Number(v.slice(NON_FINITE_TAG.length))
-          : v,
-    );
-  } catch (e) {
-    throw new SchedulerConfigError(`${file}: not valid JSON (${(e as Error).message})`);
-  }
+  const json = readConfigFile(file, SchedulerConfigError, "scheduler config", {
+    parse: (text) =>
+      JSON.parse(
+        text.replace(NON_FINITE, (_m, a, v, b) => `${a}"${NON_FINITE_TAG}${v}"${b}`),
+        (_k, v) =>
+          typeof v === "string" && v.startsWith(NON_FINITE_TAG)
+            ? Number(v.slice(NON_FINITE_TAG.length))
+            : v,
+      ),
+  });
   return parseSchedulerConfig(json, file);
 }
 
@@ -146,15 +137,15 @@ export type ConfigValue = number | boolean | string | null | readonly number[];
 export type ConfigSpec = Record<string, s.Schema<ConfigValue>>;
 
 /** The schedule keys every sampler reads; `spacing` is the class's default timestep spacing. */
-export function commonKeys(spacing: Spacing): ConfigSpec {
+export function commonKeys(spacing: Spacing) {
   return {
     num_train_timesteps: s.integer({ min: 1, default: 1000 }),
     beta_start: s.number({ default: 0.0001 }),
     beta_end: s.number({ default: 0.02 }),
-    beta_schedule: s.string({ enum: BETA_SCHEDULES, default: "linear" }),
-    trained_betas: s.nullable(s.array(s.number()), { default: null }) as s.Schema<ConfigValue>,
-    prediction_type: s.string({ enum: PREDICTION_TYPES, default: "epsilon" }),
-    timestep_spacing: s.string({ enum: SPACINGS, default: spacing }),
+    beta_schedule: choice(BETA_SCHEDULES, "linear"),
+    trained_betas: s.nullable(s.array(s.number()), { default: null }),
+    prediction_type: choice(PREDICTION_TYPES, "epsilon"),
+    timestep_spacing: choice(SPACINGS, spacing),
     steps_offset: s.integer({ min: 0, default: 0 }),
     rescale_betas_zero_snr: s.literal(false, { default: false }),
   };
@@ -171,16 +162,9 @@ export type Spacing = (typeof SPACINGS)[number];
 export type Prediction = (typeof PREDICTION_TYPES)[number];
 
 /** The schedule part of a resolved config. */
-export interface ScheduleConfig {
-  num_train_timesteps: number;
-  beta_start: number;
-  beta_end: number;
-  beta_schedule: (typeof BETA_SCHEDULES)[number];
-  trained_betas: readonly number[] | null;
-  prediction_type: Prediction;
-  timestep_spacing: Spacing;
-  steps_offset: number;
-}
+export type ScheduleConfig = {
+  [K in keyof ReturnType<typeof commonKeys>]: s.Infer<ReturnType<typeof commonKeys>[K]>;
+};
 
 export interface Resolved<C> {
   steps: number;

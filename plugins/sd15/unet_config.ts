@@ -3,10 +3,20 @@
  * takes diffusers' default; a value that changes the architecture in a way this port does not
  * implement is an error naming the file and the key (never a silently different network).
  */
-import { UserError } from "../../ffi/errors.ts";
+import {
+  choice,
+  ConfigFileError,
+  ConfigReader,
+  type Json,
+  positive,
+  readConfigFile,
+} from "../../core/json_config.ts";
+import * as s from "../../core/schema.ts";
 
-export type DownBlockType = "CrossAttnDownBlock2D" | "DownBlock2D";
-export type UpBlockType = "CrossAttnUpBlock2D" | "UpBlock2D";
+const DOWN_TYPES = ["CrossAttnDownBlock2D", "DownBlock2D"] as const;
+const UP_TYPES = ["UpBlock2D", "CrossAttnUpBlock2D"] as const;
+export type DownBlockType = (typeof DOWN_TYPES)[number];
+export type UpBlockType = (typeof UP_TYPES)[number];
 export type MidBlockType = "UNetMidBlock2DCrossAttn";
 export type UNetActivation = "silu" | "gelu" | "relu";
 
@@ -55,74 +65,9 @@ export interface UNetConfig {
   convOutKernel: number;
 }
 
-type Json = Record<string, unknown>;
-
 /** A `unet/config.json` that cannot be read, or that asks for an architecture not ported. */
-export class UNetConfigError extends UserError {
-  constructor(readonly file: string, detail: string) {
-    super(`${file}: ${detail}`);
-  }
-}
+export class UNetConfigError extends ConfigFileError {}
 
-class ConfigReader {
-  constructor(readonly file: string, readonly json: Json) {}
-
-  fail(key: string, what: string): never {
-    throw new UNetConfigError(this.file, `"${key}" ${what}`);
-  }
-
-  has(key: string): boolean {
-    return this.json[key] !== undefined && this.json[key] !== null;
-  }
-
-  int(key: string, def: number): number {
-    const v = this.json[key] ?? def;
-    if (typeof v !== "number" || !Number.isInteger(v)) {
-      this.fail(key, `must be an integer, got ${show(v)}`);
-    }
-    return v;
-  }
-
-  num(key: string, def: number): number {
-    const v = this.json[key] ?? def;
-    if (typeof v !== "number" || !Number.isFinite(v)) {
-      this.fail(key, `must be a number, got ${show(v)}`);
-    }
-    return v;
-  }
-
-  bool(key: string, def: boolean): boolean {
-    const v = this.json[key] ?? def;
-    if (typeof v !== "boolean") this.fail(key, `must be true or false, got ${show(v)}`);
-    return v;
-  }
-
-  /** An int or a list of ints, spread to `n` entries. */
-  perBlock(key: string, def: number | null, n: number): number[] | null {
-    const v = this.json[key] ?? def;
-    if (v === null) return null;
-    if (typeof v === "number" && Number.isInteger(v) && v > 0) return Array(n).fill(v);
-    if (Array.isArray(v) && v.length === n && v.every((x) => Number.isInteger(x) && x > 0)) {
-      return v as number[];
-    }
-    this.fail(key, `must be a positive integer or a list of ${n} of them, got ${show(v)}`);
-  }
-
-  /** Must hold the one value this port implements (null and missing count as that value). */
-  only(key: string, allowed: unknown, why = "") {
-    const v = this.json[key] ?? allowed;
-    if (v !== allowed) {
-      this.fail(key, `is ${show(v)}; only ${show(allowed)} is supported${why ? ` (${why})` : ""}`);
-    }
-  }
-}
-
-function show(v: unknown): string {
-  return JSON.stringify(v) ?? String(v);
-}
-
-const DOWN_TYPES: readonly string[] = ["CrossAttnDownBlock2D", "DownBlock2D"];
-const UP_TYPES: readonly string[] = ["CrossAttnUpBlock2D", "UpBlock2D"];
 const ACTIVATIONS: Record<string, UNetActivation> = {
   silu: "silu",
   swish: "silu",
@@ -130,186 +75,175 @@ const ACTIVATIONS: Record<string, UNetActivation> = {
   relu: "relu",
 };
 
-/** Depth of each attention in a block: an int for all of them, or one entry per attention. */
-function depths(r: ConfigReader, key: string, v: unknown, layers: number): number[] {
-  if (typeof v === "number" && Number.isInteger(v) && v > 0) return Array(layers).fill(v);
-  if (Array.isArray(v) && v.length === layers && v.every((x) => Number.isInteger(x) && x > 0)) {
-    return v as number[];
-  }
-  r.fail(key, `has an entry ${show(v)} that is neither a positive integer nor ${layers} of them`);
+/** A value for every block (or layer), or a list of `n` of them: either way, a list of `n`. */
+function spread<T>(
+  r: ConfigReader,
+  key: string,
+  v: unknown,
+  n: number,
+  item: s.Schema<T> = positive() as s.Schema<T>,
+  what = "a positive integer",
+): T[] {
+  const list = s.array(item, { minItems: n, maxItems: n });
+  const got = r.check(
+    key,
+    v,
+    s.oneOf<T | T[]>([item, list], { expected: `${what} or a list of ${n} of them` }),
+  );
+  return Array.isArray(got) ? got : Array(n).fill(got);
 }
 
 /** Parses a diffusers `unet/config.json` object; `file` names it in errors. */
 export function parseUNetConfig(json: Json, file = "unet/config.json"): UNetConfig {
-  const r = new ConfigReader(file, json);
+  const r = new ConfigReader(file, json, UNetConfigError);
+  const int = (key: string, def: number) => r.get(key, s.integer({ default: def }));
+  const num = (key: string, def: number) => r.get(key, s.number({ default: def }));
+  const bool = (key: string, def: boolean) => r.get(key, s.boolean({ default: def }));
+  /** Must hold the one value this port implements (null and missing count as that value). */
+  const only = (key: string, value: string | boolean | null, why = "") =>
+    r.get(key, s.literal(value, { default: value }), why);
 
-  const down = (json.down_block_types ?? [
-    "CrossAttnDownBlock2D",
-    "CrossAttnDownBlock2D",
-    "CrossAttnDownBlock2D",
-    "DownBlock2D",
-  ]) as unknown[];
-  const up = (json.up_block_types ?? [
-    "UpBlock2D",
-    "CrossAttnUpBlock2D",
-    "CrossAttnUpBlock2D",
-    "CrossAttnUpBlock2D",
-  ]) as unknown[];
-  if (!Array.isArray(down) || down.length === 0) r.fail("down_block_types", "must be a list");
-  if (!Array.isArray(up) || up.length !== down.length) {
-    r.fail("up_block_types", `must list as many blocks as down_block_types (${down.length})`);
-  }
-  down.forEach((t, i) => {
-    if (!DOWN_TYPES.includes(t as string)) {
-      r.fail(`down_block_types`, `entry ${i} is ${show(t)}; supported: ${DOWN_TYPES.join(", ")}`);
-    }
-  });
-  up.forEach((t, i) => {
-    if (!UP_TYPES.includes(t as string)) {
-      r.fail(`up_block_types`, `entry ${i} is ${show(t)}; supported: ${UP_TYPES.join(", ")}`);
-    }
-  });
-  const n = down.length;
-  const midRaw = json.mid_block_type === undefined
-    ? "UNetMidBlock2DCrossAttn"
-    : json.mid_block_type;
-  if (midRaw !== null && midRaw !== "UNetMidBlock2DCrossAttn") {
-    r.fail("mid_block_type", `is ${show(midRaw)}; supported: "UNetMidBlock2DCrossAttn" or null`);
-  }
-
-  const blockOut = (json.block_out_channels ?? [320, 640, 1280, 1280]) as number[];
-  if (
-    !Array.isArray(blockOut) || blockOut.length !== n ||
-    !blockOut.every((c) => Number.isInteger(c) && c > 0)
-  ) {
-    r.fail("block_out_channels", `must list ${n} channel counts, one per down block`);
-  }
-  const layersPerBlock = r.perBlock("layers_per_block", 2, n)!;
-  const crossAttentionDim = r.perBlock("cross_attention_dim", 1280, n)!;
-  const headDim = r.perBlock("attention_head_dim", 8, n)!;
-  const heads = r.perBlock("num_attention_heads", null, n) ?? headDim;
-
-  const onlyCrossRaw = json.only_cross_attention ?? false;
-  const onlyCrossAttention: boolean[] = typeof onlyCrossRaw === "boolean"
-    ? Array(n).fill(onlyCrossRaw)
-    : onlyCrossRaw as boolean[];
-  if (
-    !Array.isArray(onlyCrossAttention) || onlyCrossAttention.length !== n ||
-    !onlyCrossAttention.every((x) => typeof x === "boolean")
-  ) {
-    r.fail("only_cross_attention", `must be a boolean or ${n} of them, got ${show(onlyCrossRaw)}`);
-  }
-
-  const tlRaw = json.transformer_layers_per_block ?? 1;
-  const tlList: unknown[] = Array.isArray(tlRaw) ? tlRaw : Array(n).fill(tlRaw);
-  if (tlList.length !== n) r.fail("transformer_layers_per_block", `must list ${n} entries`);
-  const downTransformerLayers = tlList.map((v, i) =>
-    depths(r, "transformer_layers_per_block", v, layersPerBlock[i])
+  const down = r.get(
+    "down_block_types",
+    s.array<DownBlockType>(choice(DOWN_TYPES), {
+      minItems: 1,
+      default: [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+      ],
+    }),
   );
-  const reverseRaw = (json.reverse_transformer_layers_per_block ?? null) as unknown[] | null;
+  const n = down.length;
+  const up = r.get(
+    "up_block_types",
+    s.array<UpBlockType>(choice(UP_TYPES), {
+      default: ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    }),
+  );
+  if (up.length !== n) {
+    r.fail("up_block_types", `must list as many blocks as down_block_types (${n})`);
+  }
+  const midBlockType = json.mid_block_type === null ? null : r.get(
+    "mid_block_type",
+    s.literal<MidBlockType>("UNetMidBlock2DCrossAttn", { default: "UNetMidBlock2DCrossAttn" }),
+  );
+  const blockOut = r.check(
+    "block_out_channels",
+    json.block_out_channels ?? [320, 640, 1280, 1280],
+    s.array(positive(), { minItems: n, maxItems: n }),
+  );
+  const perBlock = (key: string, def: number) => spread<number>(r, key, json[key] ?? def, n);
+  const layersPerBlock = perBlock("layers_per_block", 2);
+  const headDim = perBlock("attention_head_dim", 8);
+  const onlyCross = json.only_cross_attention ?? false;
+  const onlyCrossAttention = spread(
+    r,
+    "only_cross_attention",
+    onlyCross,
+    n,
+    s.boolean(),
+    "a boolean",
+  );
+
+  const tlKey = "transformer_layers_per_block";
+  const tlRaw = json[tlKey] ?? 1;
+  const tlList: unknown[] = Array.isArray(tlRaw) ? tlRaw : Array(n).fill(tlRaw);
+  if (tlList.length !== n) r.fail(tlKey, `must list ${n} entries`);
+  const depths = (key: string, v: unknown, layers: number) => spread<number>(r, key, v, layers);
+  const downTransformerLayers = tlList.map((v, i) => depths(tlKey, v, layersPerBlock[i]));
+  const reverseKey = "reverse_transformer_layers_per_block";
   let upTransformerLayers: number[][];
-  if (reverseRaw === null) {
+  if (json[reverseKey] === undefined || json[reverseKey] === null) {
     // diffusers hands each up block the reversed down entry, spread over its layers + 1
     upTransformerLayers = [...tlList].reverse().map((v, i) => {
-      const layers = layersPerBlock[n - 1 - i] + 1;
-      if (Array.isArray(v)) {
-        r.fail(
-          "transformer_layers_per_block",
-          "nested lists need reverse_transformer_layers_per_block as well",
-        );
-      }
-      return depths(r, "transformer_layers_per_block", v, layers);
+      if (Array.isArray(v)) r.fail(tlKey, `nested lists need ${reverseKey} as well`);
+      return depths(tlKey, v, layersPerBlock[n - 1 - i] + 1);
     });
   } else {
-    if (!Array.isArray(reverseRaw) || reverseRaw.length !== n) {
-      r.fail("reverse_transformer_layers_per_block", `must list ${n} entries`);
-    }
-    upTransformerLayers = reverseRaw.map((v, i) =>
-      depths(r, "reverse_transformer_layers_per_block", v, layersPerBlock[n - 1 - i] + 1)
+    const reverse = r.get(reverseKey, s.array(s.jsonValue(), { minItems: n, maxItems: n }));
+    upTransformerLayers = reverse.map((v, i) =>
+      depths(reverseKey, v, layersPerBlock[n - 1 - i] + 1)
     );
   }
   const lastTl = tlList[n - 1];
   if (typeof lastTl !== "number") {
-    r.fail("transformer_layers_per_block", "the mid block needs a single depth as the last entry");
+    r.fail(tlKey, "the mid block needs a single depth as the last entry");
   }
-
-  const actRaw = json.act_fn ?? "silu";
-  const actFn = ACTIVATIONS[actRaw as string];
-  if (!actFn) {
-    r.fail("act_fn", `is ${show(actRaw)}; supported: ${Object.keys(ACTIVATIONS).join(", ")}`);
-  }
-
-  let sampleSize: UNetConfig["sampleSize"] = null;
-  const ss = json.sample_size ?? null;
-  if (typeof ss === "number") sampleSize = ss;
-  else if (Array.isArray(ss) && ss.length === 2) sampleSize = [ss[0], ss[1]];
-  else if (ss !== null) r.fail("sample_size", `must be an integer or [h, w], got ${show(ss)}`);
 
   if (json.norm_num_groups === null) {
     r.fail("norm_num_groups", "is null; only GroupNorm UNets are supported");
   }
 
-  r.only("resnet_time_scale_shift", "default", "scale_shift time conditioning is not implemented");
-  r.only("time_embedding_type", "positional");
-  r.only("class_embed_type", null);
-  r.only("num_class_embeds", null);
-  r.only("addition_embed_type", null);
-  r.only(
-    "encoder_hid_dim_type",
-    null,
-    "IP-Adapters are attached separately, not saved in the UNet",
-  );
-  r.only("encoder_hid_dim", null);
-  r.only("time_cond_proj_dim", null);
-  r.only("timestep_post_act", null);
-  r.only("time_embedding_act_fn", null);
-  r.only("attention_type", "default");
-  r.only("cross_attention_norm", null);
-  r.only("dual_cross_attention", false);
-  r.only("class_embeddings_concat", false);
+  only("resnet_time_scale_shift", "default", "scale_shift time conditioning is not implemented");
+  only("time_embedding_type", "positional");
+  only("class_embed_type", null);
+  only("num_class_embeds", null);
+  only("addition_embed_type", null);
+  only("encoder_hid_dim_type", null, "IP-Adapters are attached separately, not saved in the UNet");
+  only("encoder_hid_dim", null);
+  only("time_cond_proj_dim", null);
+  only("timestep_post_act", null);
+  only("time_embedding_act_fn", null);
+  only("attention_type", "default");
+  only("cross_attention_norm", null);
+  only("dual_cross_attention", false);
+  only("class_embeddings_concat", false);
   // mid_block_only_cross_attention, resnet_skip_time_act and resnet_out_scale_factor only reach
   // block types this port rejects above, so any value builds the same network.
 
-  const convInKernel = r.int("conv_in_kernel", 3);
-  const convOutKernel = r.int("conv_out_kernel", 3);
+  const convInKernel = int("conv_in_kernel", 3);
+  const convOutKernel = int("conv_out_kernel", 3);
   if (convInKernel % 2 === 0) r.fail("conv_in_kernel", "must be odd");
   if (convOutKernel % 2 === 0) r.fail("conv_out_kernel", "must be odd");
 
-  const normNumGroups = r.int("norm_num_groups", 32);
+  const normNumGroups = int("norm_num_groups", 32);
   for (const c of blockOut) {
     if (c % normNumGroups !== 0) {
       r.fail("norm_num_groups", `(${normNumGroups}) must divide every block_out_channels entry`);
     }
   }
 
+  const sizes = s.array(s.number(), { minItems: 2, maxItems: 2 }) as s.Schema<[number, number]>;
   return {
-    sampleSize,
-    inChannels: r.int("in_channels", 4),
-    outChannels: r.int("out_channels", 4),
-    centerInputSample: r.bool("center_input_sample", false),
-    flipSinToCos: r.bool("flip_sin_to_cos", true),
-    freqShift: r.num("freq_shift", 0),
-    downBlockTypes: down as DownBlockType[],
-    midBlockType: midRaw as MidBlockType | null,
-    upBlockTypes: up as UpBlockType[],
+    sampleSize: r.get(
+      "sample_size",
+      s.nullable(
+        s.oneOf<number | [number, number]>([s.number(), sizes], {
+          expected: "an integer or [h, w]",
+        }),
+        { default: null },
+      ),
+    ),
+    inChannels: int("in_channels", 4),
+    outChannels: int("out_channels", 4),
+    centerInputSample: bool("center_input_sample", false),
+    flipSinToCos: bool("flip_sin_to_cos", true),
+    freqShift: num("freq_shift", 0),
+    downBlockTypes: down,
+    midBlockType,
+    upBlockTypes: up,
     onlyCrossAttention,
     blockOutChannels: blockOut,
     layersPerBlock,
-    downsamplePadding: r.int("downsample_padding", 1),
-    midBlockScaleFactor: r.num("mid_block_scale_factor", 1),
-    dropout: r.num("dropout", 0),
-    actFn,
+    downsamplePadding: int("downsample_padding", 1),
+    midBlockScaleFactor: num("mid_block_scale_factor", 1),
+    dropout: num("dropout", 0),
+    actFn: ACTIVATIONS[r.get("act_fn", choice(Object.keys(ACTIVATIONS), "silu"))],
     normNumGroups,
-    normEps: r.num("norm_eps", 1e-5),
-    crossAttentionDim,
+    normEps: num("norm_eps", 1e-5),
+    crossAttentionDim: perBlock("cross_attention_dim", 1280),
     downTransformerLayers,
     upTransformerLayers,
     midTransformerLayers: lastTl as number,
-    numAttentionHeads: heads,
-    useLinearProjection: r.bool("use_linear_projection", false),
-    upcastAttention: r.bool("upcast_attention", false),
+    numAttentionHeads: json.num_attention_heads == null
+      ? headDim
+      : spread<number>(r, "num_attention_heads", json.num_attention_heads, n),
+    useLinearProjection: bool("use_linear_projection", false),
+    upcastAttention: bool("upcast_attention", false),
     resnetTimeScaleShift: "default",
-    timeEmbedDim: r.has("time_embedding_dim") ? r.int("time_embedding_dim", 0) : blockOut[0] * 4,
+    timeEmbedDim: int("time_embedding_dim", blockOut[0] * 4),
     convInKernel,
     convOutKernel,
   };
@@ -318,27 +252,10 @@ export function parseUNetConfig(json: Json, file = "unet/config.json"): UNetConf
 /** Reads and parses `<dir>/config.json`. */
 export function loadUNetConfig(dir: string): UNetConfig {
   const file = `${dir}/config.json`;
-  let text: string;
-  try {
-    text = Deno.readTextFileSync(file);
-  } catch (e) {
-    throw new UNetConfigError(
-      file,
-      e instanceof Deno.errors.NotFound
-        ? "not found (a diffusers unet/ folder holds config.json and the weights)"
-        : `cannot read the UNet config (${(e as Error).message})`,
-    );
-  }
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch (e) {
-    throw new UNetConfigError(file, `not valid JSON (${(e as Error).message})`);
-  }
-  if (json === null || typeof json !== "object" || Array.isArray(json)) {
-    throw new UNetConfigError(file, "expected a JSON object");
-  }
-  return parseUNetConfig(json as Json, file);
+  const json = readConfigFile(file, UNetConfigError, "UNet config", {
+    notFound: "not found (a diffusers unet/ folder holds config.json and the weights)",
+  });
+  return parseUNetConfig(json, file);
 }
 
 /** The SD1.5 UNet as its `config.json` states it (useful to build random-weight stand-ins). */
