@@ -38,7 +38,6 @@ export {
   JobOptionError,
   type JobOptions,
   type PluginSetting,
-  type ProgressInfo,
   run,
   type RunJobOptions,
   type RunJobResult,
@@ -52,6 +51,7 @@ export {
   type TrainJobOptions,
   type TrainJobResult,
 } from "./app/api.ts";
+export type { ProgressInfo } from "./core/generate.ts";
 
 // The records the jobs write and return.
 export {
@@ -67,6 +67,7 @@ export type {
   EvalRecord,
   Selection,
   SelectRule,
+  ShotOptions,
   TrainInputs,
 } from "./app/classify.ts";
 export type { ClassAccuracy, EvalMetrics, EvalResult } from "./plugins/classifiers/evaluate.ts";
@@ -99,6 +100,7 @@ export {
   type DTypeChoice,
   type PluginChoice,
   type RunConfig,
+  type RunSettings,
   TINY,
 } from "./core/config.ts";
 

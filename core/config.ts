@@ -25,9 +25,9 @@ import {
   type Sampler,
   type SamplerPair,
   type SchedulerConfig,
+  UnknownPluginError,
 } from "./plugins.ts";
 import * as s from "./schema.ts";
-import { closest } from "./suggest.ts";
 
 /** The Stable Diffusion 1.5 weights (diffusers layout) DIPSY uses. */
 export const DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5";
@@ -51,71 +51,79 @@ export interface PluginChoice {
 /** The weights' dtype; "auto": f16 on CUDA, f32 on the CPU. */
 export type DTypeChoice = "auto" | "f32" | "f16" | "bf16";
 
-/** Everything a generation run is made of (RUN_FIELDS documents each field). */
-export interface RunConfig {
-  /** The preset the configuration started from. */
+/**
+ * The run's plain settings, as RUN_FIELDS checks them and documents each (`dipsy generate --help`,
+ * `configFieldDocs()`). Written out for the public API's documentation; the compiler holds it
+ * equal to the schema (see SAME_AS_SCHEMA), so the two cannot drift.
+ */
+export interface RunSettings {
+  /** The preset the settings start from. */
   preset: string;
-  /** Few-shot input folder (flag --data). */
+  /** Few-shot images: `DIR/<class>/*`, or the DataDream layout. */
   data: string | null;
-  /** Output folder (flag --out). */
+  /** Output folder. */
   out: string | null;
   /** SD1.5 diffusers folder or Hub id, or "tiny". */
   model: string;
-  /** IP-Adapter safetensors: a file, or a file in a Hub repo (`org/name/path`,
-   * `org/name@revision:path`). Unused by text-only guidance. */
+  /** IP-Adapter file. */
   ipAdapter: string;
-  /** The negative image's IP-Adapter (same forms as ipAdapter, same kind and token count);
-   * null: ipAdapter for both images. */
+  /** The negative image's IP-Adapter file (null: ipAdapter). */
   negativeIpAdapter: string | null;
-  /** The IP-Adapter's image encoder folder: a folder, or one in a Hub repo (as ipAdapter). */
+  /** The IP-Adapter's image encoder. */
   imageEncoder: string;
-  /** CLIP for class similarity: folder, Hub id or "tiny"; null: tiny with a tiny model, else
-   * CLIP ViT-B/16. */
+  /** CLIP for class similarity (null: the default, tiny with the tiny model). */
   clip: string | null;
   /** Seed of the tiny models' random weights. */
   modelSeed: number;
+  /** "auto", "f32", "f16" or "bf16". */
+  dtype: string;
+  /** "auto", "cpu", "cuda" or "cuda:N". */
+  device: string;
+  /** Denoising steps. */
+  steps: number;
+  /** Image width in pixels (null: the model's). */
+  width: number | null;
+  /** Image height in pixels (null: the model's). */
+  height: number | null;
+  /** Images per class. */
+  perClass: number;
+  /** Run seed: the same seed gives the same images. */
+  seed: number;
+  /** Images per model call. */
+  batch: number;
+  /** Prompt template with `{class}`; "" is the empty prompt (null: the dataset's). */
+  prompt: string | null;
+  /** Dataset name: prompt template, DataDream folder, a benchmark's class names. */
+  dataset: string | null;
+  /** DataDream few-shot split when there are several. */
+  fewshotSeed: string | number | null;
+  /** The first k ranked shots of each class (null: all). */
+  shots: number | null;
+  /** The last n shots of each class, kept out of generation (a validation split). */
+  holdout: number | null;
+  /** Class similarity file (null: found or computed). */
+  similarity: string | null;
+  /** JPEG quality. */
+  quality: number;
+  /** Leave unreadable or broken shots out instead of stopping. */
+  skipBad: boolean;
+}
+
+/** Everything a generation run is made of: the settings, defaults filled in, and the plugins. */
+export type RunConfig = RunSettings & {
   /** The weights' dtype. */
   dtype: DTypeChoice;
-  /** "auto" (CUDA when available), "cpu", "cuda" or "cuda:N". */
-  device: string;
+  /** DataDream layout: the few-shot split ("seed0", or a number read as its text). */
+  fewshotSeed: string | null;
   /** How the UNet predictions of a step are combined (Eq. 9 by default). */
   guidance: PluginChoice;
   /** The diffusion scheduler. */
   sampler: PluginChoice;
   /** How each image's positive and negative references are chosen. */
   pairs: PluginChoice;
-  /** Denoising steps. */
-  steps: number;
-  /** Output size in pixels; null: the model's default (512 for SD1.5). */
-  width: number | null;
-  /** See width. */
-  height: number | null;
-  /** Images per class. */
-  perClass: number;
-  /** The run seed every random choice derives from. */
-  seed: number;
-  /** Images per model call (a fixed batch: resumed and sharded runs give the same bytes). */
-  batch: number;
-  /** Prompt template with `{c}` (or `{class}`) for the class name; "" is the empty prompt;
-   * null: the dataset's template. */
-  prompt: string | null;
-  /** Dataset name: picks the prompt template and the folder in the DataDream layout. */
-  dataset: string | null;
-  /** DataDream layout: the few-shot split ("seed0" or 0) when there are several. */
-  fewshotSeed: string | null;
-  /** The first k ranked shots of each class (a nested set from `dipsy fewshot`); null: all. */
-  shots: number | null;
-  /** The last n shots of each class, kept out for validation (the classifier's); null: none. */
-  holdout: number | null;
-  /** Class similarity file; null: found or computed (see the generate command). */
-  similarity: string | null;
-  /** JPEG quality of the generated images. */
-  quality: number;
-  /** Leave unreadable or broken shots out instead of stopping. */
-  skipBad: boolean;
   /** Plugin modules loaded before anything is resolved (absolute paths). */
   plugins: string[];
-}
+};
 
 /** The configuration keys that choose a plugin. */
 export type PluginKey = "guidance" | "sampler" | "pairs";
@@ -125,35 +133,23 @@ export type ScalarKey = Exclude<keyof RunConfig, PluginKey | "plugins">;
 // ---------------------------------------------------------------------------------------------
 // Presets
 
-/** One layer's choice of a plugin. */
-export interface PluginLayer {
-  /** Absent: keep the current plugin and add options to it. */
-  name?: string;
-  /** Options given by this layer. */
-  options: Record<string, unknown>;
-}
+/** One layer's choice of a plugin; without a name, options added to the current plugin. */
+export type PluginLayer = Omit<PluginChoice, "name"> & { name?: string };
 
-/** One source of values (a preset, a file, the command line), before resolution. */
-export interface ConfigLayer {
-  /** Where the values came from, for error messages. */
-  source: string;
-  /** The settings this layer gives, checked. */
-  values: Partial<Pick<RunConfig, ScalarKey>>;
-  /** The guidance plugin or options it chooses. */
-  guidance?: PluginLayer;
-  /** The sampler plugin or options it chooses. */
-  sampler?: PluginLayer;
-  /** The pair sampler or options it chooses. */
-  pairs?: PluginLayer;
-  plugins?: string[];
-}
+/** One source of values (a preset, a file, the command line), with the plugins it chooses. */
+export type ConfigLayer =
+  & {
+    /** Where the values came from, for error messages. */
+    source: string;
+    /** The settings this layer gives, checked. */
+    values: Partial<Pick<RunConfig, ScalarKey>>;
+    /** Plugin files this layer loads. */
+    plugins?: string[];
+  }
+  & Partial<Record<PluginKey, PluginLayer>>;
 
-export interface Preset {
-  description: string;
-  /** The paper's name for the configuration. */
-  paper: string;
-  layer: Omit<ConfigLayer, "source">;
-}
+/** A named configuration: what it is, the paper's name for it, and the layer it applies. */
+export type Preset = ReturnType<typeof preset>;
 
 function preset(
   description: string,
@@ -162,7 +158,7 @@ function preset(
   pairs: string,
   augment: boolean,
   prompt: string | null = null,
-): Preset {
+) {
   return {
     description,
     paper,
@@ -287,7 +283,7 @@ const nullableCount = (description: string, min: number) =>
 const text = (description: string) => s.nullable(s.string(), { default: null, description });
 
 /** The run's settings besides its plugins: one declaration each (type, default, bounds, doc). */
-export const RUN_FIELDS: s.ObjectSchema = s.options({
+export const RUN_FIELDS = s.options({
   preset: s.string({
     default: "dipsy",
     description: `named configuration (${Object.keys(PRESETS).join(", ")})`,
@@ -295,6 +291,7 @@ export const RUN_FIELDS: s.ObjectSchema = s.options({
   data: path("few-shot input folder"),
   out: path("output folder"),
   model: ref("SD1.5 diffusers folder or Hub id, or tiny", DEFAULT_MODEL),
+  // Also `org/name@revision:path`; unused by text-only guidance.
   ipAdapter: ref("IP-Adapter file, or org/name/file in a Hub repo", DEFAULT_IP_ADAPTER),
   negativeIpAdapter: ref("the negative image's IP-Adapter file (default: ipAdapter)", null),
   imageEncoder: ref("image encoder folder, or org/name/folder", DEFAULT_IMAGE_ENCODER),
@@ -316,6 +313,7 @@ export const RUN_FIELDS: s.ObjectSchema = s.options({
   height: nullableCount("image height in pixels (default: the model's)", 8),
   perClass: count("images per class", 200, 1),
   seed: count("run seed", 0, 0),
+  // Fixed, so that resumed and sharded runs give the same bytes.
   batch: count("images per model call", 4, 1),
   prompt: text('prompt template with {c}; "" for the empty prompt; null: the dataset\'s'),
   dataset: text("dataset name"),
@@ -332,18 +330,17 @@ export const RUN_FIELDS: s.ObjectSchema = s.options({
   skipBad: s.boolean({ default: false, description: "leave bad shots out" }),
 });
 
-const PLUGIN_DEFAULTS: Record<PluginKey, string> = {
-  guidance: "dipsy",
-  sampler: "dpm-solver++",
-  pairs: "class-similarity",
-};
+type Schema = Required<s.Infer<typeof RUN_FIELDS>>;
+/** A type error here: RunSettings and RUN_FIELDS disagree on a field. */
+const SAME_AS_SCHEMA: [RunSettings, Schema] extends [Schema, RunSettings] ? true : never = true;
+void SAME_AS_SCHEMA;
 
 /** The built-in values of every setting (RUN_FIELDS' defaults and the default plugins). */
 export const DEFAULTS: Readonly<RunConfig> = Object.freeze({
   ...s.defaultsOf(RUN_FIELDS),
-  ...Object.fromEntries(
-    Object.entries(PLUGIN_DEFAULTS).map(([k, name]) => [k, { name, options: {} }]),
-  ),
+  guidance: { name: "dipsy", options: {} },
+  sampler: { name: "dpm-solver++", options: {} },
+  pairs: { name: "class-similarity", options: {} },
   plugins: [],
 }) as unknown as RunConfig;
 
@@ -352,11 +349,6 @@ const PLUGIN_KEYS: readonly PluginKey[] = ["guidance", "sampler", "pairs"];
 /** The run's settings for help texts: name, type, default, description. */
 export function configFieldDocs(): s.FieldDoc[] {
   return s.fieldDocs(RUN_FIELDS);
-}
-
-/** Field names and descriptions, for help texts. */
-export function fieldDescriptions(): [string, string][] {
-  return configFieldDocs().map((d) => [d.name, d.description]);
 }
 
 function expandPath(p: string, baseDir: string): string {
@@ -435,7 +427,7 @@ export function parseConfigObject(
   }
   const problems: string[] = [];
   const layer: ConfigLayer = { source, values: {} };
-  const fields = RUN_FIELDS.shape;
+  const fields: s.Shape = RUN_FIELDS.shape;
   const known = [...Object.keys(fields), ...PLUGIN_KEYS, "plugins"];
   for (const [key, value] of Object.entries(raw)) {
     if (value === undefined) continue;
@@ -472,19 +464,16 @@ export function parseConfigObject(
 
 /** Reads a JSON (.json) or YAML (.yaml, .yml, anything else) configuration file. */
 export async function readConfigFile(path: string): Promise<ConfigLayer> {
-  const abs = resolve(path);
-  let text: string;
-  try {
-    text = await Deno.readTextFile(abs);
-  } catch (e) {
+  const abs = resolve(path), format = /\.json$/i.test(abs) ? "JSON" : "YAML";
+  const text = await Deno.readTextFile(abs).catch((e) => {
     throw new ConfigError([`config file ${abs}: ${e instanceof Error ? e.message : e}`]);
-  }
+  });
   let raw: unknown;
   try {
-    raw = /\.json$/i.test(abs) ? JSON.parse(text) : YAML.parse(text);
+    raw = format === "JSON" ? JSON.parse(text) : YAML.parse(text);
   } catch (e) {
     throw new ConfigError([
-      `config file ${abs}: not valid ${/\.json$/i.test(abs) ? "JSON" : "YAML"} ` +
+      `config file ${abs}: not valid ${format} ` +
       `(${e instanceof Error ? e.message.split("\n")[0] : e})`,
     ]);
   }
@@ -527,10 +516,6 @@ export function parseSets(specs: readonly string[], source = "--set"): ConfigLay
 // ---------------------------------------------------------------------------------------------
 // Resolution
 
-function declaredOptions(reg: Registry, key: PluginKey, name: string): Set<string> | null {
-  return reg.has(key, name) ? new Set(Object.keys(reg.definition(key, name).schema.shape)) : null;
-}
-
 function mergePlugin(
   reg: Registry,
   key: PluginKey,
@@ -540,9 +525,9 @@ function mergePlugin(
   if (!layer.name || layer.name === current.name) {
     return { name: current.name, options: { ...current.options, ...layer.options } };
   }
-  const declared = declaredOptions(reg, key, layer.name);
+  const declared = reg.has(key, layer.name) ? reg.definition(key, layer.name).schema.shape : {};
   const kept = Object.fromEntries(
-    Object.entries(current.options).filter(([k]) => declared?.has(k)),
+    Object.entries(current.options).filter(([k]) => Object.hasOwn(declared, k)),
   );
   return { name: layer.name, options: { ...kept, ...layer.options } };
 }
@@ -550,6 +535,27 @@ function mergePlugin(
 /** The plugin files named by any layer, in order, each once. */
 export function pluginFiles(layers: readonly ConfigLayer[]): string[] {
   return [...new Set(layers.flatMap((l) => l.plugins ?? []))];
+}
+
+/** Each plugin's options as it runs with them; those of a plugin that does not resolve are
+ * left out and its problem added to `problems`. */
+function resolvePlugins(
+  config: RunConfig,
+  reg: Registry,
+  problems: string[],
+): Record<PluginKey, Record<string, unknown>> {
+  const settings = {} as Record<PluginKey, Record<string, unknown>>;
+  for (const key of PLUGIN_KEYS) {
+    try {
+      settings[key] = reg.resolve(key, config[key].name, config[key].options);
+    } catch (e) {
+      if (!(e instanceof UserError)) throw e;
+      problems.push(
+        e instanceof UnknownPluginError ? `${e.message}; --plugin FILE adds more` : e.message,
+      );
+    }
+  }
+  return settings;
 }
 
 /**
@@ -578,26 +584,9 @@ export function resolveConfig(layers: readonly ConfigLayer[], reg: Registry = re
   config.preset = presetName;
   config.plugins = pluginFiles(layers);
 
-  for (const key of PLUGIN_KEYS) {
-    const { name, options } = config[key];
-    if (!reg.has(key, name)) {
-      const names = reg.list(key).map((d) => d.name);
-      const guess = closest(name, names);
-      problems.push(
-        `unknown ${key} plugin "${name}"${guess ? ` (did you mean "${guess}"?)` : ""} ` +
-          `(available: ${names.join(", ") || "none registered"}; --plugin FILE adds more)`,
-      );
-      continue;
-    }
-    // A misspelt option would otherwise run with the default and be recorded as if it had
-    // been applied: a sweep with one typo would silently produce wrong data.
-    try {
-      reg.resolve(key, name, options);
-    } catch (e) {
-      if (!(e instanceof UserError)) throw e;
-      problems.push(e.message);
-    }
-  }
+  // A misspelt option would otherwise run with the default and be recorded as if it had been
+  // applied: a sweep with one typo would silently produce wrong data.
+  resolvePlugins(config, reg, problems);
   if (config.prompt !== null) {
     // "{class}" is the spelling users reach for first; "{c}" is the template language.
     config.prompt = config.prompt.replaceAll("{class}", "{c}");
@@ -646,15 +635,7 @@ export interface PluginRecord {
 /** Builds the plugins of a resolved configuration; a bad option is a ConfigError naming it. */
 export function resolveRun(config: RunConfig, reg: Registry = registry): ResolvedRun {
   const problems: string[] = [];
-  const settings = {} as Record<PluginKey, Record<string, unknown>>;
-  for (const key of PLUGIN_KEYS) {
-    try {
-      settings[key] = reg.resolve(key, config[key].name, config[key].options);
-    } catch (e) {
-      if (!(e instanceof UserError)) throw e;
-      problems.push(e.message);
-    }
-  }
+  const settings = resolvePlugins(config, reg, problems);
   if (problems.length) throw new ConfigError(problems);
   const build = <P extends Plugin>(key: PluginKey): P => {
     try {
@@ -746,14 +727,11 @@ export async function loadPluginFile(path: string, reg: Registry = registry): Pr
     throw new ConfigError([`plugin file ${abs} does not exist`]);
   }
   const before = new Set(reg.list());
-  let mod: Record<string, unknown>;
-  try {
-    mod = await import(pathToFileURL(abs).href);
-  } catch (e) {
+  const mod: Record<string, unknown> = await import(pathToFileURL(abs).href).catch((e) => {
     throw new ConfigError([
       `plugin file ${abs}: cannot load it: ${e instanceof Error ? e.message : e}`,
     ]);
-  }
+  });
   const exported = mod.plugins ?? mod.default;
   if (exported !== undefined) {
     const list = Array.isArray(exported) ? exported : [exported];
@@ -789,13 +767,4 @@ export async function loadPluginFiles(
   const out: PluginDef[] = [];
   for (const f of pluginFiles(layers)) out.push(...await loadPluginFile(f, reg));
   return out;
-}
-
-/** The option values a plugin runs with: its defaults overlaid with the chosen ones. */
-export function effectiveOptions(
-  kind: PluginKind,
-  choice: PluginChoice,
-  reg: Registry = registry,
-): Record<string, unknown> {
-  return reg.resolve(kind, choice.name, choice.options);
 }

@@ -6,6 +6,7 @@
 import type { Device, Generator, Tensor } from "../ffi/mod.ts";
 import { UserError } from "../ffi/errors.ts";
 import { type FieldDoc, fieldDocs, issueText, type ObjectSchema, validate } from "./schema.ts";
+import { closest } from "./suggest.ts";
 
 /** The plugin families. */
 export type PluginKind = "sampler" | "guidance" | "pairs" | "classifier";
@@ -56,10 +57,10 @@ export class PluginError extends UserError {
 export class UnknownPluginError extends UserError {
   /** `available`: the names registered for `kind`. */
   constructor(readonly kind: PluginKind, readonly pluginName: string, available: string[]) {
+    const guess = closest(pluginName, available);
     super(
-      `unknown ${kind} plugin "${pluginName}" (available: ${
-        available.join(", ") || "none registered"
-      })`,
+      `unknown ${kind} plugin "${pluginName}"${guess ? ` (did you mean "${guess}"?)` : ""} ` +
+        `(available: ${available.join(", ") || "none registered"})`,
     );
   }
 }

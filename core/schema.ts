@@ -70,11 +70,25 @@ function fail(ctx: CheckContext, field: string, message: string): undefined {
   return undefined;
 }
 
+/** `json` with the description and default, and without the bounds that are not set. */
 function annotate(json: JsonSchema, meta: Meta<unknown>): JsonSchema {
+  const all = { ...json, default: meta.default, description: meta.description || undefined };
+  return Object.fromEntries(Object.entries(all).filter(([, v]) => v !== undefined));
+}
+
+/** A schema from its check and JSON Schema, with the plumbing every combinator shares. */
+function make<T>(
+  type: string,
+  meta: Meta<T>,
+  check: Schema<T>["check"],
+  json: () => JsonSchema,
+): Schema<T> {
   return {
-    ...json,
-    ...(meta.default !== undefined ? { default: meta.default } : {}),
-    ...(meta.description ? { description: meta.description } : {}),
+    type,
+    description: meta.description,
+    default: meta.default,
+    check,
+    jsonSchema: () => annotate(json(), meta),
   };
 }
 
@@ -94,39 +108,33 @@ export interface StringOptions extends Meta<string> {
 
 /** A string, optionally bounded in length, from a list, or matching a pattern. */
 export function string(opts: StringOptions = {}): Schema<string> {
-  return {
-    type: opts.enum ? opts.enum.join(" | ") : "string",
-    description: opts.description,
-    default: opts.default,
-    check(v, field, ctx) {
-      if (typeof v !== "string") return fail(ctx, field, `must be a string, got ${show(v)}`);
-      if (opts.minLength !== undefined && v.length < opts.minLength) {
-        return fail(
-          ctx,
-          field,
-          opts.minLength === 1 ? "must not be empty" : `must be at least ${opts.minLength} long`,
-        );
-      }
-      if (opts.maxLength !== undefined && v.length > opts.maxLength) {
-        return fail(ctx, field, `must be at most ${opts.maxLength} characters, got ${v.length}`);
-      }
-      if (opts.enum && !opts.enum.includes(v)) {
-        return fail(ctx, field, `must be one of ${opts.enum.join(", ")}; got ${show(v)}`);
-      }
-      if (opts.pattern && !opts.pattern.test(v)) {
-        return fail(ctx, field, `must be ${opts.patternText ?? `like ${opts.pattern}`}`);
-      }
-      return v;
-    },
-    jsonSchema: () =>
-      annotate({
-        type: "string",
-        ...(opts.minLength !== undefined ? { minLength: opts.minLength } : {}),
-        ...(opts.maxLength !== undefined ? { maxLength: opts.maxLength } : {}),
-        ...(opts.enum ? { enum: [...opts.enum] } : {}),
-        ...(opts.pattern ? { pattern: opts.pattern.source } : {}),
-      }, opts),
-  };
+  const { minLength, maxLength, pattern } = opts;
+  return make(opts.enum ? opts.enum.join(" | ") : "string", opts, (v, field, ctx) => {
+    if (typeof v !== "string") return fail(ctx, field, `must be a string, got ${show(v)}`);
+    if (minLength !== undefined && v.length < minLength) {
+      return fail(
+        ctx,
+        field,
+        minLength === 1 ? "must not be empty" : `must be at least ${minLength} long`,
+      );
+    }
+    if (maxLength !== undefined && v.length > maxLength) {
+      return fail(ctx, field, `must be at most ${maxLength} characters, got ${v.length}`);
+    }
+    if (opts.enum && !opts.enum.includes(v)) {
+      return fail(ctx, field, `must be one of ${opts.enum.join(", ")}; got ${show(v)}`);
+    }
+    if (pattern && !pattern.test(v)) {
+      return fail(ctx, field, `must be ${opts.patternText ?? `like ${pattern}`}`);
+    }
+    return v;
+  }, () => ({
+    type: "string",
+    minLength,
+    maxLength,
+    enum: opts.enum && [...opts.enum],
+    pattern: pattern?.source,
+  }));
 }
 
 /** Bounds of a number. */
@@ -144,28 +152,24 @@ const NUMBER_TEXT = /^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/;
 function numeric(integer: boolean, opts: NumberOptions): Schema<number> {
   const kind = integer ? "an integer" : "a number";
   const { min, max } = opts;
-  const lowOp = opts.exclusiveMin ? ">" : ">=";
   const bounds = min !== undefined && max !== undefined && !opts.exclusiveMin
     ? ` ${min}..${max}`
     : min !== undefined
-    ? ` ${lowOp} ${min}${max !== undefined ? `, <= ${max}` : ""}`
+    ? ` ${opts.exclusiveMin ? ">" : ">="} ${min}${max !== undefined ? `, <= ${max}` : ""}`
     : max !== undefined
     ? ` <= ${max}`
     : "";
-  return {
-    type: `${integer ? "integer" : "number"}${bounds}`,
-    description: opts.description,
-    default: opts.default,
-    check(v, field, ctx) {
+  const name = integer ? "integer" : "number";
+  return make(
+    `${name}${bounds}`,
+    opts,
+    (v, field, ctx) => {
       let n = v;
       if (ctx.text && typeof v === "string") {
         const t = v.trim();
         n = NUMBER_TEXT.test(t) ? Number(t) : v;
       }
-      if (typeof n !== "number" || !Number.isFinite(n)) {
-        return fail(ctx, field, `must be ${kind}, got ${show(v)}`);
-      }
-      if (integer && !Number.isSafeInteger(n)) {
+      if (typeof n !== "number" || !Number.isFinite(n) || (integer && !Number.isSafeInteger(n))) {
         return fail(ctx, field, `must be ${kind}, got ${show(v)}`);
       }
       if (min !== undefined && (opts.exclusiveMin ? !(n > min) : n < min)) {
@@ -182,13 +186,8 @@ function numeric(integer: boolean, opts: NumberOptions): Schema<number> {
       }
       return n;
     },
-    jsonSchema: () =>
-      annotate({
-        type: integer ? "integer" : "number",
-        ...(min !== undefined ? { [opts.exclusiveMin ? "exclusiveMinimum" : "minimum"]: min } : {}),
-        ...(max !== undefined ? { maximum: max } : {}),
-      }, opts),
-  };
+    () => ({ type: name, [opts.exclusiveMin ? "exclusiveMinimum" : "minimum"]: min, maximum: max }),
+  );
 }
 
 /** A safe integer within bounds; as text, read from its decimal form. */
@@ -198,17 +197,11 @@ export const number = (opts: NumberOptions = {}): Schema<number> => numeric(fals
 
 /** true or false; as text, "true" or "false". */
 export function boolean(opts: Meta<boolean> = {}): Schema<boolean> {
-  return {
-    type: "boolean",
-    description: opts.description,
-    default: opts.default,
-    check(v, field, ctx) {
-      if (ctx.text && (v === "true" || v === "false")) return v === "true";
-      if (typeof v !== "boolean") return fail(ctx, field, `must be true or false, got ${show(v)}`);
-      return v;
-    },
-    jsonSchema: () => annotate({ type: "boolean" }, opts),
-  };
+  return make("boolean", opts, (v, field, ctx) => {
+    if (ctx.text && (v === "true" || v === "false")) return v === "true";
+    if (typeof v !== "boolean") return fail(ctx, field, `must be true or false, got ${show(v)}`);
+    return v;
+  }, () => ({ type: "boolean" }));
 }
 
 /** A value that must equal `value` (settings this implementation supports one value of). */
@@ -216,41 +209,21 @@ export function literal<T extends string | number | boolean | null>(
   value: T,
   opts: Meta<T> = {},
 ): Schema<T> {
-  return {
-    type: typeof value === "number" ? String(value) : JSON.stringify(value),
-    description: opts.description,
-    default: opts.default,
-    check(v, field, ctx) {
-      if (Object.is(v, value)) return value;
-      return fail(ctx, field, `must be ${show(value)} (the only value supported), got ${show(v)}`);
-    },
+  const type = typeof value === "number" ? String(value) : JSON.stringify(value);
+  return make(type, opts, (v, field, ctx) => {
+    if (Object.is(v, value)) return value;
+    return fail(ctx, field, `must be ${show(value)} (the only value supported), got ${show(v)}`);
+  }, () =>
     // JSON has no -Infinity: such a value can only be left out of a JSON request.
-    jsonSchema: () =>
-      annotate(
-        typeof value === "number" && !Number.isFinite(value) ? { not: {} } : { const: value },
-        opts,
-      ),
-  };
+    typeof value === "number" && !Number.isFinite(value) ? { not: {} } : { const: value });
 }
 
 /** An uploaded file (a multipart part with a file name); sizes are checked by the caller. */
 export function binary(opts: { description?: string; mediaType?: string } = {}): Schema<File> {
-  return {
-    type: "file",
-    description: opts.description,
-    check(v, field, ctx) {
-      if (!(v instanceof File)) {
-        return fail(ctx, field, `must be a file upload, got ${show(v)}`);
-      }
-      return v;
-    },
-    jsonSchema: () =>
-      annotate({
-        type: "string",
-        format: "binary",
-        ...(opts.mediaType ? { contentMediaType: opts.mediaType } : {}),
-      }, opts),
-  };
+  return make("file", opts, (v, field, ctx) => {
+    if (!(v instanceof File)) return fail(ctx, field, `must be a file upload, got ${show(v)}`);
+    return v;
+  }, () => ({ type: "string", format: "binary", contentMediaType: opts.mediaType || undefined }));
 }
 
 /** Reads JSON text for structured values in text fields. */
@@ -275,56 +248,38 @@ export interface ArrayOptions<T> extends Meta<T[]> {
 
 /** A list of values of one schema. */
 export function array<T>(item: Schema<T>, opts: ArrayOptions<T> = {}): Schema<T[]> {
-  const n = opts.minItems !== undefined && opts.minItems === opts.maxItems
-    ? `${opts.minItems} `
-    : "";
-  return {
-    type: `list of ${n}${item.type}`,
-    description: opts.description,
-    default: opts.default,
-    check(raw, field, ctx) {
-      let v = fromText(raw, ctx);
-      if (opts.commaText && ctx.text && typeof v === "string") {
-        v = v.split(",").map((p) => p.trim()).filter(Boolean);
-      }
-      if (!Array.isArray(v)) return fail(ctx, field, `must be a list, got ${show(raw)}`);
-      if (opts.minItems !== undefined && v.length < opts.minItems) {
-        return fail(ctx, field, `must have at least ${opts.minItems} items, got ${v.length}`);
-      }
-      if (opts.maxItems !== undefined && v.length > opts.maxItems) {
-        return fail(ctx, field, `must have at most ${opts.maxItems} items, got ${v.length}`);
-      }
-      const before = ctx.issues.length;
-      const out = v.map((x, i) => item.check(x, `${field}[${i}]`, { ...ctx, text: false }));
-      return ctx.issues.length > before ? undefined : out as T[];
-    },
-    jsonSchema: () =>
-      annotate({
-        type: "array",
-        items: item.jsonSchema(),
-        ...(opts.minItems !== undefined ? { minItems: opts.minItems } : {}),
-        ...(opts.maxItems !== undefined ? { maxItems: opts.maxItems } : {}),
-      }, opts),
-  };
+  const { minItems, maxItems } = opts;
+  const n = minItems !== undefined && minItems === maxItems ? `${minItems} ` : "";
+  return make(`list of ${n}${item.type}`, opts, (raw, field, ctx) => {
+    let v = fromText(raw, ctx);
+    if (opts.commaText && ctx.text && typeof v === "string") {
+      v = v.split(",").map((p) => p.trim()).filter(Boolean);
+    }
+    if (!Array.isArray(v)) return fail(ctx, field, `must be a list, got ${show(raw)}`);
+    if (minItems !== undefined && v.length < minItems) {
+      return fail(ctx, field, `must have at least ${minItems} items, got ${v.length}`);
+    }
+    if (maxItems !== undefined && v.length > maxItems) {
+      return fail(ctx, field, `must have at most ${maxItems} items, got ${v.length}`);
+    }
+    const before = ctx.issues.length;
+    const out = v.map((x, i) => item.check(x, `${field}[${i}]`, { ...ctx, text: false }));
+    return ctx.issues.length > before ? undefined : out as T[];
+  }, () => ({ type: "array", items: item.jsonSchema(), minItems, maxItems }));
 }
 
 /** Any JSON value of limited size (plugin options, whose shape the plugin's schema checks). */
 export function jsonValue(opts: { maxLength?: number; description?: string } = {}): Schema<
   unknown
 > {
-  return {
-    type: "JSON",
-    description: opts.description,
-    check(v, field, ctx) {
-      const text = JSON.stringify(v);
-      if (text === undefined) return fail(ctx, field, `must be a JSON value, got ${show(v)}`);
-      if (opts.maxLength !== undefined && text.length > opts.maxLength) {
-        return fail(ctx, field, `is too large (${text.length} > ${opts.maxLength} characters)`);
-      }
-      return v;
-    },
-    jsonSchema: () => annotate({}, opts),
-  };
+  return make("JSON", opts, (v, field, ctx) => {
+    const text = JSON.stringify(v);
+    if (text === undefined) return fail(ctx, field, `must be a JSON value, got ${show(v)}`);
+    if (opts.maxLength !== undefined && text.length > opts.maxLength) {
+      return fail(ctx, field, `is too large (${text.length} > ${opts.maxLength} characters)`);
+    }
+    return v;
+  }, () => ({}));
 }
 
 /** A map of free keys to values of one schema. */
@@ -332,37 +287,31 @@ export function record<T>(
   value: Schema<T>,
   opts: { maxKeys?: number; description?: string; keyPattern?: RegExp } = {},
 ): Schema<Record<string, T>> {
-  return {
-    type: `map of ${value.type}`,
-    description: opts.description,
-    check(raw, field, ctx) {
-      const v = fromText(raw, ctx);
-      if (v === null || typeof v !== "object" || Array.isArray(v)) {
-        return fail(ctx, field, `must be an object, got ${show(raw)}`);
+  return make(`map of ${value.type}`, opts, (raw, field, ctx) => {
+    const v = fromText(raw, ctx);
+    if (v === null || typeof v !== "object" || Array.isArray(v)) {
+      return fail(ctx, field, `must be an object, got ${show(raw)}`);
+    }
+    const entries = Object.entries(v);
+    if (opts.maxKeys !== undefined && entries.length > opts.maxKeys) {
+      return fail(ctx, field, `must have at most ${opts.maxKeys} keys, got ${entries.length}`);
+    }
+    const before = ctx.issues.length;
+    const out: Record<string, T> = {};
+    for (const [k, x] of entries) {
+      if (opts.keyPattern && !opts.keyPattern.test(k)) {
+        fail(ctx, `${field}.${k}`, "is not a valid key");
+        continue;
       }
-      const entries = Object.entries(v);
-      if (opts.maxKeys !== undefined && entries.length > opts.maxKeys) {
-        return fail(ctx, field, `must have at most ${opts.maxKeys} keys, got ${entries.length}`);
-      }
-      const before = ctx.issues.length;
-      const out: Record<string, T> = {};
-      for (const [k, x] of entries) {
-        if (opts.keyPattern && !opts.keyPattern.test(k)) {
-          fail(ctx, `${field}.${k}`, "is not a valid key");
-          continue;
-        }
-        const r = value.check(x, `${field}.${k}`, { ...ctx, text: false });
-        if (r !== undefined) out[k] = r;
-      }
-      return ctx.issues.length > before ? undefined : out;
-    },
-    jsonSchema: () =>
-      annotate({
-        type: "object",
-        additionalProperties: value.jsonSchema(),
-        ...(opts.maxKeys !== undefined ? { maxProperties: opts.maxKeys } : {}),
-      }, opts),
-  };
+      const r = value.check(x, `${field}.${k}`, { ...ctx, text: false });
+      if (r !== undefined) out[k] = r;
+    }
+    return ctx.issues.length > before ? undefined : out;
+  }, () => ({
+    type: "object",
+    additionalProperties: value.jsonSchema(),
+    maxProperties: opts.maxKeys,
+  }));
 }
 
 /**
@@ -370,22 +319,23 @@ export function record<T>(
  * string (a string field keeps "" as the empty string).
  */
 export function nullable<T>(inner: Schema<T>, opts: Meta<T | null> = {}): Schema<T | null> {
+  return make(`${inner.type} | null`, over(inner, opts), (v, field, ctx) => {
+    if (v === null) return null;
+    if (ctx.text && (v === "null" || v === "") && !inner.type.startsWith("string")) return null;
+    return inner.check(v, field, ctx);
+  }, () => {
+    const j = inner.jsonSchema();
+    return typeof j.type === "string"
+      ? { ...j, type: [j.type, "null"] }
+      : { oneOf: [j, { type: "null" }] };
+  });
+}
+
+/** `opts` over the description and default of the schema a combinator wraps. */
+function over<T>(inner: Schema<T>, opts: Meta<T | null>): Meta<T | null> {
   return {
-    type: `${inner.type} | null`,
     description: opts.description ?? inner.description,
     default: opts.default !== undefined ? opts.default : inner.default,
-    check(v, field, ctx) {
-      if (v === null) return null;
-      if (ctx.text && (v === "null" || v === "") && !inner.type.startsWith("string")) return null;
-      return inner.check(v, field, ctx);
-    },
-    jsonSchema: () => {
-      const j = inner.jsonSchema();
-      const base = typeof j.type === "string"
-        ? { ...j, type: [j.type, "null"] }
-        : { oneOf: [j, { type: "null" }] };
-      return annotate(base, opts);
-    },
   };
 }
 
@@ -394,20 +344,14 @@ export function oneOf<T>(
   alternatives: Schema<T>[],
   opts: Meta<T> & { expected: string },
 ): Schema<T> {
-  return {
-    type: alternatives.map((a) => a.type).join(" | "),
-    description: opts.description,
-    default: opts.default,
-    check(v, field, ctx) {
-      for (const alt of alternatives) {
-        const sub: CheckContext = { issues: [], text: ctx.text };
-        const r = alt.check(v, field, sub);
-        if (sub.issues.length === 0) return r;
-      }
-      return fail(ctx, field, `must be ${opts.expected}, got ${show(v)}`);
-    },
-    jsonSchema: () => annotate({ oneOf: alternatives.map((a) => a.jsonSchema()) }, opts),
-  };
+  return make(alternatives.map((a) => a.type).join(" | "), opts, (v, field, ctx) => {
+    for (const alt of alternatives) {
+      const sub: CheckContext = { issues: [], text: ctx.text };
+      const r = alt.check(v, field, sub);
+      if (sub.issues.length === 0) return r;
+    }
+    return fail(ctx, field, `must be ${opts.expected}, got ${show(v)}`);
+  }, () => ({ oneOf: alternatives.map((a) => a.jsonSchema()) }));
 }
 
 /** `inner`, with a rule across its parts (e.g. start < end); `rule` returns the problem. */
@@ -416,19 +360,13 @@ export function refine<T>(
   rule: (value: T) => string | null,
   opts: Meta<T> & { type?: string } = {},
 ): Schema<T> {
-  return {
-    type: opts.type ?? inner.type,
-    description: opts.description ?? inner.description,
-    default: opts.default !== undefined ? opts.default : inner.default,
-    check(v, field, ctx) {
-      const before = ctx.issues.length;
-      const r = inner.check(v, field, ctx);
-      if (ctx.issues.length > before) return undefined;
-      const problem = rule(r as T);
-      return problem ? fail(ctx, field, problem) : r;
-    },
-    jsonSchema: () => annotate(inner.jsonSchema(), opts),
-  };
+  return make(opts.type ?? inner.type, over(inner, opts) as Meta<T>, (v, field, ctx) => {
+    const before = ctx.issues.length;
+    const r = inner.check(v, field, ctx);
+    if (ctx.issues.length > before) return undefined;
+    const problem = rule(r as T);
+    return problem ? fail(ctx, field, problem) : r;
+  }, () => inner.jsonSchema());
 }
 
 /** Marks a field as required in an object schema. */
@@ -500,47 +438,43 @@ export function unknownKey(key: string, known: readonly string[], noun = "field"
  */
 export function object<S extends Shape>(shape: S, opts: ObjectOptions = {}): ObjectSchema<S> {
   const keys = Object.keys(shape);
+  const check: Schema<ObjectOf<S>>["check"] = (raw, field, ctx) => {
+    const v = fromText(raw, ctx);
+    if (v === null || typeof v !== "object" || Array.isArray(v)) {
+      return fail(ctx, field, `must be an object, got ${show(raw)}`);
+    }
+    const src = v as Record<string, unknown>;
+    const before = ctx.issues.length;
+    const out: Record<string, unknown> = {};
+    const at = (k: string) => field ? `${field}.${k}` : k;
+    for (const k of Object.keys(src)) {
+      if (!Object.hasOwn(shape, k) && !opts.extra?.(k)) {
+        ctx.issues.push({ field: at(k), message: unknownKey(k, keys, opts.noun), unknown: true });
+      }
+    }
+    for (const [k, f] of Object.entries(shape)) {
+      if (src[k] === undefined) {
+        if (f.required) fail(ctx, at(k), "is required");
+        else if (f.schema.default !== undefined) out[k] = structuredClone(f.schema.default);
+        continue;
+      }
+      const r = f.schema.check(src[k], at(k), ctx);
+      if (r !== undefined) out[k] = r;
+    }
+    for (const k of Object.keys(src)) {
+      if (!Object.hasOwn(shape, k) && opts.extra?.(k)) out[k] = src[k];
+    }
+    return ctx.issues.length > before ? undefined : out as ObjectOf<S>;
+  };
+  const fields = Object.entries(shape);
   return {
     shape,
-    type: "object",
-    description: opts.description,
-    check(raw, field, ctx) {
-      const v = fromText(raw, ctx);
-      if (v === null || typeof v !== "object" || Array.isArray(v)) {
-        return fail(ctx, field, `must be an object, got ${show(raw)}`);
-      }
-      const src = v as Record<string, unknown>;
-      const before = ctx.issues.length;
-      const out: Record<string, unknown> = {};
-      const at = (k: string) => field ? `${field}.${k}` : k;
-      for (const k of Object.keys(src)) {
-        if (!Object.hasOwn(shape, k) && !opts.extra?.(k)) {
-          ctx.issues.push({ field: at(k), message: unknownKey(k, keys, opts.noun), unknown: true });
-        }
-      }
-      for (const [k, f] of Object.entries(shape)) {
-        if (src[k] === undefined) {
-          if (f.required) fail(ctx, at(k), "is required");
-          else if (f.schema.default !== undefined) out[k] = structuredClone(f.schema.default);
-          continue;
-        }
-        const r = f.schema.check(src[k], at(k), ctx);
-        if (r !== undefined) out[k] = r;
-      }
-      for (const k of Object.keys(src)) {
-        if (!Object.hasOwn(shape, k) && opts.extra?.(k)) out[k] = src[k];
-      }
-      return ctx.issues.length > before ? undefined : out as ObjectOf<S>;
-    },
-    jsonSchema: () =>
-      annotate({
-        type: "object",
-        properties: Object.fromEntries(
-          Object.entries(shape).map(([k, f]) => [k, f.schema.jsonSchema()]),
-        ),
-        required: Object.entries(shape).filter(([, f]) => f.required).map(([k]) => k),
-        additionalProperties: opts.extra !== undefined,
-      }, opts),
+    ...make("object", opts, check, () => ({
+      type: "object",
+      properties: Object.fromEntries(fields.map(([k, f]) => [k, f.schema.jsonSchema()])),
+      required: fields.filter(([, f]) => f.required).map(([k]) => k),
+      additionalProperties: opts.extra !== undefined,
+    })),
   };
 }
 

@@ -17,11 +17,10 @@ import { UserError } from "../ffi/errors.ts";
 import {
   ConfigError,
   type ConfigLayer,
-  effectiveOptions,
-  fieldDescriptions,
   parseConfigObject,
   type PluginKey,
   resolveConfig,
+  RUN_FIELDS,
   type RunConfig,
   TINY,
 } from "./config.ts";
@@ -276,7 +275,7 @@ function generationObject(settings: Settings, where: string): Record<string, unk
 }
 
 const GENERATION_KEYS = [
-  ...fieldDescriptions().map(([k]) => k),
+  ...Object.keys(RUN_FIELDS.shape),
   ...PLUGIN_KEYS,
   "plugins",
   "size",
@@ -318,7 +317,7 @@ function generationValue(config: RunConfig, key: string, reg: Registry): unknown
     const choice = config[head];
     const option = dot > 0 ? key.slice(dot + 1) : "name";
     if (option === "name") return choice.name;
-    return effectiveOptions(head as PluginKind, choice, reg)[option] ?? null;
+    return reg.resolve(head as PluginKind, choice.name, choice.options)[option] ?? null;
   }
   return (config as unknown as Record<string, unknown>)[key] ?? null;
 }

@@ -2,14 +2,13 @@
  * The built-in plugins, listed in one place. Nothing registers on import: the CLI, the server and
  * tests call `registerDefaults` on the registry they use.
  */
-import type { PluginDef, Registry } from "../core/plugins.ts";
-import { registry as processRegistry } from "../core/plugins.ts";
+import { type PluginDef, type Registry, registry as processRegistry } from "../core/plugins.ts";
 import { CLASSIFIER_PLUGINS } from "./classifiers/mod.ts";
 import { GUIDANCE_PLUGINS } from "./guidance/mod.ts";
 import { PAIRS_PLUGINS } from "./pairs/mod.ts";
 import { SAMPLER_PLUGINS } from "./samplers/mod.ts";
 
-export const DEFAULT_PLUGINS: readonly PluginDef[] = [
+const DEFAULT_PLUGINS: readonly PluginDef[] = [
   ...SAMPLER_PLUGINS,
   ...GUIDANCE_PLUGINS,
   ...PAIRS_PLUGINS,

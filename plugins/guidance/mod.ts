@@ -4,17 +4,10 @@
  */
 import type { Guidance, PluginDef } from "../../core/plugins.ts";
 import * as s from "../../core/schema.ts";
-import { formulaGuidance, INTERVAL } from "./terms.ts";
+import { type Formula, formulaGuidance, INTERVAL } from "./terms.ts";
 
 /** Resolved options; which of them a plugin reads depends on its schema. */
-interface Options {
-  textScale: number;
-  positiveScale: number;
-  negativeScale: number;
-  adapterScale: number;
-  negativeAdapterScale: number | null;
-  interval: [number, number] | null;
-}
+type Options = Required<s.Infer<typeof DUAL>>;
 
 const weight = (description: string, value: number) => s.number({ description, default: value });
 
@@ -42,105 +35,77 @@ const DUAL = s.options({
 
 const T = "text", U = "uncond";
 
-export const dipsy: PluginDef<Guidance, Options> = {
-  kind: "guidance",
-  name: "dipsy",
-  description: "DIPSY Eq. 9: e0 + wT(ec - e0) + wP(ecp - ec) - wN(ecpn - ecp)",
-  schema: DUAL,
-  create: (o) =>
-    formulaGuidance({
-      name: "dipsy",
-      ...o,
-      formula: {
-        base: U,
-        terms: [
-          { weight: o.textScale, plus: T, minus: U },
-          { weight: o.positiveScale, plus: "text+pos", minus: T },
-          { weight: -o.negativeScale, plus: "text+pos+neg", minus: "text+pos" },
-        ],
-      },
-    }),
-};
-
-export const singleIp: PluginDef<Guidance, Options> = {
-  kind: "guidance",
-  name: "single-ip",
-  description: "Eq. 8, one image prompt: e0 + wT(ec - e0) + wP(ecp - ec)",
-  schema: s.options({
-    textScale,
-    positiveScale: weight("wI, image weight", 6),
-    adapterScale,
-    interval: INTERVAL,
-  }),
-  create: (o) =>
-    formulaGuidance({
-      name: "single-ip",
-      ...o,
-      formula: {
-        base: U,
-        terms: [
-          { weight: o.textScale, plus: T, minus: U },
-          { weight: o.positiveScale, plus: "text+pos", minus: T },
-        ],
-      },
-    }),
-};
-
-export const cfg: PluginDef<Guidance, Options> = {
-  kind: "guidance",
-  name: "cfg",
-  description: "text classifier-free guidance, no image prompts: e0 + wT(ec - e0)",
-  schema: s.options({ textScale }),
-  create: (o) =>
-    formulaGuidance({
-      name: "cfg",
-      textScale: o.textScale,
-      adapterScale: 0,
-      formula: { base: U, terms: [{ weight: o.textScale, plus: T, minus: U }] },
-    }),
-};
-
-export const negativeVsText: PluginDef<Guidance, Options> = {
-  kind: "guidance",
-  name: "neg-text-relative",
-  description: "ablation: negative taken relative to text: ... - wN(eps(c, i-) - ec)",
-  schema: DUAL,
-  create: (o) =>
-    formulaGuidance({
-      name: "neg-text-relative",
-      ...o,
-      formula: {
-        base: U,
-        terms: [
-          { weight: o.textScale, plus: T, minus: U },
-          { weight: o.positiveScale, plus: "text+pos", minus: T },
-          { weight: -o.negativeScale, plus: "text+neg", minus: T },
-        ],
-      },
-    }),
-};
-
-export const diffusersStyle: PluginDef<Guidance, Options> = {
-  kind: "guidance",
-  name: "diffusers-style",
-  description:
-    "ablation: negative image in the unconditional branch, one scale: u + wT(c - u), u = eps('', i-), c = eps(c, i+)",
-  schema: s.options({ textScale, adapterScale, negativeAdapterScale }),
-  create: (o) =>
-    formulaGuidance({
-      name: "diffusers-style",
-      ...o,
-      formula: {
-        base: "uncond+neg",
-        terms: [{ weight: o.textScale, plus: "text+pos", minus: "uncond+neg" }],
-      },
-    }),
-};
+/** A guidance plugin that is its table of terms, made from its resolved options. */
+function formulaPlugin(
+  { formula, ...def }: Omit<PluginDef<Guidance, Options>, "kind" | "create"> & {
+    formula: (o: Options) => Formula;
+  },
+): PluginDef<Guidance, Options> {
+  return {
+    kind: "guidance",
+    ...def,
+    create: (o) => formulaGuidance({ ...o, name: def.name, formula: formula(o) }),
+  };
+}
 
 export const GUIDANCE_PLUGINS: PluginDef<Guidance, Options>[] = [
-  dipsy,
-  singleIp,
-  cfg,
-  negativeVsText,
-  diffusersStyle,
+  formulaPlugin({
+    name: "dipsy",
+    description: "DIPSY Eq. 9: e0 + wT(ec - e0) + wP(ecp - ec) - wN(ecpn - ecp)",
+    schema: DUAL,
+    formula: (o) => ({
+      base: U,
+      terms: [
+        { weight: o.textScale, plus: T, minus: U },
+        { weight: o.positiveScale, plus: "text+pos", minus: T },
+        { weight: -o.negativeScale, plus: "text+pos+neg", minus: "text+pos" },
+      ],
+    }),
+  }),
+  formulaPlugin({
+    name: "single-ip",
+    description: "Eq. 8, one image prompt: e0 + wT(ec - e0) + wP(ecp - ec)",
+    schema: s.options({
+      textScale,
+      positiveScale: weight("wI, image weight", 6),
+      adapterScale,
+      interval: INTERVAL,
+    }),
+    formula: (o) => ({
+      base: U,
+      terms: [
+        { weight: o.textScale, plus: T, minus: U },
+        { weight: o.positiveScale, plus: "text+pos", minus: T },
+      ],
+    }),
+  }),
+  formulaPlugin({
+    name: "cfg",
+    description: "text classifier-free guidance, no image prompts: e0 + wT(ec - e0)",
+    schema: s.options({ textScale }),
+    formula: (o) => ({ base: U, terms: [{ weight: o.textScale, plus: T, minus: U }] }),
+  }),
+  formulaPlugin({
+    name: "neg-text-relative",
+    description: "ablation: negative taken relative to text: ... - wN(eps(c, i-) - ec)",
+    schema: DUAL,
+    formula: (o) => ({
+      base: U,
+      terms: [
+        { weight: o.textScale, plus: T, minus: U },
+        { weight: o.positiveScale, plus: "text+pos", minus: T },
+        { weight: -o.negativeScale, plus: "text+neg", minus: T },
+      ],
+    }),
+  }),
+  formulaPlugin({
+    name: "diffusers-style",
+    description:
+      "ablation: negative image in the unconditional branch, one scale: u + wT(c - u), u = eps('', i-), c = eps(c, i+)",
+    schema: s.options({ textScale, adapterScale, negativeAdapterScale }),
+    formula: (o) => ({
+      base: "uncond+neg",
+      terms: [{ weight: o.textScale, plus: "text+pos", minus: "uncond+neg" }],
+    }),
+  }),
 ];

@@ -19,7 +19,7 @@ export interface Formula {
 }
 
 /** The conditionings a formula reads, base first, each once. */
-export function formulaNeeds(f: Formula): Conditioning[] {
+function formulaNeeds(f: Formula): Conditioning[] {
   const out = [f.base];
   for (const t of f.terms) {
     for (const c of [t.minus, t.plus]) if (!out.includes(c)) out.push(c);
@@ -28,7 +28,7 @@ export function formulaNeeds(f: Formula): Conditioning[] {
 }
 
 /** base + sum(weight * (plus - minus)), accumulated left to right like the reference code. */
-export function evaluate(f: Formula, preds: ReadonlyMap<Conditioning, Tensor>): Tensor {
+function evaluate(f: Formula, preds: ReadonlyMap<Conditioning, Tensor>): Tensor {
   const get = (c: Conditioning) => {
     const t = preds.get(c);
     if (!t) throw new Error(`the prediction "${c}" was not computed`);
@@ -70,7 +70,8 @@ export function formulaGuidance(p: {
   name: string;
   formula: Formula;
   textScale: number;
-  adapterScale: number;
+  /** Absent for text-only guidance, whose image prompts are never on. */
+  adapterScale?: number;
   negativeAdapterScale?: number | null;
   interval?: [number, number] | null;
 }): Guidance {
@@ -86,7 +87,7 @@ export function formulaGuidance(p: {
   return {
     kind: "guidance",
     name: p.name,
-    adapterScale: p.adapterScale,
+    adapterScale: p.adapterScale ?? 0,
     negativeAdapterScale: usesNegative ? p.negativeAdapterScale ?? null : null,
     usesNegative,
     usesImages,

@@ -12,7 +12,6 @@
  * augmentation are the same under every plugin, so ablations differ only where they should.
  */
 import type {
-  AugmentParams,
   PairChoice,
   PairContext,
   PluginDef,
@@ -24,21 +23,17 @@ import * as s from "../../core/schema.ts";
 import { augmentParams } from "./augment.ts";
 import { DEFAULT_TAU, negativeProbabilities } from "./similarity.ts";
 
-export { augmentParams, MAX_ROTATION } from "./augment.ts";
+export { augmentParams } from "./augment.ts";
 export {
   classSimilarity,
   DEFAULT_TAU,
   loadSimilarity,
   negativeProbabilities,
   saveSimilarity,
-  type SimilarityMatrix,
 } from "./similarity.ts";
 
 /** Resolved options (`tau` is read by class-similarity only). */
-export interface PairsOptions {
-  augment: boolean;
-  tau: number;
-}
+type PairsOptions = Required<s.Infer<typeof SIMILARITY_OPTIONS>>;
 
 /** Stream labels; part of the reproducibility contract, so never rename them. */
 const STREAMS = {
@@ -91,17 +86,6 @@ function pickShot(
   return { classIndex, shotIndex };
 }
 
-function augmentFor(
-  context: PairContext,
-  shot: ShotRef,
-  stream: string,
-  target: number,
-  index: number,
-): AugmentParams {
-  const [width, height] = context.shotSizes[shot.classIndex][shot.shotIndex];
-  return augmentParams(derive(context.seed, stream, target, index), width, height);
-}
-
 function createPairSampler(
   name: string,
   augment: boolean,
@@ -115,24 +99,17 @@ function createPairSampler(
     choose(context: PairContext, classIndex: number, index: number): PairChoice {
       checkContext(context, classIndex, index);
       const positive = pickShot(context, classIndex, STREAMS.positive, index, classIndex);
-      const positiveAugment = augment
-        ? augmentFor(context, positive, STREAMS.positiveAugment, classIndex, index)
-        : null;
-      if (!negativeClass) {
-        return {
-          classIndex,
-          index,
-          positive,
-          positiveAugment,
-          negative: null,
-          negativeAugment: null,
-        };
-      }
-      const j = negativeClass(context, classIndex, index);
-      const negative = pickShot(context, j, STREAMS.negativeShot, index, classIndex);
-      const negativeAugment = augment
-        ? augmentFor(context, negative, STREAMS.negativeAugment, classIndex, index)
-        : null;
+      const augmented = (shot: ShotRef, stream: string) => {
+        if (!augment) return null;
+        const [width, height] = context.shotSizes[shot.classIndex][shot.shotIndex];
+        return augmentParams(derive(context.seed, stream, classIndex, index), width, height);
+      };
+      const j = negativeClass?.(context, classIndex, index);
+      const negative = j === undefined
+        ? null
+        : pickShot(context, j, STREAMS.negativeShot, index, classIndex);
+      const positiveAugment = augmented(positive, STREAMS.positiveAugment);
+      const negativeAugment = negative && augmented(negative, STREAMS.negativeAugment);
       return { classIndex, index, positive, positiveAugment, negative, negativeAugment };
     },
   };
@@ -179,6 +156,7 @@ const tau = s.number({
   default: DEFAULT_TAU,
   description: "softmax temperature over class similarities",
 });
+const SIMILARITY_OPTIONS = s.options({ augment, tau });
 
 export const PAIRS_PLUGINS: PluginDef<SamplerPair, PairsOptions>[] = [
   {
@@ -186,7 +164,7 @@ export const PAIRS_PLUGINS: PluginDef<SamplerPair, PairsOptions>[] = [
     name: "class-similarity",
     description: "negative class drawn by CLIP class similarity, softmax(S / tau) without the " +
       "target (DIPSY default)",
-    schema: s.options({ augment, tau }),
+    schema: SIMILARITY_OPTIONS,
     create: (o) =>
       createPairSampler("class-similarity", o.augment, true, (context, classIndex, index) => {
         needTwoClasses(context);

@@ -135,11 +135,8 @@ export async function loadSimilarity(
         `(format ${JSON.stringify(parsed?.format)}, version ${JSON.stringify(parsed?.version)})`,
     );
   }
-  const m: SimilarityMatrix = {
-    classNames: parsed.classNames as string[],
-    similarity: parsed.similarity as number[][],
-    meta: parsed.meta as Record<string, unknown> | undefined,
-  };
+  const { classNames: names, similarity, meta } = parsed as unknown as SimilarityMatrix;
+  const m: SimilarityMatrix = { classNames: names, similarity, meta };
   checkMatrix(m, path);
   if (!classNames) return m;
 

@@ -13,20 +13,15 @@ import { DPM_KEYS, DpmSolverSampler } from "./dpm_solver.ts";
 import { EULER_KEYS, EulerSampler } from "./euler.ts";
 import { samplerSchema } from "./schedule.ts";
 
-export { DDIM_KEYS, DdimSampler } from "./ddim.ts";
-export { DPM_KEYS, DpmSolverSampler } from "./dpm_solver.ts";
-export { EULER_KEYS, EulerSampler } from "./euler.ts";
-export {
-  parseSchedulerConfig,
-  readSchedulerConfig,
-  SD15_SCHEDULER_CONFIG,
-  SD15_SCHEDULER_JSON,
-} from "./schedule.ts";
+export { DDIM_KEYS } from "./ddim.ts";
+export { DpmSolverSampler } from "./dpm_solver.ts";
+export { EulerSampler } from "./euler.ts";
+export { parseSchedulerConfig, readSchedulerConfig, SD15_SCHEDULER_CONFIG } from "./schedule.ts";
 
 export const DEFAULT_SAMPLER = "dpm-solver++";
 
 /** What the host passes besides the options: the step count and the model's scheduler config. */
-export const SAMPLER_RUNTIME = ["steps", "config"] as const;
+const SAMPLER_RUNTIME = ["steps", "config"] as const;
 
 /** Help lines of the overrides users reach for; the others say "override". */
 const DESCRIPTIONS: Record<string, string> = {
@@ -42,7 +37,7 @@ const DESCRIPTIONS: Record<string, string> = {
   set_alpha_to_one: "alpha product after the last step is 1; default: the scheduler config's",
 };
 
-export const dpmSolver: PluginDef<Sampler, SamplerOptions> = {
+const dpmSolver: PluginDef<Sampler, SamplerOptions> = {
   kind: "sampler",
   name: "dpm-solver++",
   description:
@@ -52,7 +47,7 @@ export const dpmSolver: PluginDef<Sampler, SamplerOptions> = {
   create: (o) => new DpmSolverSampler(o),
 };
 
-export const ddim: PluginDef<Sampler, SamplerOptions> = {
+const ddim: PluginDef<Sampler, SamplerOptions> = {
   kind: "sampler",
   name: "ddim",
   description:
@@ -62,7 +57,7 @@ export const ddim: PluginDef<Sampler, SamplerOptions> = {
   create: (o) => new DdimSampler(o),
 };
 
-export const euler: PluginDef<Sampler, SamplerOptions> = {
+const euler: PluginDef<Sampler, SamplerOptions> = {
   kind: "sampler",
   name: "euler",
   description: "Euler in sigma space (diffusers EulerDiscreteScheduler, no churn)",
