@@ -8,14 +8,12 @@ import { CliError, defineCommand, type FlagValues, intFlag } from "./command.ts"
 import { MODEL_FLAGS, PLACEMENT_FLAGS, SETTING_FLAGS } from "./generate.ts";
 
 export const DEFAULT_PORT = 8765;
-/** What the network flags leave out. */
-const SERVE_DEFAULTS = { host: "127.0.0.1", queue: 16, maxBodyMb: 32, maxImageMb: 16 };
 
 const NETWORK_FLAGS = {
   host: {
     value: "ADDR",
     help: "address to bind; any other than loopback needs a token",
-    default: SERVE_DEFAULTS.host,
+    default: "127.0.0.1",
   },
   port: { value: "N", help: "port (0 picks a free one)", default: DEFAULT_PORT },
   "token-file": {
@@ -32,40 +30,28 @@ const NETWORK_FLAGS = {
   queue: {
     value: "N",
     help: "requests that may wait behind the running one; more get 503 with Retry-After",
-    default: SERVE_DEFAULTS.queue,
+    default: 16,
   },
-  "max-body-mb": {
-    value: "N",
-    help: "largest POST /v1/sample body",
-    default: SERVE_DEFAULTS.maxBodyMb,
-  },
-  "max-image-mb": {
-    value: "N",
-    help: "largest uploaded image",
-    default: SERVE_DEFAULTS.maxImageMb,
-  },
+  "max-body-mb": { value: "N", help: "largest POST /v1/sample body", default: 32 },
+  "max-image-mb": { value: "N", help: "largest uploaded image", default: 16 },
 } as const;
 
 const SERVE_MODEL_FLAGS = { ...MODEL_FLAGS, ...PLACEMENT_FLAGS, plugin: SETTING_FLAGS.plugin };
 
 type ServeFlags = FlagValues<typeof NETWORK_FLAGS & typeof SERVE_MODEL_FLAGS>;
 
-function integerFlag(flags: ServeFlags, name: keyof ServeFlags, min: number, fallback: number) {
-  return intFlag(flags[name] as string | undefined, `--${name}`, min) ?? fallback;
+/** An integer network flag of at least `min`, its declared default when absent. */
+function integerFlag(
+  flags: ServeFlags,
+  name: "port" | "queue" | "max-body-mb" | "max-image-mb",
+  min: number,
+) {
+  return intFlag(flags[name], `--${name}`, min) ?? NETWORK_FLAGS[name].default;
 }
 
-export interface ServeSettings {
-  hostname: string;
-  port: number;
-  tokenFile: string | null;
-  roots: string[];
-  queue: number;
-  maxBodyBytes: number;
-  maxImageBytes: number;
-  /** Configuration values for the models, as `dipsy generate` reads them. */
-  models: Record<string, unknown>;
-  plugins: string[];
-}
+type ServeSettings = ReturnType<typeof serveSettings>;
+/** Test-only server options, passed through; `dipsy serve` never sets them. */
+type Testing = Pick<ServerOptions, "beforeBatch">;
 
 /** Parses and checks the flags (no native library, no files read); null for --help. */
 export function parseServeArgs(args: string[]): ServeSettings | null {
@@ -73,8 +59,8 @@ export function parseServeArgs(args: string[]): ServeSettings | null {
   return flags.help ? null : serveSettings(flags);
 }
 
-function serveSettings(flags: ServeFlags): ServeSettings {
-  const port = integerFlag(flags, "port", 0, DEFAULT_PORT);
+function serveSettings(flags: ServeFlags) {
+  const port = integerFlag(flags, "port", 0);
   if (port > 65535) throw new CliError(`--port must be at most 65535, got ${port}`);
   const model = flags.tiny ? "tiny" : flags.model;
   if (model === "tiny" && (flags["ip-adapter"] || flags["image-encoder"])) {
@@ -82,6 +68,7 @@ function serveSettings(flags: ServeFlags): ServeSettings {
       "--model tiny embeds its own IP-Adapter and image encoder: drop --ip-adapter/--image-encoder",
     );
   }
+  /** Configuration values for the models, as `dipsy generate` reads them. */
   const models: Record<string, unknown> = {};
   for (const [name, flag] of Object.entries(SERVE_MODEL_FLAGS)) {
     const value = flags[name as keyof ServeFlags];
@@ -91,26 +78,23 @@ function serveSettings(flags: ServeFlags): ServeSettings {
   }
   if (model) models.model = model;
   return {
-    hostname: flags.host ?? SERVE_DEFAULTS.host,
+    hostname: flags.host ?? NETWORK_FLAGS.host.default,
     port,
     tokenFile: flags["token-file"] ?? null,
     roots: (flags.roots ?? []).flatMap((r) => r.split(",")).map((r) => r.trim()).filter((r) => r),
-    queue: integerFlag(flags, "queue", 0, SERVE_DEFAULTS.queue),
-    maxBodyBytes: integerFlag(flags, "max-body-mb", 1, SERVE_DEFAULTS.maxBodyMb) << 20,
-    maxImageBytes: integerFlag(flags, "max-image-mb", 1, SERVE_DEFAULTS.maxImageMb) << 20,
+    queue: integerFlag(flags, "queue", 0),
+    maxBodyBytes: integerFlag(flags, "max-body-mb", 1) << 20,
+    maxImageBytes: integerFlag(flags, "max-image-mb", 1) << 20,
     models,
     plugins: flags.plugin ?? [],
   };
 }
 
-/**
- * Loads what the server needs and starts it (the caller owns shutdown). `testing` passes
- * test-only server options through.
- */
+/** Loads what the server needs and starts it (the caller owns shutdown). */
 export async function startFromSettings(
   a: ServeSettings,
   log: (message: string) => void = (m) => console.error(m),
-  testing: Pick<ServerOptions, "beforeBatch"> = {},
+  testing: Testing = {},
 ) {
   const { AuthConfigError, checkExposure, loadToken } = await import("../server/auth.ts");
   const cfg = await import("../core/config.ts");
@@ -167,14 +151,8 @@ export async function startFromSettings(
   });
 }
 
-/**
- * The whole command: starts, serves until SIGINT/SIGTERM, stops gracefully. `testing` passes
- * test-only server options through.
- */
-export async function runServe(
-  args: string[],
-  testing: Pick<ServerOptions, "beforeBatch"> = {},
-): Promise<number> {
+/** The whole command: starts, serves until SIGINT/SIGTERM, stops gracefully. */
+export async function runServe(args: string[], testing: Testing = {}): Promise<number> {
   const a = parseServeArgs(args);
   if (!a) {
     console.log(command.usage);
@@ -184,10 +162,7 @@ export async function runServe(
 }
 
 /** Starts, serves until SIGINT/SIGTERM, stops gracefully. */
-async function serve(
-  a: ServeSettings,
-  testing: Pick<ServerOptions, "beforeBatch"> = {},
-): Promise<number> {
+async function serve(a: ServeSettings, testing: Testing = {}): Promise<number> {
   let server;
   try {
     server = await startFromSettings(a, undefined, testing);

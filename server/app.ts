@@ -14,7 +14,7 @@
 import { Buffer } from "node:buffer";
 import { Hono } from "hono";
 import denoJson from "../deno.json" with { type: "json" };
-import { type ConfigLayer, DEFAULTS } from "../core/config.ts";
+import { type ConfigLayer, DEFAULTS, RUN_FIELDS } from "../core/config.ts";
 import { decodeImage, ImageDecodeError, type ImageFormat, type RgbImage } from "../core/image.ts";
 import type { Guidance, Registry, SchedulerConfig } from "../core/plugins.ts";
 import { prepareSample, SampleError, sampleSize, type SampleSpec } from "../core/sample.ts";
@@ -30,10 +30,10 @@ import {
 } from "./engine.ts";
 import {
   type BeforeBatch,
+  capped,
   type Job,
   JOB_REQUEST,
   type JobEvent,
-  JobRequestError,
   jobRequestJson,
   JobStore,
   planJob,
@@ -57,41 +57,33 @@ import {
   pageRefusal,
   REPORT_PREFIX,
 } from "./pages.ts";
-import { API_VERSION, openApi, routeDocs } from "./openapi.ts";
+import { API_VERSION, openApi, pluginOptionSchemas, routeDocs } from "./openapi.ts";
 import * as s from "../core/schema.ts";
-import { pluginOptionSchemas } from "./openapi.ts";
 
 export { API_VERSION } from "./openapi.ts";
 export { HttpError } from "./body.ts";
 
-export interface Limits {
+const DEFAULT_LIMITS = Object.freeze({
   /** Whole request body of POST /v1/sample. */
-  maxBodyBytes: number;
-  /** Each uploaded image, encoded. */
-  maxImageBytes: number;
-  /** Each uploaded image's width x height, read from its header before decoding. */
-  maxImagePixels: number;
-  /** JSON bodies (POST /v1/jobs). */
-  maxJsonBytes: number;
-  /** Output width and height. */
-  maxSide: number;
-  maxSteps: number;
-  maxPromptLength: number;
-}
-
-export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   maxBodyBytes: 32 << 20,
+  /** Each uploaded image, encoded. */
   maxImageBytes: 16 << 20,
+  /** Each uploaded image's width x height, read from its header before decoding. */
   maxImagePixels: 40_000_000,
+  /** JSON bodies (POST /v1/jobs). */
   maxJsonBytes: 1 << 20,
+  /** Output width and height. */
   maxSide: 2048,
   maxSteps: 1000,
   maxPromptLength: 2000,
 });
 
-/** Engine refusals and failures as HTTP errors. */
-function engineError(e: unknown): HttpError {
+export type Limits = { -readonly [K in keyof typeof DEFAULT_LIMITS]: number };
+
+/** HTTP errors, and sample, engine and work errors as HTTP errors; null for anything else. */
+function httpError(e: unknown): HttpError | null {
   if (e instanceof HttpError) return e;
+  if (e instanceof SampleError) return invalid([{ field: e.field, message: e.message }]);
   if (e instanceof QueueFullError) {
     return new HttpError(503, e.message, [], { "retry-after": String(e.retryAfter) });
   }
@@ -102,7 +94,7 @@ function engineError(e: unknown): HttpError {
   if (e instanceof WorkError && e.user) {
     return new HttpError(400, e.message, e.field ? [{ field: e.field, message: e.message }] : []);
   }
-  throw e;
+  return null;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -110,7 +102,6 @@ function engineError(e: unknown): HttpError {
 
 const GUIDANCE_FIELD = /^guidance\.([A-Za-z_][A-Za-z0-9_]{0,63})$/;
 const DEFAULT_GUIDANCE = DEFAULTS.guidance.name;
-const DEFAULT_SAMPLER = DEFAULTS.sampler.name;
 
 /**
  * The guidances that need each reference image, as each declares with its default options
@@ -161,7 +152,12 @@ function requiredWith(field: string, needing: string[], all: string[]): s.JsonSc
 }
 
 function sampleForm(reg: Registry, limits: Limits) {
-  const names = (kind: "guidance" | "sampler") => reg.list(kind).map((d) => d.name);
+  const plugin = (kind: "guidance" | "sampler") =>
+    s.optional(s.string({
+      enum: reg.list(kind).map((d) => d.name),
+      default: DEFAULTS[kind].name,
+      description: `${kind} plugin`,
+    }));
   const needs = imageNeeds(reg);
   const side = (what: string) =>
     s.optional(s.integer({
@@ -184,27 +180,14 @@ function sampleForm(reg: Registry, limits: Limits) {
       description: `negative reference image: ${needText(needs.negative)}`,
       mediaType: "image/*",
     })),
-    guidance: s.optional(s.string({
-      enum: names("guidance"),
-      default: DEFAULT_GUIDANCE,
-      description: "guidance plugin",
-    })),
+    guidance: plugin("guidance"),
     guidanceOptions: s.optional(s.record(s.jsonValue({ maxLength: 1000 }), {
       maxKeys: 32,
       description: 'guidance options as a JSON object, e.g. {"textScale": 7.5, ' +
         '"negativeScale": 4}; single options may also be sent as fields "guidance.<option>"',
     })),
-    sampler: s.optional(s.string({
-      enum: names("sampler"),
-      default: DEFAULT_SAMPLER,
-      description: "sampler plugin",
-    })),
-    steps: s.optional(s.integer({
-      min: 1,
-      max: limits.maxSteps,
-      default: DEFAULTS.steps,
-      description: "denoising steps",
-    })),
+    sampler: plugin("sampler"),
+    steps: s.optional(capped(RUN_FIELDS.shape.steps.schema, { maximum: limits.maxSteps })),
     width: side("width"),
     height: side("height"),
     format: s.optional(s.string({
@@ -235,29 +218,25 @@ function sampleForm(reg: Registry, limits: Limits) {
   };
 }
 
+const GUIDANCE_VALUE = s.string({ maxLength: 1000 });
+
 /** Option values of "guidance.<option>" fields: JSON when they parse, text otherwise. */
-function guidanceFields(fields: Record<string, FormDataEntryValue>): {
-  options: Record<string, unknown>;
-  issues: s.Issue[];
-} {
+function guidanceFields(
+  fields: Record<string, FormDataEntryValue>,
+  issues: s.Issue[],
+): Record<string, unknown> {
   const options: Record<string, unknown> = {};
-  const issues: s.Issue[] = [];
   for (const [k, v] of Object.entries(fields)) {
     const m = GUIDANCE_FIELD.exec(k);
-    if (!m) continue;
-    if (typeof v !== "string") {
-      issues.push({ field: k, message: "must be a text field, not a file upload" });
-    } else if (v.length > 1000) {
-      issues.push({ field: k, message: "is too long" });
-    } else {
-      try {
-        options[m[1]] = JSON.parse(v);
-      } catch {
-        options[m[1]] = v;
-      }
+    const text = m ? GUIDANCE_VALUE.check(v, k, { issues, text: true }) : undefined;
+    if (text === undefined) continue;
+    try {
+      options[m![1]] = JSON.parse(text);
+    } catch {
+      options[m![1]] = text;
     }
   }
-  return { options, issues };
+  return options;
 }
 
 function wantsJson(req: Request, field: string | undefined): boolean {
@@ -267,24 +246,20 @@ function wantsJson(req: Request, field: string | undefined): boolean {
 }
 
 let sharpModule: Promise<typeof import("sharp").default> | undefined;
+const loadSharp = () => sharpModule ??= import("sharp").then((m) => m.default);
 
 /** Size limits and a header check before the image is decoded, then core's decoder. */
 async function loadImage(file: File, field: string, limits: Limits): Promise<RgbImage> {
-  if (file.size > limits.maxImageBytes) {
-    throw new HttpError(
-      413,
-      `${field} is ${file.size} bytes; the limit is ${limits.maxImageBytes}`,
-      [
-        { field, message: `is over the limit of ${limits.maxImageBytes} bytes` },
-      ],
-    );
-  }
+  const tooLarge = (what: string, limit: number) => {
+    const message = `is ${what}; the limit is ${limit}`;
+    return new HttpError(413, `${field} ${message}`, [{ field, message }]);
+  };
+  if (file.size > limits.maxImageBytes) throw tooLarge(`${file.size} bytes`, limits.maxImageBytes);
   const bytes = new Uint8Array(await file.arrayBuffer());
   const undecodable = (why: string) =>
     new HttpError(422, `${field}: ${why}`, [{ field, message: why }]);
   if (bytes.length === 0) throw undecodable("the file is empty");
-  sharpModule ??= import("sharp").then((m) => m.default);
-  const sharp = await sharpModule;
+  const sharp = await loadSharp();
   let meta: { width?: number; height?: number };
   try {
     meta = await sharp(bytes, { limitInputPixels: false }).metadata();
@@ -293,8 +268,7 @@ async function loadImage(file: File, field: string, limits: Limits): Promise<Rgb
   }
   const pixels = (meta.width ?? 0) * (meta.height ?? 0);
   if (pixels > limits.maxImagePixels) {
-    const msg = `is ${meta.width}x${meta.height} pixels; the limit is ${limits.maxImagePixels}`;
-    throw new HttpError(413, `${field} ${msg}`, [{ field, message: msg }]);
+    throw tooLarge(`${meta.width}x${meta.height} pixels`, limits.maxImagePixels);
   }
   try {
     return await decodeImage(bytes, field);
@@ -307,19 +281,8 @@ async function loadImage(file: File, field: string, limits: Limits): Promise<Rgb
 // ---------------------------------------------------------------------------------------------
 // The app
 
-export interface AppOptions {
-  engine: Engine;
-  jobs: JobStore;
-  /** Required on every request but /healthz when set. */
-  token: string | null;
-  limits: Limits;
-  registry: Registry;
-  /** The scheduler config of the loaded model (for checking sampler options early). */
-  schedulerConfig: SchedulerConfig;
-  /** The server's generate settings (models, device, dtype) and the allowed roots. */
-  base: ConfigLayer;
-  roots: readonly string[];
-}
+/** The server's options as the app takes them: the engine started, the roots resolved. */
+type AppOptions = ServerOptions & { engine: Engine; jobs: JobStore; limits: Limits };
 
 function sseMessage(e: JobEvent | { event: "end"; data: unknown }): string {
   return `event: ${e.event}\ndata: ${JSON.stringify(e.data)}\n\n`;
@@ -335,25 +298,21 @@ function eventStream(job: Job, signal: AbortSignal): Response {
       const send = (text: string) => {
         if (open) controller.enqueue(encoder.encode(text));
       };
-      const close = () => {
+      // At the end of the job the stream says so; a client that left is sent nothing more.
+      const close = (end: boolean) => {
         if (!open) return;
-        send(sseMessage({ event: "end", data: job.view() }));
+        if (end) send(sseMessage({ event: "end", data: job.view() }));
         open = false;
         cleanup();
         controller.close();
       };
       const unsubscribe = job.subscribe((e) => {
         send(sseMessage(e));
-        if (e.event === "status" && job.final) close();
+        if (e.event === "status" && job.final) close(true);
       });
       // Proxies drop connections that stay silent; a comment line every 15 s keeps it open.
       const ping = setInterval(() => send(": ping\n\n"), 15_000);
-      const onAbort = () => {
-        if (!open) return;
-        open = false;
-        cleanup();
-        controller.close();
-      };
+      const onAbort = () => close(false);
       signal.addEventListener("abort", onAbort);
       cleanup = () => {
         unsubscribe();
@@ -362,7 +321,7 @@ function eventStream(job: Job, signal: AbortSignal): Response {
       };
       send("retry: 2000\n\n");
       send(sseMessage({ event: "status", data: job.view() }));
-      if (job.final) close();
+      if (job.final) close(true);
     },
     cancel() {
       cleanup();
@@ -377,8 +336,6 @@ function eventStream(job: Job, signal: AbortSignal): Response {
   });
 }
 
-const JOB_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-
 /** Whether a Host header names this machine's loopback (a name or address, any port). */
 function loopbackHost(host: string): boolean {
   const m = /^(\[[0-9A-Fa-f:.]+\]|[^:[\]]+)(?::\d{1,5})?$/.exec(host.trim());
@@ -386,7 +343,7 @@ function loopbackHost(host: string): boolean {
 }
 
 /** The Hono app and its OpenAPI document. */
-export function createApp(o: AppOptions): {
+function createApp(o: AppOptions): {
   app: Hono;
   openapi: Record<string, unknown>;
   /**
@@ -402,7 +359,8 @@ export function createApp(o: AppOptions): {
   const app = new Hono();
 
   app.onError((e) => {
-    if (e instanceof HttpError) return errorResponse(e);
+    const known = httpError(e);
+    if (known) return errorResponse(known);
     console.error(e);
     return errorResponse(new HttpError(500, `internal error: ${e.message}`));
   });
@@ -412,8 +370,9 @@ export function createApp(o: AppOptions): {
     method: d.method.toUpperCase(),
     re: new RegExp(`^${d.path.replace(/\{\w+\}/g, "[^/]+")}$`),
   }));
-  const unrouted = (method: string, target: string): Response => {
-    const path = target.startsWith("/") ? new URL(target, "http://x").pathname : target;
+  const pathOf = (target: string) =>
+    target.startsWith("/") ? new URL(target, "http://x").pathname : target;
+  const unrouted = (method: string, path: string): Response => {
     const allowed = patterns.filter((p) => p.re.test(path)).map((p) => p.method);
     if (allowed.length) {
       return errorResponse(
@@ -475,13 +434,15 @@ export function createApp(o: AppOptions): {
   app.get("/openapi.json", () => json(doc));
 
   app.get("/v1/info", () => {
-    const plugins = (kind: "guidance" | "sampler" | "pairs") =>
+    const plugins = (kind: "guidance" | "sampler" | "pairs") => [
+      kind,
       reg.list(kind).map((d) => ({
         name: d.name,
         description: d.description,
         options: Object.fromEntries(reg.docs(kind, d.name).map(({ name, ...doc }) => [name, doc])),
-      }));
-    const info = engine.info;
+      })),
+    ];
+    const info = engine.info, tensors = memory(), process = Deno.memoryUsage();
     return json({
       version: {
         dipsy: (denoJson as { version?: string }).version ?? "unreleased",
@@ -494,25 +455,18 @@ export function createApp(o: AppOptions): {
       dtype: info.dtype,
       adapters: info.adapters,
       defaultSize: info.defaultSize,
-      plugins: {
-        guidance: plugins("guidance"),
-        sampler: plugins("sampler"),
-        pairs: plugins("pairs"),
-      },
+      plugins: Object.fromEntries((["guidance", "sampler", "pairs"] as const).map(plugins)),
       queue: {
         running: engine.queue.running,
         waiting: engine.queue.waiting,
         bound: engine.queue.bound,
       },
-      memory: (() => {
-        const m = memory(), process = Deno.memoryUsage();
-        return {
-          residentBytes: process.rss,
-          heapBytes: process.heapUsed,
-          liveTensors: m.processHandles,
-          tensorBytes: m.processBytes,
-        };
-      })(),
+      memory: {
+        residentBytes: process.rss,
+        heapBytes: process.heapUsed,
+        liveTensors: tensors.processHandles,
+        tensorBytes: tensors.processBytes,
+      },
       jobs: { roots: o.roots },
       limits,
     });
@@ -522,38 +476,32 @@ export function createApp(o: AppOptions): {
     const req = c.req.raw;
     const fields = await readForm(req, limits.maxBodyBytes);
     const checked = s.validate(form, fields, { text: true });
-    const dotted = guidanceFields(fields);
-    const issues = [...(checked.ok ? [] : checked.issues), ...dotted.issues];
+    const issues = checked.ok ? [] : [...checked.issues];
+    const dotted = guidanceFields(fields, issues);
     if (!checked.ok || issues.length) throw invalid(issues);
     const v = checked.value;
-    for (const k of Object.keys(dotted.options)) {
+    for (const k of Object.keys(dotted)) {
       if (v.guidanceOptions && k in v.guidanceOptions) {
         issues.push({ field: `guidance.${k}`, message: "is also given in guidanceOptions" });
       }
     }
     if (issues.length) throw invalid(issues);
+    // The form fills in the defaults of absent fields.
     const spec: SampleSpec = {
       prompt: v.prompt,
       seed: v.seed,
-      guidance: v.guidance ?? DEFAULT_GUIDANCE,
-      guidanceOptions: { ...v.guidanceOptions, ...dotted.options },
-      sampler: v.sampler ?? DEFAULT_SAMPLER,
-      steps: v.steps ?? DEFAULTS.steps,
+      guidance: v.guidance!,
+      guidanceOptions: { ...v.guidanceOptions, ...dotted },
+      sampler: v.sampler!,
+      steps: v.steps!,
       width: v.width ?? null,
       height: v.height ?? null,
     };
-    let prepared;
-    let size;
-    try {
-      prepared = prepareSample(spec, {
-        positive: v.positive !== undefined,
-        negative: v.negative !== undefined,
-      }, { registry: reg, schedulerConfig: o.schedulerConfig });
-      size = sampleSize(engine.info, spec);
-    } catch (e) {
-      if (e instanceof SampleError) throw invalid([{ field: e.field, message: e.message }]);
-      throw e;
-    }
+    const prepared = prepareSample(spec, {
+      positive: v.positive !== undefined,
+      negative: v.negative !== undefined,
+    }, { registry: reg, schedulerConfig: o.schedulerConfig });
+    const size = sampleSize(engine.info, spec);
     if (prepared.adapters > engine.info.adapters) {
       throw invalid([{
         field: "guidance",
@@ -564,7 +512,7 @@ export function createApp(o: AppOptions): {
     const used = (k: "positive" | "negative") => !prepared.ignored.includes(k) && v[k];
     const positive = used("positive") ? await loadImage(v.positive!, "positive", limits) : null;
     const negative = used("negative") ? await loadImage(v.negative!, "negative", limits) : null;
-    const format = (v.format ?? "png") as ImageFormat;
+    const format = v.format as ImageFormat;
     let bytes: Uint8Array<ArrayBuffer>;
     try {
       bytes = await engine.sample(spec, { positive, negative }, format, { signal: req.signal });
@@ -573,7 +521,7 @@ export function createApp(o: AppOptions): {
         // The client is gone; nobody reads this.
         return new Response(null, { status: 499 });
       }
-      throw engineError(e);
+      throw e;
     }
     const mime = `image/${format}`;
     if (wantsJson(req, v.response)) {
@@ -601,29 +549,15 @@ export function createApp(o: AppOptions): {
     const body = await readJson(c.req.raw, limits.maxJsonBytes);
     const checked = s.validate(JOB_REQUEST, body);
     if (!checked.ok) throw invalid(checked.issues);
-    let job: Job;
-    try {
-      const plan = await planJob(checked.value, {
-        base: o.base,
-        roots: o.roots,
-        defaultSize: engine.info.defaultSize,
-        schedulerConfig: o.schedulerConfig,
-        registry: reg,
-      });
-      job = jobs.start(plan);
-    } catch (e) {
-      if (e instanceof JobRequestError) {
-        throw e.status === 400 ? invalid(e.issues) : new HttpError(e.status, e.message, e.issues);
-      }
-      throw engineError(e);
-    }
+    const plan = await planJob(checked.value, { ...o, defaultSize: engine.info.defaultSize });
+    const job = jobs.start(plan);
     return json(job.view(), 202, { location: `/v1/jobs/${job.id}` });
   });
 
   app.get("/v1/jobs", () => json({ jobs: jobs.list().map((j) => j.view()) }));
 
   const findJob = (id: string): Job => {
-    const job = JOB_ID.test(id) ? jobs.get(id) : undefined;
+    const job = jobs.get(id);
     if (!job) throw new HttpError(404, `no job ${id}`);
     return job;
   };
@@ -645,10 +579,7 @@ export function createApp(o: AppOptions): {
     app,
     openapi: doc,
     unrouted: (method, target, authorization) =>
-      unauthorized(
-        target.startsWith("/") ? new URL(target, "http://x").pathname : target,
-        authorization,
-      ) ?? unrouted(method, target),
+      unauthorized(pathOf(target), authorization) ?? unrouted(method, pathOf(target)),
   };
 }
 
@@ -659,6 +590,7 @@ export interface ServerOptions {
   hostname: string;
   /** 0: any free port. */
   port: number;
+  /** Required on every request but /healthz when set. */
   token: string | null;
   /** Folders /v1/jobs may read and write in. */
   roots: readonly string[];
@@ -667,6 +599,7 @@ export interface ServerOptions {
   setup: ModelSetup;
   /** The server's settings as a generate configuration layer (models, device, dtype). */
   base: ConfigLayer;
+  /** The scheduler config of the loaded model (for checking sampler options early). */
   schedulerConfig: SchedulerConfig;
   registry: Registry;
   log?: (message: string) => void;
@@ -699,20 +632,10 @@ export async function startServer(o: ServerOptions): Promise<RunningServer> {
   // libvips' operation cache (one for the process, the engine's thread included) keeps recent
   // images for reuse, which never comes for uploads that are new each time: off, so that memory
   // follows the work in hand.
-  sharpModule ??= import("sharp").then((m) => m.default);
-  (await sharpModule).cache(false);
+  (await loadSharp()).cache(false);
   const engine = await Engine.start(o.setup, { queue: o.queue });
   const jobs = new JobStore(engine, undefined, o.beforeBatch);
-  const { app, openapi, unrouted } = createApp({
-    engine,
-    jobs,
-    token: o.token,
-    limits,
-    registry: o.registry,
-    schedulerConfig: o.schedulerConfig,
-    base: o.base,
-    roots,
-  });
+  const { app, openapi, unrouted } = createApp({ ...o, engine, jobs, limits, roots });
   let server: HttpServer;
   try {
     server = await serveHttp((req) => app.fetch(req), {
@@ -721,7 +644,7 @@ export async function startServer(o: ServerOptions): Promise<RunningServer> {
       maxHeadBytes: o.maxHeadBytes,
       onError: (e) => {
         console.error(e);
-        return json({ error: { status: 500, message: "internal error" } }, 500);
+        return errorResponse(new HttpError(500, "internal error"));
       },
       onClientError: (status, message) =>
         errorAnswer(new HttpError(status, message, [], { connection: "close" })),

@@ -37,14 +37,11 @@ export async function loadToken(
   opts: { file?: string | null; env?: Record<string, string | undefined> } = {},
 ): Promise<string | null> {
   if (opts.file) {
-    let text: string;
-    try {
-      text = await Deno.readTextFile(opts.file);
-    } catch (e) {
+    const text = await Deno.readTextFile(opts.file).catch((e) => {
       throw new AuthConfigError(
         `cannot read the token file ${opts.file}: ${e instanceof Error ? e.message : e}`,
       );
-    }
+    });
     return checkToken(text.split(/\r?\n/)[0].trim(), opts.file);
   }
   const env = opts.env ?? { [TOKEN_ENV]: Deno.env.get(TOKEN_ENV) };
@@ -62,18 +59,18 @@ export function checkExposure(host: string, token: string | null): void {
   }
 }
 
-/** Compares in time that depends only on the lengths, so timing does not leak the token. */
-function sameSecret(a: Uint8Array, b: Uint8Array): boolean {
-  let diff = a.length ^ b.length;
-  for (let i = 0; i < a.length; i++) diff |= a[i] ^ (b[i % b.length] ?? 0);
+const encoder = new TextEncoder();
+
+/** Compares in time that depends only on the lengths, so timing does not leak a secret. */
+export function sameSecret(a: string, b: string): boolean {
+  const x = encoder.encode(a), y = encoder.encode(b);
+  let diff = x.length ^ y.length;
+  for (let i = 0; i < x.length; i++) diff |= x[i] ^ (y[i % y.length] ?? 0);
   return diff === 0;
 }
-
-const encoder = new TextEncoder();
 
 /** Whether an Authorization header value carries `token`. */
 export function authorized(header: string | null | undefined, token: string): boolean {
   const m = /^Bearer[ ]+(\S+)\s*$/i.exec(header ?? "");
-  if (!m) return false;
-  return sameSecret(encoder.encode(m[1]), encoder.encode(token));
+  return m !== null && sameSecret(m[1], token);
 }

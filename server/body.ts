@@ -30,28 +30,19 @@ export function json(body: unknown, status = 200, headers: Record<string, string
   });
 }
 
-/** The answer's body: `{ error: { status, message, issues? } }`. */
-function errorBody(e: HttpError): unknown {
+/** The answer as plain data, as answers written outside a handler need it. */
+export function errorAnswer(e: HttpError): Answer {
+  const issues = e.issues.length ? { issues: e.issues } : {};
   return {
-    error: {
-      status: e.status,
-      message: e.message,
-      ...(e.issues.length ? { issues: e.issues } : {}),
-    },
+    status: e.status,
+    headers: { "content-type": JSON_TYPE, ...e.headers },
+    body: JSON.stringify({ error: { status: e.status, message: e.message, ...issues } }),
   };
 }
 
 export function errorResponse(e: HttpError): Response {
-  return json(errorBody(e), e.status, e.headers);
-}
-
-/** The same answer as plain data, for answers written outside a handler. */
-export function errorAnswer(e: HttpError): Answer {
-  return {
-    status: e.status,
-    headers: { "content-type": JSON_TYPE, ...e.headers },
-    body: JSON.stringify(errorBody(e)),
-  };
+  const a = errorAnswer(e);
+  return new Response(a.body, a);
 }
 
 export const invalid = (issues: Issue[]) =>
@@ -61,8 +52,10 @@ export const invalid = (issues: Issue[]) =>
     issues,
   );
 
-function mediaType(req: Request): string {
-  return (req.headers.get("content-type") ?? "").split(";")[0].trim().toLowerCase();
+/** Refuses (415) a body of another media type than `type`. */
+function requireType(req: Request, type: string): void {
+  const given = (req.headers.get("content-type") ?? "").split(";")[0].trim().toLowerCase();
+  if (given !== type) throw new HttpError(415, `send the body as ${type}`, [], { accept: type });
 }
 
 /** The body, refused with 413 when its declared or actual size passes `limit`. */
@@ -98,21 +91,11 @@ export async function readBody(req: Request, limit: number): Promise<Uint8Array<
     if (e instanceof BodyError) throw new HttpError(400, e.message, [], { connection: "close" });
     throw new HttpError(400, `the body could not be read (${e instanceof Error ? e.message : e})`);
   }
-  const out = new Uint8Array(size);
-  let off = 0;
-  for (const p of parts) {
-    out.set(p, off);
-    off += p.length;
-  }
-  return out;
+  return new Uint8Array(Buffer.concat(parts, size));
 }
 
 export async function readJson(req: Request, limit: number): Promise<unknown> {
-  if (mediaType(req) !== "application/json") {
-    throw new HttpError(415, "send the body as application/json", [], {
-      accept: "application/json",
-    });
-  }
+  requireType(req, "application/json");
   const body = await readBody(req, limit);
   let text: string;
   try {
@@ -154,11 +137,7 @@ export async function readForm(
   limit: number,
 ): Promise<Record<string, FormDataEntryValue>> {
   const type = req.headers.get("content-type") ?? "";
-  if (mediaType(req) !== "multipart/form-data") {
-    throw new HttpError(415, "send the body as multipart/form-data", [], {
-      accept: "multipart/form-data",
-    });
-  }
+  requireType(req, "multipart/form-data");
   const boundary = boundaryOf(type);
   if (!boundary) throw new HttpError(400, "multipart/form-data without a boundary parameter");
   const body = await readBody(req, limit);
@@ -171,16 +150,10 @@ export async function readForm(
       `the multipart body is truncated: it does not end with the closing boundary "--${boundary}--"`,
     );
   }
-  let form: FormData;
-  try {
-    form = await new Response(body.subarray(0, end), { headers: { "content-type": type } })
-      .formData();
-  } catch (e) {
-    throw new HttpError(
-      400,
-      `malformed multipart body (${e instanceof Error ? e.message : e})`,
-    );
-  }
+  const form = await new Response(body.subarray(0, end), { headers: { "content-type": type } })
+    .formData().catch((e) => {
+      throw new HttpError(400, `malformed multipart body (${e instanceof Error ? e.message : e})`);
+    });
   const fields: Record<string, FormDataEntryValue> = {};
   const issues: Issue[] = [];
   for (const [k, v] of form.entries()) {

@@ -9,16 +9,10 @@ import type { RunConfig } from "../core/config.ts";
 import type { ProgressInfo, Shard } from "../core/generate.ts";
 import type { ImageFormat, RgbImage } from "../core/image.ts";
 import type { SampleSpec } from "../core/sample.ts";
-import type {
-  EngineInfo,
-  FromWorker,
-  GenerateSummary,
-  ModelSetup,
-  ToWorker,
-  WorkerError,
-} from "./worker.ts";
+import type { GenerateSummary } from "./jobs.ts";
+import type { EngineInfo, FromWorker, ModelSetup, ToWorker, WorkerError } from "./worker.ts";
 
-export type { EngineInfo, GenerateSummary, ModelSetup } from "./worker.ts";
+export type { EngineInfo, ModelSetup } from "./worker.ts";
 
 /** The queue is at its bound: try again in `retryAfter` seconds. */
 export class QueueFullError extends Error {
@@ -38,10 +32,7 @@ export class ClosedError extends Error {
 
 /** The engine stopped (its worker failed, or it was closed): no work runs any more. */
 export class EngineStoppedError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "EngineStoppedError";
-  }
+  override name = "EngineStoppedError";
 }
 
 /** Work that failed on the device; `user` when the input was at fault. */
@@ -56,12 +47,13 @@ export class WorkError extends Error {
   }
 }
 
-interface Entry {
+/** How a queued or running piece of work settles its caller's promise. */
+type Settle = Pick<PromiseWithResolvers<unknown>, "resolve" | "reject">;
+
+interface Entry extends Settle {
   run: (signal: AbortSignal) => Promise<unknown>;
   signal: AbortSignal;
   onStart?: () => void;
-  resolve: (v: unknown) => void;
-  reject: (e: unknown) => void;
   detach: () => void;
 }
 
@@ -96,10 +88,6 @@ export class WorkQueue {
     return this.#waiting.length;
   }
 
-  get closed(): boolean {
-    return this.#closed;
-  }
-
   /** Seconds until a slot is likely free: the waiting work plus the running one, at least 1. */
   retryAfter(): number {
     const mean = this.#finished ? this.#meanSeconds : 5;
@@ -117,27 +105,26 @@ export class WorkQueue {
     if (this.#running && this.#waiting.length >= this.bound) {
       throw new QueueFullError(this.retryAfter());
     }
-    return new Promise<T>((resolve, reject) => {
-      const entry: Entry = {
-        run,
-        signal,
-        onStart: opts.onStart,
-        resolve: resolve as (v: unknown) => void,
-        reject,
-        detach: () => {},
-      };
-      const onAbort = () => {
-        const i = this.#waiting.indexOf(entry);
-        if (i < 0) return;
-        this.#waiting.splice(i, 1);
-        entry.detach();
-        reject(signal.reason);
-      };
-      signal.addEventListener("abort", onAbort);
-      entry.detach = () => signal.removeEventListener("abort", onAbort);
-      this.#waiting.push(entry);
-      this.#pump();
-    });
+    const { promise, resolve, reject } = Promise.withResolvers<T>();
+    const onAbort = () => {
+      const i = this.#waiting.indexOf(entry);
+      if (i < 0) return;
+      this.#waiting.splice(i, 1);
+      entry.detach();
+      reject(signal.reason);
+    };
+    const entry: Entry = {
+      run,
+      signal,
+      onStart: opts.onStart,
+      resolve: resolve as (v: unknown) => void,
+      reject,
+      detach: () => signal.removeEventListener("abort", onAbort),
+    };
+    signal.addEventListener("abort", onAbort);
+    this.#waiting.push(entry);
+    this.#pump();
+    return promise;
   }
 
   /** Refuses new work and fails the waiting work with ClosedError; running work goes on. */
@@ -187,11 +174,10 @@ export interface GenerateHooks {
   beforeBatch?: () => Promise<void>;
 }
 
-interface Pending {
-  resolve: (v: unknown) => void;
-  reject: (e: unknown) => void;
-  hooks?: GenerateHooks;
-}
+/** A message to the worker before the engine numbers it. */
+type Call = ToWorker extends infer M ? M extends { id: number } ? Omit<M, "id"> : never : never;
+
+type Pending = Settle & { hooks?: GenerateHooks };
 
 /** The device worker behind a WorkQueue. */
 export class Engine {
@@ -245,17 +231,8 @@ export class Engine {
     format: ImageFormat,
     opts: SubmitOptions = {},
   ): Promise<Uint8Array<ArrayBuffer>> {
-    return this.queue.submit(
-      () =>
-        this.#call<Uint8Array<ArrayBuffer>>((id) => ({
-          type: "sample",
-          id,
-          spec,
-          ...refs,
-          format,
-        })),
-      opts,
-    );
+    const call = { type: "sample", spec, ...refs, format } as const;
+    return this.queue.submit(() => this.#call<Uint8Array<ArrayBuffer>>(call), opts);
   }
 
   /**
@@ -269,17 +246,8 @@ export class Engine {
     hooks: GenerateHooks,
     opts: SubmitOptions = {},
   ): Promise<GenerateSummary> {
-    return this.queue.submit((signal) => {
-      let id = 0;
-      const promise = this.#call<GenerateSummary>((i) => {
-        id = i;
-        return { type: "generate", id, config, shard, only, hold: !!hooks.beforeBatch };
-      }, hooks);
-      const cancel = () => this.#worker.postMessage({ type: "cancel", id } satisfies ToWorker);
-      if (signal.aborted) cancel();
-      else signal.addEventListener("abort", cancel, { once: true });
-      return promise.finally(() => signal.removeEventListener("abort", cancel));
-    }, opts);
+    const call = { type: "generate", config, shard, only, hold: !!hooks.beforeBatch } as const;
+    return this.queue.submit((signal) => this.#call<GenerateSummary>(call, hooks, signal), opts);
   }
 
   /** Refuses new work, fails waiting work, waits for the running work, stops the worker. */
@@ -287,18 +255,24 @@ export class Engine {
     this.queue.close();
     await this.queue.idle();
     // The model's tensors live in the process, not in the worker: freed before it goes.
-    await this.#call((id) => ({ type: "close", id })).catch(() => {});
+    await this.#call({ type: "close" }).catch(() => {});
     this.#worker.terminate();
     this.#fail(new EngineStoppedError("the engine was closed"));
   }
 
-  #call<T>(message: (id: number) => ToWorker, hooks?: GenerateHooks): Promise<T> {
+  /** Numbers `call` and sends it; aborting `signal` then asks the worker to stop it. */
+  #call<T>(call: Call, hooks?: GenerateHooks, signal?: AbortSignal): Promise<T> {
     if (this.#failure) return Promise.reject(this.#failure);
     const id = this.#nextId++;
-    return new Promise<T>((resolve, reject) => {
+    const promise = new Promise<T>((resolve, reject) => {
       this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject, hooks });
-      this.#worker.postMessage(message(id));
+      this.#worker.postMessage({ ...call, id } as ToWorker);
     });
+    if (!signal) return promise;
+    const cancel = () => this.#worker.postMessage({ type: "cancel", id } satisfies ToWorker);
+    if (signal.aborted) cancel();
+    else signal.addEventListener("abort", cancel, { once: true });
+    return promise.finally(() => signal.removeEventListener("abort", cancel));
   }
 
   #receive(m: FromWorker): void {

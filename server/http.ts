@@ -27,7 +27,7 @@ export interface HttpServer {
 }
 
 /** node:http's default: a request line and headers of more than 16 KiB get 431. */
-export const DEFAULT_MAX_HEAD_BYTES = 16 << 10;
+const DEFAULT_MAX_HEAD_BYTES = 16 << 10;
 
 export interface ServeOptions {
   hostname: string;
@@ -35,15 +35,15 @@ export interface ServeOptions {
   /** Largest request head (request line and headers) in bytes; a larger one gets 431. */
   maxHeadBytes?: number;
   /** Called for a handler that throws instead of answering. */
-  onError?: (e: unknown) => Response;
+  onError: (e: unknown) => Response;
   /**
    * The answer to a request that never reached the handler (400, 408, 431), or whose body broke
    * off while the handler read it (400). Plain data: it may have to be written at once, before
    * node closes the connection.
    */
-  onClientError?: (status: number, message: string) => Answer;
+  onClientError: (status: number, message: string) => Answer;
   /** The answer to a method the fetch API cannot carry (TRACE, CONNECT) on `target`. */
-  onMethod?: (method: string, target: string, authorization?: string) => Response;
+  onMethod: (method: string, target: string, authorization?: string) => Response;
 }
 
 /** An answer written as it is. */
@@ -116,37 +116,27 @@ async function writeResponse(res: ServerResponse, response: Response): Promise<v
  * closes it. The rest of what the client sends is read and dropped, so that the answer is not
  * lost to a reset while the client is still sending.
  */
-function answerSocket(socket: Socket, a: { status: number; headers: Headers; body: Uint8Array }) {
+function answerSocket(socket: Socket, a: Answer) {
   if (socket.destroyed || !socket.writable) {
     socket.destroy();
     return;
   }
+  const body = new TextEncoder().encode(a.body);
   const lines = [`HTTP/1.1 ${a.status} ${STATUS_CODES[a.status] ?? ""}`];
-  a.headers.forEach((v, k) => {
+  for (const [k, v] of Object.entries(a.headers)) {
     if (k !== "content-length" && k !== "connection") lines.push(`${k}: ${v}`);
-  });
-  lines.push(`content-length: ${a.body.length}`, "connection: close", "", "");
+  }
+  lines.push(`content-length: ${body.length}`, "connection: close", "", "");
   socket.on("data", () => {});
   socket.resume();
   socket.setTimeout(10_000, () => socket.destroy());
-  socket.end(new Uint8Array([...new TextEncoder().encode(lines.join("\r\n")), ...a.body]));
+  socket.end(new Uint8Array([...new TextEncoder().encode(lines.join("\r\n")), ...body]));
 }
 
 interface ParseError extends Error {
   code?: string;
   reason?: string;
 }
-
-function plain(status: number, message: string): Answer {
-  return { status, headers: { "content-type": "text/plain" }, body: message };
-}
-
-const toResponse = (a: Answer) => new Response(a.body, { status: a.status, headers: a.headers });
-const raw = (a: Answer) => ({
-  status: a.status,
-  headers: new Headers(a.headers),
-  body: new TextEncoder().encode(a.body),
-});
 
 /** Binds at once; rejects when the address cannot be bound. */
 export function serveHttp(
@@ -155,9 +145,7 @@ export function serveHttp(
 ): Promise<HttpServer> {
   const host = opts.hostname.includes(":") ? `[${opts.hostname}]` : opts.hostname;
   const maxHead = opts.maxHeadBytes ?? DEFAULT_MAX_HEAD_BYTES;
-  const onError = opts.onError ?? (() => toResponse(plain(500, "internal error")));
-  const onClientError = opts.onClientError ?? plain;
-  const onMethod = opts.onMethod ?? ((m: string) => toResponse(plain(405, `${m} is not allowed`)));
+  const { onError, onClientError, onMethod } = opts;
   // The request in progress on each connection, for parse errors that happen meanwhile.
   const current = new WeakMap<
     Socket,
@@ -198,7 +186,8 @@ export function serveHttp(
         request = toRequest(req, `http://${host}`, controller.signal, body);
       } catch (e) {
         const why = e instanceof Error ? e.message : String(e);
-        refusal = toResponse(onClientError(400, `the request cannot be read (${why})`));
+        const a = onClientError(400, `the request cannot be read (${why})`);
+        refusal = new Response(a.body, a);
       }
     }
     (async () => {
@@ -222,9 +211,9 @@ export function serveHttp(
   server.on("checkContinue", (req, res) => serve(req, res, true));
   server.on("connect", (req: IncomingMessage, socket: Socket) => {
     const r = onMethod("CONNECT", req.url ?? "", req.headers.authorization);
-    r.arrayBuffer().then(
-      (b) =>
-        answerSocket(socket, { status: r.status, headers: r.headers, body: new Uint8Array(b) }),
+    r.text().then(
+      (body) =>
+        answerSocket(socket, { status: r.status, headers: Object.fromEntries(r.headers), body }),
       () => socket.destroy(),
     );
   });
@@ -239,7 +228,7 @@ export function serveHttp(
       } else {
         // A request pipelined behind it is malformed: answered once the one before is.
         const a = onClientError(400, `malformed HTTP request (${err.reason ?? err.message})`);
-        inProgress.res.once("finish", () => parse ? answerSocket(socket, raw(a)) : socket.end());
+        inProgress.res.once("finish", () => parse ? answerSocket(socket, a) : socket.end());
       }
       return;
     }
@@ -252,7 +241,7 @@ export function serveHttp(
       : err.code === "ERR_HTTP_REQUEST_TIMEOUT"
       ? [408, "the request did not arrive in time"]
       : [400, `malformed HTTP request (${err.reason ?? err.message})`];
-    answerSocket(socket, raw(onClientError(status, message)));
+    answerSocket(socket, onClientError(status, message));
   });
   const finished = new Promise<void>((resolve) => server.once("close", () => resolve()));
   return new Promise((resolve, reject) => {

@@ -8,7 +8,6 @@
 import { dirname, isAbsolute, join, resolve, sep as SEPARATOR } from "node:path";
 import {
   ConfigError,
-  type ConfigLayer,
   parseConfigObject,
   PRESETS,
   resolveConfig,
@@ -17,10 +16,11 @@ import {
   type RunConfig,
 } from "../core/config.ts";
 import { type ProgressInfo, resolveShard, type Shard } from "../core/generate.ts";
-import type { Registry, SchedulerConfig } from "../core/plugins.ts";
-import { ClosedError, type Engine, type GenerateSummary } from "./engine.ts";
+import type { Registry } from "../core/plugins.ts";
+import { ClosedError, type Engine } from "./engine.ts";
 import * as s from "../core/schema.ts";
-import { pluginChoiceSchema } from "./openapi.ts";
+import { HttpError, invalid } from "./body.ts";
+import type { ServerOptions } from "./app.ts";
 import { UserError } from "../ffi/errors.ts";
 
 // ---------------------------------------------------------------------------------------------
@@ -39,35 +39,53 @@ const plugin = (kind: string) =>
 
 const path = (description: string) => s.string({ minLength: 1, maxLength: 4096, description });
 
-/** A run setting as RUN_FIELDS declares it (type, bounds, doc); absent, the preset's holds. */
-const runField = (key: "seed" | "steps" | "quality") =>
-  s.optional(s.withoutDefault(RUN_FIELDS.shape[key].schema as s.Schema<number>));
+/** The server's cap on what anyone may ask of a setting: a longest text, a largest number. */
+type Cap = { maxLength?: number; maximum?: number };
+
+/** A setting's schema with a cap on top, said in the document too. */
+export function capped<T>(inner: s.Schema<T>, cap: Cap): s.Schema<T> {
+  const limits: Record<string, s.Schema<unknown>> = {
+    string: s.string({ maxLength: cap.maxLength }),
+    number: s.number({ max: cap.maximum }),
+  };
+  return {
+    ...inner,
+    check(v, field, ctx) {
+      const before = ctx.issues.length;
+      const r = inner.check(v, field, ctx);
+      if (ctx.issues.length === before) limits[typeof r]?.check(r, field, ctx);
+      return ctx.issues.length > before ? undefined : r;
+    },
+    jsonSchema: () => ({ ...inner.jsonSchema(), ...cap }),
+  };
+}
+
+/**
+ * A run setting as RUN_FIELDS declares it (type, bounds, doc), without its default (absent, the
+ * preset's holds), and capped.
+ */
+const runField = (key: keyof typeof RUN_FIELDS.shape, cap: Cap = {}) =>
+  s.optional(capped(s.withoutDefault<unknown>(RUN_FIELDS.shape[key].schema), cap));
 
 /** The body of POST /v1/jobs: `dipsy generate`'s settings, without the server's model ones. */
 export const JOB_REQUEST = s.object({
   data: s.required(path("few-shot images: DIR/<class>/*.jpg, or the DataDream layout")),
   out: s.required(path("output folder: new, empty, or an earlier run of the same settings")),
-  dataset: s.optional(s.nullable(s.string({ maxLength: 100, description: "dataset name" }))),
-  fewshotSeed: s.optional(s.nullable(s.oneOf<unknown>([
-    s.string({ maxLength: 100 }),
-    s.integer({ min: 0 }),
-  ], { expected: "a string or an integer", description: "DataDream few-shot split" }))),
-  skipBad: s.optional(s.boolean({ description: "leave unreadable shots out" })),
+  dataset: runField("dataset", { maxLength: 100 }),
+  fewshotSeed: runField("fewshotSeed", { maxLength: 100 }),
+  skipBad: runField("skipBad"),
   similarity: s.optional(s.nullable(path("class similarity file"))),
   preset: s.optional(s.string({ enum: Object.keys(PRESETS), description: "named settings" })),
-  perClass: s.optional(s.integer({ min: 1, max: 1_000_000, description: "images per class" })),
+  perClass: runField("perClass", { maximum: 1_000_000 }),
   seed: runField("seed"),
   steps: runField("steps"),
-  width: s.optional(s.nullable(s.integer({ min: 8, max: 4096, description: "pixels" }))),
-  height: s.optional(s.nullable(s.integer({ min: 8, max: 4096, description: "pixels" }))),
-  prompt: s.optional(s.nullable(s.string({
-    maxLength: 1000,
-    description: 'prompt template with {c} for the class name; "" for the empty prompt',
-  }))),
+  width: runField("width", { maximum: 4096 }),
+  height: runField("height", { maximum: 4096 }),
+  prompt: runField("prompt", { maxLength: 1000 }),
   guidance: s.optional(plugin("guidance")),
   sampler: s.optional(plugin("sampler")),
   pairs: s.optional(plugin("pairs")),
-  batch: s.optional(s.integer({ min: 1, max: 256, description: "images per model call" })),
+  batch: runField("batch", { maximum: 256 }),
   quality: runField("quality"),
   shard: s.optional(s.string({
     pattern: /^\d+\/\d+$/,
@@ -82,25 +100,31 @@ export const JOB_REQUEST = s.object({
 
 export type JobRequest = s.Infer<typeof JOB_REQUEST>;
 
-/** JOB_REQUEST's JSON Schema with each plugin field's options drawn from the plugins' schemas. */
+/**
+ * JOB_REQUEST's JSON Schema with each plugin field a plugin's name, or `{ name, ...options }` with
+ * that plugin's option schema (without a name, the options are for the plugin the preset chose).
+ */
 export function jobRequestJson(reg: Registry): s.JsonSchema {
   const json = JOB_REQUEST.jsonSchema();
   const properties = { ...json.properties as Record<string, s.JsonSchema> };
   for (const kind of ["guidance", "sampler", "pairs"] as const) {
-    properties[kind] = pluginChoiceSchema(
-      reg,
-      kind,
-      `${kind} plugin: a name, or { name, ...options }`,
-    );
+    const defs = reg.list(kind);
+    properties[kind] = {
+      description: `${kind} plugin: a name, or { name, ...options }`,
+      anyOf: [
+        { type: "string", enum: defs.map((d) => d.name) },
+        ...defs.map((d) => {
+          const options = d.schema.jsonSchema();
+          return {
+            ...options,
+            description: d.description,
+            properties: { name: { enum: [d.name] }, ...options.properties as object },
+          };
+        }),
+      ],
+    };
   }
   return { ...json, properties };
-}
-
-/** A request the server refuses; `status` is the HTTP status, `field` the offending input. */
-export class JobRequestError extends UserError {
-  constructor(readonly status: number, readonly issues: s.Issue[]) {
-    super(issues.map((i) => (i.field ? `${i.field}: ` : "") + i.message).join("; "));
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -134,12 +158,9 @@ export class RootsError extends UserError {}
 export async function resolveRoots(roots: readonly string[]): Promise<string[]> {
   const out: string[] = [];
   for (const r of roots) {
-    let real: string;
-    try {
-      real = await Deno.realPath(r);
-    } catch {
+    const real = await Deno.realPath(r).catch(() => {
       throw new RootsError(`--roots: ${r} does not exist`);
-    }
+    });
     if (!(await Deno.stat(real)).isDirectory) throw new RootsError(`--roots: ${r} is not a folder`);
     out.push(real);
   }
@@ -151,16 +172,13 @@ export async function resolveRoots(roots: readonly string[]): Promise<string[]> 
  * links are resolved; a 403 otherwise.
  */
 export async function confine(p: string, roots: readonly string[], field: string): Promise<string> {
-  const refuse = (why: string) => new JobRequestError(403, [{ field, message: why }]);
+  const refuse = (why: string) => new HttpError(403, `${field}: ${why}`, [{ field, message: why }]);
   if (roots.length === 0) throw refuse("the server was started without --roots: no paths allowed");
   if (p.includes("\0")) throw refuse("must not contain NUL characters");
   const abs = isAbsolute(p) ? resolve(p) : resolve(roots[0], p);
-  let real: string;
-  try {
-    real = await realish(abs);
-  } catch {
+  const real = await realish(abs).catch(() => {
     throw refuse("cannot be resolved");
-  }
+  });
   if (!roots.some((r) => inside(r, abs) && inside(r, real))) {
     throw refuse(`${p} is outside the allowed roots`);
   }
@@ -170,21 +188,14 @@ export async function confine(p: string, roots: readonly string[], field: string
 // ---------------------------------------------------------------------------------------------
 // Request to configuration
 
-export interface JobDefaults {
-  /** The server's settings: model references, device, dtype. */
-  base: ConfigLayer;
-  roots: readonly string[];
+export interface JobDefaults
+  extends Pick<ServerOptions, "base" | "roots" | "schedulerConfig" | "registry"> {
   /** The model's output size, when the request gives none. */
   defaultSize: number;
-  schedulerConfig: SchedulerConfig;
-  registry: Registry;
 }
 
-export interface JobPlan {
-  config: RunConfig;
-  shard: Shard;
-  only: string[];
-}
+/** A checked request: the run's configuration, this job's shard and the images it remakes. */
+export type JobPlan = Awaited<ReturnType<typeof planJob>>;
 
 /** The field a core configuration message is about ("request: \"steps\" must be ..."). */
 function configIssues(problems: readonly string[]): s.Issue[] {
@@ -195,8 +206,6 @@ function configIssues(problems: readonly string[]): s.Issue[] {
       (m) => `${m[1]}.${m[2]}`,
     ],
     [/^(guidance|sampler|pairs) plugin/, (m) => m[1]],
-    [/^unknown setting "([^"]+)"/, (m) => m[1]],
-    [/^unknown preset/, () => "preset"],
     [/^prompt /, () => "prompt"],
     [/^set both width and height/, () => "width"],
     [/^"([^"]+)"/, (m) => m[1]],
@@ -219,7 +228,7 @@ function message(e: unknown): string {
  * Checks a request as far as possible without the device (settings, plugins, paths, shard), so
  * that a bad one is refused before it waits in the queue.
  */
-export async function planJob(req: JobRequest, d: JobDefaults): Promise<JobPlan> {
+export async function planJob(req: JobRequest, d: JobDefaults) {
   const { shard: shardText, only, data, out, similarity, ...rest } = req;
   const paths: Record<string, unknown> = {
     data: await confine(data, d.roots, "data"),
@@ -232,16 +241,13 @@ export async function planJob(req: JobRequest, d: JobDefaults): Promise<JobPlan>
     config = resolveConfig([d.base, layer], d.registry);
   } catch (e) {
     if (e instanceof ConfigError) {
-      throw new JobRequestError(400, configIssues(e.problems));
+      throw invalid(configIssues(e.problems));
     }
     throw e;
   }
-  let info: Deno.FileInfo | null = null;
-  try {
-    info = await Deno.stat(config.data!);
-  } catch { /* reported below */ }
+  const info = await Deno.stat(config.data!).catch(() => null);
   if (!info?.isDirectory) {
-    throw new JobRequestError(400, [{ field: "data", message: `${data} is not a folder` }]);
+    throw invalid([{ field: "data", message: `${data} is not a folder` }]);
   }
   config.width ??= d.defaultSize;
   config.height ??= d.defaultSize;
@@ -252,13 +258,13 @@ export async function planJob(req: JobRequest, d: JobDefaults): Promise<JobPlan>
   } catch (e) {
     const text = message(e).replace(/^configuration: /, "");
     const field = /^(guidance|sampler|pairs) plugin/.exec(text)?.[1] ?? "sampler";
-    throw new JobRequestError(400, [{ field, message: text }]);
+    throw invalid([{ field, message: text }]);
   }
   let shard: Shard;
   try {
     shard = resolveShard(shardText, undefined, {});
   } catch (e) {
-    throw new JobRequestError(400, [{ field: "shard", message: message(e) }]);
+    throw invalid([{ field: "shard", message: message(e) }]);
   }
   return { config, shard, only: only ?? [] };
 }
@@ -266,25 +272,63 @@ export async function planJob(req: JobRequest, d: JobDefaults): Promise<JobPlan>
 // ---------------------------------------------------------------------------------------------
 // Jobs
 
-export type JobStatus = "queued" | "running" | "cancelling" | "cancelled" | "succeeded" | "failed";
+const JOB_STATUSES = [
+  "queued",
+  "running",
+  "cancelling",
+  "cancelled",
+  "succeeded",
+  "failed",
+] as const;
+export type JobStatus = typeof JOB_STATUSES[number];
 
 const FINAL: readonly JobStatus[] = ["cancelled", "succeeded", "failed"];
 
-export interface JobView {
-  id: string;
-  status: JobStatus;
-  data: string;
-  out: string;
-  createdAt: string;
-  startedAt: string | null;
-  finishedAt: string | null;
-  /** Images written by this job, of `total` it has to write; the step of the batch in flight. */
-  progress: { done: number; total: number | null; step: { index: number; total: number } | null };
-  result: GenerateSummary | null;
-  error: string | null;
-  /** Notes and warnings from the run (the last few). */
-  messages: string[];
+/** An object whose fields are all present: the shape of an answer, not of a request. */
+function answer<S extends Record<string, s.Schema<unknown>>>(fields: S, description?: string) {
+  const shape = Object.fromEntries(Object.entries(fields).map(([k, f]) => [k, s.required(f)]));
+  return s.object(shape, { description }) as s.ObjectSchema<
+    { [K in keyof S]: s.Field<s.Infer<S[K]>, true> }
+  >;
 }
+
+const dateTime = <T>(inner: s.Schema<T>): s.Schema<T> => ({
+  ...inner,
+  jsonSchema: () => ({ ...inner.jsonSchema(), format: "date-time" }),
+});
+
+/** What a job's run did (core's `generate`). */
+const GENERATE_SUMMARY = answer({
+  out: s.string(),
+  written: s.integer(),
+  skipped: s.integer(),
+  remaining: s.integer(),
+  interrupted: s.boolean(),
+});
+export type GenerateSummary = s.Infer<typeof GENERATE_SUMMARY>;
+
+/** A job as the API shows it. */
+export const JOB_VIEW = answer({
+  id: s.string(),
+  status: s.string({ enum: JOB_STATUSES }),
+  data: s.string(),
+  out: s.string(),
+  createdAt: dateTime(s.string()),
+  startedAt: dateTime(s.nullable(s.string())),
+  finishedAt: dateTime(s.nullable(s.string())),
+  progress: answer(
+    {
+      done: s.integer(),
+      total: s.nullable(s.integer()),
+      step: s.nullable(answer({ index: s.integer(), total: s.integer() })),
+    },
+    "images written by this job, of `total` it has to write; the step of the batch in flight",
+  ),
+  result: s.nullable(GENERATE_SUMMARY),
+  error: s.nullable(s.string()),
+  messages: s.array(s.string(), { description: "notes and warnings from the run (the last few)" }),
+});
+export type JobView = s.Infer<typeof JOB_VIEW> & { status: JobStatus };
 
 export type JobEvent =
   | { event: "status"; data: JobView }
@@ -306,12 +350,9 @@ export class Job {
   readonly messages: string[] = [];
   readonly controller = new AbortController();
   readonly #listeners = new Set<(e: JobEvent) => void>();
-  #done: Promise<void>;
-  #markDone!: () => void;
+  readonly #done = Promise.withResolvers<void>();
 
-  constructor(readonly plan: JobPlan) {
-    this.#done = new Promise((r) => this.#markDone = r);
-  }
+  constructor(readonly plan: JobPlan) {}
 
   get final(): boolean {
     return FINAL.includes(this.status);
@@ -319,7 +360,7 @@ export class Job {
 
   /** Resolves when the job has reached a final status. */
   get done(): Promise<void> {
-    return this.#done;
+    return this.#done.promise;
   }
 
   view(): JobView {
@@ -354,7 +395,7 @@ export class Job {
     if (status === "running") this.started = new Date();
     if (FINAL.includes(status)) this.finished = new Date();
     this.emit({ event: "status", data: this.view() });
-    if (FINAL.includes(status)) this.#markDone();
+    if (FINAL.includes(status)) this.#done.resolve();
   }
 
   note(message: string): void {

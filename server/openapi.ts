@@ -3,7 +3,8 @@
  * the requests (core/schema.ts), so the document cannot drift from what the server accepts.
  */
 import type { PluginKind, Registry } from "../core/plugins.ts";
-import type { JsonSchema } from "../core/schema.ts";
+import * as s from "../core/schema.ts";
+import { JOB_VIEW } from "./jobs.ts";
 
 export const API_VERSION = "1";
 
@@ -16,7 +17,7 @@ export function pluginOptionSchemas(
   kind: PluginKind,
   defaultName: string,
   field: string,
-): JsonSchema[] {
+): s.JsonSchema[] {
   return reg.list(kind).map((d) => ({
     if: {
       ...(d.name === defaultName ? {} : { required: [kind] }),
@@ -26,137 +27,56 @@ export function pluginOptionSchemas(
   }));
 }
 
-/**
- * A plugin field of a job: a plugin's name, or `{ name, ...options }` with that plugin's option
- * schema (without a name, the options are for the plugin the preset chose).
- */
-export function pluginChoiceSchema(
-  reg: Registry,
-  kind: PluginKind,
-  description: string,
-): JsonSchema {
-  const defs = reg.list(kind);
-  return {
-    description,
-    anyOf: [
-      { type: "string", enum: defs.map((d) => d.name) },
-      ...defs.map((d) => {
-        const options = d.schema.jsonSchema();
-        return {
-          ...options,
-          description: d.description,
-          properties: { name: { enum: [d.name] }, ...options.properties as object },
-        };
-      }),
-    ],
-  };
-}
-
 export interface RouteDoc {
   method: "get" | "post" | "delete";
   /** OpenAPI form: /v1/jobs/{id}. */
   path: string;
   summary: string;
-  request?: { type: string; schema: JsonSchema };
-  responses: Record<number, { description: string; type?: string; schema?: JsonSchema }>;
+  request?: { type: string; schema: s.JsonSchema };
+  responses: Record<number, { description: string; type?: string; schema?: s.JsonSchema }>;
   public?: boolean;
 }
 
-const ERROR_SCHEMA: JsonSchema = {
-  type: "object",
-  properties: {
-    error: {
-      type: "object",
-      properties: {
-        status: { type: "integer" },
-        message: { type: "string" },
-        issues: {
-          type: "array",
-          items: {
-            type: "object",
-            properties: { field: { type: "string" }, message: { type: "string" } },
-            required: ["field", "message"],
-          },
-        },
-      },
-      required: ["status", "message"],
-    },
-  },
-  required: ["error"],
-};
+const ERROR_SCHEMA = s.object({
+  error: s.required(s.object({
+    status: s.required(s.integer()),
+    message: s.required(s.string()),
+    issues: s.optional(s.array(s.object({
+      field: s.required(s.string()),
+      message: s.required(s.string()),
+    }))),
+  })),
+}).jsonSchema();
 
-const JOB_SCHEMA: JsonSchema = {
-  type: "object",
-  properties: {
-    id: { type: "string" },
-    status: {
-      type: "string",
-      enum: ["queued", "running", "cancelling", "cancelled", "succeeded", "failed"],
-    },
-    data: { type: "string" },
-    out: { type: "string" },
-    createdAt: { type: "string", format: "date-time" },
-    startedAt: { type: ["string", "null"], format: "date-time" },
-    finishedAt: { type: ["string", "null"], format: "date-time" },
-    progress: {
-      type: "object",
-      properties: {
-        done: { type: "integer" },
-        total: { type: ["integer", "null"] },
-        step: {
-          type: ["object", "null"],
-          properties: { index: { type: "integer" }, total: { type: "integer" } },
-        },
-      },
-    },
-    result: {
-      type: ["object", "null"],
-      properties: {
-        out: { type: "string" },
-        written: { type: "integer" },
-        skipped: { type: "integer" },
-        remaining: { type: "integer" },
-        interrupted: { type: "boolean" },
-      },
-    },
-    error: { type: ["string", "null"] },
-    messages: { type: "array", items: { type: "string" } },
-  },
-};
-
-export function routeDocs(sampleSchema: JsonSchema, jobSchema: JsonSchema): RouteDoc[] {
-  const err = (description: string) => ({
+export function routeDocs(sampleSchema: s.JsonSchema, jobSchema: s.JsonSchema): RouteDoc[] {
+  const json = (description: string, schema?: s.JsonSchema) => ({
     description,
     type: "application/json",
-    schema: ERROR_SCHEMA,
+    schema,
   });
+  const err = (description: string) => json(description, ERROR_SCHEMA);
   const common = { 401: err("missing or wrong bearer token"), 404: err("no such route") };
-  const job = { description: "the job", type: "application/json", schema: JOB_SCHEMA };
+  const jobView = JOB_VIEW.jsonSchema();
+  const job = json("the job", jobView);
   return [
     {
       method: "get",
       path: "/healthz",
       summary: "liveness: 200 while the engine works",
       public: true,
-      responses: {
-        200: { description: "alive", type: "application/json" },
-        503: err("the engine failed"),
-      },
+      responses: { 200: json("alive"), 503: err("the engine failed") },
     },
     {
       method: "get",
       path: "/openapi.json",
       summary: "this document",
-      responses: { 200: { description: "OpenAPI 3.1", type: "application/json" }, ...common },
+      responses: { 200: json("OpenAPI 3.1"), ...common },
     },
     {
       method: "get",
       path: "/v1/info",
       summary: "models loaded, device, dtype, plugins, queue, memory, limits and versions",
-      responses: {
-        200: { description: "server information", type: "application/json" },
-        ...common,
-      },
+      responses: { 200: json("server information"), ...common },
     },
     {
       method: "post",
@@ -199,11 +119,10 @@ export function routeDocs(sampleSchema: JsonSchema, jobSchema: JsonSchema): Rout
       path: "/v1/jobs",
       summary: "the jobs this server knows",
       responses: {
-        200: {
-          description: "jobs, oldest first",
-          type: "application/json",
-          schema: { type: "object", properties: { jobs: { type: "array", items: JOB_SCHEMA } } },
-        },
+        200: json("jobs, oldest first", {
+          type: "object",
+          properties: { jobs: { type: "array", items: jobView } },
+        }),
         ...common,
       },
     },

@@ -10,13 +10,15 @@
  * cookie and redirects to the same page without the token, and the cookie then stands for the
  * token on every request, the API's included (unsafe methods only from the server's own origin).
  */
-import { createHash, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
+import { createHash, createHmac, randomBytes } from "node:crypto";
 import { basename, extname, isAbsolute, join, relative, sep as SEPARATOR } from "node:path";
 import type { Hono } from "hono";
 import { MANIFEST, RUN_RECORD, SIMILARITY_FILE } from "../core/output.ts";
 import { SORT_SCRIPT } from "../report/html.ts";
 import { UserError } from "../ffi/errors.ts";
-import { confine, JobRequestError, type JobStore, type JobView } from "./jobs.ts";
+import { sameSecret } from "./auth.ts";
+import { confine, type JobStore, type JobView } from "./jobs.ts";
+import { HttpError } from "./body.ts";
 
 export interface PagesOptions {
   jobs: JobStore;
@@ -45,11 +47,6 @@ function cookieOf(req: Request): string | null {
   return null;
 }
 
-function sameText(a: string, b: string): boolean {
-  const x = new TextEncoder().encode(a), y = new TextEncoder().encode(b);
-  return x.length === y.length && timingSafeEqual(x, y);
-}
-
 /**
  * Whether `req` carries the page cookie of `token`. A request that changes something (any
  * method but GET and HEAD) must also come from the server's own origin: SameSite=Strict keeps
@@ -57,7 +54,7 @@ function sameText(a: string, b: string): boolean {
  */
 export function pageCookieAuthorized(req: Request, token: string): boolean {
   const value = cookieOf(req);
-  if (value === null || !sameText(value, cookieValue(token))) return false;
+  if (value === null || !sameSecret(value, cookieValue(token))) return false;
   if (req.method === "GET" || req.method === "HEAD") return true;
   const origin = req.headers.get("origin"), host = req.headers.get("host");
   if (!origin || !host) return false;
@@ -79,7 +76,7 @@ export function pageGate(req: Request, token: string): Response | null {
   const url = new URL(req.url);
   if (url.pathname === "/favicon.ico") return new Response(null, { status: 204 });
   const given = url.searchParams.get("token");
-  if (given === null || !PAGE_PATH.test(url.pathname) || !sameText(given, token)) return null;
+  if (given === null || !PAGE_PATH.test(url.pathname) || !sameSecret(given, token)) return null;
   url.searchParams.delete("token");
   return new Response(null, {
     status: 303,
@@ -153,9 +150,7 @@ const FILE_POLICY = "default-src 'none'; img-src 'self' data:; style-src 'unsafe
  * one line. Null for any other path.
  */
 export function pageErrorFor(req: Request, status: number, message: string): Response | null {
-  return PAGE_PATH.test(new URL(req.url).pathname)
-    ? errorPage(new PageError(status, message))
-    : null;
+  return PAGE_PATH.test(new URL(req.url).pathname) ? errorPage(status, message) : null;
 }
 
 /**
@@ -199,20 +194,14 @@ ${main}
 }
 
 /** An error as a page: one line saying what is wrong, and the way back. */
-class PageError extends Error {
-  constructor(readonly status: number, message: string) {
-    super(message);
-  }
-}
-
-function errorPage(e: PageError): Response {
+function errorPage(status: number, message: string): Response {
   return html(
     page(
-      `${e.status}`,
-      `<main><h1>${e.status}</h1><p class="error">${esc(e.message)}</p>` +
+      `${status}`,
+      `<main><h1>${status}</h1><p class="error">${esc(message)}</p>` +
         `<p><a href="/">all runs</a></p></main>`,
     ),
-    e.status,
+    status,
   );
 }
 
@@ -242,25 +231,15 @@ function segments(path: string): string[] {
     try {
       p = decodeURIComponent(raw);
     } catch {
-      throw new PageError(400, `malformed path segment "${raw}"`);
+      throw new HttpError(400, `malformed path segment "${raw}"`);
     }
     if (p === "" && i === parts.length - 1) return p;
     if (p === "." || p === ".." || /[\\/\0]/.test(p)) {
-      throw new PageError(403, `path segment "${p}" is not allowed`);
+      throw new HttpError(403, `path segment "${p}" is not allowed`);
     }
-    if (p.startsWith(".")) throw new PageError(404, `hidden files are not served: ${p}`);
+    if (p.startsWith(".")) throw new HttpError(404, `hidden files are not served: ${p}`);
     return p;
   });
-}
-
-/** `abs` once confined to `roots` like a job path, as its real path. */
-async function confined(abs: string, roots: readonly string[]): Promise<string> {
-  try {
-    return await confine(abs, roots, "path");
-  } catch (e) {
-    if (e instanceof JobRequestError) throw new PageError(e.status, e.issues[0]?.message ?? "");
-    throw e;
-  }
 }
 
 /** The path of `p` from `dir` when `p` is `dir` or inside it ("" for `dir`), else null. */
@@ -269,13 +248,7 @@ function within(dir: string, p: string): string | null {
   return rel === ".." || rel.startsWith(`..${SEPARATOR}`) || isAbsolute(rel) ? null : rel;
 }
 
-async function statOrNull(p: string): Promise<Deno.FileInfo | null> {
-  try {
-    return await Deno.stat(p);
-  } catch {
-    return null;
-  }
-}
+const statOrNull = (p: string): Promise<Deno.FileInfo | null> => Deno.stat(p).catch(() => null);
 
 /** Files the run pages serve anywhere in the roots: images and records. */
 const TYPES: Record<string, string> = {
@@ -323,7 +296,7 @@ async function servableType(real: string, roots: readonly string[]): Promise<str
   if (root === undefined) return null;
   const rel = within(root, real)!.split(SEPARATOR).filter((p) => p);
   const hidden = rel.find((p) => p.startsWith("."));
-  if (hidden !== undefined) throw new PageError(404, `hidden files are not served: ${hidden}`);
+  if (hidden !== undefined) throw new HttpError(404, `hidden files are not served: ${hidden}`);
   const name = rel.at(-1) ?? "", ext = extname(name).toLowerCase();
   if (TYPES[ext] !== undefined) return TYPES[ext];
   const type = name === REPORT_HTML ? HTML_TYPE : REPORT_TYPES[ext];
@@ -337,21 +310,16 @@ async function servableType(real: string, roots: readonly string[]): Promise<str
  * it had then, which the content-length says.
  */
 async function sendFile(path: string, type: string): Promise<Response> {
-  const file = await Deno.open(path, { read: true });
-  let body: Uint8Array;
-  try {
-    const { size } = await file.stat();
-    body = new Uint8Array(size);
-    let n = 0;
-    while (n < size) {
-      const got = await file.read(body.subarray(n));
-      if (got === null) break;
-      n += got;
-    }
-    body = body.subarray(0, n);
-  } finally {
-    file.close();
+  using file = await Deno.open(path, { read: true });
+  const { size } = await file.stat();
+  const whole = new Uint8Array(size);
+  let n = 0;
+  while (n < size) {
+    const got = await file.read(whole.subarray(n));
+    if (got === null) break;
+    n += got;
   }
+  const body = whole.subarray(0, n);
   const report = type === HTML_TYPE;
   const headers: Record<string, string> = {
     "content-type": type,
@@ -476,8 +444,6 @@ let reportModule: Promise<typeof import("../report/mod.ts")> | undefined;
 // ---------------------------------------------------------------------------------------------
 // Jobs
 
-const JOB_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-
 /** The images in a job's output folder (`<class>/<file>`), in name order. */
 async function jobImages(out: string): Promise<string[]> {
   const files: string[] = [];
@@ -565,17 +531,19 @@ ${
   };
 
   const guard =
-    (handler: (req: Request) => Promise<Response>) => async (c: { req: { raw: Request } }) => {
+    (handler: (req: Request) => Response | Promise<Response>) =>
+    async (c: { req: { raw: Request } }) => {
       try {
         return await handler(c.req.raw);
       } catch (e) {
-        if (e instanceof PageError) return errorPage(e);
-        if (e instanceof UserError) return errorPage(new PageError(422, e.message));
+        // A refusal of a path (as the API refuses a job's) says on the page just what is wrong.
+        if (e instanceof HttpError) return errorPage(e.status, e.issues[0]?.message ?? e.message);
+        if (e instanceof UserError) return errorPage(422, e.message);
         // Not the visitor's to fix (a full disk, a folder it may not write): said on the page
         // in one line, the details in the server's log.
         console.error(e);
         const message = (e instanceof Error ? e.message : String(e)).split("\n")[0];
-        return errorPage(new PageError(500, `the server could not answer: ${message}`));
+        return errorPage(500, `the server could not answer: ${message}`);
       }
     };
 
@@ -584,7 +552,7 @@ ${
   app.get("/static/:file", async (c) => {
     const file = c.req.param("file");
     const type = STATIC[file];
-    if (!type) return errorPage(new PageError(404, `no file ${file}`));
+    if (!type) return errorPage(404, `no file ${file}`);
     const body = await Deno.readFile(new URL(`./static/${file}`, import.meta.url));
     return new Response(body, {
       headers: {
@@ -612,15 +580,23 @@ ${
   const reportUrl = (run: readonly string[], parts: readonly string[]) =>
     `/reports/${keyOf(run)}/${pathOf(parts)}`;
 
-  /** A path from the roots' names: its root and the real path it names (confined). */
+  /**
+   * A path from the roots' names: its root and the real path it names (confined), and for a file
+   * its type (a 404 for one the pages do not serve).
+   */
   const resolvePath = async (parts: string[]) => {
     const root = names.get(parts[0] ?? "");
-    if (root === undefined) throw new PageError(404, `no root named "${parts[0] ?? ""}"`);
+    if (root === undefined) throw new HttpError(404, `no root named "${parts[0] ?? ""}"`);
     const rel = parts.slice(1).filter((p) => p);
-    const real = await confined(join(root, ...rel), o.roots);
+    const real = await confine(join(root, ...rel), o.roots, "path");
     const info = await statOrNull(real);
-    if (!info) throw new PageError(404, `${join(...parts)} does not exist`);
-    return { real, info, slash: parts.length === 1 || parts.at(-1) === "" };
+    if (!info) throw new HttpError(404, `${join(...parts)} does not exist`);
+    const slash = parts.length === 1 || parts.at(-1) === "";
+    if (info.isDirectory) return { real, info, slash, type: null };
+    if (slash || !info.isFile) throw new HttpError(404, `${join(...parts)} is not a folder`);
+    const type = await servableType(real, o.roots);
+    if (!type) throw new HttpError(404, `${parts.at(-1)} is not a file the pages serve`);
+    return { real, info, slash, type };
   };
 
   app.get(
@@ -628,25 +604,22 @@ ${
     guard(async (req) => {
       const url = new URL(req.url);
       const parts = segments(url.pathname.slice("/runs/".length));
-      const { real, info, slash } = await resolvePath(parts);
+      const { real, info, slash, type } = await resolvePath(parts);
       const named = parts.filter((p) => p);
       if (info.isDirectory) {
         // The report's links are relative to its folder.
         if (!slash) return redirect(`${url.pathname}/`, 301);
         if (!await runKind(real)) {
-          throw new PageError(404, `${urlOf(real) ?? real} is not a dipsy run (no run record)`);
+          throw new HttpError(404, `${urlOf(real) ?? real} is not a dipsy run (no run record)`);
         }
         return redirect(`${reportUrl(named, named)}/`, 303);
       }
-      if (slash || !info.isFile) throw new PageError(404, `${join(...parts)} is not a folder`);
-      const type = await servableType(real, o.roots);
-      if (!type) throw new PageError(404, `${parts.at(-1)} is not a file the pages serve`);
       if (type === HTML_TYPE) {
         const depth = reportRunDepth(named.slice(1));
-        if (depth === null) throw new PageError(404, `${parts.at(-1)} is not a report's page`);
+        if (depth === null) throw new HttpError(404, `${parts.at(-1)} is not a report's page`);
         return redirect(reportUrl(named.slice(0, depth + 1), named), 303);
       }
-      return await sendFile(real, type);
+      return await sendFile(real, type!);
     }),
   );
 
@@ -660,18 +633,15 @@ ${
       // The run folder the key is for: one of the path's leading folders.
       let run = 0;
       for (let n = 1; n <= named.length && !run; n++) {
-        if (sameText(key, keyOf(named.slice(0, n)))) run = n;
+        if (sameSecret(key, keyOf(named.slice(0, n)))) run = n;
       }
       if (!run) return redirect(`/runs/${pathOf(parts)}`, 303);
-      const { real, info, slash } = await resolvePath(parts);
+      const { real, info, slash, type } = await resolvePath(parts);
       if (info.isDirectory) {
         if (!slash) return redirect(`${url.pathname}/`, 301);
         return await reportPage(real);
       }
-      if (slash || !info.isFile) throw new PageError(404, `${join(...parts)} is not a folder`);
-      const type = await servableType(real, o.roots);
-      if (!type) throw new PageError(404, `${parts.at(-1)} is not a file the pages serve`);
-      return await sendFile(real, type);
+      return await sendFile(real, type!);
     }),
   );
 
@@ -682,7 +652,7 @@ ${
    */
   const reportPage = async (dir: string): Promise<Response> => {
     const kind = await runKind(dir);
-    if (!kind) throw new PageError(404, `${urlOf(dir) ?? dir} is not a dipsy run (no run record)`);
+    if (!kind) throw new HttpError(404, `${urlOf(dir) ?? dir} is not a dipsy run (no run record)`);
     const file = join(dir, REPORT_HTML);
     const made = (await statOrNull(file))?.mtime?.getTime() ?? -1;
     const changed = await recordsChanged(dir, kind);
@@ -703,8 +673,8 @@ ${
   };
 
   const findJob = (id: string) => {
-    const job = JOB_ID.test(id) ? o.jobs.get(id) : undefined;
-    if (!job) throw new PageError(404, `no job ${id} (jobs are forgotten when the server stops)`);
+    const job = o.jobs.get(id);
+    if (!job) throw new HttpError(404, `no job ${id} (jobs are forgotten when the server stops)`);
     return job;
   };
 
@@ -717,7 +687,7 @@ ${
       const report = urlOf(v.out);
       const link = report ? ` (<a id="report" href="${esc(report)}/">report</a>)` : "";
       const count = `${v.progress.done} / ${v.progress.total ?? "?"}`;
-      return Promise.resolve(html(page(
+      return html(page(
         `job ${v.id.slice(0, 8)}`,
         `<main id="job" data-job="${v.id}" data-status="${v.status}">
 <h1>Job <code>${v.id.slice(0, 8)}</code> <span id="status" class="status">${v.status}</span></h1>
@@ -731,7 +701,7 @@ ${
 <ol id="log" class="log"></ol>
 </main>`,
         { script: "/static/job.js" },
-      )));
+      ));
     }),
   );
 
@@ -752,15 +722,15 @@ ${
       const out = findJob(id).view().out;
       const rel = segments(rest.join("/"));
       if (rel.length === 0 || rel[rel.length - 1] === "" || !IMAGE.test(rel[rel.length - 1])) {
-        throw new PageError(404, "only the job's images are served here");
+        throw new HttpError(404, "only the job's images are served here");
       }
-      const real = await confined(join(out, ...rel), o.roots);
-      if (within(await confined(out, o.roots), real) === null) {
-        throw new PageError(403, `${rel.join("/")} is outside the job's output folder`);
+      const real = await confine(join(out, ...rel), o.roots, "path");
+      if (within(await confine(out, o.roots, "path"), real) === null) {
+        throw new HttpError(403, `${rel.join("/")} is outside the job's output folder`);
       }
-      if (!(await statOrNull(real))?.isFile) throw new PageError(404, `no image ${rel.join("/")}`);
+      if (!(await statOrNull(real))?.isFile) throw new HttpError(404, `no image ${rel.join("/")}`);
       const type = await servableType(real, o.roots);
-      if (!type || !IMAGE.test(real)) throw new PageError(404, `no image ${rel.join("/")}`);
+      if (!type || !IMAGE.test(real)) throw new HttpError(404, `no image ${rel.join("/")}`);
       return await sendFile(real, type);
     }),
   );

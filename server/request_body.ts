@@ -12,10 +12,7 @@ import type { IncomingMessage } from "node:http";
 
 /** The body did not arrive whole: the connection ended or its framing broke mid-body. */
 export class BodyError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "BodyError";
-  }
+  override name = "BodyError";
 }
 
 export interface RequestBody {

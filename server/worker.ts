@@ -12,6 +12,7 @@ import type { ProgressInfo, Shard } from "../core/generate.ts";
 import type { ImageFormat, RgbImage } from "../core/image.ts";
 import type { SampleSpec } from "../core/sample.ts";
 import type { ModelPaths, Placement } from "../app/models.ts";
+import type { GenerateSummary } from "./jobs.ts";
 
 export interface ModelSetup {
   /** The server's configuration: model references, device and dtype (concrete). */
@@ -34,14 +35,6 @@ export interface EngineInfo {
   libtorch: string;
 }
 
-export interface GenerateSummary {
-  out: string;
-  written: number;
-  skipped: number;
-  remaining: number;
-  interrupted: boolean;
-}
-
 export type ToWorker =
   | { type: "init"; setup: ModelSetup }
   | {
@@ -61,9 +54,7 @@ export type ToWorker =
     /** Wait for "continue" after each "batch" message (a caller that holds runs between batches). */
     hold: boolean;
   }
-  | { type: "cancel"; id: number }
-  | { type: "continue"; id: number }
-  | { type: "close"; id: number };
+  | { type: "cancel" | "continue" | "close"; id: number };
 
 /** An error as it crosses the thread boundary. `user`: the input's fault, not the server's. */
 export interface WorkerError {
