@@ -16,7 +16,6 @@ import {
   type ConfigLayer,
   DEFAULT_CLIP,
   DEFAULTS,
-  type DTypeChoice,
   loadPluginFiles,
   parseConfigObject,
   readConfigFile,
@@ -34,10 +33,8 @@ import {
 import { ImageDecodeError, type ImageFormat, type RgbImage } from "../core/image.ts";
 import type { ClassifierProgress } from "../core/plugins.ts";
 import type { TrainRecord } from "../plugins/classifiers/trainer.ts";
-import type { EvalRecord, SelectRule, TrainInputs } from "./classify.ts";
+import type { EvalRecord, SelectRule, ShotOptions, TrainInputs } from "./classify.ts";
 import { loadDefaultPlugins } from "./plugins.ts";
-
-export type { ClassifierProgress, ProgressInfo };
 
 /** Where messages go when no `log` is given: stderr, as the CLI prints them. */
 const toStderr = (message: string): void => console.error(message);
@@ -57,66 +54,18 @@ export interface JobOptions {
 export type PluginSetting = string | ({ name?: string } & Record<string, unknown>);
 
 /**
- * The settings of the dataset job: the keys of a `dipsy generate --config` file. Defaults are
- * those of `DEFAULTS` (core/config.ts) and the preset; unknown keys are refused.
+ * The settings of the dataset job: the keys of a `dipsy generate --config` file, as `RunConfig`
+ * names them; a plugin (guidance, sampler, pairs) by name or with its options. Defaults are those
+ * of `DEFAULTS` (core/config.ts) and the preset; unknown keys are refused.
  */
-export interface GenerateSettings {
-  /** Few-shot images: `DIR/<class>/*`, or the DataDream layout. Required. */
-  data?: string;
-  /** Output folder: new, empty, or an earlier run of the same configuration. Required. */
-  out?: string;
-  /** Dataset name: prompt template, DataDream folder, a benchmark's class names. */
-  dataset?: string;
+export interface GenerateSettings
+  extends
+    Partial<Omit<RunConfig, "fewshotSeed" | "guidance" | "sampler" | "pairs" | "plugins">>,
+    Partial<Record<"guidance" | "sampler" | "pairs", PluginSetting>> {
   /** DataDream few-shot split when there are several. */
   fewshotSeed?: string | number;
-  /** The first k ranked shots of each class (a `dipsy fewshot` split). Default: all. */
-  shots?: number;
-  /** The last n shots of each class, kept out of generation (a validation split). */
-  holdout?: number;
-  /** Leave unreadable or broken shots out instead of stopping. Default false. */
-  skipBad?: boolean;
-  /** Class similarity file (.json or the official .npz). Default: found or computed. */
-  similarity?: string;
-  /** The preset the settings start from. Default "dipsy". */
-  preset?: string;
-  /** Images per class. Default 200. */
-  perClass?: number;
-  /** Run seed: the same seed gives the same images. Default 0. */
-  seed?: number;
-  /** Denoising steps. Default 50. */
-  steps?: number;
-  /** Image width in pixels. Default: the model's (512 for SD1.5). */
-  width?: number;
-  /** Image height in pixels. Default: the model's. */
-  height?: number;
-  /** Prompt template with `{class}`; "" is the empty prompt. Default: the dataset's. */
-  prompt?: string;
-  /** Guidance plugin. Default "dipsy". */
-  guidance?: PluginSetting;
-  /** Sampler plugin. Default "dpm-solver++". */
-  sampler?: PluginSetting;
-  /** Reference pair plugin. Default "class-similarity". */
-  pairs?: PluginSetting;
   /** Plugin modules to load first (see docs/plugins.md). */
   plugins?: string[];
-  /** SD1.5 diffusers folder or Hub id, or "tiny". Default `DEFAULT_MODEL`. */
-  model?: string;
-  /** IP-Adapter file. Default `DEFAULT_IP_ADAPTER`. */
-  ipAdapter?: string;
-  /** The IP-Adapter's image encoder. Default `DEFAULT_IMAGE_ENCODER`. */
-  imageEncoder?: string;
-  /** CLIP for class similarity. Default: "tiny" with the tiny model, else `DEFAULT_CLIP`. */
-  clip?: string;
-  /** Seed of the tiny models' random weights. Default 0. */
-  modelSeed?: number;
-  /** "auto" (CUDA when available), "cpu", "cuda" or "cuda:N". Default "auto". */
-  device?: string;
-  /** "auto" (f16 on CUDA, f32 on the CPU), "f32", "f16" or "bf16". Default "auto". */
-  dtype?: DTypeChoice;
-  /** Images per model call. Default 4. */
-  batch?: number;
-  /** JPEG quality. Default 95. */
-  quality?: number;
 }
 
 /** `generate`'s options: the settings, and how this invocation runs. */
@@ -208,13 +157,10 @@ export async function generate(opts: GenerateJobOptions): Promise<GenerateJobRes
         return backbone;
       },
     });
-    const out = result.plan.out;
+    const { plan: { out }, ...counts } = result;
     return {
       out,
-      written: result.written,
-      skipped: result.skipped,
-      remaining: result.remaining,
-      interrupted: result.interrupted,
+      ...counts,
       record: await readJson<RunRecord>(join(out, RUN_RECORD)),
       manifest: [...(await readManifest(out)).entries.values()].map((e) => e.entry),
     };
@@ -226,8 +172,12 @@ export async function generate(opts: GenerateJobOptions): Promise<GenerateJobRes
 // ---------------------------------------------------------------------------------------------
 // sample
 
-/** `sample`'s options: one image from explicit reference images. */
-export interface SampleJobOptions extends JobOptions {
+/** `sample`'s options: one image from explicit reference images; the models as `RunConfig`'s. */
+export interface SampleJobOptions
+  extends
+    JobOptions,
+    Partial<Pick<RunConfig, "model" | "ipAdapter" | "negativeIpAdapter" | "imageEncoder">>,
+    Partial<Pick<RunConfig, "steps" | "width" | "height" | "device" | "dtype">> {
   /** Text prompt (the negative text prompt is always ""). */
   prompt: string;
   /** Initial-noise seed, as `torch.Generator().manual_seed(seed)` on the CPU. */
@@ -244,14 +194,6 @@ export interface SampleJobOptions extends JobOptions {
   format?: ImageFormat;
   /** Replace existing output files. Default false. */
   force?: boolean;
-  /** "tiny", a diffusers SD1.5 folder, or a Hub id. Default `DEFAULT_MODEL`. */
-  model?: string;
-  /** IP-Adapter file. Default `DEFAULT_IP_ADAPTER`. */
-  ipAdapter?: string;
-  /** The negative image's IP-Adapter file. Default: `ipAdapter`. */
-  negativeIpAdapter?: string;
-  /** Its image encoder. Default `DEFAULT_IMAGE_ENCODER`. */
-  imageEncoder?: string;
   /** Guidance plugin. Default "dipsy". */
   guidance?: string;
   /** Its options, e.g. `{ textScale: 7.5, negativeScale: 4 }`. Default: the plugin's. */
@@ -260,16 +202,6 @@ export interface SampleJobOptions extends JobOptions {
   sampler?: string;
   /** Its options (scheduler config overrides, e.g. `{ timestep_spacing: "trailing" }`). */
   samplerOptions?: Record<string, unknown>;
-  /** Denoising steps. Default 50. */
-  steps?: number;
-  /** Width in pixels. Default: the model's (512 for SD1.5). */
-  width?: number;
-  /** Height in pixels. Default: the model's. */
-  height?: number;
-  /** "auto" (f16 on CUDA, f32 on the CPU), "f32", "f16" or "bf16". Default "auto". */
-  dtype?: DTypeChoice;
-  /** "auto" (CUDA when available), "cpu", "cuda" or "cuda:N". Default "auto". */
-  device?: string;
   /** At each denoising step (index from 0). */
   onProgress?: (step: { index: number; total: number }) => void;
 }
@@ -313,16 +245,6 @@ export class JobOptionError extends UserError {
   }
 }
 
-/** Runs `fn`, reporting an unreadable image as a mistake in `option`. */
-async function inOption<T>(option: string, fn: () => Promise<T>): Promise<T> {
-  try {
-    return await fn();
-  } catch (e) {
-    if (e instanceof ImageDecodeError) throw new JobOptionError(option, e.message);
-    throw e;
-  }
-}
-
 /**
  * `dipsy sample`: one image. The signal is checked before the model loads and before sampling
  * starts; the image in flight is finished.
@@ -354,7 +276,14 @@ export async function sample(opts: SampleJobOptions): Promise<SampleJobResult> {
   const image = async (option: "positive" | "negative", use: boolean) => {
     const ref = opts[option];
     if (!use || ref == null) return null;
-    return typeof ref === "string" ? await inOption(option, () => readImage(ref)) : ref;
+    if (typeof ref !== "string") return ref;
+    try {
+      return await readImage(ref);
+    } catch (e) {
+      // An unreadable image is a mistake in its option.
+      if (e instanceof ImageDecodeError) throw new JobOptionError(option, e.message);
+      throw e;
+    }
   };
   const refs = {
     positive: await image("positive", guidance.usesImages),
@@ -424,8 +353,7 @@ export async function sample(opts: SampleJobOptions): Promise<SampleJobResult> {
     latentsFile,
     width,
     height,
-    device: placement.device,
-    dtype: placement.dtype,
+    ...placement,
     models: { ...bb.modelIds },
     seconds: { load: (loaded - t0) / 1000, sampling: (sampled - loaded) / 1000 },
   };
@@ -500,27 +428,16 @@ async function writeNew(
 // similarity
 
 /** `similarity`'s options. */
-export interface SimilarityJobOptions extends JobOptions {
+export interface SimilarityJobOptions
+  extends JobOptions, ShotOptions, Partial<Pick<RunConfig, "device" | "dtype">> {
   /** Few-shot images: `DIR/<class>/*`, or the DataDream layout. */
   data: string;
   /** A .json or .npz file, or a folder. Default: similarity.json in the class root. */
   out?: string;
   /** CLIP folder or Hub id, or "tiny". Default `DEFAULT_CLIP`. */
   clip?: string;
-  /** Dataset name (DataDream layout, a benchmark's class names). */
-  dataset?: string;
-  /** DataDream few-shot split when there are several. */
-  fewshotSeed?: string;
-  /** The first k ranked shots of each class. Default: all. */
-  shots?: number;
-  /** Leave unreadable or broken images out. Default false. */
-  skipBad?: boolean;
   /** Recompute when the file exists. Default false. */
   force?: boolean;
-  /** "auto", "cpu", "cuda" or "cuda:N". Default "auto". */
-  device?: string;
-  /** "auto", "f32", "f16" or "bf16". Default "auto". */
-  dtype?: DTypeChoice;
   /** Seed of the tiny CLIP's random weights. Default 0. */
   seed?: number;
   /** After each class is encoded. */
@@ -546,32 +463,25 @@ export interface SimilarityJobResult {
 export async function similarity(opts: SimilarityJobOptions): Promise<SimilarityJobResult> {
   const { validateDataset } = await import("../core/dataset.ts");
   const sim = await import("./similarity.ts");
+  const { isFile, resolvePlacement } = await import("./models.ts");
   const log = opts.log ?? toStderr;
   const seed = opts.seed ?? 0;
-  const config = parseConfigObject(
-    { device: opts.device ?? DEFAULTS.device, dtype: opts.dtype ?? DEFAULTS.dtype },
-    "similarity options",
-  ).values;
-  const dataset = await validateDataset(opts.data, {
-    dataset: opts.dataset,
-    fewshotSeed: opts.fewshotSeed,
-    shots: opts.shots,
-    skipBad: opts.skipBad ?? false,
-    negatives: false,
-  });
+  const { device, dtype } = opts;
+  const config = parseConfigObject({ device, dtype }, "similarity options").values;
+  const input = { ...opts, skipBad: opts.skipBad ?? false, negatives: false };
+  const dataset = await validateDataset(opts.data, input);
   for (const p of dataset.problems) log(`${p.severity}: ${p.path}: ${p.message}`);
   let file = opts.out ? resolve(opts.out) : join(dataset.root, sim.SIMILARITY_FILE);
   if (opts.out && !/\.(json|npz)$/i.test(file)) file = join(file, sim.SIMILARITY_FILE);
   const classNames = dataset.classes.map((c) => c.name);
   const clip = opts.clip ?? DEFAULT_CLIP;
-  if (sim.isFile(file) && !opts.force) {
+  if (isFile(file) && !opts.force) {
     const saved = await sim.readSimilarityFile(file, dataset);
     const stale = sim.staleSimilarity(saved.meta, clip, seed);
     if (!stale) return { file, classNames, matrix: saved.matrix, computed: false };
     log(`${file}: ${stale}; computing it again`);
   }
   opts.signal?.throwIfAborted();
-  const { resolvePlacement } = await import("./models.ts");
   const placement = await resolvePlacement({ ...DEFAULTS, ...config });
   const matrix = await sim.computeSimilarity(dataset, clip, placement, {
     seed,
@@ -589,7 +499,8 @@ export async function similarity(opts: SimilarityJobOptions): Promise<Similarity
 // train
 
 /** `train`'s options: the images (as `TrainInputs` names them), the run folder, the plugin. */
-export interface TrainJobOptions extends JobOptions, TrainInputs {
+export interface TrainJobOptions
+  extends JobOptions, TrainInputs, Pick<GenerateSettings, "plugins"> {
   /** Run folder; a second call resumes after the last finished epoch. */
   out: string;
   /** "auto", "cpu", "cuda" or "cuda:N". Default "auto". */
@@ -598,8 +509,6 @@ export interface TrainJobOptions extends JobOptions, TrainInputs {
   workers?: number;
   /** Classifier plugin. Default "clip-lora". */
   classifier?: string;
-  /** Plugin modules to load first (a classifier plugin, see docs/plugins.md). */
-  plugins?: string[];
   /**
    * Its options (`dipsy train --help` lists clip-lora's: epochs, batch, lr, lambda, rank, ...).
    * Default: the plugin's (DataDream's recipe); dtype "auto" is f16 on CUDA, f32 on the CPU.
@@ -630,7 +539,6 @@ export async function train(opts: TrainJobOptions): Promise<TrainJobResult> {
     throw new JobOptionError("real", "give real and/or synthetic images");
   }
   const app = await import("./classify.ts");
-  const { registry } = await import("../core/plugins.ts");
   const { loadPluginFile } = await import("../core/config.ts");
   const { DEFAULT_CLASSIFIER, withRunDefaults } = await import("../cli/train_flags.ts");
   const { readTrainRecord } = await import("../plugins/classifiers/trainer.ts");
@@ -639,7 +547,7 @@ export async function train(opts: TrainJobOptions): Promise<TrainJobResult> {
   const name = opts.classifier ?? DEFAULT_CLASSIFIER;
   const given = opts.options ?? {};
   // A mistyped plugin name or option is reported before any image is read.
-  registry.create("classifier", name, withRunDefaults(given, {}));
+  await app.makeClassifier(name, withRunDefaults(given, {}));
   const data = await app.readTrainData(opts);
   const device = await app.resolveDevice(opts.device ?? "auto");
   const classifier = await app.makeClassifier(
@@ -647,12 +555,9 @@ export async function train(opts: TrainJobOptions): Promise<TrainJobResult> {
     withRunDefaults(given, { dataset: data.dataset, device }),
   );
   const result = await app.trainStage(classifier, data, {
-    out: opts.out,
+    ...opts,
     device,
-    workers: opts.workers,
-    signal: opts.signal,
     progress: false,
-    onProgress: opts.onProgress,
     log: opts.log ?? toStderr,
   });
   const out = resolve(opts.out);
@@ -663,7 +568,7 @@ export async function train(opts: TrainJobOptions): Promise<TrainJobResult> {
 // evaluate
 
 /** `evaluate`'s options. */
-export interface EvaluateJobOptions extends JobOptions {
+export interface EvaluateJobOptions extends JobOptions, Pick<TrainJobOptions, "workers"> {
   /** Training run folder (of `train` or `run`). */
   model: string;
   /** Test images, one folder per class. */
@@ -676,8 +581,6 @@ export interface EvaluateJobOptions extends JobOptions {
   batch?: number;
   /** "auto", "cpu", "cuda" or "cuda:N". Default: the training device. */
   device?: string;
-  /** Image preparation threads. Default: cores - 1, at most 16. */
-  workers?: number;
   /** Which epoch: "last", "best-val" or "best-test". Default "best-val" with a validation split. */
   select?: SelectRule;
   /** Also evaluate every epoch on the test set. Default false. */
@@ -692,21 +595,7 @@ export interface EvaluateJobOptions extends JobOptions {
  */
 export async function evaluate(opts: EvaluateJobOptions): Promise<EvalRecord & { file: string }> {
   const { evalStage } = await import("./classify.ts");
-  await loadDefaultPlugins();
-  return await evalStage({
-    model: opts.model,
-    test: opts.test,
-    out: opts.out,
-    dataset: opts.dataset,
-    batch: opts.batch,
-    device: opts.device,
-    workers: opts.workers,
-    select: opts.select,
-    perEpoch: opts.perEpoch,
-    signal: opts.signal,
-    progress: false,
-    onProgress: opts.onProgress,
-  });
+  return await evalStage({ ...opts, progress: false });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -716,35 +605,17 @@ export async function evaluate(opts: EvaluateJobOptions): Promise<EvalRecord & {
  * `run`'s options: the experiment's inputs, generation settings and classifier options. Its
  * messages, progress bars and summary table go to stderr and stdout, as the command prints them.
  */
-export interface RunJobOptions {
-  /** Stops after the step in flight; the same call resumes. */
-  signal?: AbortSignal;
+export interface RunJobOptions
+  extends
+    Pick<TrainJobOptions, "signal" | "device" | "workers" | "classifier">,
+    Pick<TrainInputs, "dataset" | "fewshotSeed" | "shots" | "val" | "valShots">,
+    Pick<EvaluateJobOptions, "test" | "select" | "perEpoch"> {
   /** Few-shot images (the real training set). */
   data: string;
-  /** Test images, one folder per class. */
-  test: string;
   /** Experiment folder. */
   out: string;
-  /** Dataset name. */
-  dataset?: string;
-  /** DataDream few-shot split when there are several. */
-  fewshotSeed?: string;
-  /** The first k ranked shots of each class. Default: all. */
-  shots?: number;
-  /** "auto", "cpu", "cuda" or "cuda:N". Default "auto". */
-  device?: string;
-  /** Image preparation threads for training and evaluation. */
-  workers?: number;
   /** Run one stage only. Default: all. */
   stage?: "similarity" | "generate" | "train";
-  /** Validation images, one folder per class. */
-  val?: string;
-  /** Or: the last n shots of each class, kept out of generation and training. */
-  valShots?: number;
-  /** Which epoch to evaluate (as `evaluate`). */
-  select?: SelectRule;
-  /** Also evaluate every epoch on the test set. */
-  perEpoch?: boolean;
   /** Generation settings from a JSON or YAML file; `generation` overrides it. */
   config?: string;
   /** The embedded tiny models for everything. Default false. */
@@ -754,9 +625,7 @@ export interface RunJobOptions {
    * Plugin options go in the plugin's object: `guidance: { negativeScale: 4 }`.
    */
   generation?: Omit<GenerateSettings, "data" | "out" | "dataset" | "fewshotSeed" | "shots">;
-  /** Classifier plugin. Default "clip-lora". */
-  classifier?: string;
-  /** Its options, as `train`'s `options`. */
+  /** The classifier's options, as `train`'s `options`. */
   train?: Record<string, unknown>;
 }
 
@@ -790,11 +659,11 @@ export async function run(opts: RunJobOptions): Promise<RunJobResult> {
     out: opts.out,
     dataset: opts.dataset,
     "fewshot-seed": opts.fewshotSeed,
-    shots: opts.shots === undefined ? undefined : String(opts.shots),
+    shots: opts.shots?.toString(),
     device: opts.device,
-    workers: opts.workers === undefined ? undefined : String(opts.workers),
+    workers: opts.workers?.toString(),
     val: opts.val,
-    "val-shots": opts.valShots === undefined ? undefined : String(opts.valShots),
+    "val-shots": opts.valShots?.toString(),
     select: opts.select,
     "per-epoch": opts.perEpoch,
     config: opts.config,

@@ -17,20 +17,18 @@ import { Progress } from "../core/progress.ts";
 import { type Provenance, provenance } from "../core/provenance.ts";
 import {
   type Classifier,
-  type ClassifierProgress,
   type ClassifierTrainData,
   type LabeledImage,
   registry,
 } from "../core/plugins.ts";
+import type { ImageFolder } from "../plugins/classifiers/data.ts";
 import type { EvalMetrics, EvalResult, ImagePrediction } from "../plugins/classifiers/evaluate.ts";
+import type { EvaluateJobOptions, TrainJobOptions } from "./api.ts";
+import { HF_MODEL_FILES, resolveFolderRef } from "./models.ts";
+import { loadDefaultPlugins } from "./plugins.ts";
 
 /** Files a CLIP folder needs for the classifier (weights, config, tokenizer). */
-export const CLIP_CLASSIFIER_FILES = [
-  "config.json",
-  "model.safetensors",
-  "vocab.json",
-  "merges.txt",
-];
+export const CLIP_CLASSIFIER_FILES = [...HF_MODEL_FILES, "vocab.json", "merges.txt"];
 
 export const EVAL_RECORD = "eval.json";
 
@@ -74,7 +72,6 @@ interface ClassifierRecord {
 
 export async function resolveClipSource(ref: string): Promise<string> {
   if (ref === TINY) return TINY;
-  const { resolveFolderRef } = await import("./models.ts");
   return await resolveFolderRef(ref, CLIP_CLASSIFIER_FILES);
 }
 
@@ -84,20 +81,24 @@ export async function resolveDevice(device: string): Promise<Device> {
   return runtimeInfo().cuda_available ? "cuda" : "cpu";
 }
 
-/** The images a classifier trains on, and its validation split. */
-export interface TrainInputs {
-  /** Real few-shot images: `DIR/<class>/*`, or the DataDream layout. */
-  real?: string;
-  /** Synthetic images: a generate output folder, or `DIR/<class>/*`. */
-  synthetic?: string;
+/** Which shots of a few-shot folder are read. */
+export interface ShotOptions {
   /** Dataset name: DataDream layout, the prompt word, a benchmark's class names. */
   dataset?: string;
   /** DataDream few-shot split when there are several. */
   fewshotSeed?: string;
-  /** The first k ranked real shots of each class. Default: all. */
+  /** The first k ranked shots of each class. Default: all. */
   shots?: number;
   /** Leave unreadable or broken images out. Default false. */
   skipBad?: boolean;
+}
+
+/** The images a classifier trains on, and its validation split. */
+export interface TrainInputs extends ShotOptions {
+  /** Real few-shot images: `DIR/<class>/*`, or the DataDream layout. */
+  real?: string;
+  /** Synthetic images: a generate output folder, or `DIR/<class>/*`. */
+  synthetic?: string;
   /** Validation images, one folder per class (for `evaluate`'s "best-val"). */
   val?: string;
   /** Or: the last n real shots of each class, kept out of training for validation. */
@@ -123,34 +124,23 @@ export async function readTrainData(inputs: TrainInputs): Promise<TrainData> {
   if (inputs.valShots !== undefined && !inputs.real) {
     throw new RunError("holding shots out for validation needs the real images");
   }
-  const opts = {
-    dataset: inputs.dataset,
-    fewshotSeed: inputs.fewshotSeed,
-    shots: inputs.shots,
-    holdout: inputs.valShots,
-    skipBad: inputs.skipBad,
-  };
-  const real = inputs.real ? await readImageFolder(inputs.real, opts) : null;
+  const real = inputs.real
+    ? await readImageFolder(inputs.real, { ...inputs, holdout: inputs.valShots })
+    : null;
   const synthetic = inputs.synthetic
     ? await readImageFolder(inputs.synthetic, { skipBad: inputs.skipBad })
     : null;
   const classNames = trainingClasses(real, synthetic);
   const dataset = inputs.dataset ?? real?.dataset;
-  let validation: LabeledImage[] = [];
-  let validationFrom: string | undefined;
+  let held: ImageFolder | null = null, validationFrom: string | undefined;
   if (inputs.val !== undefined) {
-    const folder = await readImageFolder(inputs.val, { dataset, skipBad: inputs.skipBad });
-    validation = labelImages(folder, classNames, false, "the training set");
-    validationFrom = folder.path;
+    held = await readImageFolder(inputs.val, { dataset, skipBad: inputs.skipBad });
+    validationFrom = held.path;
   } else if (inputs.valShots && real?.heldOut) {
-    validation = labelImages(
-      { ...real, images: real.heldOut },
-      classNames,
-      false,
-      "the training set",
-    );
+    held = { ...real, images: real.heldOut };
     validationFrom = `the last ${inputs.valShots} shot(s) per class of ${real.path}`;
   }
+  const validation = held ? labelImages(held, classNames, false, "the training set") : [];
   return {
     classNames,
     real: real ? labelImages(real, classNames, false) : [],
@@ -166,22 +156,16 @@ export async function makeClassifier(
   name: string,
   options: Record<string, unknown>,
 ): Promise<Classifier> {
-  const { loadDefaultPlugins } = await import("./plugins.ts");
   await loadDefaultPlugins();
   return registry.create<Classifier>("classifier", name, options);
 }
 
-export interface TrainStageOptions {
-  out: string;
+/** `trainStage`'s options: `train`'s, on a resolved device, with or without progress bars. */
+export interface TrainStageOptions
+  extends Pick<TrainJobOptions, "out" | "workers" | "signal" | "onProgress" | "log"> {
   device: string;
-  workers?: number;
-  signal?: AbortSignal;
   /** Progress bar and log lines on stderr (default true). */
   progress?: boolean;
-  /** After each training step. */
-  onProgress?: (p: ClassifierProgress) => void;
-  /** Log lines, when there is no progress bar to print them above (default: stderr). */
-  log?: (line: string) => void;
 }
 
 /**
@@ -193,23 +177,6 @@ export async function trainStage(
   data: ClassifierTrainData & Partial<Pick<TrainData, "validation" | "validationFrom">>,
   opts: TrainStageOptions,
 ): Promise<{ complete: boolean; epochsDone: number; validation?: ValidationRecord }> {
-  const result = await trainOnly(classifier, data, opts);
-  if (!result.complete || !data.validation?.length) return result;
-  const validation = await validateEpochs(classifier, opts.out, data.validation, {
-    from: data.validationFrom ?? "",
-    device: opts.device,
-    workers: opts.workers,
-    signal: opts.signal,
-    progress: opts.progress,
-  });
-  return { ...result, validation };
-}
-
-async function trainOnly(
-  classifier: Classifier,
-  data: ClassifierTrainData,
-  opts: TrainStageOptions,
-): Promise<{ complete: boolean; epochsDone: number }> {
   const modelSource = await resolveClipSource(classifier.model);
   const device = await resolveDevice(opts.device);
   let bar: Progress | null = null;
@@ -217,8 +184,9 @@ async function trainOnly(
   const log = (line: string) =>
     bar ? bar.log(line) : opts.log ? opts.log(line) : show && console.error(line);
   const out = resolve(opts.out);
+  let result: { complete: boolean; epochsDone: number };
   try {
-    const result = await classifier.train(data, {
+    result = await classifier.train(data, {
       out,
       modelSource,
       device,
@@ -244,14 +212,24 @@ async function trainOnly(
       classNames: [...data.classNames],
       device,
     };
-    await writeAtomic(
-      join(out, CLASSIFIER_RECORD),
-      new TextEncoder().encode(JSON.stringify(record, null, 2) + "\n"),
-    );
-    return result;
+    await writeJson(join(out, CLASSIFIER_RECORD), record);
   } finally {
     (bar as Progress | null)?.finish();
   }
+  if (!result.complete || !data.validation?.length) return result;
+  const validation = await validateEpochs(classifier, opts.out, data.validation, {
+    from: data.validationFrom ?? "",
+    device: opts.device,
+    workers: opts.workers,
+    signal: opts.signal,
+    progress: opts.progress,
+  });
+  return { ...result, validation };
+}
+
+/** Indented JSON, written through a temporary file so that a reader never sees half of it. */
+function writeJson(path: string, value: unknown): Promise<void> {
+  return writeAtomic(path, new TextEncoder().encode(JSON.stringify(value, null, 2) + "\n"));
 }
 
 function readClassifierRecord(run: string): ClassifierRecord {
@@ -271,42 +249,17 @@ function readClassifierRecord(run: string): ClassifierRecord {
   return record;
 }
 
-export interface EvalStageOptions {
-  /** Training run folder. */
-  model: string;
-  /** Test images: root/<class>/* (or the DataDream layout). */
-  test: string;
-  /** Where to write the JSON (default RUN/eval.json). */
-  out?: string;
-  device?: string;
-  workers?: number;
-  batch?: number;
-  /** Dataset name (default: the one the run was trained with). */
-  dataset?: string;
-  /** Which epoch's weights (default: best-val when the run has a validation split, else last). */
-  select?: SelectRule;
-  /** Evaluate every epoch on the test set too, for the record (implied by best-test). */
-  perEpoch?: boolean;
-  signal?: AbortSignal;
+/** `evalStage`'s options: `evaluate`'s, with or without progress bars. */
+export interface EvalStageOptions extends Omit<EvaluateJobOptions, "log"> {
+  /** Progress bars on stderr (default true). */
   progress?: boolean;
-  /** Images evaluated so far, per pass over the test set. */
-  onProgress?: (p: { done: number; total: number }) => void;
 }
 
 /** Top-1, top-k and the mean per class of one epoch. */
-export interface EpochMetrics {
+export interface EpochMetrics
+  extends Pick<EvalMetrics, "top1" | "top5" | "meanPerClass" | "correct" | "total"> {
   /** The epoch, from 1. */
   epoch: number;
-  /** Fraction classified correctly. */
-  top1: number;
-  /** Fraction whose class is among the top-k scores (k = 5, or fewer classes). */
-  top5: number;
-  /** Mean of the per-class accuracies. */
-  meanPerClass: number;
-  /** Images classified correctly. */
-  correct: number;
-  /** Images evaluated. */
-  total: number;
 }
 
 /** Which epoch an evaluation took, and why. */
@@ -350,14 +303,10 @@ export interface ValidationRecord {
   best: { epoch: number; top1: number };
 }
 
-const brief = (epoch: number, m: EvalMetrics): EpochMetrics => ({
-  epoch,
-  top1: m.top1,
-  top5: m.top5,
-  meanPerClass: m.meanPerClass,
-  correct: m.correct,
-  total: m.total,
-});
+const brief = (epoch: number, m: EvalMetrics): EpochMetrics => {
+  const { top1, top5, meanPerClass, correct, total } = m;
+  return { epoch, top1, top5, meanPerClass, correct, total };
+};
 
 /** The epoch of the highest top-1, the earliest among equals. */
 export function bestEpoch(epochs: readonly EpochMetrics[]): EpochMetrics {
@@ -377,15 +326,10 @@ export function readValidationRecord(run: string): ValidationRecord | null {
   }
 }
 
-interface EpochEvalOptions {
-  device?: string;
-  workers?: number;
-  batch?: number;
-  signal?: AbortSignal;
-  progress?: boolean;
-  /** Images evaluated so far, per pass over the images. */
-  onProgress?: (p: { done: number; total: number }) => void;
-}
+type EpochEvalOptions = Pick<
+  EvalStageOptions,
+  "device" | "workers" | "batch" | "signal" | "progress" | "onProgress"
+>;
 
 /** Loads each epoch's checkpoint in turn and evaluates it on `images`. */
 async function evaluateEpochs<E extends number | undefined>(
@@ -449,8 +393,7 @@ export async function validateEpochs(
 ): Promise<ValidationRecord> {
   const out = resolve(run);
   const epochs = runEpochs(classifier, out);
-  const { fingerprint: fingerprintOf } = await import("../plugins/classifiers/trainer.ts");
-  const fingerprint = fingerprintOf(images);
+  const fingerprint = (await import("../plugins/classifiers/trainer.ts")).fingerprint(images);
   const previous = readValidationRecord(out);
   const known = new Map(
     previous?.fingerprint === fingerprint ? previous.epochs.map((e) => [e.epoch, e]) : [],
@@ -468,11 +411,7 @@ export async function validateEpochs(
       best: { epoch: best.epoch, top1: best.top1 },
     };
   };
-  const save = () =>
-    writeAtomic(
-      join(out, VALIDATION_RECORD),
-      new TextEncoder().encode(JSON.stringify(record(), null, 2) + "\n"),
-    );
+  const save = () => writeJson(join(out, VALIDATION_RECORD), record());
   const todo = epochs.filter((e) => !known.has(e));
   // Each epoch is saved as it is done, so an interrupted evaluation resumes.
   await evaluateEpochs(classifier, out, images, todo, "val", opts, async (epoch, r) => {
@@ -508,56 +447,21 @@ export async function evalStage(opts: EvalStageOptions): Promise<EvalRecord & { 
     ? (classifier.epochs?.(run) ?? [])
     : runEpochs(classifier, run);
   const last = epochs.at(-1);
-  const epochOpts = { ...opts, progress: opts.progress };
 
-  let perEpoch: Map<number, EvalResult> | undefined;
   // Each image's prediction of the epochs evaluated on the test set, to keep the selected one's.
-  const perEpochPredictions = new Map<number, ImagePrediction[]>();
-  const selectedPredictions = new Map<number | undefined, ImagePrediction[]>();
-  if (rule === "best-test" || opts.perEpoch) {
-    perEpoch = await evaluateEpochs(
-      classifier,
-      run,
-      images,
-      epochs,
-      "test",
-      epochOpts,
-      undefined,
-      perEpochPredictions,
-    );
-  }
-  const briefs = perEpoch ? [...perEpoch].map(([e, r]) => brief(e, r)) : undefined;
-  let selection: Selection;
-  if (rule === "best-test") {
-    selection = {
-      rule,
-      epoch: bestEpoch(briefs!).epoch,
-      selectedOn: "test",
-      testSelected: true,
-      warning: TEST_SELECTED_WARNING,
-    };
-  } else if (rule === "best-val") {
-    selection = {
-      rule,
-      epoch: validation!.best.epoch,
-      selectedOn: "validation",
-      testSelected: false,
-    };
-  } else {
-    selection = { rule, epoch: last ?? 0, selectedOn: "last epoch", testSelected: false };
-  }
+  const predictions = new Map<number | undefined, ImagePrediction[]>();
+  const onTest = (list: readonly (number | undefined)[], label: string) =>
+    evaluateEpochs(classifier, run, images, list, label, opts, undefined, predictions);
+  const perEpoch = rule === "best-test" || opts.perEpoch ? await onTest(epochs, "test") : undefined;
+  const briefs = perEpoch ? [...perEpoch].map(([e, r]) => brief(e!, r)) : undefined;
+  const selection: Selection = rule === "best-test"
+    ? { rule, epoch: bestEpoch(briefs!).epoch, selectedOn: "test", testSelected: true }
+    : rule === "best-val"
+    ? { rule, epoch: validation!.best.epoch, selectedOn: "validation", testSelected: false }
+    : { rule, epoch: last ?? 0, selectedOn: "last epoch", testSelected: false };
+  if (selection.testSelected) selection.warning = TEST_SELECTED_WARNING;
   const which = rule === "last" ? last : selection.epoch;
-  const result = (which !== undefined ? perEpoch?.get(which) : undefined) ??
-    (await evaluateEpochs(
-      classifier,
-      run,
-      images,
-      [which],
-      "eval",
-      epochOpts,
-      undefined,
-      selectedPredictions,
-    )).get(which)!;
+  const result = perEpoch?.get(which) ?? (await onTest([which], "eval")).get(which)!;
 
   const file = opts.out === undefined ? evalFileFor(run, opts.test) : resolve(opts.out);
   const json: EvalRecord = {
@@ -578,9 +482,7 @@ export async function evalStage(opts: EvalStageOptions): Promise<EvalRecord & { 
   };
   // Written first: a record on disk always has its own predictions beside it.
   const names = record.classNames, testDir = resolve(opts.test);
-  const kept = (which !== undefined ? perEpochPredictions.get(which) : undefined) ??
-    selectedPredictions.get(which) ?? [];
-  const lines = kept.map((p, i): PredictionLine => ({
+  const lines = (predictions.get(which) ?? []).map((p, i): PredictionLine => ({
     file: relative(testDir, images[i].path).replaceAll("\\", "/"),
     label: names[p.label],
     predicted: names[p.predicted],
@@ -591,7 +493,7 @@ export async function evalStage(opts: EvalStageOptions): Promise<EvalRecord & { 
     predictionsFileFor(file),
     new TextEncoder().encode(lines.map((l) => JSON.stringify(l) + "\n").join("")),
   );
-  await writeAtomic(file, new TextEncoder().encode(JSON.stringify(json, null, 2) + "\n"));
+  await writeJson(file, json);
   return { ...json, file };
 }
 

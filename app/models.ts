@@ -13,6 +13,7 @@ import { type DTypeChoice, type RunConfig, TINY } from "../core/config.ts";
 import { RunError } from "../core/output.ts";
 import { resolveModelFile } from "../core/hub.ts";
 import type { SchedulerConfig } from "../core/plugins.ts";
+import type { Sd15Paths } from "../plugins/sd15/backbone.ts";
 
 /** The files SD1.5 loading reads, per diffusers subfolder. */
 export const SD15_FILES = [
@@ -32,7 +33,7 @@ function isDir(p: string): boolean {
   return existsSync(p) && statSync(p).isDirectory();
 }
 
-function isFile(p: string): boolean {
+export function isFile(p: string): boolean {
   return existsSync(p) && statSync(p).isFile();
 }
 
@@ -105,13 +106,8 @@ export async function resolvePlacement(
   return { device, dtype };
 }
 
-export interface ModelPaths {
-  model: string;
-  ipAdapter?: string;
-  /** The negative image's adapter, when it is another file than `ipAdapter`. */
-  negativeIpAdapter?: string;
-  imageEncoder?: string;
-}
+/** The model files a run loads: "tiny" as the model, or SD1.5 and its adapters' files. */
+export type ModelPaths = Sd15Paths;
 
 /** Resolves the model files a run needs (adapters: how many IP-Adapters the guidance uses). */
 export async function resolveModels(config: RunConfig, adapters: number): Promise<ModelPaths> {
@@ -139,13 +135,11 @@ export async function checkAdapterFiles(paths: ModelPaths): Promise<void> {
   if (!paths.ipAdapter || !paths.imageEncoder) return;
   const ip = await import("../plugins/sd15/ip_adapter.ts");
   const { parseClipCheckpointConfig } = await import("../plugins/clip/config.ts");
-  const positive = { path: paths.ipAdapter, config: ip.readIpAdapterConfig(paths.ipAdapter) };
-  const files = [positive];
+  const adapter = (path: string) => ({ path, config: ip.readIpAdapterConfig(path) });
+  const files = [adapter(paths.ipAdapter)];
   if (paths.negativeIpAdapter && paths.negativeIpAdapter !== paths.ipAdapter) {
-    const path = paths.negativeIpAdapter;
-    const negative = { path, config: ip.readIpAdapterConfig(path) };
-    ip.checkAdapterPair(positive, negative);
-    files.push(negative);
+    files.push(adapter(paths.negativeIpAdapter));
+    ip.checkAdapterPair(files[0], files[1]);
   }
   const configPath = join(paths.imageEncoder, "config.json");
   let json: Record<string, unknown>;
@@ -201,15 +195,7 @@ export async function loadBackbone(
   if (paths.model === TINY) {
     return Sd15Backbone.tiny({ seed: config.modelSeed, adapters, ...placement });
   }
-  return await Sd15Backbone.load(
-    {
-      model: paths.model,
-      ipAdapter: paths.ipAdapter,
-      negativeIpAdapter: paths.negativeIpAdapter,
-      imageEncoder: paths.imageEncoder,
-    },
-    { adapters, ...placement },
-  );
+  return await Sd15Backbone.load(paths, { adapters, ...placement });
 }
 
 /** The scheduler config the backbone will carry, for checking sampler options before loading. */

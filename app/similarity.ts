@@ -10,16 +10,16 @@
  * Matrices move both ways: `.json` files are dipsy's, `.npz` files the official script's
  * (`similarity_matrix`, `class_names` = the class folders).
  */
-import { existsSync, readdirSync, statSync } from "node:fs";
+import { readdirSync } from "node:fs";
 import { basename, dirname, join, resolve } from "node:path";
 import type { Tensor } from "../ffi/mod.ts";
 import type { Dataset } from "../core/dataset.ts";
 import type { SimilaritySource } from "../core/generate.ts";
-import { RunError, SIMILARITY_FILE } from "../core/output.ts";
+import { RunError, SIMILARITY_FILE, writeAtomic } from "../core/output.ts";
 import { DEFAULT_CLIP, type RunConfig, similarityClip, TINY } from "../core/config.ts";
-import type { Placement } from "./models.ts";
+import { HF_MODEL_FILES, isFile, type Placement, resolveFolderRef } from "./models.ts";
 
-export { SIMILARITY_FILE };
+export { isFile, SIMILARITY_FILE };
 
 /** How images are preprocessed before encoding, as recorded in the file's meta. */
 export const SIMILARITY_PREPROCESS = "openai-clip (torchvision Resize + CenterCrop on PIL)";
@@ -38,12 +38,8 @@ export async function computeSimilarity(
   const { clipPreprocess, readImage } = await import("../core/image.ts");
   const { loadClipVision } = await import("../plugins/clip/model.ts");
   const { classSimilarity } = await import("../plugins/pairs/mod.ts");
-  const { resolveFolderRef } = await import("./models.ts");
 
-  const source = clipRef === TINY ? TINY : await resolveFolderRef(clipRef, [
-    "config.json",
-    "model.safetensors",
-  ]);
+  const source = clipRef === TINY ? TINY : await resolveFolderRef(clipRef, HF_MODEL_FILES);
   const vision = loadClipVision(source, { ...placement, seed: opts.seed ?? 0 });
   const embeddings: Tensor[] = [];
   try {
@@ -122,26 +118,23 @@ export async function saveSimilarityFile(
   meta: Record<string, unknown>,
   opts: { folders?: readonly string[] } = {},
 ): Promise<void> {
+  if (/\.npz$/i.test(path)) {
+    const { writeNpz } = await import("../core/npz.ts");
+    const names = opts.folders ?? classNames;
+    if (names.length !== matrix.length) {
+      throw new RangeError(`saveSimilarityFile: ${names.length} names, ${matrix.length} rows`);
+    }
+    const k = matrix.length;
+    const npz = writeNpz({
+      similarity_matrix: { shape: [k, k], data: matrix.flat() },
+      class_names: { shape: [k], strings: names },
+    });
+    return await writeAtomic(path, npz);
+  }
+  const { saveSimilarity } = await import("../plugins/pairs/mod.ts");
   const tmp = join(dirname(path), `.${basename(path)}.${crypto.randomUUID().slice(0, 8)}.tmp`);
   try {
-    if (/\.npz$/i.test(path)) {
-      const { writeNpz } = await import("../core/npz.ts");
-      const names = opts.folders ?? classNames;
-      if (names.length !== matrix.length) {
-        throw new RangeError(`saveSimilarityFile: ${names.length} names, ${matrix.length} rows`);
-      }
-      const k = matrix.length;
-      await Deno.writeFile(
-        tmp,
-        writeNpz({
-          similarity_matrix: { shape: [k, k], data: matrix.flat() },
-          class_names: { shape: [k], strings: names },
-        }),
-      );
-    } else {
-      const { saveSimilarity } = await import("../plugins/pairs/mod.ts");
-      await saveSimilarity(tmp, { classNames: [...classNames], similarity: matrix, meta });
-    }
+    await saveSimilarity(tmp, { classNames: [...classNames], similarity: matrix, meta });
     await Deno.rename(tmp, path);
   } catch (e) {
     await Deno.remove(tmp).catch(() => {});
@@ -216,10 +209,6 @@ export function officialSimilarityFile(root: string): string | null {
     return null;
   }
   return names.length === 1 ? join(root, names[0]) : null;
-}
-
-export function isFile(p: string): boolean {
-  return existsSync(p) && statSync(p).isFile();
 }
 
 /**
