@@ -4,6 +4,7 @@
  * and generates a few images per class with a tiny SD1.5 + dual IP-Adapter. The tiny models have
  * random weights, so the images are noise; the run exercises everything else for real.
  */
+import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { RgbImage } from "../core/image.ts";
 import { derive, type Rng } from "../core/rng.ts";
@@ -81,10 +82,7 @@ export async function drawDataset(dir: string, shots: number, seed = 0): Promise
     await Deno.mkdir(folder, { recursive: true });
     for (let i = 0; i < shots; i++) {
       const path = join(folder, `${i}.png`);
-      try {
-        await Deno.stat(path);
-        continue;
-      } catch { /* to draw */ }
+      if (existsSync(path)) continue;
       await writeImage(path, drawShot(cls, derive(seed, "demo", k, i)));
       written++;
     }

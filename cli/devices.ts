@@ -11,8 +11,6 @@ import { workerShard } from "../core/shard.ts";
 import { CliError, flagArgs } from "./command.ts";
 import type { GenerateFlags, PreparedGenerate } from "./generate.ts";
 
-const DEVICE = /^(cpu|cuda(:\d+)?)$/;
-
 /** "cuda:0,cuda:1", "cpu,cpu" or "all" (every CUDA device libtorch sees) as a device list. */
 export async function parseDevices(spec: string): Promise<string[]> {
   if (spec.trim() === "all") {
@@ -24,12 +22,19 @@ export async function parseDevices(spec: string): Promise<string[]> {
     return Array.from({ length: count }, (_, i) => `cuda:${i}`);
   }
   const devices = spec.split(",").map((d) => d.trim());
-  if (devices.some((d) => !DEVICE.test(d))) {
+  if (devices.some((d) => !/^(cpu|cuda(:\d+)?)$/.test(d))) {
     throw new CliError(
       `--devices must be "all" or devices separated by commas (cpu, cuda, cuda:N), got "${spec}"`,
     );
   }
   return devices;
+}
+
+/** Deno's arguments for `dipsy <args>` from this checkout, whatever the working folder. */
+export function dipsyArgs(args: readonly string[]): string[] {
+  const root = fileURLToPath(new URL("../", import.meta.url));
+  const config = `--config=${join(root, "deno.json")}`;
+  return ["run", "-A", config, join(root, "cli", "main.ts"), ...args];
 }
 
 /** Copies a child's output to ours line by line, each line tagged with its worker. */
@@ -76,7 +81,6 @@ export async function runOnDevices(
       }
     }
 
-    const main = fileURLToPath(new URL("./main.ts", import.meta.url));
     const common = flagArgs(flags, ["devices", "device", "shard", "shard-count", "similarity"]);
     log(
       `${devices.length} workers (${devices.join(", ")})` +
@@ -85,16 +89,13 @@ export async function runOnDevices(
     );
     const workers = devices.map((device, k) => {
       const part = workerShard(shard, k, devices.length);
-      const args = [
-        "run",
-        "-A",
-        main,
+      const args = dipsyArgs([
         "generate",
         ...common,
         `--device=${device}`,
         `--shard=${part.index}/${part.count}`,
         ...(similarity ? [`--similarity=${similarity}`] : []),
-      ];
+      ]);
       // In its own session: a Ctrl-C reaches each worker once, from us, as it would reach one
       // process (a second one stops it at once).
       const child = new Deno.Command(Deno.execPath(), {

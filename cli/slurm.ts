@@ -12,9 +12,9 @@
  */
 import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
 import { UserError } from "../ffi/errors.ts";
 import { CliError, flagArgs, type Flags, intFlag } from "./command.ts";
+import { dipsyArgs } from "./devices.ts";
 
 /** What `--gpus-per-task` and `--array-size` leave out. */
 export const SLURM_DEFAULTS = { gpusPerTask: 1, arraySize: 4 };
@@ -162,16 +162,10 @@ function describe(state: string, reason: string): string {
 // ---------------------------------------------------------------------------------------------
 // Options and state
 
-interface SlurmOptions {
-  partition?: string;
-  gpusPerTask: number;
-  arraySize?: number;
-  time?: string;
-  sbatch: string[];
-}
-
-function slurmOptions(v: Record<string, unknown>): SlurmOptions {
-  for (const flag of (v.sbatch as string[] | undefined) ?? []) {
+/** The Slurm flags, checked; `arraySize` stays undefined when not given. */
+function slurmOptions(v: Record<string, unknown>) {
+  const sbatch = (v.sbatch as string[] | undefined) ?? [];
+  for (const flag of sbatch) {
     if (!flag.startsWith("-")) {
       throw new CliError(
         `--sbatch "${flag}": give one sbatch option per --sbatch, e.g. --sbatch=--account=proj`,
@@ -184,13 +178,8 @@ function slurmOptions(v: Record<string, unknown>): SlurmOptions {
       SLURM_DEFAULTS.gpusPerTask,
     arraySize: intFlag(v["array-size"] as string | undefined, "--array-size", 1),
     time: v.time as string | undefined,
-    sbatch: (v.sbatch as string[] | undefined) ?? [],
+    sbatch,
   };
-}
-
-interface ArraySubmission {
-  id: string;
-  tasks: number[];
 }
 
 interface SlurmState {
@@ -204,7 +193,7 @@ interface SlurmState {
   similarity: boolean;
   expectedImages: number;
   /** Every submission, oldest first. */
-  jobs: { similarity: string[]; generate: ArraySubmission[]; train: string[] };
+  jobs: { similarity: string[]; generate: { id: string; tasks: number[] }[]; train: string[] };
 }
 
 /** The flags that make the experiment, whatever the order they were given in. */
@@ -228,11 +217,6 @@ function readState(path: string): SlurmState | null {
   return state;
 }
 
-async function writeState(path: string, state: SlurmState): Promise<void> {
-  const { writeAtomic } = await import("../core/output.ts");
-  await writeAtomic(path, new TextEncoder().encode(JSON.stringify(state, null, 2) + "\n"));
-}
-
 /** A word for the shell, quoted. */
 function shellQuote(s: string): string {
   return `'${s.replaceAll("'", `'\\''`)}'`;
@@ -240,17 +224,7 @@ function shellQuote(s: string): string {
 
 /** OUT/slurm/<stage>.sh: `dipsy run <the experiment's flags> --stage <stage>`. */
 function stageScript(state: SlurmState, stage: StageName, out: string): string {
-  const root = fileURLToPath(new URL("../", import.meta.url));
-  const command = [
-    Deno.execPath(),
-    "run",
-    "-A",
-    `--config=${join(root, "deno.json")}`,
-    join(root, "cli", "main.ts"),
-    "run",
-    ...state.args,
-    `--stage=${stage}`,
-  ];
+  const command = [Deno.execPath(), ...dipsyArgs(["run", ...state.args, `--stage=${stage}`])];
   return [
     "#!/bin/bash",
     `# The ${stage} stage of the experiment in ${out}, submitted by \`dipsy run --slurm\`.`,
@@ -283,19 +257,27 @@ interface StageStatus {
   text: string;
 }
 
+/** A stage's status; the job lists it leaves out are empty. */
+function stageStatus(
+  phase: StageStatus["phase"],
+  job: string,
+  text: string,
+  lists: Partial<Pick<StageStatus, "active" | "stuck" | "redo">> = {},
+): StageStatus {
+  return { phase, active: [], stuck: [], redo: [], job, text, ...lists };
+}
+
 async function jobStatus(ids: string[], done: boolean, doneText: string): Promise<StageStatus> {
   const id = ids.at(-1);
-  const base = { active: [], stuck: [], redo: [], job: id ?? "-" };
-  if (done) return { ...base, phase: "done", text: doneText };
-  if (id === undefined) return { ...base, phase: "failed", text: "not submitted" };
+  if (done) return stageStatus("done", id ?? "-", doneText);
+  if (id === undefined) return stageStatus("failed", "-", "not submitted");
   const [record] = await showJob(id);
-  if (!record) return { ...base, phase: "failed", text: "unknown to Slurm; output missing" };
+  if (!record) return stageStatus("failed", id, "unknown to Slurm; output missing");
   const text = describe(record.state, record.reason);
   if (isActive(record.state, record.reason)) {
-    return { ...base, phase: "active", active: [id], text };
+    return stageStatus("active", id, text, { active: [id] });
   }
-  const stuck = ACTIVE.has(record.state) ? [id] : [];
-  return { ...base, phase: "failed", stuck, text };
+  return stageStatus("failed", id, text, { stuck: ACTIVE.has(record.state) ? [id] : [] });
 }
 
 async function generateStatus(state: SlurmState, out: string): Promise<StageStatus> {
@@ -305,9 +287,8 @@ async function generateStatus(state: SlurmState, out: string): Promise<StageStat
   const imageText = `${Math.min(images, total)}/${total} images`;
   const last = state.jobs.generate.at(-1);
   const job = last ? `${last.id} (${last.tasks.join(",")})` : "-";
-  const base = { active: [], stuck: [], redo: [], job };
-  if (images >= total) return { ...base, phase: "done", text: `done: ${imageText}` };
-  if (!last) return { ...base, phase: "failed", text: "not submitted", redo: allTasks(state) };
+  if (images >= total) return stageStatus("done", job, `done: ${imageText}`);
+  if (!last) return stageStatus("failed", job, "not submitted", { redo: allTasks(state) });
 
   // Each task as its latest submission has it.
   const tasks = new Map<number, { job: string; state: string; reason: string }>();
@@ -333,14 +314,8 @@ async function generateStatus(state: SlurmState, out: string): Promise<StageStat
   // Every task succeeded and images are still missing (removed since?): all of them again.
   if (!active.length && !redo.length) redo.push(...allTasks(state));
   const summary = [...counts].map(([label, n]) => `${n} ${label}`).join(", ");
-  return {
-    ...base,
-    phase: redo.length ? "failed" : "active",
-    active,
-    stuck,
-    redo,
-    text: `${summary}; ${imageText}`,
-  };
+  const text = `${summary}; ${imageText}`;
+  return stageStatus(redo.length ? "failed" : "active", job, text, { active, stuck, redo });
 }
 
 function allTasks(state: SlurmState): number[] {
@@ -406,13 +381,11 @@ export async function submitExperiment(
   }
   const st: SlurmState = state;
 
-  const similarity = !st.similarity
-    ? { phase: "done" as const, active: [], stuck: [], redo: [], job: "-", text: "not needed" }
-    : await jobStatus(
-      st.jobs.similarity,
-      existsSync(join(out, "similarity.json")),
-      "done: similarity.json",
-    );
+  const similarity = !st.similarity ? stageStatus("done", "-", "not needed") : await jobStatus(
+    st.jobs.similarity,
+    existsSync(join(out, "similarity.json")),
+    "done: similarity.json",
+  );
   const generate = await generateStatus(st, out);
   const { REPORT_FILE } = await import("./run.ts");
   const train = await jobStatus(
@@ -433,11 +406,10 @@ export async function submitExperiment(
   }
 
   const submit = async (stage: StageName, deps: string[], array?: number[]) => {
-    const logs = join(out, "slurm", "logs");
     const sbatch = [
       "--parsable",
       `--job-name=dipsy-${stage}`,
-      `--output=${join(logs, array ? `${stage}-%A_%a.log` : `${stage}-%j.log`)}`,
+      `--output=${join(out, "slurm", "logs", array ? `${stage}-%A_%a.log` : `${stage}-%j.log`)}`,
       "--requeue",
       "--open-mode=append",
       `--chdir=${st.cwd}`,
@@ -453,7 +425,8 @@ export async function submitExperiment(
     if (!/^\d+$/.test(id)) throw new SlurmError(`sbatch printed "${id}" instead of a job id`);
     if (array) st.jobs.generate.push({ id, tasks: array });
     else st.jobs[stage as "similarity" | "train"].push(id);
-    await writeState(statePath, st);
+    const { writeAtomic } = await import("../core/output.ts");
+    await writeAtomic(statePath, new TextEncoder().encode(JSON.stringify(st, null, 2) + "\n"));
     return id;
   };
   const cancel = async (ids: string[]) => {

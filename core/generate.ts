@@ -18,12 +18,13 @@
  *   written (a refused command leaves nothing that would block the corrected one), a folder that
  *   is not this run's output is never written into, and finished images are never rewritten.
  */
+import { createHash } from "node:crypto";
 import { join, relative, resolve } from "node:path";
-import { ops, type Tensor } from "../ffi/mod.ts";
+import { scope } from "../ffi/mod.ts";
 import { applyAugment } from "./augment.ts";
 import type { DiffusionBackbone } from "./backbone.ts";
-import type { RunConfig } from "./config.ts";
-import { type PluginRecord, type ResolvedRun, resolveRun, TINY } from "./config.ts";
+import type { PluginRecord, ResolvedRun, RunConfig } from "./config.ts";
+import { resolveRun, TINY } from "./config.ts";
 import { type Dataset, promptFor, promptTemplate, validateDataset } from "./dataset.ts";
 import { encodeImage, imageFromTensor, readImage, type RgbImage } from "./image.ts";
 import {
@@ -46,50 +47,17 @@ import {
   type UpgradeRecord,
   writeAtomic,
 } from "./output.ts";
-import {
-  type Guidance,
-  type PairChoice,
-  type PairContext,
-  type Registry,
-  registry as defaultRegistry,
-  type SamplerPair,
-  type ShotRef,
-} from "./plugins.ts";
+import type { Guidance, PairChoice, PairContext, ShotRef } from "./plugins.ts";
 import { provenance } from "./provenance.ts";
 import { imageSeed } from "./rng.ts";
 import { negativeScale, sampleLatents, type SampleRequest } from "./sampling.ts";
-import {
-  type Chunk,
-  NO_SHARD,
-  planChunks,
-  type Shard,
-  shardChunks,
-  type WorkItem,
-} from "./shard.ts";
+import { NO_SHARD, planChunks, type Shard, shardChunks, type WorkItem } from "./shard.ts";
 
 export * from "./output.ts";
 export * from "./shard.ts";
 
 // ---------------------------------------------------------------------------------------------
 // Plan
-
-export interface PlannedImage extends WorkItem {
-  className: string;
-  folder: string;
-  /** Relative to the output folder. */
-  file: string;
-}
-
-/** Everything decided about one image: its references, seed and manifest line. */
-export interface ImagePlan {
-  choice: PairChoice;
-  entry: ManifestEntry;
-  line: string;
-}
-
-export interface PlannedChunk extends Chunk {
-  images: PlannedImage[];
-}
 
 export interface SimilaritySource {
   /** The matrix for the dataset's classes, in its class order, and where it came from. */
@@ -98,51 +66,13 @@ export interface SimilaritySource {
   keep?(path: string, dataset: Dataset, matrix: number[][]): Promise<void>;
 }
 
-export interface PlanOptions {
-  /** Resolved: data and out set, width and height set, dtype and device concrete. */
-  config: RunConfig;
-  dataset: Dataset;
-  similarity?: SimilaritySource;
-  shard?: Shard;
-  /** Only these images ("class:index", class by name or folder); their batches are computed. */
-  only?: readonly string[];
-  /** Model identifiers for the manifest and run.json (default: from the configuration). */
-  modelIds?: Record<string, string>;
-  /**
-   * The model's VAE scale factor, which the image sides must be multiples of. Known before the
-   * model loads (from its config files), it lets a bad size be refused before anything is written.
-   */
-  vaeScaleFactor?: number;
-  /** The configuration's plugins, built once (default: built from `config` and `registry`). */
-  run?: ResolvedRun;
-  registry?: Registry;
-}
-
-export interface RunPlan {
-  config: RunConfig;
-  out: string;
-  dataset: Dataset;
-  shard: Shard;
-  guidance: Guidance;
-  pairs: SamplerPair;
-  /** This shard's batches. */
-  chunks: PlannedChunk[];
-  /** Images this invocation is responsible for (all of the shard, or `only`). */
-  wanted: Set<string>;
-  /** The decisions for one image, made on demand (a large run has 10^5 images or more). */
-  describe(image: WorkItem): ImagePlan;
-  record: RunRecord;
-  similarity: { matrix: number[][]; from: string } | null;
-  similaritySource?: SimilaritySource;
-  run: ResolvedRun;
-}
+export type RunPlan = Awaited<ReturnType<typeof planRun>>;
 
 /** Refuses an image size the VAE cannot make: both sides must be multiples of its scale factor. */
 export function checkImageSize(
-  size: { width: number | null; height: number | null },
+  { width, height }: { width: number | null; height: number | null },
   vaeScaleFactor: number,
 ): void {
-  const { width, height } = size;
   if (width === null || height === null) return;
   if (width % vaeScaleFactor || height % vaeScaleFactor) {
     throw new RunError(
@@ -173,8 +103,7 @@ export function configModelIds(config: RunConfig, adapters: number): Record<stri
 
 /** The negative image's adapter file as configured (the positive's unless set). */
 function negativeAdapterFile(config: RunConfig, adapters: number): string {
-  const own = adapters > 1 ? config.negativeIpAdapter ?? null : null;
-  return own ?? config.ipAdapter;
+  return (adapters > 1 ? config.negativeIpAdapter : null) ?? config.ipAdapter;
 }
 
 /** Each adapter slot as the run uses it: which image, which file, at which scale. */
@@ -183,16 +112,16 @@ export function adapterRecords(
   guidance: Guidance,
   adapters: number,
 ): AdapterRecord[] {
-  if (adapters === 0) return [];
   const tiny = config.model === TINY ? `${TINY} (seed ${config.modelSeed})` : null;
-  const out: AdapterRecord[] = [
+  const slots: AdapterRecord[] = [
     { image: "positive", file: tiny ?? config.ipAdapter, scale: guidance.adapterScale },
+    {
+      image: "negative",
+      file: tiny ?? negativeAdapterFile(config, adapters),
+      scale: negativeScale(guidance),
+    },
   ];
-  if (adapters > 1) {
-    const file = tiny ?? negativeAdapterFile(config, adapters);
-    out.push({ image: "negative", file, scale: negativeScale(guidance) });
-  }
-  return out;
+  return slots.slice(0, adapters);
 }
 
 function parseOnly(spec: string, dataset: Dataset, perClass: number): WorkItem {
@@ -217,12 +146,16 @@ function parseOnly(spec: string, dataset: Dataset, perClass: number): WorkItem {
   return { classIndex, index };
 }
 
+type Augment = PairChoice["positiveAugment"];
+
+/** A reference image as the manifest records it; null where none is chosen or `used`. */
 function shotRecord(
   dataset: Dataset,
+  used: boolean,
   ref: ShotRef | null,
-  augment: PairChoice["positiveAugment"],
+  augment: Augment,
 ): ShotRecord | null {
-  if (!ref) return null;
+  if (!used || !ref) return null;
   const cls = dataset.classes[ref.classIndex];
   const shot = cls.shots[ref.shotIndex];
   const file = relative(dataset.root, shot.path).replaceAll("\\", "/");
@@ -233,9 +166,9 @@ function shotRecord(
  * Validates the plugins against the dataset and plans this shard's work: batches, pair choices,
  * seeds, prompts and manifest lines. Writes nothing.
  */
-export async function planRun(opts: PlanOptions): Promise<RunPlan> {
-  const { config, dataset } = opts;
-  const run = opts.run ?? resolveRun(config, opts.registry ?? defaultRegistry);
+async function planRun(opts: GenerateOptions & { dataset: Dataset; run: ResolvedRun }) {
+  const { config, dataset, run } = opts;
+  const { guidance, pairs } = run;
   if (!config.out) throw new RunError("no output folder (--out)");
   if (config.width === null || config.height === null) {
     throw new Error("planRun: width and height must be resolved (the model's default size)");
@@ -243,12 +176,10 @@ export async function planRun(opts: PlanOptions): Promise<RunPlan> {
   const width = config.width, height = config.height;
   if (opts.vaeScaleFactor !== undefined) checkImageSize(config, opts.vaeScaleFactor);
   const out = resolve(config.out);
-  const shard = opts.shard ?? NO_SHARD;
-  const { guidance, pairs } = run;
   // Before the similarity, which may take minutes to compute.
   checkOutputFolder(out, dataset.root);
 
-  let similarity: RunPlan["similarity"] = null;
+  let similarity: { matrix: number[][]; from: string } | null = null;
   if (pairs.needsSimilarity) {
     if (!opts.similarity) {
       throw new RunError(`pairs plugin "${pairs.name}" needs the class similarity matrix`);
@@ -273,26 +204,15 @@ export async function planRun(opts: PlanOptions): Promise<RunPlan> {
   const template = config.prompt ?? promptTemplate(config.dataset ?? dataset.dataset);
   const prompts = classNames.map((c) => template === "" ? "" : promptFor(template, c));
   const adapters = adaptersFor(guidance);
-  const models = opts.modelIds ?? configModelIds(config, adapters);
+  const models = configModelIds(config, adapters);
   // Sampler overrides not given follow the model's scheduler config, so they are not listed.
   const { pairs: pairsInfo, sampler: samplerInfo, guidance: guidanceInfo } = run.records;
+  /** An image's file, relative to the output folder. */
+  const fileOf = ({ classIndex, index }: WorkItem) =>
+    `${dataset.classes[classIndex].folder}/${imageFileName(index)}`;
 
-  let chunks = planChunks(dataset.classes.length, config.perClass, config.batch);
-  let wantedItems: WorkItem[] | null = null;
-  if (opts.only?.length) {
-    wantedItems = opts.only.map((s) => parseOnly(s, dataset, config.perClass));
-    const ids = new Set(
-      wantedItems.map((w) =>
-        chunks.find((c) =>
-          c.classIndex === w.classIndex && w.index >= c.start && w.index < c.start + c.size
-        )!.id
-      ),
-    );
-    chunks = chunks.filter((c) => ids.has(c.id));
-  }
-  chunks = shardChunks(chunks, shard);
-
-  const describe = (item: WorkItem): ImagePlan => {
+  /** The decisions for one image, made on demand (a large run has 10^5 images or more). */
+  const describe = (item: WorkItem) => {
     const { classIndex, index } = item;
     const cls = dataset.classes[classIndex];
     let choice: PairChoice;
@@ -317,16 +237,12 @@ export async function planRun(opts: PlanOptions): Promise<RunPlan> {
       class: cls.name,
       classIndex,
       index,
-      file: `${cls.folder}/${imageFileName(index)}`,
+      file: fileOf(item),
       seed: imageSeed(config.seed, classIndex, index),
       runSeed: config.seed,
       prompt: prompts[classIndex],
-      positive: guidance.usesImages
-        ? shotRecord(dataset, choice.positive, choice.positiveAugment)
-        : null,
-      negative: guidance.usesNegative
-        ? shotRecord(dataset, choice.negative, choice.negativeAugment)
-        : null,
+      positive: shotRecord(dataset, guidance.usesImages, choice.positive, choice.positiveAugment),
+      negative: shotRecord(dataset, guidance.usesNegative, choice.negative, choice.negativeAugment),
       pairs: pairsInfo,
       sampler: samplerInfo,
       guidance: guidanceInfo,
@@ -339,29 +255,31 @@ export async function planRun(opts: PlanOptions): Promise<RunPlan> {
   // A first image of every class, so that a plugin mismatch fails now, not hours in.
   dataset.classes.forEach((_, classIndex) => describe({ classIndex, index: 0 }));
 
-  const planned: PlannedChunk[] = chunks.map((chunk) => {
-    const cls = dataset.classes[chunk.classIndex];
-    const images = Array.from({ length: chunk.size }, (_, k): PlannedImage => ({
-      classIndex: chunk.classIndex,
-      index: chunk.start + k,
-      className: cls.name,
-      folder: cls.folder,
-      file: `${cls.folder}/${imageFileName(chunk.start + k)}`,
-    }));
-    return { ...chunk, images };
+  // `only` keeps the batches of its images, so that those come out as in the whole run.
+  const only = opts.only?.length
+    ? opts.only.map((s) => parseOnly(s, dataset, config.perClass))
+    : null;
+  const onlyFiles = only && new Set(only.map(fileOf));
+  const batches = planChunks(dataset.classes.length, config.perClass, config.batch).filter((c) =>
+    !only ||
+    only.some((w) =>
+      w.classIndex === c.classIndex && w.index >= c.start && w.index < c.start + c.size
+    )
+  );
+  /** This shard's batches. */
+  const chunks = shardChunks(batches, opts.shard ?? NO_SHARD).map((chunk) => {
+    const images = Array.from({ length: chunk.size }, (_, k) => {
+      const item = { classIndex: chunk.classIndex, index: chunk.start + k };
+      return { ...item, file: fileOf(item) };
+    });
+    return { ...chunk, folder: dataset.classes[chunk.classIndex].folder, images };
   });
-
-  const wanted = new Set<string>();
-  for (const c of planned) {
-    for (const img of c.images) {
-      if (
-        !wantedItems ||
-        wantedItems.some((w) => w.classIndex === img.classIndex && w.index === img.index)
-      ) {
-        wanted.add(img.file);
-      }
-    }
-  }
+  /** Images this invocation is responsible for (all of the shard, or `only`). */
+  const wanted = new Set(
+    chunks.flatMap((c) => c.images.map((i) => i.file)).filter((f) =>
+      !onlyFiles || onlyFiles.has(f)
+    ),
+  );
 
   const record: RunRecord = {
     format: RECORD_FORMAT,
@@ -377,7 +295,9 @@ export async function planRun(opts: PlanOptions): Promise<RunPlan> {
       seed: config.seed,
       prompt: template,
       quality: config.quality,
-      similarity: similarity ? await sha256(JSON.stringify(similarity.matrix)) : null,
+      similarity: similarity
+        ? createHash("sha256").update(JSON.stringify(similarity.matrix)).digest("hex")
+        : null,
     },
     dataset: {
       classes: dataset.classes.map((c) => ({
@@ -396,27 +316,18 @@ export async function planRun(opts: PlanOptions): Promise<RunPlan> {
     data: resolve(dataset.root),
     provenance: await provenance(config),
   };
-
   return {
     config,
     out,
     dataset,
-    shard,
-    guidance,
-    pairs,
-    chunks: planned,
+    run,
+    chunks,
     wanted,
     describe,
     record,
     similarity,
     similaritySource: opts.similarity,
-    run,
   };
-}
-
-async function sha256(text: string): Promise<string> {
-  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
-  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -424,7 +335,7 @@ async function sha256(text: string): Promise<string> {
 
 export interface OpenedRun {
   /** Batches with at least one wanted image not finished. */
-  pending: PlannedChunk[];
+  pending: RunPlan["chunks"];
   /** Wanted images already finished (file and manifest line). */
   finished: Set<string>;
   /** Wanted images to write. */
@@ -432,15 +343,6 @@ export interface OpenedRun {
   /** Manifest lines already present for wanted images (their files are missing). */
   lines: Map<string, string>;
   notes: string[];
-}
-
-/**
- * Checks the output folder without writing to it: refuses a folder with other contents or an
- * incompatible run.json, and finds what is left to do.
- */
-export async function surveyRun(plan: RunPlan): Promise<OpenedRun> {
-  checkOutputFolder(plan.out, plan.dataset.root);
-  return await findWork(plan, await checkRecord(plan.out, plan.record, upgrader(plan.run)));
 }
 
 /**
@@ -461,26 +363,24 @@ function upgrader(run: ResolvedRun): UpgradeRecord {
 }
 
 /**
- * Checks the output folder and claims it for this run: refuses a folder with other contents or
- * an incompatible run.json, writes run.json, removes this shard's leftover temporary files and
- * finds what is left to do.
+ * Checks the output folder: refuses a folder with other contents or an incompatible run.json,
+ * and finds what is left to do. Only with `claim` does it write: it claims the folder for this
+ * run (run.json, the similarity's copy) and removes this shard's leftover temporary files.
  */
-export async function openRun(plan: RunPlan): Promise<OpenedRun> {
+async function openRun(plan: RunPlan, claim: boolean): Promise<OpenedRun> {
   const { out, dataset } = plan;
-  if (checkOutputFolder(out, dataset.root) === "missing") {
-    await Deno.mkdir(out, { recursive: true });
-  }
+  const missing = checkOutputFolder(out, dataset.root) === "missing";
+  if (!claim) return await findWork(plan, await checkRecord(out, plan.record, upgrader(plan.run)));
+  if (missing) await Deno.mkdir(out, { recursive: true });
   const { notes } = await claimRecord(out, plan.record, upgrader(plan.run));
-  if (plan.similarity && plan.similaritySource?.keep) {
-    const copy = join(out, SIMILARITY_FILE);
-    if (listOrNull(out)?.every((e) => e.name !== SIMILARITY_FILE)) {
-      await plan.similaritySource.keep(copy, dataset, plan.similarity.matrix);
-    }
+  const { similarity, similaritySource: source } = plan;
+  if (similarity && source?.keep && listOrNull(out)?.every((e) => e.name !== SIMILARITY_FILE)) {
+    await source.keep(join(out, SIMILARITY_FILE), dataset, similarity.matrix);
   }
 
   // Leftover temporary files of this shard's images (another shard's may be in flight).
   const mine = new Set(plan.chunks.flatMap((c) => c.images.map((i) => i.file)));
-  for (const folder of new Set(plan.chunks.flatMap((c) => c.images.map((i) => i.folder)))) {
+  for (const folder of new Set(plan.chunks.map((c) => c.folder))) {
     for (const e of listOrNull(join(out, folder)) ?? []) {
       const m = /^\.(.+)\.[0-9a-f]{8}\.tmp$/.exec(e.name);
       if (m && mine.has(`${folder}/${m[1]}`)) {
@@ -495,13 +395,11 @@ export async function openRun(plan: RunPlan): Promise<OpenedRun> {
 async function findWork(plan: RunPlan, notes: string[]): Promise<OpenedRun> {
   const { out } = plan;
   const manifest = await readManifest(out, (f) => plan.wanted.has(f));
-  if (manifest.badLines.length) {
+  const bad = manifest.badLines;
+  if (bad.length) {
+    const some = bad.slice(0, 5).join(", ") + (bad.length > 5 ? ", ..." : "");
     notes.push(
-      `${MANIFEST}: ignored ${manifest.badLines.length} unreadable line(s) ` +
-        `(${manifest.badLines.slice(0, 5).join(", ")}${
-          manifest.badLines.length > 5 ? ", ..." : ""
-        }); ` +
-        "their images are redone",
+      `${MANIFEST}: ignored ${bad.length} unreadable line(s) (${some}); their images are redone`,
     );
   }
   const finished = new Set<string>();
@@ -509,11 +407,7 @@ async function findWork(plan: RunPlan, notes: string[]): Promise<OpenedRun> {
   for (const file of plan.wanted) {
     const m = manifest.entries.get(file);
     if (!m) continue;
-    let exists = false;
-    try {
-      exists = (await Deno.stat(join(out, file))).isFile;
-    } catch { /* missing */ }
-    if (exists) finished.add(file);
+    if (await Deno.stat(join(out, file)).then((s) => s.isFile, () => false)) finished.add(file);
     else lines.set(file, m.line);
   }
   const pending = plan.chunks.filter((c) =>
@@ -572,26 +466,26 @@ class ShotCache {
   }
 }
 
-async function referenceImage(
-  plan: RunPlan,
-  cache: ShotCache,
-  ref: ShotRef | null,
-  augment: PairChoice["positiveAugment"],
-): Promise<RgbImage | null> {
-  if (!ref) return null;
-  const shot = plan.dataset.classes[ref.classIndex].shots[ref.shotIndex];
-  const img = await cache.get(shot.path);
-  return augment ? applyAugment(img, augment) : img;
+/** The result of a run that has written `written` of the images `opened` found to do. */
+function runResult(opened: OpenedRun, written: number): RunResult {
+  const { finished, toWrite } = opened;
+  return {
+    written,
+    skipped: finished.size,
+    remaining: toWrite - written,
+    interrupted: written < toWrite,
+  };
 }
 
 /** Generates the pending batches and writes their wanted images. */
-export async function executeRun(
+async function executeRun(
   plan: RunPlan,
   opened: OpenedRun,
   backbone: DiffusionBackbone,
-  opts: ExecuteOptions = {},
+  opts: ExecuteOptions,
 ): Promise<RunResult> {
-  const { config, guidance, out } = plan;
+  const { config, out } = plan;
+  const { guidance } = plan.run;
   const need = adaptersFor(guidance);
   if (backbone.adapterCount < need) {
     throw new RunError(
@@ -601,6 +495,12 @@ export async function executeRun(
   }
   checkImageSize(config, backbone.vaeScaleFactor);
   const cache = new ShotCache(64);
+  // A reference image as the sampler takes it; null where none is chosen or `used`.
+  const reference = async (used: boolean, ref: ShotRef | null, augment: Augment) => {
+    if (!used || !ref) return null;
+    const img = await cache.get(plan.dataset.classes[ref.classIndex].shots[ref.shotIndex].path);
+    return augment ? applyAugment(img, augment) : img;
+  };
   const total = opened.toWrite;
   let written = 0;
   opts.onProgress?.({ done: 0, total });
@@ -615,12 +515,8 @@ export async function executeRun(
     for (const { choice: c, entry } of plans) {
       requests.push({
         prompt: entry.prompt,
-        positive: guidance.usesImages
-          ? await referenceImage(plan, cache, c.positive, c.positiveAugment)
-          : null,
-        negative: guidance.usesNegative
-          ? await referenceImage(plan, cache, c.negative, c.negativeAugment)
-          : null,
+        positive: await reference(guidance.usesImages, c.positive, c.positiveAugment),
+        negative: await reference(guidance.usesNegative, c.negative, c.negativeAugment),
         seed: entry.seed,
       });
     }
@@ -631,7 +527,7 @@ export async function executeRun(
       (index, steps) => opts.onProgress?.({ done: written, total, step: { index, total: steps } }),
     );
 
-    await Deno.mkdir(join(out, chunk.images[0].folder), { recursive: true });
+    await Deno.mkdir(join(out, chunk.folder), { recursive: true });
     for (let k = 0; k < chunk.images.length; k++) {
       const img = chunk.images[k], { entry, line } = plans[k];
       if (!plan.wanted.has(img.file) || opened.finished.has(img.file) || made.has(img.file)) {
@@ -647,12 +543,7 @@ export async function executeRun(
       opts.onProgress?.({ done: written, total });
     }
   }
-  return {
-    written,
-    skipped: opened.finished.size,
-    remaining: total - written,
-    interrupted: written < total,
-  };
+  return runResult(opened, written);
 }
 
 function generateBatch(
@@ -661,28 +552,16 @@ function generateBatch(
   requests: SampleRequest[],
   onStep: (index: number, total: number) => void,
 ): RgbImage[] {
-  const { config, guidance } = plan;
-  using sampler = plan.run.sampler(backbone.schedulerConfig);
-  let latents: Tensor | null = null, pixels: Tensor | null = null;
-  try {
-    latents = sampleLatents(backbone, requests, {
-      width: config.width!,
-      height: config.height!,
-      guidance,
-      sampler,
-      onStep,
-    });
-    pixels = backbone.decode(latents);
-    if (pixels.dtype !== "f32" || pixels.device !== "cpu") {
-      const p: Tensor = ops.to(pixels, "f32", "cpu");
-      pixels.dispose();
-      pixels = p;
-    }
-    return imageFromTensor(pixels) as RgbImage[];
-  } finally {
-    latents?.dispose();
-    pixels?.dispose();
-  }
+  const { config, run } = plan;
+  using sampler = run.sampler(backbone.schedulerConfig);
+  using latents = sampleLatents(backbone, requests, {
+    width: config.width!,
+    height: config.height!,
+    guidance: run.guidance,
+    sampler,
+    onStep,
+  });
+  return scope(() => imageFromTensor(backbone.decode(latents)) as RgbImage[]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -707,9 +586,22 @@ export async function validateInput(
   });
 }
 
-export interface GenerateOptions extends Omit<PlanOptions, "dataset">, ExecuteOptions {
+export interface GenerateOptions extends ExecuteOptions {
+  /** Resolved: data and out set, width and height set, dtype and device concrete. */
+  config: RunConfig;
   /** Already validated input (default: validated from the configuration first). */
   dataset?: Dataset;
+  similarity?: SimilaritySource;
+  shard?: Shard;
+  /** Only these images ("class:index", class by name or folder); their batches are computed. */
+  only?: readonly string[];
+  /**
+   * The model's VAE scale factor, which the image sides must be multiples of. Known before the
+   * model loads (from its config files), it lets a bad size be refused before anything is written.
+   */
+  vaeScaleFactor?: number;
+  /** The configuration's plugins, built once (default: built from `config`). */
+  run?: ResolvedRun;
   /** Built after the input and the output folder are checked (loading a model takes a while). */
   backbone: () => DiffusionBackbone | Promise<DiffusionBackbone>;
   /** Warnings and notes. */
@@ -724,28 +616,20 @@ export interface GenerateOptions extends Omit<PlanOptions, "dataset">, ExecuteOp
  */
 export async function generate(opts: GenerateOptions): Promise<RunResult & { plan: RunPlan }> {
   const log = opts.log ?? ((m: string) => console.error(m));
-  const run = opts.run ?? resolveRun(opts.config, opts.registry ?? defaultRegistry);
+  const run = opts.run ?? resolveRun(opts.config);
   let dataset = opts.dataset;
   if (!dataset) {
     dataset = await validateInput(opts.config, run);
     for (const p of dataset.problems) log(`${p.severity}: ${p.path}: ${p.message}`);
   }
   const plan = await planRun({ ...opts, dataset, run });
-  const surveyed = await surveyRun(plan);
+  const surveyed = await openRun(plan, false);
   for (const n of surveyed.notes) log(`note: ${n}`);
   opts.onPlan?.(plan, surveyed);
   if (surveyed.pending.length === 0 || opts.signal?.aborted) {
-    return {
-      plan,
-      written: 0,
-      skipped: surveyed.finished.size,
-      remaining: surveyed.toWrite,
-      interrupted: surveyed.toWrite > 0,
-    };
+    return { ...runResult(surveyed, 0), plan };
   }
   const backbone = await opts.backbone();
   // The folder is claimed only now: a model that fails to load leaves it as it was.
-  const opened = await openRun(plan);
-  const result = await executeRun(plan, opened, backbone, opts);
-  return { ...result, plan };
+  return { ...await executeRun(plan, await openRun(plan, true), backbone, opts), plan };
 }

@@ -45,40 +45,29 @@ export class SampleError extends UserError {
   }
 }
 
-export interface PreparedSample {
-  spec: SampleSpec;
-  guidance: Guidance;
-  /** IP-Adapters the guidance needs: 2 with a negative image, 1 with a positive only, else 0. */
-  adapters: number;
-  /** Reference images that were given but that the guidance does not use. */
-  ignored: ("positive" | "negative")[];
-}
+export type PreparedSample = ReturnType<typeof prepareSample>;
 
-export interface PrepareOptions {
-  registry?: Registry;
-  /** When known, the sampler is built once now so that its errors come before any model work. */
-  schedulerConfig?: SchedulerConfig;
-}
-
-function message(e: unknown): string {
-  return e instanceof Error ? e.message : String(e);
+/** Runs `fn`; what it throws becomes a SampleError naming `field`. */
+function inField<T>(field: string, fn: () => T): T {
+  try {
+    return fn();
+  } catch (e) {
+    throw new SampleError(field, e instanceof Error ? e.message : String(e));
+  }
 }
 
 /**
  * Checks the plugin names and options and which reference images are needed (`given`: which
- * ones the caller has); builds the guidance.
+ * ones the caller has); builds the guidance. With `schedulerConfig` (when known) the sampler is
+ * built once now, so that its errors come before any model work.
  */
 export function prepareSample(
   spec: SampleSpec,
   given: { positive: boolean; negative: boolean },
-  opts: PrepareOptions = {},
-): PreparedSample {
+  opts: { registry?: Registry; schedulerConfig?: SchedulerConfig } = {},
+) {
   const reg = opts.registry ?? defaultRegistry;
-  const def = reg.list("guidance").find((d) => d.name === spec.guidance);
-  if (!def) {
-    const names = reg.list("guidance").map((d) => d.name).join(", ");
-    throw new SampleError("guidance", `unknown guidance "${spec.guidance}" (available: ${names})`);
-  }
+  const def = inField("guidance", () => reg.definition("guidance", spec.guidance));
   const checked = validate(def.schema, spec.guidanceOptions);
   if (!checked.ok) {
     const issue = checked.issues[0];
@@ -87,10 +76,7 @@ export function prepareSample(
       `guidance "${spec.guidance}": ${issueText(issue, "option")}`,
     );
   }
-  if (!reg.has("sampler", spec.sampler)) {
-    const names = reg.list("sampler").map((d) => d.name).join(", ");
-    throw new SampleError("sampler", `unknown sampler "${spec.sampler}" (available: ${names})`);
-  }
+  inField("sampler", () => reg.definition("sampler", spec.sampler));
   if (!Number.isSafeInteger(spec.steps) || spec.steps < 1) {
     throw new SampleError("steps", `steps must be a positive integer, got ${spec.steps}`);
   }
@@ -98,35 +84,35 @@ export function prepareSample(
     throw new SampleError("seed", `seed must be a non-negative integer, got ${spec.seed}`);
   }
   if (opts.schedulerConfig) createSampler(spec, opts.schedulerConfig, reg)[Symbol.dispose]();
-  let guidance: Guidance;
-  try {
-    guidance = reg.create<Guidance>("guidance", spec.guidance, spec.guidanceOptions);
-  } catch (e) {
-    throw new SampleError("guidanceOptions", message(e));
-  }
+  const guidance = inField(
+    "guidanceOptions",
+    () => reg.create<Guidance>("guidance", spec.guidance, spec.guidanceOptions),
+  );
   if (guidance.usesImages && !given.positive) {
     throw new SampleError("positive", `guidance "${guidance.name}" needs a positive image`);
   }
   if (guidance.usesNegative && !given.negative) {
     throw new SampleError("negative", `guidance "${guidance.name}" needs a negative image`);
   }
-  const ignored: PreparedSample["ignored"] = [];
+  // Reference images that were given but that the guidance does not use.
+  const ignored: ("positive" | "negative")[] = [];
   if (!guidance.usesImages && given.positive) ignored.push("positive");
   if (!guidance.usesNegative && given.negative) ignored.push("negative");
+  // IP-Adapters the guidance needs: 2 with a negative image, 1 with a positive only, else 0.
   const adapters = guidance.usesImages ? (guidance.usesNegative ? 2 : 1) : 0;
   return { spec, guidance, adapters, ignored };
 }
 
 function createSampler(spec: SampleSpec, config: SchedulerConfig, reg: Registry): Sampler {
-  try {
-    return reg.create<Sampler>("sampler", spec.sampler, {
-      ...spec.samplerOptions,
-      steps: spec.steps,
-      config,
-    });
-  } catch (e) {
-    throw new SampleError("sampler", message(e));
-  }
+  return inField(
+    "sampler",
+    () =>
+      reg.create<Sampler>("sampler", spec.sampler, {
+        ...spec.samplerOptions,
+        steps: spec.steps,
+        config,
+      }),
+  );
 }
 
 /** The output size: the requested one, or the model's default; checked against the VAE. */
