@@ -6,10 +6,11 @@
 import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
 import { UserError } from "../ffi/errors.ts";
 import { closest } from "../core/suggest.ts";
+import type { FieldDoc } from "../core/schema.ts";
 
 export interface Command {
-  /** One line for the command list. */
-  summary: string;
+  /** Not shown: the command list is COMMANDS' (cli/main.ts), which loads no command module. */
+  summary?: string;
   /** What `--help` prints. */
   usage: string;
   /** The flags `run` accepts (checked against `usage` by the tests). */
@@ -42,13 +43,16 @@ export function intFlag(value: string | undefined, flag: string, min = 0): numbe
 
 /**
  * Runs `job` with Ctrl-C wired to its signal: the first stops it after the step in flight (what
- * it wrote stays resumable), a second quits at once.
+ * it wrote stays resumable) and prints `notice`, a second quits at once.
  */
-export async function withInterrupt<T>(job: (signal: AbortSignal) => Promise<T>): Promise<T> {
+export async function withInterrupt<T>(
+  job: (signal: AbortSignal) => Promise<T>,
+  notice = "stopping after the step in flight (Ctrl-C again to quit at once)",
+): Promise<T> {
   const controller = new AbortController();
   const onSigint = () => {
     if (controller.signal.aborted) Deno.exit(130);
-    console.error("\nstopping after the step in flight (Ctrl-C again to quit at once)");
+    console.error(`\n${notice}`);
     controller.abort();
   };
   Deno.addSignalListener("SIGINT", onSigint);
@@ -77,6 +81,61 @@ export interface Flag {
 }
 
 export type Flags = Record<string, Flag>;
+
+/** A setting's flag as declared: its value name, or what it says besides the setting's doc. */
+export type FieldFlag = string | Partial<Flag>;
+
+type Kebab<S extends string> = S extends `${infer H}${infer T}`
+  ? `${H extends Lowercase<H> ? H : `-${Lowercase<H>}`}${Kebab<T>}`
+  : "";
+
+/** The flags `fieldFlags` makes of a declaration. */
+export type FieldFlags<D> = {
+  -readonly [K in keyof D & string as Kebab<K>]:
+    & (D[K] extends string ? { value: string } : D[K])
+    & Flag
+    & { field: string };
+};
+
+/**
+ * Flags for settings, one per field of `docs` (a schema's field docs) that `decl` names: the flag
+ * is the field's name in kebab case, and its help and default are the field's unless it gives
+ * its own (a null default is left to the help's words).
+ */
+export function fieldFlags<const D extends Record<string, FieldFlag>>(
+  docs: readonly FieldDoc[],
+  decl: D,
+): FieldFlags<D> {
+  return Object.fromEntries(
+    Object.entries(decl).map(([field, own]) => {
+      const doc = docs.find((d) => d.name === field);
+      if (!doc) throw new Error(`no setting "${field}" to make a flag of`);
+      const f: Partial<Flag> = typeof own === "string" ? { value: own } : own;
+      // A switch's default goes without saying.
+      const shown = f.value === undefined ? undefined : doc.default ?? undefined;
+      const name = field.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+      return [name, { help: doc.description, default: shown, field, ...f }];
+    }),
+  ) as FieldFlags<D>;
+}
+
+/** The flags of `flags` under other names (`{ seed: "train-seed" }`), `omit` left out. */
+export function renamed<
+  F extends Flags,
+  const N extends { [K in keyof F]?: string },
+  const O extends keyof F = never,
+>(
+  flags: F,
+  names: N,
+  omit: readonly O[] = [],
+  help: { [K in keyof F]?: string } = {},
+): { [K in Exclude<keyof F, O> as K extends keyof N ? N[K] & string : K]: F[K] } {
+  return Object.fromEntries(
+    Object.entries(flags).filter(([k]) => !omit.includes(k as O)).map((
+      [k, f],
+    ): [string, Flag] => [names[k] ?? k, help[k] ? { ...f, help: help[k] } : f]),
+  ) as never;
+}
 
 type ValueOf<F extends Flag> = F extends { value: string }
   ? (F extends { multiple: true } ? string[] : string)
@@ -150,17 +209,25 @@ export function helpRow(label: string, text: string): string[] {
   return [head + first, ...rest.map((l) => " ".repeat(HELP_COLUMN) + l)];
 }
 
-/** Titled sections of flag rows. */
-export function flagSections(sections: Record<string, Flags>): string {
-  return Object.entries(sections).map(([title, flags]) =>
-    [title, ...Object.entries(flags).flatMap(([name, f]) => flagRows(name, f))].join("\n")
+/** Titled sections of flag rows; deprecated flags come last, in a section of their own. */
+function flagSections(sections: Record<string, Flags>): string {
+  const blocks = Object.entries(sections).map(([title, flags]) =>
+    [title, Object.entries(flags).filter(([, f]) => !f.deprecated)] as const
+  );
+  const old = Object.values(sections).flatMap((flags) => Object.entries(flags))
+    .filter(([, f]) => f.deprecated)
+    .map(([n, f]): [string, Flag] => [n, { ...f, help: `${f.help}; use ${f.deprecated}` }]);
+  if (old.length) blocks.push(["deprecated (still accepted, with a warning):", old]);
+  return blocks.map(([title, rows]) =>
+    [title, ...rows.flatMap(([name, f]) => flagRows(name, f))].join("\n")
   ).join("\n\n");
 }
 
 const HELP: Flag = { short: "h", help: "this text" };
 
 export interface CommandDef<S extends Record<string, Flags>> {
-  summary: string;
+  /** See Command.summary. */
+  summary?: string;
   /** What follows `deno task dipsy` in the usage line. */
   synopsis: string;
   /** What the command does, before the flags. */
@@ -183,45 +250,29 @@ export interface DefinedCommand<F extends Flags> extends Command {
 export function defineCommand<const S extends Record<string, Flags>>(
   def: CommandDef<S>,
 ): DefinedCommand<SectionFlags<S>> {
-  const entries = Object.entries(def.sections);
-  const [firstTitle, firstFlags] = entries[0] ?? ["options:", {}];
-  const shown = { ...def.sections, [firstTitle]: { ...firstFlags, help: HELP } };
-  const current = Object.fromEntries(
-    Object.entries(shown).map(([t, fl]) => [
-      t,
-      Object.fromEntries(Object.entries(fl).filter(([, f]) => !f.deprecated)),
-    ]),
-  );
-  const old = Object.fromEntries(
-    entries.flatMap(([, fl]) => Object.entries(fl)).filter(([, f]) => f.deprecated),
-  );
-  const deprecated: Record<string, Flags> = Object.keys(old).length
-    ? {
-      "deprecated (still accepted, with a warning):": Object.fromEntries(
-        Object.entries(old).map(([n, f]) => [n, { ...f, help: `${f.help}; use ${f.deprecated}` }]),
-      ),
-    }
-    : {};
-  const declared = Object.assign({}, ...Object.values(shown)) as SectionFlags<S> & { help: Flag };
+  const [first = "options:"] = Object.keys(def.sections);
+  const sections = { ...def.sections, [first]: { ...def.sections[first], help: HELP } };
+  const declared = Object.assign({}, ...Object.values(sections)) as SectionFlags<S> & {
+    help: Flag;
+  };
   const usage = [
     `usage: deno task dipsy ${def.synopsis}`,
     ...(def.about ? ["", def.about] : []),
     "",
-    flagSections({ ...current, ...deprecated }),
+    flagSections(sections),
     ...(def.footer ? ["", def.footer] : []),
   ].join("\n");
   const options = parserOptions(declared);
   const parse = (args: string[]) => {
     const values = parseFlags(args, options) as FlagValues<typeof declared>;
-    for (const [name, f] of Object.entries(old)) {
-      if (values[name] !== undefined) {
+    for (const [name, f] of Object.entries(declared as Flags)) {
+      if (f.deprecated && values[name] !== undefined) {
         console.error(`warning: --${name} is deprecated; use ${f.deprecated}`);
       }
     }
     return values;
   };
   return {
-    summary: def.summary,
     usage,
     flags: options,
     declared,

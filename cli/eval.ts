@@ -14,7 +14,6 @@ import {
 } from "./train_flags.ts";
 
 export const command = defineCommand({
-  summary: "evaluate a trained classifier on a test folder",
   synopsis: "eval --model RUN --test DIR [options]",
   about: `Evaluates the classifier trained in RUN (by train or run) on the test images in DIR
 (DIR/<class>/*, class names as in training). Prints a table and writes RUN/eval.json: top-1,
@@ -97,23 +96,14 @@ export async function formatEvalRecord(r: EvalRecord): Promise<string> {
       ...confusions.map((c) => `  ${c}`),
     );
   }
-  if (r.validation) {
-    lines.push("", `validation (${r.validation.from}):`);
-    lines.push(
-      formatEpochTable(
-        r.validation.epochs,
-        r.selection.selectedOn === "validation" ? r.selection.epoch : undefined,
-      ),
-    );
-  }
-  if (r.perEpoch) {
-    lines.push("", "test, every epoch:");
-    lines.push(
-      formatEpochTable(
-        r.perEpoch,
-        r.selection.selectedOn === "test" ? r.selection.epoch : undefined,
-      ),
-    );
+  const tables = [
+    [`validation (${r.validation?.from})`, r.validation?.epochs, "validation"],
+    ["test, every epoch", r.perEpoch, "test"],
+  ] as const;
+  for (const [title, epochs, on] of tables) {
+    if (!epochs) continue;
+    const mark = r.selection.selectedOn === on ? r.selection.epoch : undefined;
+    lines.push("", `${title}:`, formatEpochTable(epochs, mark));
   }
   lines.push(
     "",

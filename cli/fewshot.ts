@@ -5,7 +5,6 @@ import { CliError, defineCommand } from "./command.ts";
 const SHOTS = [1, 2, 4, 8, 16], SEEDS = [0, 1, 2];
 
 export const command = defineCommand({
-  summary: "draw nested k-shot splits of a training set (seeded, recorded)",
   synopsis: "fewshot --from DIR|LIST --out DIR --dataset NAME [options]",
   about:
     `Draws nested few-shot sets from a full training set and writes them in the layout generate and

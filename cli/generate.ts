@@ -7,26 +7,36 @@ import { existsSync } from "node:fs";
 import { join } from "node:path";
 import type { DiffusionBackbone } from "../core/backbone.ts";
 import {
+  configFieldDocs,
   type ConfigLayer,
   DEFAULT_CLIP,
   DEFAULTS,
+  formatConfig,
+  loadPluginFiles,
+  parseConfigObject,
+  parseSets,
+  type PluginKey,
   PRESETS,
-  type ResolvedRun,
+  readConfigFile,
+  resolveConfig,
   resolveRun,
   type RunConfig,
 } from "../core/config.ts";
-import type { Dataset } from "../core/dataset.ts";
 import type { Shard } from "../core/shard.ts";
-import type { PluginKind } from "../core/plugins.ts";
 import type { Progress } from "../core/progress.ts";
-import type { ModelPaths, Placement } from "../app/models.ts";
-import { CliError, defineCommand, type Flags, type FlagValues, intFlag } from "./command.ts";
+import type { GenerateJobOptions } from "../app/api.ts";
+import {
+  CliError,
+  defineCommand,
+  fieldFlags,
+  type Flags,
+  type FlagValues,
+  intFlag,
+  withInterrupt,
+} from "./command.ts";
 import { loadPlugins, pluginList, pluginOptionsHelp } from "./plugin_docs.ts";
 
 const registry = await loadPlugins();
-
-/** The registered plugins of a kind, for a help text. */
-const names = (kind: PluginKind) => registry.list(kind).map((d) => d.name).join(", ");
 
 /** `--size N | WxH` as width and height. */
 export function parseSize(text: string): { width: string; height: string } {
@@ -35,83 +45,56 @@ export function parseSize(text: string): { width: string; height: string } {
   return { width: m[1], height: m[2] ?? m[1] };
 }
 
+const RUN_DOCS = configFieldDocs();
+
 /** The model flags `generate`, `run` and `sample` share. */
 export const MODEL_FLAGS = {
-  model: {
-    value: "REF",
-    help: 'SD1.5 diffusers folder or Hub id (org/name[@revision]), or "tiny" (embedded random ' +
-      "weights, no files)",
-    default: DEFAULTS.model,
-    field: "model",
-  },
+  ...fieldFlags(RUN_DOCS, {
+    model: {
+      value: "REF",
+      help: 'SD1.5 diffusers folder or Hub id (org/name[@revision]), or "tiny" (embedded random ' +
+        "weights, no files)",
+    },
+    ipAdapter: {
+      value: "REF",
+      help: "IP-Adapter .safetensors file, or a file in a Hub repo (org/name/path or " +
+        "org/name@revision:path)",
+    },
+    negativeIpAdapter: {
+      value: "REF",
+      help: "the negative image's IP-Adapter, of the same kind and token count (default: " +
+        "--ip-adapter; its scale: guidance.negativeAdapterScale)",
+    },
+    imageEncoder: { value: "REF", help: "its CLIP image encoder folder, or one in a Hub repo" },
+  }),
   tiny: { help: "the tiny models for everything (noise images; for trying things out)" },
-  "ip-adapter": {
-    value: "REF",
-    help: "IP-Adapter .safetensors file, or a file in a Hub repo (org/name/path or " +
-      "org/name@revision:path)",
-    default: DEFAULTS.ipAdapter,
-    field: "ipAdapter",
-  },
-  "negative-ip-adapter": {
-    value: "REF",
-    help: "the negative image's IP-Adapter, of the same kind and token count (default: " +
-      "--ip-adapter; its scale: guidance.negativeAdapterScale)",
-    field: "negativeIpAdapter",
-  },
-  "image-encoder": {
-    value: "REF",
-    help: "its CLIP image encoder folder, or one in a Hub repo",
-    default: DEFAULTS.imageEncoder,
-    field: "imageEncoder",
-  },
 } as const satisfies Flags;
+
+/** `--guidance`, `--sampler` or `--pairs`: the plugin of that kind. */
+const pluginFlag = (kind: PluginKey) => ({
+  value: "NAME",
+  help: `${registry.list(kind).map((d) => d.name).join(", ")}, or a plugin's`,
+  default: DEFAULTS[kind].name,
+  field: kind,
+} as const);
 
 /** The generation settings `generate` and `run` share. */
 export const SETTING_FLAGS = {
   config: { value: "FILE", help: "settings from a JSON or YAML file (flags override it)" },
-  preset: {
-    value: "NAME",
-    help: Object.keys(PRESETS).join(", "),
-    default: DEFAULTS.preset,
-    field: "preset",
-  },
-  "per-class": {
-    value: "N",
-    help: "images per class",
-    default: DEFAULTS.perClass,
-    field: "perClass",
-  },
-  seed: {
-    value: "S",
-    help: "run seed: the same seed gives the same images",
-    default: DEFAULTS.seed,
-    field: "seed",
-  },
-  steps: { value: "N", help: "denoising steps", default: DEFAULTS.steps, field: "steps" },
+  ...fieldFlags(RUN_DOCS, {
+    preset: "NAME",
+    perClass: "N",
+    seed: { value: "S", help: "run seed: the same seed gives the same images" },
+    steps: "N",
+    prompt: {
+      value: "TEMPLATE",
+      help: 'e.g. "A photo of a {class}"; "" for the empty prompt (default: the dataset\'s)',
+    },
+  }),
   size: { value: "N|WxH", help: "image size (default: the model's, 512 for SD1.5)" },
-  prompt: {
-    value: "TEMPLATE",
-    help: 'e.g. "A photo of a {class}"; "" for the empty prompt (default: the dataset\'s)',
-    field: "prompt",
-  },
-  guidance: {
-    value: "NAME",
-    help: `${names("guidance")}, or a plugin's`,
-    default: DEFAULTS.guidance.name,
-    field: "guidance",
-  },
-  sampler: {
-    value: "NAME",
-    help: `${names("sampler")}, or a plugin's`,
-    default: DEFAULTS.sampler.name,
-    field: "sampler",
-  },
-  pairs: {
-    value: "NAME",
-    help: `${names("pairs")}, or a plugin's`,
-    default: DEFAULTS.pairs.name,
-    field: "pairs",
-  },
+  guidance: pluginFlag("guidance"),
+  sampler: pluginFlag("sampler"),
+  pairs: pluginFlag("pairs"),
   set: {
     value: "KEY=VALUE",
     multiple: true,
@@ -127,73 +110,49 @@ export const SETTING_FLAGS = {
   },
 } as const satisfies Flags;
 
-/** The placement and similarity CLIP flags `generate` and `run` share. */
-export const PLACEMENT_FLAGS = {
+/** The placement and similarity CLIP flags the commands share. */
+export const PLACEMENT_FLAGS = fieldFlags(RUN_DOCS, {
   clip: {
     value: "REF",
     help: `CLIP for class similarity (default: tiny with --tiny, else ${DEFAULT_CLIP})`,
-    field: "clip",
   },
-  device: {
-    value: "D",
-    help: "auto, cpu, cuda, cuda:N",
-    default: DEFAULTS.device,
-    field: "device",
+  device: "D",
+  dtype: "T",
+});
+
+/** The input and output flags `generate`, `run` and `similarity` share. */
+export const INPUT_FLAGS = fieldFlags(RUN_DOCS, {
+  data: { value: "DIR", help: "few-shot images: DIR/<class>/*.jpg, or the DataDream layout" },
+  out: {
+    value: "DIR",
+    help: "output folder (new, empty, or an earlier run of the same configuration)",
   },
-  dtype: {
-    value: "T",
-    help: "auto (f16 on CUDA, f32 on CPU), f32, f16, bf16",
-    default: DEFAULTS.dtype,
-    field: "dtype",
+  dataset: {
+    value: "NAME",
+    help: "dataset name: prompt template (aircraft, cars, dtd, eurosat, flowers, food, pets; " +
+      'others "A photo of a {c}"), DataDream folder, and for the ten benchmarks their class ' +
+      'names (n01440764 -> "tench")',
   },
-} as const satisfies Flags;
+  fewshotSeed: { value: "S", help: "DataDream few-shot split when there are several" },
+  shots: {
+    value: "K",
+    help: "the first K shots of each class, by rank (a `dipsy fewshot` split)",
+  },
+  skipBad: { help: "leave unreadable or broken shots out instead of stopping" },
+  similarity: {
+    value: "FILE",
+    help: "class similarity, .json or the official .npz (default: OUT's copy, " +
+      "DIR/similarity.json, or computed)",
+  },
+});
 
 const SECTIONS = {
-  "input and output:": {
-    data: {
-      value: "DIR",
-      help: "few-shot images: DIR/<class>/*.jpg, or the DataDream layout",
-      field: "data",
-    },
-    out: {
-      value: "DIR",
-      help: "output folder (new, empty, or an earlier run of the same configuration)",
-      field: "out",
-    },
-    dataset: {
-      value: "NAME",
-      help: "dataset name: prompt template (aircraft, cars, dtd, eurosat, flowers, food, pets; " +
-        'others "A photo of a {c}"), DataDream folder, and for the ten benchmarks their class ' +
-        'names (n01440764 -> "tench")',
-      field: "dataset",
-    },
-    "fewshot-seed": {
-      value: "S",
-      help: "DataDream few-shot split when there are several",
-      field: "fewshotSeed",
-    },
-    shots: {
-      value: "K",
-      help: "the first K shots of each class, by rank (a `dipsy fewshot` split)",
-      field: "shots",
-    },
-    "skip-bad": {
-      help: "leave unreadable or broken shots out instead of stopping",
-      field: "skipBad",
-    },
-    similarity: {
-      value: "FILE",
-      help: "class similarity, .json or the official .npz (default: OUT's copy, " +
-        "DIR/similarity.json, or computed)",
-      field: "similarity",
-    },
-  },
+  "input and output:": INPUT_FLAGS,
   "what to generate:": SETTING_FLAGS,
   "models:": {
     ...MODEL_FLAGS,
     ...PLACEMENT_FLAGS,
-    batch: { value: "B", help: "images per model call", default: DEFAULTS.batch, field: "batch" },
-    quality: { value: "Q", help: "JPEG quality", default: DEFAULTS.quality, field: "quality" },
+    ...fieldFlags(RUN_DOCS, { batch: "B", quality: "Q" }),
   },
   "running:": {
     shard: {
@@ -223,9 +182,8 @@ const SECTIONS = {
   },
 } as const satisfies Record<string, Flags>;
 
-type Declared = typeof SECTIONS[keyof typeof SECTIONS];
 export type GenerateFlags = FlagValues<
-  & typeof SECTIONS["input and output:"]
+  & typeof INPUT_FLAGS
   & typeof SETTING_FLAGS
   & typeof SECTIONS["models:"]
   & typeof SECTIONS["running:"]
@@ -235,26 +193,21 @@ export type GenerateFlags = FlagValues<
  * Flags as a configuration layer (values are text, parsed per setting); messages about a
  * setting name its flag.
  */
-function flagsLayer(
-  flags: GenerateFlags,
-  parse: typeof import("../core/config.ts").parseConfigObject,
-): ConfigLayer {
+function flagsLayer(flags: GenerateFlags): ConfigLayer {
   const raw: Record<string, unknown> = {};
   const labels: Record<string, string> = { width: "--size", height: "--size" };
-  for (const section of Object.values(SECTIONS) as Declared[]) {
-    for (const [name, flag] of Object.entries(section) as [string, { field?: string }][]) {
-      const value = flags[name as keyof GenerateFlags];
-      if (!flag.field || value === undefined) continue;
-      raw[flag.field] = value;
-      labels[flag.field] = `--${name}`;
-    }
+  for (const [name, flag] of Object.entries(command.declared as Flags)) {
+    const value = flags[name as keyof GenerateFlags];
+    if (!flag.field || value === undefined) continue;
+    raw[flag.field] = value;
+    labels[flag.field] = `--${name}`;
   }
   if (flags.tiny) {
     raw.model = "tiny";
     raw.clip ??= "tiny";
   }
   if (flags.size !== undefined) Object.assign(raw, parseSize(flags.size));
-  return parse(raw, "command line", { textual: true, labels });
+  return parseConfigObject(raw, "command line", { textual: true, labels });
 }
 
 function listPlugins(): void {
@@ -267,26 +220,17 @@ function listPlugins(): void {
 
 /** Reads the configuration from --config and the flags, loading plugin files on the way. */
 export async function configFromFlags(flags: GenerateFlags): Promise<RunConfig> {
-  const cfg = await import("../core/config.ts");
   const layers: ConfigLayer[] = [];
-  if (flags.config) layers.push(await cfg.readConfigFile(flags.config));
-  layers.push(flagsLayer(flags, cfg.parseConfigObject));
-  if (flags.set?.length) layers.push(cfg.parseSets(flags.set));
-  await cfg.loadPluginFiles(layers);
-  return cfg.resolveConfig(layers);
+  if (flags.config) layers.push(await readConfigFile(flags.config));
+  layers.push(flagsLayer(flags));
+  if (flags.set?.length) layers.push(parseSets(flags.set));
+  await loadPluginFiles(layers);
+  return resolveConfig(layers);
 }
 
-export interface PrepareOptions {
-  shard?: string;
-  shardCount?: number;
-  /** Messages (default: stderr). */
-  log?: (message: string) => void;
-}
+export type PrepareOptions = Pick<GenerateJobOptions, "shard" | "shardCount" | "log">;
 
-export interface RunOptions extends PrepareOptions {
-  only?: string[];
-  /** Stop after the batch in flight when aborted (the CLI wires Ctrl-C to it). */
-  signal?: AbortSignal;
+export interface RunOptions extends PrepareOptions, Pick<GenerateJobOptions, "only" | "signal"> {
   /** Draw a progress bar (default true). */
   progress?: boolean;
   /** Awaited as each batch starts (see ExecuteOptions.beforeBatch). */
@@ -294,18 +238,7 @@ export interface RunOptions extends PrepareOptions {
 }
 
 /** A configuration checked as far as it can be without loading the models. */
-export interface PreparedGenerate {
-  /** Device, dtype and image size filled in. */
-  config: RunConfig;
-  /** Its plugins, built once. */
-  run: ResolvedRun;
-  dataset: Dataset;
-  shard: Shard;
-  adapters: number;
-  placement: Placement;
-  paths: ModelPaths;
-  vaeScaleFactor: number;
-}
+export type PreparedGenerate = Awaited<ReturnType<typeof prepareGenerate>>;
 
 /**
  * Every check that needs no model weights: the input images, the plugins and their options, the
@@ -315,9 +248,8 @@ export interface PreparedGenerate {
 export async function prepareGenerate(
   config: RunConfig,
   opts: PrepareOptions = {},
-): Promise<PreparedGenerate> {
+) {
   const log = opts.log ?? ((m: string) => console.error(m));
-  const { registry } = await import("../core/plugins.ts");
   const gen = await import("../core/generate.ts");
   const models = await import("../app/models.ts");
 
@@ -332,6 +264,7 @@ export async function prepareGenerate(
   const placement = await models.resolvePlacement(config);
   const paths = await models.resolveModels(config, adapters);
   const { defaultSize, vaeScaleFactor } = await models.modelGeometry(paths);
+  // Device, dtype and image size filled in.
   const resolved: RunConfig = {
     ...config,
     device: placement.device,
@@ -342,6 +275,7 @@ export async function prepareGenerate(
   gen.checkImageSize(resolved, vaeScaleFactor);
   // Sampler options are checked now, not after the model has loaded.
   run.sampler(await models.schedulerConfigOf(paths))[Symbol.dispose]();
+  // The plugins are built once, here, and handed on.
   return { config: resolved, run, dataset, shard, adapters, placement, paths, vaeScaleFactor };
 }
 
@@ -448,37 +382,16 @@ export function holdAfterFirstBatch(dir: string, shard: Shard): () => Promise<vo
 }
 
 export const command = defineCommand({
-  summary: "generate the synthetic dataset (resumable, shardable)",
   synopsis: "generate --data DIR --out DIR [options]",
   about: `Generates --per-class images for every class of the few-shot data into
 OUT/<class>/<index>.jpg, with one line per image in OUT/manifest.jsonl. Rerunning the same command
 resumes; shards of one run may share OUT.`,
   sections: SECTIONS,
-  footer: `${
-    pluginOptionsHelp(
-      registry,
-      (["guidance", "sampler", "pairs"] as const).map((k) => [k, DEFAULTS[k].name]),
-    )
-  }
+  footer: `${pluginOptionsHelp(registry, ["guidance", "sampler", "pairs"])}
 
 Ctrl-C finishes and writes the batch in flight, then stops; run the same command to resume.`,
   async run(flags: GenerateFlags) {
     const shardCount = intFlag(flags["shard-count"], "--shard-count", 1);
-
-    const controller = new AbortController();
-    let interrupts = 0;
-    const onSigint = () => {
-      interrupts++;
-      if (interrupts === 1) {
-        console.error(
-          "\nCtrl-C: finishing the batch in flight, then stopping (Ctrl-\\ stops at once; " +
-            "that batch is then redone on resume)",
-        );
-        controller.abort();
-      } else {
-        Deno.exit(130);
-      }
-    };
     let devices: string[] | null = null;
     if (flags.devices !== undefined) {
       if (flags.device !== undefined) {
@@ -487,31 +400,30 @@ Ctrl-C finishes and writes the batch in flight, then stops; run the same command
       const { parseDevices } = await import("./devices.ts");
       devices = await parseDevices(flags.devices);
     }
-    try {
-      const config = await configFromFlags(devices ? { ...flags, device: devices[0] } : flags);
-      if (flags.list) {
-        listPlugins();
-        return 0;
-      }
-      if (flags["print-config"]) {
-        const { formatConfig } = await import("../core/config.ts");
-        console.log(formatConfig(config).trimEnd());
-        return 0;
-      }
-      const prepared = await prepareGenerate(config, { shard: flags.shard, shardCount });
-      if (devices && devices.length > 1) {
-        const { runOnDevices } = await import("./devices.ts");
-        return await runOnDevices(flags, devices, prepared);
-      }
-      Deno.addSignalListener("SIGINT", onSigint);
-      const hold = Deno.env.get(HOLD_AFTER_BATCH);
-      return await runPrepared(prepared, {
-        only: flags.only,
-        signal: controller.signal,
-        beforeBatch: hold ? holdAfterFirstBatch(hold, prepared.shard) : undefined,
-      });
-    } finally {
-      Deno.removeSignalListener("SIGINT", onSigint);
+    const config = await configFromFlags(devices ? { ...flags, device: devices[0] } : flags);
+    if (flags.list) {
+      listPlugins();
+      return 0;
     }
+    if (flags["print-config"]) {
+      console.log(formatConfig(config).trimEnd());
+      return 0;
+    }
+    const prepared = await prepareGenerate(config, { shard: flags.shard, shardCount });
+    if (devices && devices.length > 1) {
+      const { runOnDevices } = await import("./devices.ts");
+      return await runOnDevices(flags, devices, prepared);
+    }
+    const hold = Deno.env.get(HOLD_AFTER_BATCH);
+    return await withInterrupt(
+      (signal) =>
+        runPrepared(prepared, {
+          only: flags.only,
+          signal,
+          beforeBatch: hold ? holdAfterFirstBatch(hold, prepared.shard) : undefined,
+        }),
+      "Ctrl-C: finishing the batch in flight, then stopping (Ctrl-\\ or Ctrl-C again stops at " +
+        "once; that batch is then redone on resume)",
+    );
   },
 });

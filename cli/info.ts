@@ -2,7 +2,6 @@
 import { defineCommand } from "./command.ts";
 
 export const command = defineCommand({
-  summary: "libtorch / device information",
   synopsis: "info",
   about:
     `Prints the runtime information as JSON: libtorch, the CUDA devices, and which attention kernel

@@ -3,6 +3,7 @@
  * `--help` and `--list`), and the plugin files a command loads with `--plugin`.
  */
 import type { PluginKind, Registry } from "../core/plugins.ts";
+import { DEFAULTS, type PluginKey } from "../core/config.ts";
 import { helpRow, withDefault } from "./command.ts";
 
 /** The registered plugins of `kinds`, each with its options, as `--list` prints them. */
@@ -51,13 +52,13 @@ function pluginOptionRows(reg: Registry, kind: PluginKind, name: string, prefix:
   );
 }
 
-/** The help section on the options of the given plugins, as `--set KIND.KEY=VALUE` takes them. */
-export function pluginOptionsHelp(reg: Registry, plugins: [PluginKind, string][]): string {
+/** The help section on the options of the default plugins of `kinds`, as `--set` takes them. */
+export function pluginOptionsHelp(reg: Registry, kinds: readonly PluginKey[]): string {
   return [
     "options of the default plugins (--set KIND.KEY=VALUE):",
-    ...plugins.flatMap(([kind, name]) => [
-      `  ${kind} "${name}":`,
-      ...pluginOptionRows(reg, kind, name, kind),
+    ...kinds.flatMap((kind) => [
+      `  ${kind} "${DEFAULTS[kind].name}":`,
+      ...pluginOptionRows(reg, kind, DEFAULTS[kind].name, kind),
     ]),
   ].join("\n");
 }

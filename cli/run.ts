@@ -5,19 +5,24 @@
  */
 import { existsSync, readFileSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { DEFAULTS, type RunConfig } from "../core/config.ts";
+import { DEFAULTS, formatConfig, type RunConfig, similarityClip } from "../core/config.ts";
 import type { Dataset } from "../core/dataset.ts";
 import { RunError } from "../core/output.ts";
 import type { Classifier } from "../core/plugins.ts";
 import type { EvalRecord } from "../app/classify.ts";
 import type { ImageFolder } from "../plugins/classifiers/data.ts";
 import { provenance } from "../core/provenance.ts";
-import { type GenerateFlags, MODEL_FLAGS, PLACEMENT_FLAGS, SETTING_FLAGS } from "./generate.ts";
-import { CliError, defineCommand, type Flags, intFlag, withInterrupt } from "./command.ts";
+import {
+  type GenerateFlags,
+  INPUT_FLAGS,
+  MODEL_FLAGS,
+  PLACEMENT_FLAGS,
+  SETTING_FLAGS,
+} from "./generate.ts";
+import { CliError, defineCommand, type Flags, intFlag, renamed, withInterrupt } from "./command.ts";
 import {
   CLASSIFIER_FLAGS,
   classifierOptions,
-  renamed,
   SELECT_FLAGS,
   selectFlag,
   VALIDATION_FLAGS,
@@ -55,7 +60,8 @@ const GENERATION_FLAGS: Flags = {
 };
 
 /** The generate flags `run` hands on to generation under their own names. */
-const GEN_KEYS = Object.keys(GENERATION_FLAGS).filter((k) => k !== "gen-batch");
+const GEN_KEYS = [...Object.keys(GENERATION_FLAGS), "data", "dataset", "fewshot-seed", "shots"]
+  .filter((k) => k !== "gen-batch");
 
 /** `--stage`: the stages a job of its own can run. */
 export const STAGES = ["similarity", "generate", "train"] as const;
@@ -66,7 +72,6 @@ export interface StageReport {
   stage: string;
   status: "done" | "skipped" | "not needed";
   seconds: number;
-  output?: string;
 }
 
 /** What a report is made of, for `run` and for each cell of a sweep. */
@@ -113,7 +118,6 @@ export async function runReport(p: ReportParts): Promise<Record<string, unknown>
 }
 
 export const command = defineCommand({
-  summary: "similarity -> generate -> train -> eval, with a report",
   synopsis: "run --data DIR --test DIR --out DIR [options]",
   about: `similarity -> generate -> train -> eval in one command. Everything goes into OUT:
   OUT/similarity.json   class similarity (when the pair sampler uses it)
@@ -124,21 +128,11 @@ export const command = defineCommand({
 A stage whose output is complete is skipped: run the same command again after an interruption.`,
   sections: {
     "input and output:": {
-      data: {
-        value: "DIR",
-        help: "few-shot images (the real training set): DIR/<class>/*, or DataDream's",
-      },
+      ...renamed(INPUT_FLAGS, {}, ["out", "skip-bad", "similarity"], {
+        data: "few-shot images (the real training set): DIR/<class>/*, or DataDream's",
+      }),
       test: { value: "DIR", help: "test images, one folder per class" },
       out: { value: "DIR", help: "experiment folder" },
-      dataset: {
-        value: "NAME",
-        help: "dataset name (prompt templates, DataDream layout, benchmark names)",
-      },
-      "fewshot-seed": { value: "S", help: "DataDream few-shot split when there are several" },
-      shots: {
-        value: "K",
-        help: "the first K shots of each class, by rank (a `dipsy fewshot` split)",
-      },
       device: PLACEMENT_FLAGS.device,
       workers: {
         value: "N",
@@ -178,16 +172,13 @@ A stage whose output is complete is skipped: run the same command again after an
       throw new CliError(`--data, --test and --out are required (see --help)`);
     }
     // A misspelt classifier option is refused before anything runs or is submitted.
-    const early = classifierOptions({
-      ...values,
-      seed: values["train-seed"],
-      set: values["train-set"],
-    });
+    const early = classifierOptions(trainValues(values));
     (await loadPlugins(values.plugin as string[] | undefined))
       .create("classifier", early.name, early.options);
     if (values["print-config"]) {
-      const { formatConfig } = await import("../core/config.ts");
-      console.log(formatConfig(await generationConfig(values, resolve(values.out))).trimEnd());
+      console.log(
+        formatConfig(await generationConfig(values, resolve(values.out))).trimEnd(),
+      );
       return 0;
     }
     const stage = values.stage as Stage | undefined;
@@ -204,16 +195,15 @@ A stage whose output is complete is skipped: run the same command again after an
 
 type Values = Record<string, string | boolean | string[] | undefined>;
 
+/** The classifier's flags under the names `train` gives them. */
+const trainValues = (v: Values) => ({ ...v, seed: v["train-seed"], set: v["train-set"] });
+
 /** The generation configuration from the flags (as `generate` reads them). */
 async function generationConfig(v: Values, out: string): Promise<RunConfig> {
   const { configFromFlags } = await import("./generate.ts");
   const config = await configFromFlags({
     ...Object.fromEntries(GEN_KEYS.map((k) => [k, v[k]])),
-    data: v.data,
     out: join(out, "synthetic"),
-    dataset: v.dataset,
-    "fewshot-seed": v["fewshot-seed"],
-    shots: v.shots,
     device: v.device,
     batch: v["gen-batch"],
   } as GenerateFlags);
@@ -272,10 +262,8 @@ export async function checkExperiment(v: Values) {
   const device = await app.resolveDevice(config.device);
   const train = classifierOptions(
     {
-      ...v,
+      ...trainValues(v),
       clip: v.clip ?? (config.model === "tiny" ? "tiny" : undefined),
-      seed: v["train-seed"],
-      set: v["train-set"],
       dtype: v.dtype === "auto" ? undefined : v.dtype,
     },
     { dataset: config.dataset ?? dataset.dataset, device },
@@ -329,7 +317,6 @@ export async function runExperiment(v: Values, signal: AbortSignal, only?: Stage
     if (!checked.usesSimilarity) return ["not needed", null];
     if (config.similarity) return ["skipped", null];
     const sim = await import("../app/similarity.ts");
-    const { similarityClip } = await import("../core/config.ts");
     const clip = similarityClip(config);
     if (existsSync(simPath)) {
       const { meta } = await sim.readSimilarityFile(simPath, dataset);

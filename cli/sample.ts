@@ -3,10 +3,9 @@
  * adapter scales by hand. Everything the main job chooses at random (references, augmentation,
  * seed) is given on the command line instead.
  */
-import type { Device } from "../ffi/mod.ts";
 import { ConfigError, DEFAULTS, parseSets } from "../core/config.ts";
 import { SampleError } from "../core/sample.ts";
-import { JobOptionError, sample, sampleOutputs } from "../app/api.ts";
+import { JobOptionError, sample, type SampleJobOptions, sampleOutputs } from "../app/api.ts";
 import { CliError, defineCommand, deviceFlag, type FlagValues, intFlag } from "./command.ts";
 import { MODEL_FLAGS, parseSize, PLACEMENT_FLAGS, SETTING_FLAGS } from "./generate.ts";
 import { loadPlugins, pluginOptionsHelp } from "./plugin_docs.ts";
@@ -55,32 +54,10 @@ const SECTIONS = {
   },
 } as const;
 
-export interface SampleArgs {
-  prompt: string;
-  seed: number;
-  out: string;
-  latentsOut: string | null;
-  positive: string | null;
-  negative: string | null;
-  model: string;
-  ipAdapter: string | null;
-  negativeIpAdapter: string | null;
-  imageEncoder: string | null;
-  guidance: string;
-  guidanceOptions: Record<string, unknown>;
-  sampler: string;
-  samplerOptions: Record<string, unknown>;
-  steps: number;
-  width: number | null;
-  height: number | null;
-  dtype: "f32" | "f16" | "bf16" | null;
-  device: Device | null;
-  force: boolean;
-}
-
-function positiveInt(flag: string, v: string | undefined): number | null {
-  return intFlag(v, `--${flag}`, 1) ?? null;
-}
+/** `sample`'s job options as the command line sets them. */
+export type SampleArgs =
+  & SampleJobOptions
+  & Required<Pick<SampleJobOptions, "out" | "model" | "guidance" | "sampler" | "steps" | "force">>;
 
 /** `--set guidance.K=V` and `--set sampler.K=V`, values read as generate reads them. */
 function pluginSets(specs: readonly string[]) {
@@ -113,19 +90,17 @@ function sampleArgs(v: SampleFlags): SampleArgs {
   for (const flag of ["prompt", "seed", "out"] as const) {
     if (v[flag] === undefined) throw new CliError(`--${flag} is required (see --help)`);
   }
-  const out = v.out!;
-  const latentsOut = v["latents-out"] ?? null;
+  const { out, "latents-out": latentsOut } = v;
   try {
-    sampleOutputs({ out, latentsOut: latentsOut ?? undefined });
+    sampleOutputs({ out, latentsOut });
   } catch (e) {
     throw flagError(e);
   }
-  const dtype = v.dtype === "auto" ? null : v.dtype ?? null;
-  if (dtype !== null && dtype !== "f32" && dtype !== "f16" && dtype !== "bf16") {
+  const dtype = v.dtype === "auto" ? undefined : v.dtype;
+  if (dtype !== undefined && dtype !== "f32" && dtype !== "f16" && dtype !== "bf16") {
     throw new CliError(`--dtype must be auto, f32, f16 or bf16, got "${dtype}"`);
   }
-  const flagged = deviceFlag(v.device);
-  const device = flagged === "auto" ? null : flagged as Device;
+  const device = deviceFlag(v.device);
   const sets = pluginSets([
     ...(v["guidance-opt"] ?? []).map((kv) => `guidance.${kv}`),
     ...(v.set ?? []),
@@ -148,23 +123,23 @@ function sampleArgs(v: SampleFlags): SampleArgs {
   return {
     prompt: v.prompt!,
     seed: intFlag(v.seed, "--seed")!,
-    out,
+    out: out!,
     latentsOut,
-    positive: v.positive ?? null,
-    negative: v.negative ?? null,
+    positive: v.positive,
+    negative: v.negative,
     model,
-    ipAdapter: v["ip-adapter"] ?? null,
-    negativeIpAdapter: v["negative-ip-adapter"] ?? null,
-    imageEncoder: v["image-encoder"] ?? null,
+    ipAdapter: v["ip-adapter"],
+    negativeIpAdapter: v["negative-ip-adapter"],
+    imageEncoder: v["image-encoder"],
     guidance: sets.guidance?.name ?? v.guidance ?? DEFAULTS.guidance.name,
     guidanceOptions: sets.guidance?.options ?? {},
     sampler: sets.sampler?.name ?? v.sampler ?? DEFAULTS.sampler.name,
     samplerOptions: sets.sampler?.options ?? {},
-    steps: positiveInt("steps", v.steps) ?? DEFAULTS.steps,
-    width: positiveInt(v.size === undefined ? "width" : "size", size.width),
-    height: positiveInt(v.size === undefined ? "height" : "size", size.height),
+    steps: intFlag(v.steps, "--steps", 1) ?? DEFAULTS.steps,
+    width: intFlag(size.width, v.size === undefined ? "--width" : "--size", 1),
+    height: intFlag(size.height, v.size === undefined ? "--height" : "--size", 1),
     dtype,
-    device,
+    device: device === "auto" ? undefined : device,
     force: v.force ?? false,
   };
 }
@@ -198,16 +173,6 @@ export async function runSample(a: SampleArgs): Promise<void> {
   try {
     result = await sample({
       ...a,
-      latentsOut: a.latentsOut ?? undefined,
-      positive: a.positive,
-      negative: a.negative,
-      ipAdapter: a.ipAdapter ?? undefined,
-      negativeIpAdapter: a.negativeIpAdapter ?? undefined,
-      imageEncoder: a.imageEncoder ?? undefined,
-      width: a.width ?? undefined,
-      height: a.height ?? undefined,
-      dtype: a.dtype ?? undefined,
-      device: a.device ?? undefined,
       onProgress: ({ index, total }) => progress.step(index + 1, total),
     });
   } catch (e) {
@@ -223,16 +188,10 @@ export async function runSample(a: SampleArgs): Promise<void> {
 }
 
 export const command = defineCommand({
-  summary: "generate one image from explicit reference images",
   synopsis: "sample --prompt TEXT --seed S --out OUT.png [options]",
   about: "Generates one image with explicit reference images.",
   sections: SECTIONS,
-  footer: `${
-    pluginOptionsHelp(registry, [
-      ["guidance", DEFAULTS.guidance.name],
-      ["sampler", DEFAULTS.sampler.name],
-    ])
-  }
+  footer: `${pluginOptionsHelp(registry, ["guidance", "sampler"])}
 \`dipsy generate --list\` lists every plugin and its options.`,
   async run(values) {
     await runSample(sampleArgs(values));

@@ -4,20 +4,17 @@
  */
 import { DEFAULT_CLIP, DEFAULTS, type DTypeChoice, TINY } from "../core/config.ts";
 import { describeSimilarity, SIMILARITY_FILE } from "../app/similarity.ts";
-import {
-  CliError,
-  defineCommand,
-  deviceFlag,
-  type Flags,
-  type FlagValues,
-  intFlag,
-} from "./command.ts";
+import { CliError, defineCommand, deviceFlag, type Flags, intFlag, renamed } from "./command.ts";
+import { INPUT_FLAGS, PLACEMENT_FLAGS } from "./generate.ts";
 
 /** What `--top` and `--seed` leave out. */
 const TOP = 3, SEED = 0;
 
 const FLAGS = {
-  data: { value: "DIR", help: "few-shot images: DIR/<class>/*.jpg, or the DataDream layout" },
+  ...renamed(INPUT_FLAGS, {}, ["out", "similarity"], {
+    dataset: "dataset name: DataDream layout, and a benchmark's class names",
+    "skip-bad": "leave unreadable or broken images out instead of stopping",
+  }),
   out: {
     value: "PATH",
     help: "where to save: a .json file, a .npz file (the official script's format: " +
@@ -29,28 +26,13 @@ const FLAGS = {
     help: 'CLIP folder or Hub id, or "tiny" (random weights)',
     default: DEFAULT_CLIP,
   },
-  dataset: {
-    value: "NAME",
-    help: "dataset name: DataDream layout, and a benchmark's class names",
-  },
-  "fewshot-seed": {
-    value: "S",
-    help: "DataDream few-shot split (seed0, ...) when there are several",
-  },
-  shots: {
-    value: "K",
-    help: "the first K shots of each class (by their rank from `dipsy fewshot`)",
-  },
-  "skip-bad": { help: "leave unreadable or broken images out instead of stopping" },
   top: { value: "K", help: "similar classes to print per class", default: TOP },
   force: { help: "recompute when the file exists (default: print the saved one)" },
-  device: { value: "D", help: "auto, cpu, cuda, cuda:N", default: DEFAULTS.device },
-  dtype: { value: "T", help: "auto, f32, f16, bf16", default: DEFAULTS.dtype },
+  ...renamed(PLACEMENT_FLAGS, {}, ["clip"]),
   seed: { value: "N", help: "seed of the tiny CLIP's random weights", default: SEED },
 } as const satisfies Flags;
 
 export const command = defineCommand({
-  summary: "compute and save the class similarity matrix",
   synopsis: "similarity --data DIR [options]",
   about:
     `Computes the class similarity matrix (cosine of the mean CLIP image embedding of each class's
@@ -59,47 +41,45 @@ DIR/${SIMILARITY_FILE}, where generate finds it. Prints each class's most simila
 the probability of drawing each as the negative (tau 0.4). A saved file made with another CLIP
 than --clip is computed again.`,
   sections: { "options:": FLAGS },
-  run: (values) => similarityCommand(values),
-});
-
-async function similarityCommand(values: FlagValues<typeof FLAGS>): Promise<number> {
-  if (!values.data) throw new CliError(`--data is required (see --help)`);
-  const top = intFlag(values.top, "--top", 1) ?? TOP;
-  const seed = intFlag(values.seed, "--seed") ?? SEED;
-  const device = deviceFlag(values.device);
-  const { similarity } = await import("../app/api.ts");
-  const clip = values.clip ?? DEFAULT_CLIP;
-  const started = performance.now();
-  const result = await similarity({
-    data: values.data,
-    out: values.out,
-    clip,
-    dataset: values.dataset,
-    fewshotSeed: values["fewshot-seed"],
-    shots: intFlag(values.shots, "--shots", 1),
-    skipBad: values["skip-bad"],
-    force: values.force,
-    device,
-    dtype: (values.dtype ?? DEFAULTS.dtype) as DTypeChoice,
-    seed,
-    onProgress: ({ done, total }) => {
-      if (!Deno.stderr.isTerminal()) return;
-      Deno.stderr.writeSync(new TextEncoder().encode(`\rencoding classes ${done}/${total}`));
-      if (done === total) Deno.stderr.writeSync(new TextEncoder().encode("\n"));
-    },
-  });
-  const { file, classNames: names, matrix } = result;
-  if (!result.computed) {
-    console.log(`${file} exists (--force recomputes it); its most similar classes:`);
-  } else {
-    const secs = ((performance.now() - started) / 1000).toFixed(1);
-    console.log(
-      `class similarity of ${names.length} classes (${clip}, ${secs} s) saved to ${file}`,
-    );
-    if (clip === TINY) {
-      console.log("(tiny CLIP has random weights: these similarities carry no meaning)");
+  async run(values) {
+    if (!values.data) throw new CliError(`--data is required (see --help)`);
+    const top = intFlag(values.top, "--top", 1) ?? TOP;
+    const seed = intFlag(values.seed, "--seed") ?? SEED;
+    const device = deviceFlag(values.device);
+    const { similarity } = await import("../app/api.ts");
+    const clip = values.clip ?? DEFAULT_CLIP;
+    const started = performance.now();
+    const result = await similarity({
+      data: values.data,
+      out: values.out,
+      clip,
+      dataset: values.dataset,
+      fewshotSeed: values["fewshot-seed"],
+      shots: intFlag(values.shots, "--shots", 1),
+      skipBad: values["skip-bad"],
+      force: values.force,
+      device,
+      dtype: (values.dtype ?? DEFAULTS.dtype) as DTypeChoice,
+      seed,
+      onProgress: ({ done, total }) => {
+        if (!Deno.stderr.isTerminal()) return;
+        Deno.stderr.writeSync(new TextEncoder().encode(`\rencoding classes ${done}/${total}`));
+        if (done === total) Deno.stderr.writeSync(new TextEncoder().encode("\n"));
+      },
+    });
+    const { file, classNames: names, matrix } = result;
+    if (!result.computed) {
+      console.log(`${file} exists (--force recomputes it); its most similar classes:`);
+    } else {
+      const secs = ((performance.now() - started) / 1000).toFixed(1);
+      console.log(
+        `class similarity of ${names.length} classes (${clip}, ${secs} s) saved to ${file}`,
+      );
+      if (clip === TINY) {
+        console.log("(tiny CLIP has random weights: these similarities carry no meaning)");
+      }
     }
-  }
-  for (const line of await describeSimilarity(names, matrix, top)) console.log(`  ${line}`);
-  return 0;
-}
+    for (const line of await describeSimilarity(names, matrix, top)) console.log(`  ${line}`);
+    return 0;
+  },
+});

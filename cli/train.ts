@@ -2,8 +2,7 @@
  * `dipsy train`: fine-tunes the classifier on the real shots and the synthetic images, with a
  * checkpoint per epoch; running it again on the same folder resumes after the last checkpoint.
  */
-import { DEFAULTS } from "../core/config.ts";
-import { CliError, defineCommand, deviceFlag, intFlag } from "./command.ts";
+import { CliError, defineCommand, deviceFlag, intFlag, withInterrupt } from "./command.ts";
 import {
   CLASSIFIER_FLAGS,
   CLASSIFIER_PLUGIN_FLAGS,
@@ -12,10 +11,10 @@ import {
   VALIDATION_FLAGS,
   VALIDATION_TITLE,
 } from "./train_flags.ts";
+import { PLACEMENT_FLAGS } from "./generate.ts";
 import { loadPlugins } from "./plugin_docs.ts";
 
 export const command = defineCommand({
-  summary: "fine-tune the classifier on real + synthetic images",
   synopsis: "train --real DIR --synthetic DIR --out RUN [options]",
   about: `Trains the classifier (CLIP ViT-B/16 + LoRA by default) on real + synthetic images. Writes
 RUN/checkpoints/epoch-NNN/ (peft LoRA adapter + optimizer state) after every epoch and
@@ -43,7 +42,7 @@ the last finished epoch.`,
         help: "the first K real shots of each class, by rank (a `dipsy fewshot` split)",
       },
       "skip-bad": { help: "leave unreadable or broken images out instead of stopping" },
-      device: { value: "D", help: "auto, cpu, cuda, cuda:N", default: DEFAULTS.device },
+      device: PLACEMENT_FLAGS.device,
       workers: { value: "N", help: "image preparation threads (default: cores - 1, at most 16)" },
     },
     [VALIDATION_TITLE]: VALIDATION_FLAGS,
@@ -70,55 +69,39 @@ the last finished epoch.`,
     const chosen = classifierOptions(values);
     registry.create("classifier", chosen.name, chosen.options);
     const app = await import("../app/classify.ts");
-    const controller = new AbortController();
-    const onSigint = () => {
-      if (controller.signal.aborted) Deno.exit(130);
-      console.error("\nstopping after this step (Ctrl-C again to quit at once)");
-      controller.abort();
-    };
-    try {
-      const data = await app.readTrainData({
-        real: values.real,
-        synthetic: values.synthetic,
-        dataset: values.dataset,
-        fewshotSeed: values["fewshot-seed"],
-        shots,
-        skipBad: values["skip-bad"],
-        val: values.val,
-        valShots,
-      });
-      const device = await app.resolveDevice(deviceFlag(values.device));
-      const { name, options } = classifierOptions(values, { dataset: data.dataset, device });
-      const classifier = await app.makeClassifier(name, options);
-      console.error(
-        `train: ${data.classNames.length} classes, ${data.real.length} real + ` +
-          `${data.synthetic.length} synthetic images, ${name} on ${device}` +
-          (data.validation.length
-            ? `; ${data.validation.length} validation images (${data.validationFrom})`
-            : ""),
-      );
-      Deno.addSignalListener("SIGINT", onSigint);
-      const result = await app.trainStage(classifier, data, {
-        out,
-        device,
-        workers,
-        signal: controller.signal,
-      });
-      if (!result.complete) {
-        console.error(
-          `interrupted after epoch ${result.epochsDone}; run the same command to resume`,
-        );
-        return 130;
-      }
-      console.log(`trained: ${out} (adapter in ${out}/adapter)`);
-      if (result.validation) {
-        const { formatEpochTable } = await import("./eval.ts");
-        console.log(`\nvalidation (${result.validation.from}):`);
-        console.log(formatEpochTable(result.validation.epochs, result.validation.best.epoch));
-      }
-      return 0;
-    } finally {
-      Deno.removeSignalListener("SIGINT", onSigint);
+    const data = await app.readTrainData({
+      real: values.real,
+      synthetic: values.synthetic,
+      dataset: values.dataset,
+      fewshotSeed: values["fewshot-seed"],
+      shots,
+      skipBad: values["skip-bad"],
+      val: values.val,
+      valShots,
+    });
+    const device = await app.resolveDevice(deviceFlag(values.device));
+    const { name, options } = classifierOptions(values, { dataset: data.dataset, device });
+    const classifier = await app.makeClassifier(name, options);
+    console.error(
+      `train: ${data.classNames.length} classes, ${data.real.length} real + ` +
+        `${data.synthetic.length} synthetic images, ${name} on ${device}` +
+        (data.validation.length
+          ? `; ${data.validation.length} validation images (${data.validationFrom})`
+          : ""),
+    );
+    const result = await withInterrupt((signal) =>
+      app.trainStage(classifier, data, { out, device, workers, signal })
+    );
+    if (!result.complete) {
+      console.error(`interrupted after epoch ${result.epochsDone}; run the same command to resume`);
+      return 130;
     }
+    console.log(`trained: ${out} (adapter in ${out}/adapter)`);
+    if (result.validation) {
+      const { formatEpochTable } = await import("./eval.ts");
+      console.log(`\nvalidation (${result.validation.from}):`);
+      console.log(formatEpochTable(result.validation.epochs, result.validation.best.epoch));
+    }
+    return 0;
   },
 });

@@ -6,87 +6,66 @@
  */
 import type { SelectRule } from "../app/classify.ts";
 import { DEFAULT_CLASS_PROMPT } from "../plugins/classifiers/clip_lora.ts";
-import { CliError, type Flag, type Flags } from "./command.ts";
-import { loadPlugins } from "./plugin_docs.ts";
+import { CliError, fieldFlags, type Flags, renamed } from "./command.ts";
+import { loadPlugins, pluginList } from "./plugin_docs.ts";
 
 /** The classifier `--classifier` leaves out. */
 export const DEFAULT_CLASSIFIER = "clip-lora";
 
-/** Each option flag: its plugin option, value name, and help beyond the option's own doc. */
-const OPTION_FLAGS: [flag: string, option: string, value: string, help?: string][] = [
-  ["clip", "clip", "REF", 'CLIP folder or Hub id, or "tiny"'],
-  ["epochs", "epochs", "N"],
-  [
-    "warmup-epochs",
-    "warmupEpochs",
-    "N",
-    "linear warm-up epochs; as many as --epochs leaves no cosine decay, only a rising rate " +
-    "(warned about)",
-  ],
-  ["batch", "batch", "N"],
-  ["lr", "lr", "X"],
-  ["min-lr", "minLr", "X"],
-  ["weight-decay", "weightDecay", "X"],
-  ["lambda", "lambda", "X"],
-  ["mode", "mode", "M"],
-  ["rank", "rank", "N"],
-  ["alpha", "alpha", "X"],
-  ["lora-dropout", "dropout", "X"],
-  ["target-modules", "targetModules", "L"],
-  ["towers", "towers", "L"],
-  [
-    "class-prompt",
-    "classPrompt",
-    "T",
-    `prompt per class, with {class} and optionally {word} (the dataset's word, e.g. "pet "); ` +
-    `default "${DEFAULT_CLASS_PROMPT}"`,
-  ],
-  [
-    "repeat-real",
-    "repeatReal",
-    "N",
-    "repeats of the real shots per epoch (default: synthetic / real, floored)",
-  ],
-  ["seed", "seed", "N"],
-];
-
 const registry = await loadPlugins();
 
 /** The classifier flags, their help and defaults from the default classifier's options. */
-function classifierFlags(): Flags {
-  const docs = new Map(registry.docs("classifier", DEFAULT_CLASSIFIER).map((d) => [d.name, d]));
-  const flags: Flags = {
-    classifier: {
-      value: "NAME",
-      help: "classifier plugin (`dipsy train --list` lists them)",
-      default: DEFAULT_CLASSIFIER,
-    },
-  };
-  for (const [flag, option, value, help] of OPTION_FLAGS) {
-    const doc = docs.get(option);
-    if (!doc) throw new Error(`classifier "${DEFAULT_CLASSIFIER}" has no option "${option}"`);
-    // A help of its own states the default in words where the option's is null.
-    const shown = doc.default === null ? undefined : doc.default;
-    flags[flag] = { value, help: help ?? doc.description, default: shown, field: option };
-  }
-  flags["no-augment"] = {
-    help: "no training augmentation (the test transform only)",
-    field: "augment",
-  };
-  flags.dtype = {
+export const CLASSIFIER_FLAGS: Flags = {
+  classifier: {
+    value: "NAME",
+    help: "classifier plugin (`dipsy train --list` lists them)",
+    default: DEFAULT_CLASSIFIER,
+  },
+  ...renamed(
+    fieldFlags(registry.docs("classifier", DEFAULT_CLASSIFIER), {
+      clip: { value: "REF", help: 'CLIP folder or Hub id, or "tiny"' },
+      epochs: "N",
+      warmupEpochs: {
+        value: "N",
+        help: "linear warm-up epochs; as many as --epochs leaves no cosine decay, only a rising " +
+          "rate (warned about)",
+      },
+      batch: "N",
+      lr: "X",
+      minLr: "X",
+      weightDecay: "X",
+      lambda: "X",
+      mode: "M",
+      rank: "N",
+      alpha: "X",
+      dropout: "X",
+      targetModules: "L",
+      towers: "L",
+      classPrompt: {
+        value: "T",
+        help: `prompt per class, with {class} and optionally {word} (the dataset's word, e.g. ` +
+          `"pet "); default "${DEFAULT_CLASS_PROMPT}"`,
+      },
+      repeatReal: {
+        value: "N",
+        help: "repeats of the real shots per epoch (default: synthetic / real, floored)",
+      },
+      seed: "N",
+    }),
+    { dropout: "lora-dropout" },
+  ),
+  "no-augment": { help: "no training augmentation (the test transform only)", field: "augment" },
+  dtype: {
     value: "T",
     help: "f32, bf16 or f16 weights (default: f16 on CUDA, f32 on CPU)",
     field: "dtype",
-  };
-  flags.set = {
+  },
+  set: {
     value: "KEY=VALUE",
     multiple: true,
     help: "any option of the classifier (repeatable; `train --list` lists them)",
-  };
-  return flags;
-}
-
-export const CLASSIFIER_FLAGS: Flags = classifierFlags();
+  },
+};
 
 /** `--plugin` and `--list` for the commands that build a classifier. */
 export const CLASSIFIER_PLUGIN_FLAGS = {
@@ -97,20 +76,6 @@ export const CLASSIFIER_PLUGIN_FLAGS = {
   },
   list: { help: "list the classifier plugins and their options, and exit" },
 } as const satisfies Flags;
-
-/** The flags of `flags` under other names (`{ seed: "train-seed" }`), `omit` left out. */
-export function renamed(
-  flags: Flags,
-  names: Record<string, string>,
-  omit: readonly string[] = [],
-  help: Record<string, string> = {},
-): Flags {
-  return Object.fromEntries(
-    Object.entries(flags).filter(([k]) => !omit.includes(k)).map((
-      [k, f],
-    ): [string, Flag] => [names[k] ?? k, help[k] ? { ...f, help: help[k] } : f]),
-  );
-}
 
 /** Plugin name and options from parsed flags. */
 export function classifierOptions(
@@ -181,6 +146,5 @@ export function selectFlag(value: string | undefined): SelectRule | undefined {
 
 /** `--list` of train and eval: the classifier plugins, those of `--plugin` files included. */
 export async function listClassifiers(files: readonly string[] = []): Promise<void> {
-  const { pluginList } = await import("./plugin_docs.ts");
   console.log(pluginList(await loadPlugins(files), ["classifier"]));
 }
