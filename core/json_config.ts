@@ -25,7 +25,7 @@ export type Json = Record<string, unknown>;
  * The JSON object in `file`; `what` names the config in read errors, `notFound` says what the
  * folder should hold.
  */
-export function readConfigFile(
+export function readModelConfig(
   file: string,
   error: ConfigErrorClass,
   what: string,
@@ -59,7 +59,12 @@ export class ConfigReader {
     readonly path = "",
     /** Whether a null its schema refuses takes the default (as most of these loaders do). */
     readonly nullIsDefault: (key: string) => boolean = () => true,
-  ) {}
+  ) {
+    // Parsers are also called from code with any JSON value, which still gets a one-line error.
+    if (json === null || typeof json !== "object" || Array.isArray(json)) {
+      throw new error(file, path || null, "expected a JSON object");
+    }
+  }
 
   key(k: string): string {
     return this.path ? `${this.path}.${k}` : k;

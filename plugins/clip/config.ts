@@ -55,12 +55,19 @@ const TEXT_FIELDS = {
   pad_token_id: tokenId(1),
 };
 
+/** One side of a square (the port has no rectangular images or patches). */
+const square = (def: number) =>
+  s.oneOf([positive()], {
+    expected: "one positive integer (square images and patches)",
+    default: def,
+  });
+
 /** transformers 5.23 `CLIPVisionConfig` keys and defaults. */
 const VISION_FIELDS = {
   ...encoderFields(768, 3072, 12),
   num_channels: positive(3),
-  image_size: positive(224),
-  patch_size: positive(32),
+  image_size: square(224),
+  patch_size: square(32),
   projection_dim: positive(512),
 };
 

@@ -11,6 +11,7 @@
  */
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import { readModelConfig } from "../../core/json_config.ts";
 import { type Device, type DType, ops, refusePickle, scope, type Tensor } from "../../ffi/mod.ts";
 import { loadModule, Module } from "../../core/nn.ts";
 import {
@@ -147,15 +148,9 @@ interface OpenedCheckpoint {
 
 function openFolder(dir: string, opts: ClipLoadOptions): OpenedCheckpoint {
   const configPath = join(dir, "config.json");
-  if (!existsSync(configPath)) {
-    throw new ClipConfigError(configPath, null, "not found (expected a transformers CLIP folder)");
-  }
-  let json: Record<string, unknown>;
-  try {
-    json = JSON.parse(readFileSync(configPath, "utf8"));
-  } catch (e) {
-    throw new ClipConfigError(configPath, null, `not valid JSON (${(e as Error).message})`);
-  }
+  const json = readModelConfig(configPath, ClipConfigError, "CLIP config", {
+    notFound: "not found (expected a transformers CLIP folder)",
+  });
   const info = parseClipCheckpointConfig(json, configPath);
   return { info, weights: openWeights(dir, opts), configPath };
 }

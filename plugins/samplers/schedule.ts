@@ -12,7 +12,7 @@ import { statSync } from "node:fs";
 import { join } from "node:path";
 import type { SamplerOptions, SchedulerConfig } from "../../core/plugins.ts";
 import { fromHost, ops, scalar, scope, type Tensor } from "../../ffi/mod.ts";
-import { choice, ConfigFileError, readConfigFile } from "../../core/json_config.ts";
+import { choice, ConfigFileError, readModelConfig } from "../../core/json_config.ts";
 import * as s from "../../core/schema.ts";
 
 /** A `scheduler_config.json` that cannot be read. */
@@ -98,7 +98,7 @@ export function readSchedulerConfig(path: string): SchedulerConfig {
       file = isFile(direct) ? direct : join(path, "scheduler", "scheduler_config.json");
     }
   } catch { /* reported below */ }
-  const json = readConfigFile(file, SchedulerConfigError, "scheduler config", {
+  const json = readModelConfig(file, SchedulerConfigError, "scheduler config", {
     parse: (text) =>
       JSON.parse(
         text.replace(NON_FINITE, (_m, a, v, b) => `${a}"${NON_FINITE_TAG}${v}"${b}`),

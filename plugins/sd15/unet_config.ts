@@ -9,7 +9,7 @@ import {
   ConfigReader,
   type Json,
   positive,
-  readConfigFile,
+  readModelConfig,
 } from "../../core/json_config.ts";
 import * as s from "../../core/schema.ts";
 
@@ -125,9 +125,12 @@ export function parseUNetConfig(json: Json, file = "unet/config.json"): UNetConf
   if (up.length !== n) {
     r.fail("up_block_types", `must list as many blocks as down_block_types (${n})`);
   }
-  const midBlockType = json.mid_block_type === null ? null : r.get(
+  const midBlockType = r.get(
     "mid_block_type",
-    s.literal<MidBlockType>("UNetMidBlock2DCrossAttn", { default: "UNetMidBlock2DCrossAttn" }),
+    s.oneOf<MidBlockType | null>([s.literal("UNetMidBlock2DCrossAttn"), s.literal(null)], {
+      expected: '"UNetMidBlock2DCrossAttn" or null (the only ones supported)',
+      default: "UNetMidBlock2DCrossAttn",
+    }),
   );
   const blockOut = r.check(
     "block_out_channels",
@@ -252,7 +255,7 @@ export function parseUNetConfig(json: Json, file = "unet/config.json"): UNetConf
 /** Reads and parses `<dir>/config.json`. */
 export function loadUNetConfig(dir: string): UNetConfig {
   const file = `${dir}/config.json`;
-  const json = readConfigFile(file, UNetConfigError, "UNet config", {
+  const json = readModelConfig(file, UNetConfigError, "UNet config", {
     notFound: "not found (a diffusers unet/ folder holds config.json and the weights)",
   });
   return parseUNetConfig(json, file);

@@ -10,7 +10,7 @@ import {
   ConfigReader,
   type Json,
   positive,
-  readConfigFile,
+  readModelConfig,
 } from "../../core/json_config.ts";
 import * as s from "../../core/schema.ts";
 
@@ -59,7 +59,7 @@ export class VaeConfigError extends ConfigFileError {}
 
 /** Reads and validates `vae/config.json` (the path is named in every error). */
 export function readVaeConfig(path: string): VaeConfig {
-  const json = readConfigFile(path, VaeConfigError, "VAE config", {
+  const json = readModelConfig(path, VaeConfigError, "VAE config", {
     notFound: "not found (a diffusers vae/ folder holds config.json and the weights)",
   });
   return parseVaeConfig(json, path);
