@@ -125,10 +125,9 @@ export type RunConfig = RunSettings & {
   plugins: string[];
 };
 
+const PLUGIN_KEYS = ["guidance", "sampler", "pairs"] as const;
 /** The configuration keys that choose a plugin. */
-export type PluginKey = "guidance" | "sampler" | "pairs";
-/** The configuration keys that are plain settings (RUN_FIELDS). */
-export type ScalarKey = Exclude<keyof RunConfig, PluginKey | "plugins">;
+export type PluginKey = typeof PLUGIN_KEYS[number];
 
 // ---------------------------------------------------------------------------------------------
 // Presets
@@ -142,7 +141,7 @@ export type ConfigLayer =
     /** Where the values came from, for error messages. */
     source: string;
     /** The settings this layer gives, checked. */
-    values: Partial<Pick<RunConfig, ScalarKey>>;
+    values: Partial<Omit<RunConfig, PluginKey | "plugins">>;
     /** Plugin files this layer loads. */
     plugins?: string[];
   }
@@ -258,29 +257,19 @@ export class ConfigError extends UserError {
 
 /** Fields whose text is a path (relative to the file or the caller) or a model reference. */
 const PATHS = new WeakSet<s.Schema<unknown>>(), REFS = new WeakSet<s.Schema<unknown>>();
+const mark = <T>(set: WeakSet<s.Schema<unknown>>, field: s.Schema<T>) => (set.add(field), field);
 
-function path(description: string): s.Schema<string | null> {
-  const field = s.nullable(s.string(), { default: null, description });
-  PATHS.add(field);
-  return field;
-}
-
-function ref(description: string, value: string): s.Schema<string>;
-function ref(description: string, value: null): s.Schema<string | null>;
-function ref(description: string, value: string | null): s.Schema<string | null> {
-  const rule = { pattern: /\S/, patternText: "a folder, file or Hub id (not empty)" };
-  const field = value === null
-    ? s.nullable(s.string(rule), { default: null, description })
-    : s.string({ ...rule, default: value, description });
-  REFS.add(field);
-  return field;
-}
-
+const REF = { pattern: /\S/, patternText: "a folder, file or Hub id (not empty)" };
+const ref = (description: string, value: string) =>
+  mark(REFS, s.string({ ...REF, default: value, description }));
+const nullableRef = (description: string) =>
+  mark(REFS, s.nullable(s.string(REF), { default: null, description }));
 const count = (description: string, value: number, min: number, max?: number) =>
   s.integer({ min, max, default: value, description });
 const nullableCount = (description: string, min: number) =>
   s.nullable(s.integer({ min }), { default: null, description });
 const text = (description: string) => s.nullable(s.string(), { default: null, description });
+const path = (description: string) => mark(PATHS, text(description));
 
 /** The run's settings besides its plugins: one declaration each (type, default, bounds, doc). */
 export const RUN_FIELDS = s.options({
@@ -293,9 +282,11 @@ export const RUN_FIELDS = s.options({
   model: ref("SD1.5 diffusers folder or Hub id, or tiny", DEFAULT_MODEL),
   // Also `org/name@revision:path`; unused by text-only guidance.
   ipAdapter: ref("IP-Adapter file, or org/name/file in a Hub repo", DEFAULT_IP_ADAPTER),
-  negativeIpAdapter: ref("the negative image's IP-Adapter file (default: ipAdapter)", null),
+  negativeIpAdapter: nullableRef("the negative image's IP-Adapter file (default: ipAdapter)"),
   imageEncoder: ref("image encoder folder, or org/name/folder", DEFAULT_IMAGE_ENCODER),
-  clip: ref(`CLIP for class similarity, or tiny (default: ${DEFAULT_CLIP}, tiny with tiny)`, null),
+  clip: nullableRef(
+    `CLIP for class similarity, or tiny (default: ${DEFAULT_CLIP}, tiny with tiny)`,
+  ),
   modelSeed: count("seed of the tiny models' random weights", 0, 0),
   dtype: s.string({
     enum: ["auto", "f32", "f16", "bf16"],
@@ -344,8 +335,6 @@ export const DEFAULTS: Readonly<RunConfig> = Object.freeze({
   plugins: [],
 }) as unknown as RunConfig;
 
-const PLUGIN_KEYS: readonly PluginKey[] = ["guidance", "sampler", "pairs"];
-
 /** The run's settings for help texts: name, type, default, description. */
 export function configFieldDocs(): s.FieldDoc[] {
   return s.fieldDocs(RUN_FIELDS);
@@ -373,9 +362,7 @@ function fromText(text: string): unknown {
   }
 }
 
-function show(v: unknown): string {
-  return typeof v === "string" ? JSON.stringify(v) : String(JSON.stringify(v) ?? v);
-}
+const show = (v: unknown): string => String(JSON.stringify(v) ?? v);
 
 function isObject(v: unknown): v is Record<string, unknown> {
   return v !== null && typeof v === "object" && !Array.isArray(v);
@@ -564,8 +551,8 @@ function resolvePlugins(
  */
 export function resolveConfig(layers: readonly ConfigLayer[], reg: Registry = registry): RunConfig {
   const problems: string[] = [];
-  const presetName = [...layers].reverse().find((l) => l.values.preset !== undefined)?.values
-    .preset ?? DEFAULTS.preset;
+  const presetName = layers.findLast((l) => l.values.preset !== undefined)?.values.preset ??
+    DEFAULTS.preset;
   const chosen = PRESETS[presetName];
   if (!chosen) {
     throw new ConfigError([
@@ -573,7 +560,7 @@ export function resolveConfig(layers: readonly ConfigLayer[], reg: Registry = re
     ]);
   }
   const all: ConfigLayer[] = [{ source: `preset ${presetName}`, ...chosen.layer }, ...layers];
-  const config: RunConfig = structuredClone({ ...DEFAULTS }) as RunConfig;
+  const config = structuredClone(DEFAULTS) as RunConfig;
   for (const layer of all) {
     Object.assign(config, layer.values);
     for (const key of PLUGIN_KEYS) {
@@ -604,36 +591,18 @@ export function resolveConfig(layers: readonly ConfigLayer[], reg: Registry = re
   return config;
 }
 
-/**
- * A configuration with its plugins built once, from their resolved options: what `generate`,
- * the CLI and the server hand down instead of rebuilding them.
- */
-export interface ResolvedRun {
-  config: RunConfig;
-  guidance: Guidance;
-  pairs: SamplerPair;
-  /** Each plugin as manifests record it: its name (the sampler's steps) and resolved options. */
-  records: {
-    guidance: PluginRecord;
-    sampler: PluginRecord & { steps: number };
-    pairs: PluginRecord;
-  };
-  /** A fresh sampler (samplers keep multistep history) for the model's scheduler config. */
-  sampler(schedulerConfig: SchedulerConfig): Sampler;
-  /**
-   * A recorded plugin (an older run.json's, which left defaults out) with its options resolved
-   * as this version resolves them; unchanged when they no longer resolve.
-   */
-  resolveRecord(key: PluginKey, record: PluginRecord): PluginRecord;
-}
-
+/** A plugin as records show it: its name and its resolved options. */
 export interface PluginRecord {
   name: string;
   [option: string]: unknown;
 }
 
-/** Builds the plugins of a resolved configuration; a bad option is a ConfigError naming it. */
-export function resolveRun(config: RunConfig, reg: Registry = registry): ResolvedRun {
+/**
+ * Builds the plugins of a resolved configuration once, from their resolved options: what
+ * `generate`, the CLI and the server hand down instead of rebuilding them. A bad option is a
+ * ConfigError naming it.
+ */
+export function resolveRun(config: RunConfig, reg: Registry = registry) {
   const problems: string[] = [];
   const settings = resolvePlugins(config, reg, problems);
   if (problems.length) throw new ConfigError(problems);
@@ -648,18 +617,24 @@ export function resolveRun(config: RunConfig, reg: Registry = registry): Resolve
     config,
     guidance: build<Guidance>("guidance"),
     pairs: build<SamplerPair>("pairs"),
+    /** Each plugin as manifests record it: its name (the sampler's steps) and resolved options. */
     records: {
-      guidance: { name: config.guidance.name, ...settings.guidance },
+      guidance: { name: config.guidance.name, ...settings.guidance } as PluginRecord,
       sampler: { name: config.sampler.name, steps: config.steps, ...settings.sampler },
-      pairs: { name: config.pairs.name, ...settings.pairs },
+      pairs: { name: config.pairs.name, ...settings.pairs } as PluginRecord,
     },
-    sampler: (schedulerConfig) =>
+    /** A fresh sampler (samplers keep multistep history) for the model's scheduler config. */
+    sampler: (schedulerConfig: SchedulerConfig): Sampler =>
       reg.create<Sampler>("sampler", config.sampler.name, {
         ...settings.sampler,
         steps: config.steps,
         config: schedulerConfig,
       }),
-    resolveRecord: (key, record) => {
+    /**
+     * A recorded plugin (an older run.json's, which left defaults out) with its options resolved
+     * as this version resolves them; unchanged when they no longer resolve.
+     */
+    resolveRecord: (key: PluginKey, record: PluginRecord): PluginRecord => {
       const { name, ...options } = record;
       const top = key === "sampler" ? { steps: options.steps } : {};
       if (key === "sampler") delete options.steps;
@@ -672,6 +647,9 @@ export function resolveRun(config: RunConfig, reg: Registry = registry): Resolve
     },
   };
 }
+
+/** A configuration with its plugins built once (see resolveRun). */
+export type ResolvedRun = ReturnType<typeof resolveRun>;
 
 /** The CLIP used for class similarity (the `clip` setting with its default filled in). */
 export function similarityClip(config: RunConfig): string {
@@ -732,21 +710,16 @@ export async function loadPluginFile(path: string, reg: Registry = registry): Pr
       `plugin file ${abs}: cannot load it: ${e instanceof Error ? e.message : e}`,
     ]);
   });
-  const exported = mod.plugins ?? mod.default;
-  if (exported !== undefined) {
-    const list = Array.isArray(exported) ? exported : [exported];
-    for (const d of list) {
-      const def = checkDef(d, `plugin file ${abs}`);
-      const existing = reg.list(def.kind).find((x) => x.name === def.name);
-      if (existing === def) continue;
-      if (existing) {
-        throw new ConfigError([
-          `plugin file ${abs}: a ${def.kind} plugin named "${def.name}" exists already; ` +
-          "give yours another name",
-        ]);
-      }
-      reg.register(def);
+  for (const d of [mod.plugins ?? mod.default ?? []].flat()) {
+    const def = checkDef(d, `plugin file ${abs}`);
+    if (reg.list(def.kind).includes(def)) continue;
+    if (reg.has(def.kind, def.name)) {
+      throw new ConfigError([
+        `plugin file ${abs}: a ${def.kind} plugin named "${def.name}" exists already; ` +
+        "give yours another name",
+      ]);
     }
+    reg.register(def);
   }
   const added = reg.list().filter((d) => !before.has(d));
   if (added.length === 0) {

@@ -5,6 +5,7 @@
  */
 import { basename, dirname, join, relative } from "node:path";
 import { UserError } from "../ffi/errors.ts";
+import type { AugmentParams } from "./plugins.ts";
 import type { Provenance } from "./provenance.ts";
 
 export const MANIFEST = "manifest.jsonl";
@@ -35,7 +36,7 @@ export interface ShotRecord {
   /** Its index among the class's shots. */
   shot: number;
   /** The flip, crop (x, y, side) and rotation applied to it; null: used as it is. */
-  augment: { flip: boolean; crop: [number, number, number] | null; angle: number } | null;
+  augment: AugmentParams | null;
 }
 
 /** One manifest line. */
@@ -192,11 +193,9 @@ export function compareRecords(
   }
   const before = previous.dataset?.classes ?? [];
   const now = current.dataset.classes;
-  const names = (l: typeof now) => l.map((c) => c.name).join("\u0000");
-  if (names(before) !== names(now)) {
-    const had = new Set(before.map((c) => c.name)), has = new Set(now.map((c) => c.name));
-    const gone = before.filter((c) => !has.has(c.name)).map((c) => c.name);
-    const added = now.filter((c) => !had.has(c.name)).map((c) => c.name);
+  const had = before.map((c) => c.name), has = now.map((c) => c.name);
+  if (had.join("\u0000") !== has.join("\u0000")) {
+    const gone = had.filter((c) => !has.includes(c)), added = has.filter((c) => !had.includes(c));
     differences.push(
       "dataset classes differ" + (gone.length ? `; missing now: ${gone.join(", ")}` : "") +
         (added.length ? `; new: ${added.join(", ")}` : "") +
@@ -209,18 +208,11 @@ export function compareRecords(
       }
     });
   }
-  const notes: string[] = [];
-  const s0 = previous.settings ?? {}, s1 = current.settings;
-  if (s0.perClass !== s1.perClass) {
-    notes.push(`perClass ${s0.perClass} -> ${s1.perClass}`);
-  }
-  if (s0.batch !== s1.batch) {
-    notes.push(
-      `batch ${s0.batch} -> ${s1.batch}: images not yet made come from other batch ` +
-        "compositions and may differ in floating-point rounding from an uninterrupted run",
-    );
-  }
-  if (s0.device !== s1.device) notes.push(`device ${s0.device} -> ${s1.device}`);
+  const s0: Partial<RunRecord["settings"]> = previous.settings ?? {}, s1 = current.settings;
+  const batchNote = ": images not yet made come from other batch compositions and may differ " +
+    "in floating-point rounding from an uninterrupted run";
+  const notes = (["perClass", "batch", "device"] as const).filter((k) => s0[k] !== s1[k])
+    .map((k) => `${k} ${s0[k]} -> ${s1[k]}${k === "batch" ? batchNote : ""}`);
   return { differences, notes };
 }
 

@@ -106,8 +106,7 @@ export class Registry {
     const def = this.definition(kind, name);
     const r = validate(def.schema, options, { text: def.text });
     if (!r.ok) {
-      const text = r.issues.map((i) => issueText(i, "option")).join("; ");
-      throw new PluginError(kind, name, new UserError(text));
+      throw new PluginError(kind, name, r.issues.map((i) => issueText(i, "option")).join("; "));
     }
     return r.value as Record<string, unknown>;
   }

@@ -4,6 +4,7 @@
  * compares, so that a newer checkout still continues an older run.
  */
 import { execFileSync } from "node:child_process";
+import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -42,21 +43,15 @@ export function dipsyCommit(): string {
   return commit;
 }
 
-async function sha256File(path: string): Promise<string> {
-  const digest = await crypto.subtle.digest("SHA-256", readFileSync(path));
-  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
-}
-
 /** The provenance of a record made on `device` in `dtype` (both as resolved, never "auto"). */
 export async function provenance(
   run: { device: string; dtype: string; plugins?: readonly string[] },
 ): Promise<Provenance> {
   const { runtimeInfo } = await import("../ffi/mod.ts");
-  const plugins = [];
-  for (const p of run.plugins ?? []) {
-    const file = resolve(p);
-    plugins.push({ file, sha256: await sha256File(file) });
-  }
+  const plugins = (run.plugins ?? []).map((p) => resolve(p)).map((file) => ({
+    file,
+    sha256: createHash("sha256").update(readFileSync(file)).digest("hex"),
+  }));
   return {
     dipsy: { name: project.name, version: project.version, commit: dipsyCommit() },
     libtorch: runtimeInfo().torch_version,

@@ -164,11 +164,7 @@ function numeric(integer: boolean, opts: NumberOptions): Schema<number> {
     `${name}${bounds}`,
     opts,
     (v, field, ctx) => {
-      let n = v;
-      if (ctx.text && typeof v === "string") {
-        const t = v.trim();
-        n = NUMBER_TEXT.test(t) ? Number(t) : v;
-      }
+      const n = ctx.text && typeof v === "string" && NUMBER_TEXT.test(v.trim()) ? Number(v) : v;
       if (typeof n !== "number" || !Number.isFinite(n) || (integer && !Number.isSafeInteger(n))) {
         return fail(ctx, field, `must be ${kind}, got ${show(v)}`);
       }
@@ -176,9 +172,7 @@ function numeric(integer: boolean, opts: NumberOptions): Schema<number> {
         return fail(
           ctx,
           field,
-          opts.exclusiveMin
-            ? `must be above ${min}, got ${n}`
-            : `must be at least ${min}, got ${n}`,
+          `must be ${opts.exclusiveMin ? "above" : "at least"} ${min}, got ${n}`,
         );
       }
       if (max !== undefined && n > max) {
@@ -285,7 +279,7 @@ export function jsonValue(opts: { maxLength?: number; description?: string } = {
 /** A map of free keys to values of one schema. */
 export function record<T>(
   value: Schema<T>,
-  opts: { maxKeys?: number; description?: string; keyPattern?: RegExp } = {},
+  opts: { maxKeys?: number; description?: string } = {},
 ): Schema<Record<string, T>> {
   return make(`map of ${value.type}`, opts, (raw, field, ctx) => {
     const v = fromText(raw, ctx);
@@ -299,10 +293,6 @@ export function record<T>(
     const before = ctx.issues.length;
     const out: Record<string, T> = {};
     for (const [k, x] of entries) {
-      if (opts.keyPattern && !opts.keyPattern.test(k)) {
-        fail(ctx, `${field}.${k}`, "is not a valid key");
-        continue;
-      }
       const r = value.check(x, `${field}.${k}`, { ...ctx, text: false });
       if (r !== undefined) out[k] = r;
     }

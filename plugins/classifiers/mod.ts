@@ -18,16 +18,11 @@ export function clipLoraClassifier(options: Record<string, unknown> = {}): Class
     model: settings.clip,
     settings: settings as unknown as Record<string, unknown>,
     async train(data, job) {
-      const result = await trainRun(data, settings, { ...job, loader: { workers: job.workers } });
-      return {
-        complete: result.record.status === "complete",
-        epochsDone: result.record.epochsDone,
-      };
+      const run = await trainRun(data, settings, { ...job, loader: { workers: job.workers } });
+      return { complete: run.record.status === "complete", epochsDone: run.record.epochsDone };
     },
-    async load(out, opts = {}) {
-      return (await loadTrainedRun(out, opts)).classifier;
-    },
-    epochs: (out) => checkpointEpochs(out),
+    load: async (out, opts = {}) => (await loadTrainedRun(out, opts)).classifier,
+    epochs: checkpointEpochs,
   };
 }
 
@@ -37,5 +32,5 @@ export const CLASSIFIER_PLUGINS: PluginDef<Classifier, Record<string, unknown>>[
   description: "CLIP + LoRA on q/v of both towers, DataDream's recipe (DIPSY's classifier)",
   schema: TRAIN_SCHEMA,
   text: true,
-  create: (o) => clipLoraClassifier(o),
+  create: clipLoraClassifier,
 }];
