@@ -57,11 +57,8 @@ import {
   pageRefusal,
   REPORT_PREFIX,
 } from "./pages.ts";
-import { API_VERSION, openApi, pluginOptionSchemas, routeDocs } from "./openapi.ts";
+import { API_VERSION, openApi, routeDocs } from "./openapi.ts";
 import * as s from "../core/schema.ts";
-
-export { API_VERSION } from "./openapi.ts";
-export { HttpError } from "./body.ts";
 
 const DEFAULT_LIMITS = Object.freeze({
   /** Whole request body of POST /v1/sample. */
@@ -104,51 +101,42 @@ const GUIDANCE_FIELD = /^guidance\.([A-Za-z_][A-Za-z0-9_]{0,63})$/;
 const DEFAULT_GUIDANCE = DEFAULTS.guidance.name;
 
 /**
- * The guidances that need each reference image, as each declares with its default options
- * (`usesImages`, `usesNegative`: which conditionings its formula reads). A guidance that cannot
- * be built without options is left out of both lists.
+ * What each guidance asks of a request, as it declares with its default options (`usesImages`,
+ * `usesNegative`: which conditionings its formula reads): the guidances that need each reference
+ * image, and for the document one condition per guidance: when the request names it (or names
+ * none and it is the default), the images it reads are required and guidanceOptions follows its
+ * option schema. A guidance that cannot be built without options requires no image.
  */
-function imageNeeds(reg: Registry): { all: string[]; positive: string[]; negative: string[] } {
-  const all = reg.list("guidance").map((d) => d.name);
-  const positive: string[] = [], negative: string[] = [];
-  for (const name of all) {
-    let g: Guidance;
+function guidanceNeeds(reg: Registry) {
+  const needs = reg.list("guidance").map((d) => {
+    const images: string[] = [];
     try {
-      g = reg.create<Guidance>("guidance", name, {});
-    } catch {
-      continue;
-    }
-    if (g.usesImages) positive.push(name);
-    if (g.usesNegative) negative.push(name);
-    (g as Partial<Disposable>)[Symbol.dispose]?.();
-  }
-  return { all, positive, negative };
+      const g = reg.create<Guidance>("guidance", d.name, {});
+      if (g.usesImages) images.push("positive");
+      if (g.usesNegative) images.push("negative");
+      (g as Partial<Disposable>)[Symbol.dispose]?.();
+    } catch { /* it needs options: no image is required without them */ }
+    return { ...d, images };
+  });
+  const needing = (image: string) =>
+    needs.filter((n) => n.images.includes(image)).map((n) => n.name);
+  return {
+    positive: needing("positive"),
+    negative: needing("negative"),
+    conditions: needs.map((n): s.JsonSchema => ({
+      if: {
+        ...(n.name === DEFAULT_GUIDANCE ? {} : { required: ["guidance"] }),
+        properties: { guidance: { enum: [n.name] } },
+      },
+      then: { required: n.images, properties: { guidanceOptions: n.schema.jsonSchema() } },
+    })),
+  };
 }
 
 function needText(names: string[]): string {
   if (names.length === 0) return "used by no guidance";
   const listed = names.map((n) => n === DEFAULT_GUIDANCE ? `${n} (the default)` : n);
   return `required with guidance ${listed.join(", ")}; ignored by the others`;
-}
-
-/**
- * JSON Schema for "`field` is required when the guidance is one of `needing`", where a request
- * without a guidance field gets the default one.
- */
-function requiredWith(field: string, needing: string[], all: string[]): s.JsonSchema | null {
-  const others = all.filter((n) => !needing.includes(n));
-  if (needing.includes(DEFAULT_GUIDANCE)) {
-    if (others.length === 0) return { required: [field] };
-    return {
-      if: { required: ["guidance"], properties: { guidance: { enum: others } } },
-      else: { required: [field] },
-    };
-  }
-  if (needing.length === 0) return null;
-  return {
-    if: { required: ["guidance"], properties: { guidance: { enum: needing } } },
-    then: { required: [field] },
-  };
 }
 
 function sampleForm(reg: Registry, limits: Limits) {
@@ -158,7 +146,7 @@ function sampleForm(reg: Registry, limits: Limits) {
       default: DEFAULTS[kind].name,
       description: `${kind} plugin`,
     }));
-  const needs = imageNeeds(reg);
+  const needs = guidanceNeeds(reg);
   const side = (what: string) =>
     s.optional(s.integer({
       min: 8,
@@ -195,34 +183,33 @@ function sampleForm(reg: Registry, limits: Limits) {
       default: "png",
       description: "encoding of the image",
     })),
+    // No default: an absent field leaves the choice to the Accept header.
     response: s.optional(s.string({
       enum: ["image", "json"],
-      default: "image",
-      description: "image: the encoded image; json: { image: <base64>, ... } (so does " +
-        "Accept: application/json)",
+      description: "image: the encoded image; json: { image: <base64>, ... }; default: json " +
+        "when Accept is application/json, else image",
     })),
   }, { extra: (k) => GUIDANCE_FIELD.test(k) });
-  // Which images are required depends on the guidance: said in the document as conditions, and
-  // so are the options each guidance takes (its schema, which checks them).
-  const conditions = [
-    requiredWith("positive", needs.positive, needs.all),
-    requiredWith("negative", needs.negative, needs.all),
-    ...pluginOptionSchemas(reg, "guidance", DEFAULT_GUIDANCE, "guidanceOptions"),
-  ].filter((c) => c !== null);
+  // Which images are required depends on the guidance, and so do the options it takes (its
+  // schema, which checks them): said in the document as conditions.
   return {
     form,
     json: (): s.JsonSchema => ({
       ...form.jsonSchema(),
-      ...(conditions.length ? { allOf: conditions } : {}),
+      ...(needs.conditions.length ? { allOf: needs.conditions } : {}),
     }),
   };
 }
 
 const GUIDANCE_VALUE = s.string({ maxLength: 1000 });
 
-/** Option values of "guidance.<option>" fields: JSON when they parse, text otherwise. */
+/**
+ * Option values of "guidance.<option>" fields: JSON when they parse, text otherwise; an option
+ * also in `given` (guidanceOptions) is an issue.
+ */
 function guidanceFields(
   fields: Record<string, FormDataEntryValue>,
+  given: Record<string, unknown>,
   issues: s.Issue[],
 ): Record<string, unknown> {
   const options: Record<string, unknown> = {};
@@ -230,6 +217,9 @@ function guidanceFields(
     const m = GUIDANCE_FIELD.exec(k);
     const text = m ? GUIDANCE_VALUE.check(v, k, { issues, text: true }) : undefined;
     if (text === undefined) continue;
+    if (Object.hasOwn(given, m![1])) {
+      issues.push({ field: k, message: "is also given in guidanceOptions" });
+    }
     try {
       options[m![1]] = JSON.parse(text);
     } catch {
@@ -343,15 +333,7 @@ function loopbackHost(host: string): boolean {
 }
 
 /** The Hono app and its OpenAPI document. */
-function createApp(o: AppOptions): {
-  app: Hono;
-  openapi: Record<string, unknown>;
-  /**
-   * The answer for a method and target no route takes (401 first when a token is required,
-   * then 404 or 405), for requests that cannot become a fetch Request.
-   */
-  unrouted: (method: string, target: string, authorization?: string) => Response;
-} {
+function createApp(o: AppOptions) {
   const { engine, jobs, limits, registry: reg } = o;
   const { form, json: sampleJson } = sampleForm(reg, limits);
   const docs = routeDocs(sampleJson(), jobRequestJson(reg));
@@ -372,30 +354,25 @@ function createApp(o: AppOptions): {
   }));
   const pathOf = (target: string) =>
     target.startsWith("/") ? new URL(target, "http://x").pathname : target;
-  const unrouted = (method: string, path: string): Response => {
+  const unrouted = (method: string, path: string): HttpError => {
     const allowed = patterns.filter((p) => p.re.test(path)).map((p) => p.method);
     if (allowed.length) {
-      return errorResponse(
-        new HttpError(405, `${method} is not allowed on ${path}`, [], {
-          allow: [...new Set(allowed)].join(", "),
-        }),
-      );
+      const allow = [...new Set(allowed)].join(", ");
+      return new HttpError(405, `${method} is not allowed on ${path}`, [], { allow });
     }
-    return errorResponse(new HttpError(404, `no route ${method} ${path}`));
+    return new HttpError(404, `no route ${method} ${path}`);
   };
-  app.notFound((c) => unrouted(c.req.method, new URL(c.req.url).pathname));
+  app.notFound((c) => errorResponse(unrouted(c.req.method, new URL(c.req.url).pathname)));
 
-  const unauthorized = (path: string, authorization: string | undefined): Response | null => {
+  const unauthorized = (path: string, authorization: string | undefined): HttpError | null => {
     // A report's own requests carry its key instead (see server/pages.ts).
     if (
       o.token === null || path === "/healthz" || path.startsWith(REPORT_PREFIX) ||
       authorized(authorization, o.token)
     ) return null;
-    return errorResponse(
-      new HttpError(401, "missing or wrong bearer token (Authorization: Bearer <token>)", [], {
-        "www-authenticate": 'Bearer realm="dipsy"',
-      }),
-    );
+    return new HttpError(401, "missing or wrong bearer token (Authorization: Bearer <token>)", [], {
+      "www-authenticate": 'Bearer realm="dipsy"',
+    });
   };
   if (o.token === null) {
     // Without a token, a name that only resolves here is the guard: a web page whose own name
@@ -418,7 +395,7 @@ function createApp(o: AppOptions): {
       // Pages and their own API calls (an EventSource sends no header) carry the page cookie.
       if (!pageCookieAuthorized(c.req.raw, token)) {
         const refused = unauthorized(new URL(c.req.url).pathname, c.req.header("authorization"));
-        if (refused) return pageRefusal(c.req.raw) ?? refused;
+        if (refused) return pageRefusal(c.req.raw) ?? errorResponse(refused);
       }
       await next();
     });
@@ -443,6 +420,7 @@ function createApp(o: AppOptions): {
       })),
     ];
     const info = engine.info, tensors = memory(), process = Deno.memoryUsage();
+    const { running, waiting, bound } = engine.queue;
     return json({
       version: {
         dipsy: (denoJson as { version?: string }).version ?? "unreleased",
@@ -456,11 +434,7 @@ function createApp(o: AppOptions): {
       adapters: info.adapters,
       defaultSize: info.defaultSize,
       plugins: Object.fromEntries((["guidance", "sampler", "pairs"] as const).map(plugins)),
-      queue: {
-        running: engine.queue.running,
-        waiting: engine.queue.waiting,
-        bound: engine.queue.bound,
-      },
+      queue: { running, waiting, bound },
       memory: {
         residentBytes: process.rss,
         heapBytes: process.heapUsed,
@@ -477,15 +451,10 @@ function createApp(o: AppOptions): {
     const fields = await readForm(req, limits.maxBodyBytes);
     const checked = s.validate(form, fields, { text: true });
     const issues = checked.ok ? [] : [...checked.issues];
-    const dotted = guidanceFields(fields, issues);
+    const given = checked.ok ? checked.value.guidanceOptions ?? {} : {};
+    const dotted = guidanceFields(fields, given, issues);
     if (!checked.ok || issues.length) throw invalid(issues);
     const v = checked.value;
-    for (const k of Object.keys(dotted)) {
-      if (v.guidanceOptions && k in v.guidanceOptions) {
-        issues.push({ field: `guidance.${k}`, message: "is also given in guidanceOptions" });
-      }
-    }
-    if (issues.length) throw invalid(issues);
     // The form fills in the defaults of absent fields.
     const spec: SampleSpec = {
       prompt: v.prompt,
@@ -578,8 +547,12 @@ function createApp(o: AppOptions): {
   return {
     app,
     openapi: doc,
-    unrouted: (method, target, authorization) =>
-      unauthorized(pathOf(target), authorization) ?? unrouted(method, pathOf(target)),
+    /**
+     * The answer for a method and target no route takes (401 first when a token is required,
+     * then 404 or 405), for requests that cannot become a fetch Request.
+     */
+    unrouted: (method: string, target: string, authorization?: string) =>
+      errorAnswer(unauthorized(pathOf(target), authorization) ?? unrouted(method, pathOf(target))),
   };
 }
 
@@ -609,22 +582,9 @@ export interface ServerOptions {
   beforeBatch?: BeforeBatch;
 }
 
-export interface RunningServer {
-  url: string;
-  port: number;
-  engine: Engine;
-  jobs: JobStore;
-  openapi: Record<string, unknown>;
-  /**
-   * Stops accepting, fails queued work (503), lets a running sample finish and a running job
-   * finish and write its batch in flight, then closes. Idempotent.
-   */
-  shutdown(): Promise<void>;
-  /** Resolves once the server has shut down. */
-  finished: Promise<void>;
-}
+export type RunningServer = Awaited<ReturnType<typeof startServer>>;
 
-export async function startServer(o: ServerOptions): Promise<RunningServer> {
+export async function startServer(o: ServerOptions) {
   checkExposure(o.hostname, o.token);
   const log = o.log ?? ((m: string) => console.error(m));
   const roots = await resolveRoots(o.roots);
@@ -657,7 +617,11 @@ export async function startServer(o: ServerOptions): Promise<RunningServer> {
   const { port } = server;
   const host = o.hostname.includes(":") ? `[${o.hostname}]` : o.hostname;
   let stopping: Promise<void> | null = null;
-  const shutdown = () =>
+  /**
+   * Stops accepting, fails queued work (503), lets a running sample finish and a running job
+   * finish and write its batch in flight, then closes. Idempotent.
+   */
+  const shutdown = (): Promise<void> =>
     stopping ??= (async () => {
       const closing = server.close();
       engine.queue.close();
@@ -677,6 +641,7 @@ export async function startServer(o: ServerOptions): Promise<RunningServer> {
     jobs,
     openapi,
     shutdown,
+    /** Resolves once the server has shut down. */
     finished: server.finished.then(() => stopping ?? undefined),
   };
 }

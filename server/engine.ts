@@ -5,29 +5,26 @@
  * with a retry estimate), removal of waiting work whose AbortSignal fires (a client that went
  * away), and a clean close. `Engine` puts it in front of the device worker (worker.ts).
  */
-import type { RunConfig } from "../core/config.ts";
-import type { ProgressInfo, Shard } from "../core/generate.ts";
+import type { ProgressInfo } from "../core/generate.ts";
 import type { ImageFormat, RgbImage } from "../core/image.ts";
 import type { SampleSpec } from "../core/sample.ts";
-import type { GenerateSummary } from "./jobs.ts";
+import type { GenerateSummary, JobPlan } from "./jobs.ts";
 import type { EngineInfo, FromWorker, ModelSetup, ToWorker, WorkerError } from "./worker.ts";
 
 export type { EngineInfo, ModelSetup } from "./worker.ts";
 
 /** The queue is at its bound: try again in `retryAfter` seconds. */
 export class QueueFullError extends Error {
+  override name = "QueueFullError";
   constructor(readonly retryAfter: number) {
     super(`the engine's queue is full; retry in ${retryAfter} s`);
-    this.name = "QueueFullError";
   }
 }
 
 /** The server is shutting down and takes no more work. */
 export class ClosedError extends Error {
-  constructor() {
-    super("the server is shutting down");
-    this.name = "ClosedError";
-  }
+  override name = "ClosedError";
+  override message = "the server is shutting down";
 }
 
 /** The engine stopped (its worker failed, or it was closed): no work runs any more. */
@@ -67,8 +64,9 @@ export interface SubmitOptions {
 export class WorkQueue {
   readonly #waiting: Entry[] = [];
   #running: Entry | null = null;
+  /** Settles once the running work has ended and the queue moved on. */
+  #current: Promise<void> = Promise.resolve();
   #closed = false;
-  #idle: (() => void)[] = [];
   /** Smoothed duration of finished work, seconds. */
   #meanSeconds = 0;
   #finished = 0;
@@ -127,33 +125,28 @@ export class WorkQueue {
     return promise;
   }
 
-  /** Refuses new work and fails the waiting work with ClosedError; running work goes on. */
-  close(): void {
+  /**
+   * Refuses new work and fails the waiting work with ClosedError; running work goes on, and the
+   * promise resolves once it has ended.
+   */
+  close(): Promise<void> {
     this.#closed = true;
     for (const e of this.#waiting.splice(0)) {
       e.detach();
       e.reject(new ClosedError());
     }
-  }
-
-  /** Resolves once nothing runs (at once if nothing does). */
-  idle(): Promise<void> {
-    if (!this.#running && this.#waiting.length === 0) return Promise.resolve();
-    return new Promise((resolve) => this.#idle.push(resolve));
+    return this.#current;
   }
 
   #pump(): void {
     if (this.#running) return;
     const entry = this.#waiting.shift();
-    if (!entry) {
-      for (const f of this.#idle.splice(0)) f();
-      return;
-    }
+    if (!entry) return;
     entry.detach();
     this.#running = entry;
     const started = performance.now();
     entry.onStart?.();
-    entry.run(entry.signal).then(entry.resolve, entry.reject).finally(() => {
+    this.#current = entry.run(entry.signal).then(entry.resolve, entry.reject).finally(() => {
       const s = (performance.now() - started) / 1000;
       this.#finished++;
       this.#meanSeconds = this.#finished === 1 ? s : 0.8 * this.#meanSeconds + 0.2 * s;
@@ -240,20 +233,17 @@ export class Engine {
    * batch in flight is finished and written, then it stops (resumable like `dipsy generate`).
    */
   generate(
-    config: RunConfig,
-    shard: Shard,
-    only: string[],
+    plan: JobPlan,
     hooks: GenerateHooks,
     opts: SubmitOptions = {},
   ): Promise<GenerateSummary> {
-    const call = { type: "generate", config, shard, only, hold: !!hooks.beforeBatch } as const;
+    const call = { type: "generate", ...plan, hold: !!hooks.beforeBatch } as const;
     return this.queue.submit((signal) => this.#call<GenerateSummary>(call, hooks, signal), opts);
   }
 
   /** Refuses new work, fails waiting work, waits for the running work, stops the worker. */
   async close(): Promise<void> {
-    this.queue.close();
-    await this.queue.idle();
+    await this.queue.close();
     // The model's tensors live in the process, not in the worker: freed before it goes.
     await this.#call({ type: "close" }).catch(() => {});
     this.#worker.terminate();

@@ -43,7 +43,7 @@ export interface ServeOptions {
    */
   onClientError: (status: number, message: string) => Answer;
   /** The answer to a method the fetch API cannot carry (TRACE, CONNECT) on `target`. */
-  onMethod: (method: string, target: string, authorization?: string) => Response;
+  onMethod: (method: string, target: string, authorization?: string) => Answer;
 }
 
 /** An answer written as it is. */
@@ -178,7 +178,7 @@ export function serveHttp(
       if (current.get(socket) === entry) current.delete(socket);
     });
     let request: Request | null = null;
-    let refusal: Response | null = null;
+    let refusal: Answer | null = null;
     if (UNCARRIED.has(method)) {
       refusal = onMethod(method, req.url ?? "/", req.headers.authorization);
     } else {
@@ -186,12 +186,11 @@ export function serveHttp(
         request = toRequest(req, `http://${host}`, controller.signal, body);
       } catch (e) {
         const why = e instanceof Error ? e.message : String(e);
-        const a = onClientError(400, `the request cannot be read (${why})`);
-        refusal = new Response(a.body, a);
+        refusal = onClientError(400, `the request cannot be read (${why})`);
       }
     }
     (async () => {
-      let response = refusal;
+      let response = refusal && new Response(refusal.body, refusal);
       if (request) {
         try {
           response = await handler(request);
@@ -210,12 +209,7 @@ export function serveHttp(
   // reads the body, so a request refused from its head (401, 413, 415) is never sent whole.
   server.on("checkContinue", (req, res) => serve(req, res, true));
   server.on("connect", (req: IncomingMessage, socket: Socket) => {
-    const r = onMethod("CONNECT", req.url ?? "", req.headers.authorization);
-    r.text().then(
-      (body) =>
-        answerSocket(socket, { status: r.status, headers: Object.fromEntries(r.headers), body }),
-      () => socket.destroy(),
-    );
+    answerSocket(socket, onMethod("CONNECT", req.url ?? "", req.headers.authorization));
   });
   server.on("clientError", (err: ParseError, socket: Socket) => {
     const inProgress = current.get(socket);

@@ -26,16 +26,14 @@ import { UserError } from "../ffi/errors.ts";
 // ---------------------------------------------------------------------------------------------
 // The request
 
+/** A plugin field; its document is jobRequestJson's, with each plugin's options. */
 const plugin = (kind: string) =>
   s.oneOf<unknown>([
     s.string({ minLength: 1, maxLength: 100 }),
     s.object({ name: s.optional(s.string({ minLength: 1, maxLength: 100 })) }, {
       extra: (k) => /^[A-Za-z_][A-Za-z0-9_]{0,63}$/.test(k),
     }),
-  ], {
-    expected: `a ${kind} plugin name or { name, ...options }`,
-    description: `${kind} plugin: a name, or an object with the name and its options`,
-  });
+  ], { expected: `a ${kind} plugin name or { name, ...options }` });
 
 const path = (description: string) => s.string({ minLength: 1, maxLength: 4096, description });
 
@@ -97,8 +95,6 @@ export const JOB_REQUEST = s.object({
     description: '(re)make just these images, "CLASS:INDEX"',
   })),
 }, { description: "settings of `dipsy generate`; the model settings are the server's" });
-
-export type JobRequest = s.Infer<typeof JOB_REQUEST>;
 
 /**
  * JOB_REQUEST's JSON Schema with each plugin field a plugin's name, or `{ name, ...options }` with
@@ -228,7 +224,7 @@ function message(e: unknown): string {
  * Checks a request as far as possible without the device (settings, plugins, paths, shard), so
  * that a bad one is refused before it waits in the queue.
  */
-export async function planJob(req: JobRequest, d: JobDefaults) {
+export async function planJob(req: s.Infer<typeof JOB_REQUEST>, d: JobDefaults) {
   const { shard: shardText, only, data, out, similarity, ...rest } = req;
   const paths: Record<string, unknown> = {
     data: await confine(data, d.roots, "data"),
@@ -439,7 +435,7 @@ export class JobStore {
     const job = new Job(plan);
     const hold = this.beforeBatch;
     let batch = 0;
-    const promise = this.engine.generate(plan.config, plan.shard, plan.only, {
+    const promise = this.engine.generate(plan, {
       onProgress: (p) => job.onProgress(p),
       onImage: (file) => job.emit({ event: "image", data: { file } }),
       onLog: (m) => job.note(m),

@@ -2,30 +2,10 @@
  * The OpenAPI 3.1 document. Request bodies are the JSON Schema of the very schemas that check
  * the requests (core/schema.ts), so the document cannot drift from what the server accepts.
  */
-import type { PluginKind, Registry } from "../core/plugins.ts";
 import * as s from "../core/schema.ts";
 import { JOB_VIEW } from "./jobs.ts";
 
 export const API_VERSION = "1";
-
-/**
- * "When the `kind` field names plugin N (or is absent and N is the default), `field` follows N's
- * option schema": one condition per registered plugin, from the schema that checks its options.
- */
-export function pluginOptionSchemas(
-  reg: Registry,
-  kind: PluginKind,
-  defaultName: string,
-  field: string,
-): s.JsonSchema[] {
-  return reg.list(kind).map((d) => ({
-    if: {
-      ...(d.name === defaultName ? {} : { required: [kind] }),
-      properties: { [kind]: { enum: [d.name] } },
-    },
-    then: { properties: { [field]: d.schema.jsonSchema() } },
-  }));
-}
 
 export interface RouteDoc {
   method: "get" | "post" | "delete";
@@ -86,8 +66,8 @@ export function routeDocs(sampleSchema: s.JsonSchema, jobSchema: s.JsonSchema): 
       responses: {
         200: {
           description: "the image (image/png unless `format` says otherwise), or with " +
-            "response=json or Accept: application/json, { image: <base64>, mediaType, width, " +
-            "height, seed, ... }",
+            "response=json (or no response and Accept: application/json), { image: <base64>, " +
+            "mediaType, width, height, seed, ... }",
           type: "image/png",
           schema: { type: "string", format: "binary" },
         },

@@ -8,11 +8,11 @@
  */
 import type { DiffusionBackbone } from "../core/backbone.ts";
 import type { RunConfig } from "../core/config.ts";
-import type { ProgressInfo, Shard } from "../core/generate.ts";
+import type { ProgressInfo } from "../core/generate.ts";
 import type { ImageFormat, RgbImage } from "../core/image.ts";
 import type { SampleSpec } from "../core/sample.ts";
 import type { ModelPaths, Placement } from "../app/models.ts";
-import type { GenerateSummary } from "./jobs.ts";
+import type { GenerateSummary, JobPlan } from "./jobs.ts";
 
 export interface ModelSetup {
   /** The server's configuration: model references, device and dtype (concrete). */
@@ -25,15 +25,7 @@ export interface ModelSetup {
   plugins: string[];
 }
 
-export interface EngineInfo {
-  modelIds: Record<string, string>;
-  device: string;
-  dtype: string;
-  adapters: number;
-  defaultSize: number;
-  vaeScaleFactor: number;
-  libtorch: string;
-}
+export type EngineInfo = Awaited<ReturnType<typeof init>>;
 
 export type ToWorker =
   | { type: "init"; setup: ModelSetup }
@@ -45,12 +37,9 @@ export type ToWorker =
     negative: RgbImage | null;
     format: ImageFormat;
   }
-  | {
+  | JobPlan & {
     type: "generate";
     id: number;
-    config: RunConfig;
-    shard: Shard;
-    only: string[];
     /** Wait for "continue" after each "batch" message (a caller that holds runs between batches). */
     hold: boolean;
   }
@@ -89,7 +78,8 @@ async function describe(e: unknown): Promise<WorkerError> {
   const { isUserError } = await import("../app/errors.ts");
   const { SampleError } = await import("../core/sample.ts");
   const err = e instanceof Error ? e : new Error(String(e));
-  const user = err instanceof SampleError || await isUserError(err);
+  // A SampleError is a UserError, with the field it is about.
+  const user = isUserError(err);
   if (!user) console.error(err);
   return {
     name: err.name,
@@ -99,7 +89,7 @@ async function describe(e: unknown): Promise<WorkerError> {
   };
 }
 
-async function init(s: ModelSetup): Promise<EngineInfo> {
+async function init(s: ModelSetup) {
   const { loadDefaultPlugins } = await import("../app/plugins.ts");
   const { loadPluginFile } = await import("../core/config.ts");
   const { loadBackbone } = await import("../app/models.ts");
@@ -138,7 +128,7 @@ async function generate(
   const gen = await import("../core/generate.ts");
   const { similaritySource } = await import("../app/similarity.ts");
   const log = (message: string) => port.postMessage({ type: "log", id: m.id, message });
-  const result = await gen.generate({
+  const { plan, ...counts } = await gen.generate({
     config: m.config,
     similarity: similaritySource(m.config, setup!.placement, log),
     shard: m.shard,
@@ -160,13 +150,7 @@ async function generate(
       }
       : {}),
   });
-  return {
-    out: result.plan.out,
-    written: result.written,
-    skipped: result.skipped,
-    remaining: result.remaining,
-    interrupted: result.interrupted,
-  };
+  return { out: plan.out, ...counts };
 }
 
 port.onmessage = async (e) => {
@@ -192,25 +176,26 @@ port.onmessage = async (e) => {
       port.postMessage({ type: "done", id: m.id, value: null });
       return;
     case "sample":
-      try {
+      return await answer(m.id, async () => {
         const bytes = await sample(m);
-        port.postMessage({ type: "done", id: m.id, value: bytes }, [bytes.buffer as ArrayBuffer]);
-      } catch (err) {
-        port.postMessage({ type: "failed", id: m.id, error: await describe(err) });
-      }
-      return;
+        return [bytes, [bytes.buffer as ArrayBuffer]];
+      });
     case "generate": {
       const controller = new AbortController();
       cancels.set(m.id, controller);
-      try {
-        const value = await generate(m, controller.signal);
-        port.postMessage({ type: "done", id: m.id, value });
-      } catch (err) {
-        port.postMessage({ type: "failed", id: m.id, error: await describe(err) });
-      } finally {
-        cancels.delete(m.id);
-      }
+      await answer(m.id, async () => [await generate(m, controller.signal), []]);
+      cancels.delete(m.id);
       return;
     }
   }
 };
+
+/** Posts what `work` gives (with the buffers it hands over) as "done", or its error as "failed". */
+async function answer(id: number, work: () => Promise<[unknown, Transferable[]]>) {
+  try {
+    const [value, transfer] = await work();
+    port.postMessage({ type: "done", id, value }, transfer);
+  } catch (err) {
+    port.postMessage({ type: "failed", id, error: await describe(err) });
+  }
+}

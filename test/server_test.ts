@@ -127,6 +127,8 @@ serverTest(
     const sample = doc.paths["/v1/sample"].post.requestBody.content["multipart/form-data"].schema;
     assert.deepEqual(sample.required, ["prompt", "seed"]);
     assert.equal(sample.properties.positive.format, "binary");
+    // An absent response field is the Accept header's to decide, so it has no default.
+    assert.equal(sample.properties.response.default, undefined);
     assert.deepEqual(
       sample.properties.guidance.enum,
       info.plugins.guidance.map((p: { name: string }) => p.name),
@@ -195,6 +197,20 @@ serverTest(
         headers: { accept: "image/png" },
       });
       assert.deepEqual(again.bytes, png);
+      // Without a response field the Accept header chooses; the field, when given, wins.
+      const accepted = await call("POST", "/v1/sample", {
+        body: form({ ...SAMPLE, seed: "4" }),
+        headers: { accept: "application/json" },
+      });
+      assert.equal(accepted.status, 200);
+      assert.equal(accepted.json.mediaType, "image/png");
+      assert.deepEqual(new Uint8Array(Buffer.from(accepted.json.image, "base64")), png);
+      const field = await call("POST", "/v1/sample", {
+        body: form({ ...SAMPLE, seed: "4", response: "image" }),
+        headers: { accept: "application/json" },
+      });
+      assert.equal(field.headers.get("content-type"), "image/png");
+      assert.deepEqual(field.bytes, png);
     });
   },
 );
@@ -632,6 +648,10 @@ function badCases(): BadCase[] {
     ),
     sampleCase("guidanceOptions a list", 400, { guidanceOptions: "[1,2]" }, "guidanceOptions"),
     sampleCase("guidanceOptions a number", 400, { guidanceOptions: "7" }, "guidanceOptions"),
+    sampleCase("an option given twice", 400, {
+      guidanceOptions: '{"textScale": 5}',
+      "guidance.textScale": "6",
+    }, "guidance.textScale"),
     sampleCase(
       "guidanceOptions unknown option",
       400,
