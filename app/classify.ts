@@ -174,7 +174,7 @@ export interface TrainStageOptions
  */
 export async function trainStage(
   classifier: Classifier,
-  data: ClassifierTrainData & Partial<Pick<TrainData, "validation" | "validationFrom">>,
+  data: TrainData,
   opts: TrainStageOptions,
 ): Promise<{ complete: boolean; epochsDone: number; validation?: ValidationRecord }> {
   const modelSource = await resolveClipSource(classifier.model);
@@ -216,8 +216,8 @@ export async function trainStage(
   } finally {
     (bar as Progress | null)?.finish();
   }
-  if (!result.complete || !data.validation?.length) return result;
-  const validation = await validateEpochs(classifier, opts.out, data.validation, {
+  if (!result.complete || !data.validation.length) return result;
+  const validation = await validateEpochs(classifier, out, data.validation, {
     from: data.validationFrom ?? "",
     device: opts.device,
     workers: opts.workers,
@@ -326,35 +326,28 @@ export function readValidationRecord(run: string): ValidationRecord | null {
   }
 }
 
-type EpochEvalOptions = Pick<
-  EvalStageOptions,
-  "device" | "workers" | "batch" | "signal" | "progress" | "onProgress"
->;
-
-/** Loads each epoch's checkpoint in turn and evaluates it on `images`. */
+/** Loads each epoch's checkpoint in turn and evaluates it on `images` (with each prediction). */
 async function evaluateEpochs<E extends number | undefined>(
   classifier: Classifier,
   run: string,
   images: readonly LabeledImage[],
   epochs: readonly E[],
   label: string,
-  opts: EpochEvalOptions,
-  onEpoch?: (epoch: E, result: EvalResult) => Promise<void>,
-  predictions?: Map<E, ImagePrediction[]>,
-): Promise<Map<E, EvalResult>> {
+  opts: Partial<EvalStageOptions>,
+  onEpoch: (epoch: E, result: EvalResult, predictions: ImagePrediction[]) => unknown,
+): Promise<void> {
   const { evaluate } = await import("../plugins/classifiers/evaluate.ts");
   const device = opts.device ? await resolveDevice(opts.device) : undefined;
   const modelSource = await resolveClipSource(classifier.model);
-  const results = new Map<E, EvalResult>();
   for (const epoch of epochs) {
     const show = opts.progress ?? true;
     const what = epoch === undefined ? label : `${label} epoch ${epoch}`;
     const bar = show ? new Progress(images.length, { unit: "images", label: what }) : null;
     try {
       using trained = await classifier.load(run, { modelSource, device, epoch });
-      const kept: ImagePrediction[] | undefined = predictions ? [] : undefined;
+      const predictions: ImagePrediction[] = [];
       const r = await evaluate(trained, images, {
-        predictions: kept,
+        predictions,
         batch: opts.batch,
         loader: { workers: opts.workers },
         signal: opts.signal,
@@ -363,14 +356,11 @@ async function evaluateEpochs<E extends number | undefined>(
           opts.onProgress?.({ done, total: images.length });
         },
       });
-      results.set(epoch, r);
-      if (kept) predictions!.set(epoch, kept);
-      await onEpoch?.(epoch, r);
+      await onEpoch(epoch, r, predictions);
     } finally {
       bar?.finish();
     }
   }
-  return results;
 }
 
 function runEpochs(classifier: Classifier, run: string): number[] {
@@ -385,11 +375,11 @@ function runEpochs(classifier: Classifier, run: string): number[] {
  * Evaluates every epoch of a complete run on the validation images and writes
  * RUN/validation.json; epochs already recorded for the same images are not evaluated again.
  */
-export async function validateEpochs(
+async function validateEpochs(
   classifier: Classifier,
   run: string,
   images: readonly LabeledImage[],
-  opts: EpochEvalOptions & { from: string },
+  opts: Partial<EvalStageOptions> & { from: string },
 ): Promise<ValidationRecord> {
   const out = resolve(run);
   const epochs = runEpochs(classifier, out);
@@ -448,12 +438,12 @@ export async function evalStage(opts: EvalStageOptions): Promise<EvalRecord & { 
     : runEpochs(classifier, run);
   const last = epochs.at(-1);
 
-  // Each image's prediction of the epochs evaluated on the test set, to keep the selected one's.
-  const predictions = new Map<number | undefined, ImagePrediction[]>();
+  // The epochs evaluated on the test set, with each image's prediction to keep the selected one's.
+  const tested = new Map<number | undefined, [EvalResult, ImagePrediction[]]>();
   const onTest = (list: readonly (number | undefined)[], label: string) =>
-    evaluateEpochs(classifier, run, images, list, label, opts, undefined, predictions);
-  const perEpoch = rule === "best-test" || opts.perEpoch ? await onTest(epochs, "test") : undefined;
-  const briefs = perEpoch ? [...perEpoch].map(([e, r]) => brief(e!, r)) : undefined;
+    evaluateEpochs(classifier, run, images, list, label, opts, (e, r, p) => tested.set(e, [r, p]));
+  if (rule === "best-test" || opts.perEpoch) await onTest(epochs, "test");
+  const briefs = tested.size ? [...tested].map(([e, [r]]) => brief(e!, r)) : undefined;
   const selection: Selection = rule === "best-test"
     ? { rule, epoch: bestEpoch(briefs!).epoch, selectedOn: "test", testSelected: true }
     : rule === "best-val"
@@ -461,7 +451,8 @@ export async function evalStage(opts: EvalStageOptions): Promise<EvalRecord & { 
     : { rule, epoch: last ?? 0, selectedOn: "last epoch", testSelected: false };
   if (selection.testSelected) selection.warning = TEST_SELECTED_WARNING;
   const which = rule === "last" ? last : selection.epoch;
-  const result = perEpoch?.get(which) ?? (await onTest([which], "eval")).get(which)!;
+  if (!tested.has(which)) await onTest([which], "eval");
+  const [result, predictions] = tested.get(which)!;
 
   const file = opts.out === undefined ? evalFileFor(run, opts.test) : resolve(opts.out);
   const json: EvalRecord = {
@@ -482,7 +473,7 @@ export async function evalStage(opts: EvalStageOptions): Promise<EvalRecord & { 
   };
   // Written first: a record on disk always has its own predictions beside it.
   const names = record.classNames, testDir = resolve(opts.test);
-  const lines = (predictions.get(which) ?? []).map((p, i): PredictionLine => ({
+  const lines = predictions.map((p, i): PredictionLine => ({
     file: relative(testDir, images[i].path).replaceAll("\\", "/"),
     label: names[p.label],
     predicted: names[p.predicted],

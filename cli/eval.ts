@@ -41,10 +41,7 @@ this one's go to RUN/eval-<DIR's name>.json.`,
     "model selection:": SELECT_FLAGS,
   },
   async run(values) {
-    if (values.list) {
-      await listClassifiers(values.plugin);
-      return 0;
-    }
+    if (values.list) return await listClassifiers(values.plugin);
     const { model, test } = values;
     if (!model || !test) {
       throw new CliError(`--model and --test are required (see --help)`);

@@ -52,10 +52,7 @@ the last finished epoch.`,
     },
   },
   async run(values) {
-    if (values.list) {
-      await listClassifiers(values.plugin);
-      return 0;
-    }
+    if (values.list) return await listClassifiers(values.plugin);
     const out = values.out;
     if (!out) throw new CliError(`--out is required (see --help)`);
     if (!values.real && !values.synthetic) {

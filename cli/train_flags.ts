@@ -144,7 +144,8 @@ export function selectFlag(value: string | undefined): SelectRule | undefined {
   return value;
 }
 
-/** `--list` of train and eval: the classifier plugins, those of `--plugin` files included. */
-export async function listClassifiers(files: readonly string[] = []): Promise<void> {
+/** `--list` of train and eval: prints the classifier plugins (of `--plugin` files too); code 0. */
+export async function listClassifiers(files: readonly string[] = []): Promise<number> {
   console.log(pluginList(await loadPlugins(files), ["classifier"]));
+  return 0;
 }

@@ -25,15 +25,9 @@ import {
 } from "../plugins/classifiers/data.ts";
 import { ImageLoader } from "../plugins/classifiers/loader.ts";
 import { evaluate } from "../plugins/classifiers/evaluate.ts";
-import {
-  loadTrainedRun,
-  readStepHistory,
-  STEP_HISTORY,
-  type StepRecord,
-  TRAIN_DEFAULTS,
-  trainRun,
-  type TrainSettings,
-} from "../plugins/classifiers/trainer.ts";
+import { loadTrainedRun, trainRun, type TrainSettings } from "../plugins/classifiers/trainer.ts";
+import { TRAIN_DEFAULTS } from "../plugins/classifiers/settings.ts";
+import { readStepHistory, STEP_HISTORY, type StepRecord } from "../plugins/classifiers/steps.ts";
 import { TINY_TRAIN_FLAGS, tinyRunArgs, withTempDir } from "./util.ts";
 
 /** Settings under which the tiny CLIP learns the demo's shapes in seconds. */

@@ -38,7 +38,7 @@ import {
   scope,
   type Tensor,
 } from "../../ffi/mod.ts";
-import type { ClassifierProgress, ClassifierTrainData, LabeledImage } from "../../core/plugins.ts";
+import type { ClassifierJob, ClassifierTrainData, LabeledImage } from "../../core/plugins.ts";
 import { RunError } from "../../core/output.ts";
 import { type Provenance, provenance } from "../../core/provenance.ts";
 import { deriveSeed } from "../../core/rng.ts";
@@ -54,8 +54,6 @@ import { ImageLoader, type LoaderOptions } from "./loader.ts";
 import type { PrepareJob } from "./prepare.ts";
 import { trainSettings } from "./settings.ts";
 import { readStepHistory, STEP_HISTORY, type StepRecord } from "./steps.ts";
-
-export { readStepHistory, STEP_HISTORY, type StepRecord } from "./steps.ts";
 
 export const TRAIN_RECORD = "train.json";
 /** The `format` of train.json. */
@@ -104,8 +102,6 @@ export interface TrainSettings {
   /** The frozen weights' dtype (LoRA weights stay f32). */
   dtype: DType;
 }
-
-export { TRAIN_DEFAULTS } from "./settings.ts";
 
 /** One finished epoch in train.json. */
 export interface EpochRecord {
@@ -161,20 +157,9 @@ export interface TrainRecord {
   provenance?: Provenance;
 }
 
-export type TrainData = ClassifierTrainData;
-export type TrainProgress = ClassifierProgress;
-
-export interface TrainJobOptions {
-  /** Run folder. */
-  out: string;
-  /** Where the CLIP folder is (resolved from `settings.clip`), or the preset name. */
-  modelSource: string;
-  device: Device;
+/** The plugin's job, with the image loader's options in place of its thread count. */
+export interface TrainJobOptions extends Omit<ClassifierJob, "workers"> {
   loader?: LoaderOptions;
-  signal?: AbortSignal;
-  onProgress?: (p: TrainProgress) => void;
-  /** Lines for the user (resumption, checkpoints). */
-  log?: (line: string) => void;
 }
 
 export interface TrainResult {
@@ -183,11 +168,6 @@ export interface TrainResult {
   trained: boolean;
   /** Whether the signal stopped it before the last epoch. */
   interrupted: boolean;
-}
-
-/** Refuses settings the schema or the recipe cannot run (a run made by code, not options). */
-export function checkSettings(s: TrainSettings): void {
-  trainSettings(s as unknown as Record<string, unknown>);
 }
 
 export function fingerprint(items: readonly LabeledImage[]): string {
@@ -215,10 +195,14 @@ export function readTrainRecord(out: string): TrainRecord | null {
 }
 
 /** One fixed temporary name per file, so a write cut by a kill is overwritten by the next. */
-function writeJsonAtomic(path: string, value: unknown): void {
+function writeTextAtomic(path: string, text: string): void {
   const tmp = `${path}.tmp`;
-  Deno.writeTextFileSync(tmp, JSON.stringify(value, null, 2) + "\n");
+  Deno.writeTextFileSync(tmp, text);
   renameSync(tmp, path);
+}
+
+function writeJsonAtomic(path: string, value: unknown): void {
+  writeTextAtomic(path, JSON.stringify(value, null, 2) + "\n");
 }
 
 function differences(a: unknown, b: unknown, prefix = ""): string[] {
@@ -247,23 +231,7 @@ function restoreStepHistory(out: string, done: number): void {
   if (!existsSync(path)) return;
   const kept = readStepHistory(out).filter((s) => s.epoch <= done);
   const text = kept.map((s) => JSON.stringify(s) + "\n").join("");
-  if (readFileSync(path, "utf8") !== text) {
-    const tmp = `${path}.tmp`;
-    Deno.writeTextFileSync(tmp, text);
-    renameSync(tmp, path);
-  }
-}
-
-/** The last epoch whose checkpoint is complete (its state.json is written last), or 0. */
-function lastCheckpoint(out: string): number {
-  const dir = join(out, CHECKPOINTS);
-  if (!existsSync(dir)) return 0;
-  let last = 0;
-  for (const name of readdirSync(dir)) {
-    const m = /^epoch-(\d+)$/.exec(name);
-    if (m && existsSync(join(dir, name, "state.json"))) last = Math.max(last, Number(m[1]));
-  }
-  return last;
+  if (readFileSync(path, "utf8") !== text) writeTextAtomic(path, text);
 }
 
 interface CheckpointState {
@@ -305,21 +273,13 @@ function saveCheckpoint(clf: ClipLoraClassifier, out: string, record: EpochRecor
   renameSync(tmp, final);
 }
 
-/** The history of epochs 1..done, from their checkpoints. */
-function checkpointHistory(out: string, done: number): EpochRecord[] {
-  const history: EpochRecord[] = [];
-  for (let e = 1; e <= done; e++) {
-    const path = join(epochDir(out, e), "state.json");
-    if (existsSync(path)) {
-      history.push((JSON.parse(readFileSync(path, "utf8")) as CheckpointState).record);
-    }
-  }
-  return history;
+function checkpointState(out: string, epoch: number): CheckpointState {
+  return JSON.parse(readFileSync(join(epochDir(out, epoch), "state.json"), "utf8"));
 }
 
 function loadCheckpoint(clf: ClipLoraClassifier, out: string, epoch: number): void {
   const dir = epochDir(out, epoch);
-  const state: CheckpointState = JSON.parse(readFileSync(join(dir, "state.json"), "utf8"));
+  const state = checkpointState(out, epoch);
   clf.loadAdapter(dir);
   const file = SafetensorsFile.open(join(dir, "optimizer.safetensors"));
   const device = clf.optimizer.params[0].device;
@@ -339,14 +299,11 @@ function loadCheckpoint(clf: ClipLoraClassifier, out: string, epoch: number): vo
     };
   });
   clf.iteration = state.iteration;
-  if (clf.scaler && state.scaler) {
-    clf.scaler.scale = state.scaler.scale;
-    clf.scaler.growthTracker = state.scaler.growthTracker;
-  }
+  if (clf.scaler && state.scaler) Object.assign(clf.scaler, state.scaler);
 }
 
 /** The classifier a run trains (fresh LoRA) or trained (with `adapter`). */
-export async function openClassifier(
+async function openClassifier(
   settings: TrainSettings,
   classNames: readonly string[],
   modelSource: string,
@@ -382,11 +339,12 @@ export async function openClassifier(
  * signal aborts; the epochs already checkpointed are kept.
  */
 export async function trainRun(
-  data: TrainData,
+  data: ClassifierTrainData,
   settings: TrainSettings,
   opts: TrainJobOptions,
 ): Promise<TrainResult> {
-  checkSettings(settings);
+  // Refuses settings the schema or the recipe cannot run (a run made by code, not options).
+  trainSettings(settings as unknown as Record<string, unknown>);
   const { out } = opts;
   const log = opts.log ?? (() => {});
   if (settings.mode !== "synthetic" && data.real.length === 0) {
@@ -445,7 +403,8 @@ export async function trainRun(
     augment: settings.augment ? {} : false,
   }, opts.loader);
   try {
-    const done = previous ? Math.min(lastCheckpoint(out), settings.epochs) : 0;
+    // The last epoch whose checkpoint is complete (its state.json is written last).
+    const done = previous ? Math.min(checkpointEpochs(out).at(-1) ?? 0, settings.epochs) : 0;
     const record: TrainRecord = {
       format: TRAIN_FORMAT,
       version: 1,
@@ -464,7 +423,9 @@ export async function trainRun(
       modelSource: opts.modelSource,
       device: opts.device,
       epochsDone: done,
-      history: checkpointHistory(out, done),
+      history: checkpointEpochs(out).filter((e) => e <= done).map((e) =>
+        checkpointState(out, e).record
+      ),
       seconds: previous?.seconds ?? 0,
       provenance: await provenance({ device: opts.device, dtype: settings.dtype }),
     };
@@ -475,18 +436,12 @@ export async function trainRun(
     }
     writeJsonAtomic(join(out, TRAIN_RECORD), record);
 
-    const device = clf.model.logitScale.device;
-    const dtype = clf.model.logitScale.dtype;
-    const totalImages = (settings.epochs - done) * items.length;
+    const { device, dtype } = clf.model.logitScale;
+    const { epochs } = settings, totalImages = (epochs - done) * items.length;
     let imagesDone = 0;
-    opts.onProgress?.({
-      epoch: done + 1,
-      epochs: settings.epochs,
-      images: 0,
-      totalImages,
-      loss: NaN,
-      lr: NaN,
-    });
+    const progress = (epoch: number, loss: number, lr: number) =>
+      opts.onProgress?.({ epoch, epochs, images: imagesDone, totalImages, loss, lr });
+    progress(done + 1, NaN, NaN);
     for (let epoch = done + 1; epoch <= settings.epochs; epoch++) {
       const started = performance.now();
       manualSeed(deriveSeed(settings.seed, "dropout", epoch));
@@ -521,14 +476,7 @@ export async function trainRun(
         });
         stepStarted = now;
         imagesDone += batch.count;
-        opts.onProgress?.({
-          epoch,
-          epochs: settings.epochs,
-          images: imagesDone,
-          totalImages,
-          loss,
-          lr: clf.lastLr,
-        });
+        progress(epoch, loss, clf.lastLr);
         if (opts.signal?.aborted) break;
       }
       if (steps < batches.length) {
