@@ -21,6 +21,7 @@ import {
   readConfigFile,
   resolveConfig,
   type RunConfig,
+  TINY,
 } from "../core/config.ts";
 import {
   generate as generateRun,
@@ -463,36 +464,26 @@ export interface SimilarityJobResult {
 export async function similarity(opts: SimilarityJobOptions): Promise<SimilarityJobResult> {
   const { validateDataset } = await import("../core/dataset.ts");
   const sim = await import("./similarity.ts");
-  const { isFile, resolvePlacement } = await import("./models.ts");
   const log = opts.log ?? toStderr;
-  const seed = opts.seed ?? 0;
   const { device, dtype } = opts;
-  const config = parseConfigObject({ device, dtype }, "similarity options").values;
+  const placement = parseConfigObject({ device, dtype }, "similarity options").values;
   const input = { ...opts, skipBad: opts.skipBad ?? false, negatives: false };
   const dataset = await validateDataset(opts.data, input);
   for (const p of dataset.problems) log(`${p.severity}: ${p.path}: ${p.message}`);
   let file = opts.out ? resolve(opts.out) : join(dataset.root, sim.SIMILARITY_FILE);
   if (opts.out && !/\.(json|npz)$/i.test(file)) file = join(file, sim.SIMILARITY_FILE);
-  const classNames = dataset.classes.map((c) => c.name);
-  const clip = opts.clip ?? DEFAULT_CLIP;
-  if (isFile(file) && !opts.force) {
-    const saved = await sim.readSimilarityFile(file, dataset);
-    const stale = sim.staleSimilarity(saved.meta, clip, seed);
-    if (!stale) return { file, classNames, matrix: saved.matrix, computed: false };
-    log(`${file}: ${stale}; computing it again`);
-  }
-  opts.signal?.throwIfAborted();
-  const placement = await resolvePlacement({ ...DEFAULTS, ...config });
-  const matrix = await sim.computeSimilarity(dataset, clip, placement, {
-    seed,
-    onClass: (done, total) => opts.onProgress?.({ done, total }),
-  });
-  await Deno.mkdir(dirname(file), { recursive: true });
-  const meta = sim.similarityMeta(clip, { seed, data: dataset.root });
-  await sim.saveSimilarityFile(file, classNames, matrix, meta, {
-    folders: dataset.classes.map((c) => c.folder),
-  });
-  return { file, classNames, matrix, computed: true };
+  const { matrix, computed } = await sim.similarityStage(
+    file,
+    dataset,
+    { ...DEFAULTS, ...placement, clip: opts.clip ?? DEFAULT_CLIP, modelSeed: opts.seed ?? 0 },
+    {
+      force: opts.force,
+      log,
+      beforeCompute: () => opts.signal?.throwIfAborted(),
+      onClass: (done, total) => opts.onProgress?.({ done, total }),
+    },
+  );
+  return { file, classNames: dataset.classes.map((c) => c.name), matrix, computed };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -643,38 +634,41 @@ export interface RunJobResult {
  */
 export async function run(opts: RunJobOptions): Promise<RunJobResult> {
   const { runExperiment, REPORT_FILE } = await import("../cli/run.ts");
-  const text = (v: unknown) => (Array.isArray(v) ? v.join(",") : String(v));
-  const sets: string[] = [];
-  for (const [key, value] of Object.entries(opts.generation ?? {})) {
-    if (value === undefined) continue;
-    if (typeof value === "object" && value !== null && !Array.isArray(value)) {
-      for (const [k, v] of Object.entries(value)) sets.push(`${key}.${k}=${JSON.stringify(v)}`);
-    } else {
-      sets.push(`${key}=${typeof value === "string" ? value : JSON.stringify(value)}`);
-    }
-  }
-  const values: Record<string, string | boolean | string[] | undefined> = {
-    data: opts.data,
-    test: opts.test,
-    out: opts.out,
-    dataset: opts.dataset,
-    "fewshot-seed": opts.fewshotSeed,
-    shots: opts.shots?.toString(),
-    device: opts.device,
-    workers: opts.workers?.toString(),
-    val: opts.val,
-    "val-shots": opts.valShots?.toString(),
-    select: opts.select,
-    "per-epoch": opts.perEpoch,
-    config: opts.config,
-    tiny: opts.tiny,
-    set: sets,
-    classifier: opts.classifier,
-    "train-set": Object.entries(opts.train ?? {}).map(([k, v]) => `${k}=${text(v)}`),
+  const { DEFAULT_CLASSIFIER, withRunDefaults } = await import("../cli/train_flags.ts");
+  const { intFlag } = await import("../cli/command.ts");
+  const { data, dataset, fewshotSeed, shots } = opts;
+  const out = resolve(opts.out);
+  // The run's own keys are its; generation's settings override the run's device and --tiny.
+  const settings: GenerateSettings = {
+    ...opts.generation,
+    data,
+    dataset,
+    fewshotSeed,
+    shots,
+    out: join(out, "synthetic"),
   };
-  const code = await runExperiment(values, opts.signal ?? new AbortController().signal, opts.stage);
+  settings.device ??= opts.device;
+  if (opts.tiny) {
+    settings.model ??= TINY;
+    settings.clip ??= TINY;
+  }
+  const config = await generateConfig(settings, opts.config);
+  const code = await runExperiment({
+    ...opts,
+    out,
+    workers: intFlag(opts.workers?.toString(), "--workers"),
+    valShots: intFlag(opts.valShots?.toString(), "--val-shots", 1),
+    config,
+    classifier: (run) => ({
+      name: opts.classifier ?? DEFAULT_CLASSIFIER,
+      options: withRunDefaults(
+        { ...(config.model === TINY ? { clip: TINY } : {}), ...opts.train },
+        run,
+      ),
+    }),
+  });
   const report = code === 0 && opts.stage === undefined
-    ? await readJson<Record<string, unknown>>(join(resolve(opts.out), REPORT_FILE))
+    ? await readJson<Record<string, unknown>>(join(out, REPORT_FILE))
     : null;
   return { code, report };
 }

@@ -17,12 +17,13 @@ import type { Dataset } from "../core/dataset.ts";
 import type { SimilaritySource } from "../core/generate.ts";
 import { RunError, SIMILARITY_FILE, writeAtomic } from "../core/output.ts";
 import { DEFAULT_CLIP, type RunConfig, similarityClip, TINY } from "../core/config.ts";
-import { HF_MODEL_FILES, isFile, type Placement, resolveFolderRef } from "./models.ts";
+import type { Placement } from "./models.ts";
+import { HF_MODEL_FILES, isFile, resolveFolderRef, resolvePlacement } from "./models.ts";
 
 export { isFile, SIMILARITY_FILE };
 
 /** How images are preprocessed before encoding, as recorded in the file's meta. */
-export const SIMILARITY_PREPROCESS = "openai-clip (torchvision Resize + CenterCrop on PIL)";
+const SIMILARITY_PREPROCESS = "openai-clip (torchvision Resize + CenterCrop on PIL)";
 
 /** Shots encoded per forward pass. */
 const ENCODE_BATCH = 16;
@@ -143,6 +144,53 @@ export async function saveSimilarityFile(
 }
 
 /**
+ * The class similarity kept in `file`: read when it was made with the configuration's CLIP (and,
+ * for the tiny CLIP, its weight seed), else computed and saved there, saying why a saved file is
+ * not taken.
+ * `beforeCompute` runs before anything is computed: it may refuse (a stage that must not run) or
+ * announce it.
+ */
+export async function similarityStage(
+  file: string,
+  dataset: Dataset,
+  config: RunConfig,
+  opts: {
+    force?: boolean;
+    log?: (message: string) => void;
+    beforeCompute?: () => void;
+    onClass?: (done: number, total: number) => void;
+  } = {},
+): Promise<{ matrix: number[][]; computed: boolean }> {
+  const clip = similarityClip(config), seed = config.modelSeed;
+  if (isFile(file) && !opts.force) {
+    const saved = await readSimilarityFile(file, dataset);
+    const stale = staleSimilarity(saved.meta, clip, seed);
+    if (!stale) return { matrix: saved.matrix, computed: false };
+    (opts.log ?? console.error)(`${file}: ${stale}; computing it again`);
+  }
+  opts.beforeCompute?.();
+  const matrix = await computeSimilarity(dataset, clip, await resolvePlacement(config), {
+    seed,
+    onClass: opts.onClass,
+  });
+  await Deno.mkdir(dirname(file), { recursive: true });
+  await keepSimilarity(file, dataset, matrix, config);
+  return { matrix, computed: true };
+}
+
+/** Saves a matrix made for `dataset` with the configuration's CLIP, recording how it was made. */
+function keepSimilarity(file: string, dataset: Dataset, matrix: number[][], config: RunConfig) {
+  const meta = similarityMeta(similarityClip(config), {
+    seed: config.modelSeed,
+    data: dataset.root,
+  });
+  const names = dataset.classes.map((c) => c.name);
+  return saveSimilarityFile(file, names, matrix, meta, {
+    folders: dataset.classes.map((c) => c.folder),
+  });
+}
+
+/**
  * Reads a similarity file (dipsy's `.json`, or the official `.npz`) for `dataset`, in its class
  * order. An `.npz` names classes by folder (or by class name); a different class list is an
  * error naming the missing and extra classes.
@@ -201,7 +249,7 @@ export async function readSimilarityFile(
 }
 
 /** The official script's file in a class root (`similarity_matrix_<dataset>_<seed>.npz`). */
-export function officialSimilarityFile(root: string): string | null {
+function officialSimilarityFile(root: string): string | null {
   let names: string[];
   try {
     names = readdirSync(root).filter((n) => /^similarity_matrix_.*\.npz$/.test(n));
@@ -255,14 +303,7 @@ export function similaritySource(
       const matrix = await computeSimilarity(dataset, clip, placement, { seed: config.modelSeed });
       return { matrix, from: `computed with ${clip}` };
     },
-    async keep(path, dataset, matrix) {
-      await saveSimilarityFile(
-        path,
-        dataset.classes.map((c) => c.name),
-        matrix,
-        similarityMeta(clip, { seed: config.modelSeed, data: dataset.root }),
-      );
-    },
+    keep: (path, dataset, matrix) => keepSimilarity(path, dataset, matrix, config),
   };
 }
 

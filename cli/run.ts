@@ -5,11 +5,12 @@
  */
 import { existsSync, readFileSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { DEFAULTS, formatConfig, type RunConfig, similarityClip } from "../core/config.ts";
+import { DEFAULTS, formatConfig, type RunConfig, TINY } from "../core/config.ts";
 import type { Dataset } from "../core/dataset.ts";
-import { RunError } from "../core/output.ts";
+import { readManifest, RunError, writeAtomic } from "../core/output.ts";
 import type { Classifier } from "../core/plugins.ts";
-import type { EvalRecord } from "../app/classify.ts";
+import type { EvalRecord, SelectRule } from "../app/classify.ts";
+import type { RunJobOptions } from "../app/api.ts";
 import type { ImageFolder } from "../plugins/classifiers/data.ts";
 import { provenance } from "../core/provenance.ts";
 import {
@@ -90,10 +91,10 @@ export interface ReportParts {
   result: EvalRecord;
 }
 
-/** REPORT_FILE's contents: configuration, stage timings and accuracy. */
-export async function runReport(p: ReportParts): Promise<Record<string, unknown>> {
+/** Writes OUT/REPORT_FILE: configuration, stage timings and accuracy. */
+export async function writeRunReport(p: ReportParts): Promise<void> {
   const { dataset, result } = p;
-  return {
+  const report = {
     format: "dipsy-run-report",
     data: dataset.root,
     test: p.test,
@@ -115,6 +116,10 @@ export async function runReport(p: ReportParts): Promise<Record<string, unknown>
     perClass: result.perClass,
     provenance: await provenance(p.generation),
   };
+  await writeAtomic(
+    join(p.out, REPORT_FILE),
+    new TextEncoder().encode(JSON.stringify(report, null, 2) + "\n"),
+  );
 }
 
 export const command = defineCommand({
@@ -176,9 +181,7 @@ A stage whose output is complete is skipped: run the same command again after an
     (await loadPlugins(values.plugin as string[] | undefined))
       .create("classifier", early.name, early.options);
     if (values["print-config"]) {
-      console.log(
-        formatConfig(await generationConfig(values, resolve(values.out))).trimEnd(),
-      );
+      console.log(formatConfig(withHoldout(await experimentOf(values))).trimEnd());
       return 0;
     }
     const stage = values.stage as Stage | undefined;
@@ -187,9 +190,13 @@ A stage whose output is complete is skipped: run the same command again after an
     }
     if (values.slurm) {
       if (stage !== undefined) throw new CliError("--slurm submits every stage: leave --stage out");
-      return await submitExperiment(values, () => checkExperiment(values));
+      return await submitExperiment(
+        values,
+        async () => checkExperiment(await experimentOf(values)),
+      );
     }
-    return await withInterrupt((signal) => runExperiment(values, signal, stage));
+    const experiment = await experimentOf(values);
+    return await withInterrupt((signal) => runExperiment({ ...experiment, stage, signal }));
   },
 });
 
@@ -198,8 +205,18 @@ type Values = Record<string, string | boolean | string[] | undefined>;
 /** The classifier's flags under the names `train` gives them. */
 const trainValues = (v: Values) => ({ ...v, seed: v["train-seed"], set: v["train-set"] });
 
-/** The generation configuration from the flags (as `generate` reads them). */
-async function generationConfig(v: Values, out: string): Promise<RunConfig> {
+/**
+ * The experiment: `run`'s job options with generation's configuration (into OUT/synthetic) and
+ * the classifier (its options with the run's defaults) made of them, or of the command's flags.
+ */
+export type Experiment = Omit<RunJobOptions, "config" | "classifier"> & {
+  config: RunConfig;
+  classifier(run: { dataset?: string; device: string }): ReturnType<typeof classifierOptions>;
+};
+
+/** The experiment of the flags; generation's configuration as `generate` reads its flags. */
+async function experimentOf(v: Values): Promise<Experiment> {
+  const out = resolve(v.out as string);
   const { configFromFlags } = await import("./generate.ts");
   const config = await configFromFlags({
     ...Object.fromEntries(GEN_KEYS.map((k) => [k, v[k]])),
@@ -207,10 +224,30 @@ async function generationConfig(v: Values, out: string): Promise<RunConfig> {
     device: v.device,
     batch: v["gen-batch"],
   } as GenerateFlags);
-  // Validation shots are kept from generation too: they must not guide the synthetic images.
-  const holdout = intFlag(v["val-shots"] as string | undefined, "--val-shots", 1);
-  return holdout ? { ...config, holdout } : config;
+  return {
+    data: v.data as string,
+    test: v.test as string,
+    out,
+    dataset: v.dataset as string | undefined,
+    fewshotSeed: v["fewshot-seed"] as string | undefined,
+    val: v.val as string | undefined,
+    valShots: intFlag(v["val-shots"] as string | undefined, "--val-shots", 1),
+    select: v.select as SelectRule | undefined,
+    perEpoch: v["per-epoch"] as boolean | undefined,
+    workers: intFlag(v.workers as string | undefined, "--workers"),
+    config,
+    classifier: (run) =>
+      classifierOptions({
+        ...trainValues(v),
+        clip: v.clip ?? (config.model === TINY ? TINY : undefined),
+        dtype: v.dtype === "auto" ? undefined : v.dtype,
+      }, run),
+  };
 }
+
+/** Generation's configuration: validation shots are kept out of it, not to guide any image. */
+const withHoldout = (e: Experiment): RunConfig =>
+  e.valShots ? { ...e.config, holdout: e.valShots } : e.config;
 
 /**
  * Refuses test or validation classes the few-shot set does not have: the classifier could never
@@ -222,11 +259,9 @@ export function checkEvalClasses(
   val: ImageFolder | null,
 ): void {
   const realNames = new Set(dataset.classes.map((c) => c.name));
-  const folders: [string, ImageFolder][] = [["test", test]];
-  if (val) folders.push(["validation", val]);
-  for (const [what, folder] of folders) {
-    const unknown = folder.classNames.filter((c) => !realNames.has(c));
-    if (unknown.length) {
+  for (const [what, folder] of [["test", test], ["validation", val]] as const) {
+    const unknown = folder?.classNames.filter((c) => !realNames.has(c));
+    if (folder && unknown?.length) {
       throw new RunError(
         `${folder.path}: ${what} class(es) not in ${dataset.root}: ${
           unknown.map((c) => `"${c}"`).join(", ")
@@ -240,38 +275,25 @@ export function checkEvalClasses(
  * Everything the stages read, checked before any stage runs or is submitted: a bad test folder
  * should not surface after hours of generation.
  */
-export async function checkExperiment(v: Values) {
-  const out = resolve(v.out as string);
-  const workers = intFlag(v.workers as string | undefined, "--workers");
+async function checkExperiment(e: Experiment) {
   const app = await import("../app/classify.ts");
   const { readImageFolder } = await import("../plugins/classifiers/data.ts");
-  const config = await generationConfig(v, out);
-  const test = await readImageFolder(v.test as string, { dataset: v.dataset as string });
-  selectFlag(v.select as string | undefined);
-  if (v.val !== undefined && v["val-shots"] !== undefined) {
+  const config = withHoldout(e);
+  const test = await readImageFolder(e.test, { dataset: e.dataset });
+  selectFlag(e.select);
+  if (e.val !== undefined && e.valShots !== undefined) {
     throw new CliError("give --val or --val-shots, not both");
   }
-  const val = v.val === undefined
-    ? null
-    : await readImageFolder(v.val as string, { dataset: v.dataset as string });
+  const val = e.val === undefined ? null : await readImageFolder(e.val, { dataset: e.dataset });
   const { prepareGenerate } = await import("./generate.ts");
   // The whole generation setup (models, size, plugins) too: nothing is written before it is.
   const prepared = await prepareGenerate(config);
   const { dataset } = prepared;
   checkEvalClasses(dataset, test, val);
   const device = await app.resolveDevice(config.device);
-  const train = classifierOptions(
-    {
-      ...trainValues(v),
-      clip: v.clip ?? (config.model === "tiny" ? "tiny" : undefined),
-      dtype: v.dtype === "auto" ? undefined : v.dtype,
-    },
-    { dataset: config.dataset ?? dataset.dataset, device },
-  );
+  const train = e.classifier({ dataset: config.dataset ?? dataset.dataset, device });
   const classifier = await app.makeClassifier(train.name, train.options);
   return {
-    out,
-    workers,
     config,
     test,
     prepared,
@@ -285,7 +307,9 @@ export async function checkExperiment(v: Values) {
   };
 }
 
-export async function runExperiment(v: Values, signal: AbortSignal, only?: Stage): Promise<number> {
+/** Runs the experiment's stages (or its one `stage`); returns the exit code. */
+export async function runExperiment(e: Experiment): Promise<number> {
+  const { out, stage: only, signal, workers, select, perEpoch } = e;
   const stages: StageReport[] = [];
   const timed = async <T>(stage: string, fn: () => Promise<[StageReport["status"], T]>) => {
     console.error(`\n== ${stage}`);
@@ -294,8 +318,8 @@ export async function runExperiment(v: Values, signal: AbortSignal, only?: Stage
     stages.push({ stage, status, seconds: (performance.now() - t0) / 1000 });
     return value;
   };
-  const checked = await checkExperiment(v);
-  const { out, workers, config, test, prepared, dataset, device, classifier } = checked;
+  const checked = await checkExperiment(e);
+  const { config, test, prepared, dataset, device, classifier } = checked;
   const app = await import("../app/classify.ts");
   if (only !== "generate" && prepared.shard.count > 1) {
     throw new CliError(
@@ -316,27 +340,17 @@ export async function runExperiment(v: Values, signal: AbortSignal, only?: Stage
   await timed("similarity", async () => {
     if (!checked.usesSimilarity) return ["not needed", null];
     if (config.similarity) return ["skipped", null];
-    const sim = await import("../app/similarity.ts");
-    const clip = similarityClip(config);
-    if (existsSync(simPath)) {
-      const { meta } = await sim.readSimilarityFile(simPath, dataset);
-      const stale = sim.staleSimilarity(meta, clip, config.modelSeed);
-      if (!stale) return ["skipped", null];
-      console.error(`${simPath}: ${stale}; computing it again`);
-    }
-    if (only !== undefined && only !== "similarity") throw unfinished("similarity", simPath);
-    const { resolvePlacement } = await import("../app/models.ts");
-    const matrix = await sim.computeSimilarity(dataset, clip, await resolvePlacement(config), {
-      seed: config.modelSeed,
+    const { similarityStage } = await import("../app/similarity.ts");
+    const { computed } = await similarityStage(simPath, dataset, config, {
+      beforeCompute: () => {
+        if (only !== undefined && only !== "similarity") throw unfinished("similarity", simPath);
+      },
     });
-    const names = dataset.classes.map((c) => c.name);
-    const meta = sim.similarityMeta(clip, { seed: config.modelSeed, data: dataset.root });
-    await sim.saveSimilarityFile(simPath, names, matrix, meta);
-    return ["done", null];
+    return [computed ? "done" : "skipped", null];
   });
   if (only === "similarity") return 0;
-  const genConfig: RunConfig = {
-    ...config,
+  const generation: RunConfig = {
+    ...prepared.config,
     similarity: config.similarity ?? (existsSync(simPath) ? simPath : null),
   };
 
@@ -346,26 +360,20 @@ export async function runExperiment(v: Values, signal: AbortSignal, only?: Stage
     const before = await finishedImages(synthetic);
     if (before >= checked.expectedImages) return ["skipped", 0];
     if (only === "train") throw unfinished("generate", synthetic);
-    const similarity = genConfig.similarity;
-    return [
-      "done",
-      await runPrepared({ ...prepared, config: { ...prepared.config, similarity } }, {
-        signal,
-      }),
-    ];
+    return ["done", await runPrepared({ ...prepared, config: generation }, { signal })];
   });
   if (code !== 0 || only === "generate") return code;
 
   // 3. Classifier.
   const trainDir = join(out, "train");
   const data = await app.readTrainData({
-    real: v.data as string,
+    real: e.data,
     synthetic,
-    dataset: v.dataset as string | undefined,
-    fewshotSeed: v["fewshot-seed"] as string | undefined,
+    dataset: e.dataset,
+    fewshotSeed: e.fewshotSeed,
     shots: config.shots ?? undefined,
     skipBad: config.skipBad,
-    val: v.val as string | undefined,
+    val: e.val,
     valShots: config.holdout ?? undefined,
   });
   const trained = await timed("train", async () => {
@@ -382,45 +390,39 @@ export async function runExperiment(v: Values, signal: AbortSignal, only?: Stage
 
   // 4. Evaluation (redone when the model or its validation is newer, or the selection differs).
   const evalFile = join(out, "eval.json");
-  const select = selectFlag(v.select as string | undefined);
   const result = await timed("eval", async () => {
     const prior = existsSync(evalFile) ? JSON.parse(readFileSync(evalFile, "utf8")) : null;
     const newer = (f: string) => existsSync(f) && statSync(f).mtimeMs > statSync(evalFile).mtimeMs;
-    const fresh = prior?.selection && prior.test === resolve(v.test as string) &&
+    const fresh = prior?.selection && prior.test === resolve(e.test) &&
       !newer(join(trainDir, "train.json")) &&
       !newer(join(trainDir, app.VALIDATION_RECORD)) &&
       (select === undefined || prior.selection.rule === select) &&
-      (!v["per-epoch"] || prior.perEpoch);
-    if (fresh) return ["skipped", prior as import("../app/classify.ts").EvalRecord];
+      (!perEpoch || prior.perEpoch);
+    if (fresh) return ["skipped", prior as EvalRecord];
     return [
       "done",
       await app.evalStage({
         model: trainDir,
-        test: v.test as string,
+        test: e.test,
         out: evalFile,
         workers,
         select,
-        perEpoch: v["per-epoch"] as boolean | undefined,
+        perEpoch,
         signal,
       }),
     ];
   });
 
-  const report = await runReport({
+  await writeRunReport({
     dataset,
     test: test.path,
     out,
-    generation: { ...prepared.config, similarity: genConfig.similarity },
+    generation,
     classifier,
     device,
     stages,
     result,
   });
-  const { writeAtomic } = await import("../core/output.ts");
-  await writeAtomic(
-    join(out, REPORT_FILE),
-    new TextEncoder().encode(JSON.stringify(report, null, 2) + "\n"),
-  );
   const { formatEvalRecord } = await import("./eval.ts");
   console.log(formatReport(stages));
   console.log();
@@ -432,7 +434,6 @@ export async function runExperiment(v: Values, signal: AbortSignal, only?: Stage
 
 /** Images of a generate output folder that are listed in its manifest and on disk. */
 export async function finishedImages(dir: string): Promise<number> {
-  const { readManifest } = await import("../core/output.ts");
   if (!existsSync(dir)) return 0;
   const { entries } = await readManifest(dir);
   let n = 0;

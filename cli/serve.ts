@@ -68,13 +68,11 @@ function serveSettings(flags: ServeFlags) {
       "--model tiny embeds its own IP-Adapter and image encoder: drop --ip-adapter/--image-encoder",
     );
   }
-  /** Configuration values for the models, as `dipsy generate` reads them. */
+  /** Configuration values for the models and plugin files, as `dipsy generate` reads them. */
   const models: Record<string, unknown> = {};
   for (const [name, flag] of Object.entries(SERVE_MODEL_FLAGS)) {
     const value = flags[name as keyof ServeFlags];
-    if ("field" in flag && flag.field !== "plugins" && value !== undefined) {
-      models[flag.field] = value;
-    }
+    if ("field" in flag && value !== undefined) models[flag.field] = value;
   }
   if (model) models.model = model;
   return {
@@ -86,7 +84,6 @@ function serveSettings(flags: ServeFlags) {
     maxBodyBytes: integerFlag(flags, "max-body-mb", 1) << 20,
     maxImageBytes: integerFlag(flags, "max-image-mb", 1) << 20,
     models,
-    plugins: flags.plugin ?? [],
   };
 }
 
@@ -103,41 +100,32 @@ export async function startFromSettings(
   const { registry } = await import("../core/plugins.ts");
   const { startServer } = await import("../server/app.ts");
 
+  const { tokenFile, models: values, maxBodyBytes, maxImageBytes, ...network } = a;
   let token: string | null;
   try {
-    token = await loadToken({ file: a.tokenFile });
+    token = await loadToken({ file: tokenFile });
     checkExposure(a.hostname, token);
   } catch (e) {
     if (e instanceof AuthConfigError) throw new CliError(e.message);
     throw e;
   }
-  const layer = cfg.parseConfigObject(
-    { ...a.models, plugins: a.plugins.length ? a.plugins : undefined },
-    "command line",
-    { textual: true },
-  );
+  const layer = cfg.parseConfigObject(values, "command line", { textual: true });
   await loadDefaultPlugins();
   await cfg.loadPluginFiles([layer]);
   const config = cfg.resolveConfig([layer]);
   const placement = await models.resolvePlacement(config);
+  const { device, dtype } = placement;
   // Jobs run with the server's concrete device and dtype, as `dipsy generate` resolves them.
-  const base = {
-    ...layer,
-    source: "server",
-    values: { ...layer.values, device: placement.device, dtype: placement.dtype },
-  };
+  const base = { ...layer, source: "server", values: { ...layer.values, device, dtype } };
   const adapters = 2;
   log(`loading ${config.model === cfg.TINY ? "the tiny models" : config.model}...`);
   const paths = await models.resolveModels(config, adapters);
   return await startServer({
-    hostname: a.hostname,
-    port: a.port,
+    ...network,
     token,
-    roots: a.roots,
-    queue: a.queue,
-    limits: { maxBodyBytes: a.maxBodyBytes, maxImageBytes: a.maxImageBytes },
+    limits: { maxBodyBytes, maxImageBytes },
     setup: {
-      config: { ...config, device: placement.device, dtype: placement.dtype },
+      config: { ...config, device, dtype },
       paths,
       adapters,
       placement,

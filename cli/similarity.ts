@@ -2,7 +2,7 @@
  * `dipsy similarity`: computes the class similarity matrix and saves it as `similarity.json`
  * beside the class folders, where `generate` finds it.
  */
-import { DEFAULT_CLIP, DEFAULTS, type DTypeChoice, TINY } from "../core/config.ts";
+import { DEFAULT_CLIP, type DTypeChoice, TINY } from "../core/config.ts";
 import { describeSimilarity, SIMILARITY_FILE } from "../app/similarity.ts";
 import { CliError, defineCommand, deviceFlag, type Flags, intFlag, renamed } from "./command.ts";
 import { INPUT_FLAGS, PLACEMENT_FLAGS } from "./generate.ts";
@@ -44,12 +44,10 @@ than --clip is computed again.`,
   async run(values) {
     if (!values.data) throw new CliError(`--data is required (see --help)`);
     const top = intFlag(values.top, "--top", 1) ?? TOP;
-    const seed = intFlag(values.seed, "--seed") ?? SEED;
-    const device = deviceFlag(values.device);
     const { similarity } = await import("../app/api.ts");
     const clip = values.clip ?? DEFAULT_CLIP;
     const started = performance.now();
-    const result = await similarity({
+    const { file, classNames: names, matrix, computed } = await similarity({
       data: values.data,
       out: values.out,
       clip,
@@ -58,17 +56,16 @@ than --clip is computed again.`,
       shots: intFlag(values.shots, "--shots", 1),
       skipBad: values["skip-bad"],
       force: values.force,
-      device,
-      dtype: (values.dtype ?? DEFAULTS.dtype) as DTypeChoice,
-      seed,
+      device: deviceFlag(values.device),
+      dtype: values.dtype as DTypeChoice | undefined,
+      seed: intFlag(values.seed, "--seed") ?? SEED,
       onProgress: ({ done, total }) => {
         if (!Deno.stderr.isTerminal()) return;
         Deno.stderr.writeSync(new TextEncoder().encode(`\rencoding classes ${done}/${total}`));
         if (done === total) Deno.stderr.writeSync(new TextEncoder().encode("\n"));
       },
     });
-    const { file, classNames: names, matrix } = result;
-    if (!result.computed) {
+    if (!computed) {
       console.log(`${file} exists (--force recomputes it); its most similar classes:`);
     } else {
       const secs = ((performance.now() - started) / 1000).toFixed(1);

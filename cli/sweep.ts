@@ -10,6 +10,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { join, relative } from "node:path";
 import { UserError } from "../ffi/errors.ts";
 import { type RunConfig, TINY } from "../core/config.ts";
+import { writeAtomic } from "../core/output.ts";
 import type { Shard } from "../core/shard.ts";
 import {
   type Cell,
@@ -28,6 +29,7 @@ import {
 } from "../core/sweep.ts";
 import { CliError, defineCommand, type Flags, withInterrupt } from "./command.ts";
 import type { PreparedGenerate } from "./generate.ts";
+import * as experiment from "./run.ts";
 import type { Classifier } from "../core/plugins.ts";
 import type { ImageFolder } from "../plugins/classifiers/data.ts";
 
@@ -75,7 +77,6 @@ recorded with its reason and the sweep goes on (the exit code says so at the end
 
 /** A cell's last failure (removed when it succeeds). */
 const FAILED_FILE = "failed.json";
-const REPORT_FILE = "report.json";
 
 export const command: typeof defined = {
   ...defined,
@@ -211,8 +212,7 @@ async function check(plan: SweepPlan): Promise<Checked> {
   const { dataset } = first;
   const folderOptions = { dataset: plan.base.dataset ?? undefined };
   const test = await readImageFolder(plan.test, folderOptions);
-  const { checkEvalClasses } = await import("./run.ts");
-  checkEvalClasses(
+  experiment.checkEvalClasses(
     dataset,
     test,
     plan.val ? await readImageFolder(plan.val, folderOptions) : null,
@@ -232,7 +232,6 @@ async function check(plan: SweepPlan): Promise<Checked> {
 const encode = (v: unknown) => new TextEncoder().encode(JSON.stringify(v, null, 2) + "\n");
 
 async function runSweep(plan: SweepPlan, opts: SweepOptions): Promise<number> {
-  const { writeAtomic } = await import("../core/output.ts");
   const { planRecord, shardUnits } = await import("../core/sweep.ts");
   const checked = await check(plan);
   await Deno.mkdir(plan.out, { recursive: true });
@@ -259,7 +258,7 @@ async function runSweep(plan: SweepPlan, opts: SweepOptions): Promise<number> {
     const prepared = checked.prepared.get(g.id)!;
     const config: RunConfig = {
       ...prepared.config,
-      similarity: similarity && (await needsSimilarity(g.config))
+      similarity: similarity && prepared.run.pairs.needsSimilarity
         ? similarity
         : g.config.similarity,
     };
@@ -324,11 +323,15 @@ async function cellStep(
   opts: SweepOptions,
   failures: Map<string, string>,
 ): Promise<boolean> {
-  const g = cell.generation;
+  // Said, kept for the table, and recorded in the cell's folder.
+  const fail = async (reason: string) => {
+    console.error(`${label}: failed: ${reason}`);
+    failures.set(cell.id, reason);
+    await Deno.mkdir(join(plan.out, cell.run), { recursive: true });
+    await writeAtomic(join(plan.out, cell.run, FAILED_FILE), encode({ cell: cell.id, reason }));
+  };
   if (generationFailure !== null) {
-    console.error(`${label}: failed: generation set ${g.id}: ${generationFailure}`);
-    failures.set(cell.id, `generation set ${g.id}: ${generationFailure}`);
-    await recordFailure(plan, cell, failures.get(cell.id)!);
+    await fail(`generation set ${cell.generation.id}: ${generationFailure}`);
     return true;
   }
   if (isComplete(join(plan.out, cell.run))) {
@@ -349,10 +352,7 @@ async function cellStep(
   } catch (e) {
     // Stopped by Ctrl-C part-way through a step: not a failure of the cell.
     if (opts.signal?.aborted) return false;
-    const why = failureReason(e);
-    console.error(`${label}: failed: ${why}`);
-    failures.set(cell.id, why);
-    await recordFailure(plan, cell, why);
+    await fail(failureReason(e));
   }
   return true;
 }
@@ -420,55 +420,24 @@ function failureReason(e: unknown): string {
   return (e instanceof Error ? e.message : String(e)).split("\n")[0];
 }
 
-async function recordFailure(plan: SweepPlan, cell: Cell, reason: string): Promise<void> {
-  const { writeAtomic } = await import("../core/output.ts");
-  await Deno.mkdir(join(plan.out, cell.run), { recursive: true });
-  await writeAtomic(join(plan.out, cell.run, FAILED_FILE), encode({ cell: cell.id, reason }));
-}
-
-async function needsSimilarity(config: RunConfig): Promise<boolean> {
-  const { registry } = await import("../core/plugins.ts");
-  return registry.create<import("../core/plugins.ts").SamplerPair>(
-    "pairs",
-    config.pairs.name,
-    config.pairs.options,
-  ).needsSimilarity;
-}
-
 /**
  * SWEEP/similarity.json, computed once for every set whose pair sampler uses it (and reused
  * while it was made with the CLIP asked for); null when the base names a file or none needs it.
  */
 async function similarityFile(plan: SweepPlan, checked: Checked): Promise<string | null> {
   if (plan.base.similarity) return null;
-  let needed = false;
-  for (const g of plan.generations) needed ||= await needsSimilarity(g.config);
-  if (!needed) return null;
-  const sim = await import("../app/similarity.ts");
+  if (![...checked.prepared.values()].some((p) => p.run.pairs.needsSimilarity)) return null;
+  const { similarityStage } = await import("../app/similarity.ts");
   const { similarityClip } = await import("../core/config.ts");
-  const { resolvePlacement } = await import("../app/models.ts");
   const path = join(plan.out, "similarity.json");
   const { dataset, config } = checked.prepared.get(plan.generations[0].id)!;
   const clip = similarityClip(config);
   // Shards that start together: one computes it, the others wait and then read it.
   const lock = await waitLock(plan.out, "similarity", path);
   try {
-    if (existsSync(path)) {
-      const { meta } = await sim.readSimilarityFile(path, dataset);
-      const stale = sim.staleSimilarity(meta, clip, config.modelSeed);
-      if (!stale) return path;
-      console.error(`${path}: ${stale}; computing it again`);
-    }
-    console.error(`class similarity with ${clip}`);
-    const matrix = await sim.computeSimilarity(dataset, clip, await resolvePlacement(config), {
-      seed: config.modelSeed,
+    await similarityStage(path, dataset, config, {
+      beforeCompute: () => console.error(`class similarity with ${clip}`),
     });
-    await sim.saveSimilarityFile(
-      path,
-      dataset.classes.map((c) => c.name),
-      matrix,
-      sim.similarityMeta(clip, { seed: config.modelSeed, data: dataset.root }),
-    );
     return path;
   } finally {
     lock.release();
@@ -482,12 +451,11 @@ async function generateSet(
   signal?: AbortSignal,
   beforeBatch?: () => Promise<void>,
 ): Promise<number> {
-  const { finishedImages } = await import("./run.ts");
   const { runPrepared } = await import("./generate.ts");
   const out = prepared.config.out!;
   const expected = prepared.dataset.classes.length * prepared.config.perClass;
   const label = `${GEN_DIR}/${relative(join(plan.out, GEN_DIR), out)}`;
-  if (await finishedImages(out) >= expected) {
+  if (await experiment.finishedImages(out) >= expected) {
     console.error(`${label}: complete (${expected} images), skipped`);
     return 0;
   }
@@ -508,7 +476,6 @@ async function runCell(
   opts: SweepOptions,
 ): Promise<CellResult | null> {
   const app = await import("../app/classify.ts");
-  const { writeAtomic } = await import("../core/output.ts");
   const dir = join(plan.out, cell.run);
   const synthetic = cell.generation.config.out!;
   await Deno.mkdir(dir, { recursive: true });
@@ -518,7 +485,7 @@ async function runCell(
 
   const classifier = checked.classifiers.get(cell.training.id)!;
   const progress = Deno.stderr.isTerminal();
-  const stages: import("./run.ts").StageReport[] = [];
+  const stages: experiment.StageReport[] = [];
   const data = await app.readTrainData({
     real: plan.base.data!,
     synthetic,
@@ -551,10 +518,9 @@ async function runCell(
     progress,
   });
   stages.push({ stage: "eval", status: "done", seconds: (performance.now() - t0) / 1000 });
-  const { dataset } = checked.prepared.get(cell.generation.id)!;
-  const { runReport } = await import("./run.ts");
-  const report = await runReport({
-    dataset,
+  // Written last: a cell is complete when its report exists.
+  await experiment.writeRunReport({
+    dataset: checked.prepared.get(cell.generation.id)!.dataset,
     test: checked.test.path,
     out: dir,
     sweep: {
@@ -569,8 +535,6 @@ async function runCell(
     stages,
     result,
   });
-  // Written last: a cell is complete when its report exists.
-  await writeAtomic(join(dir, REPORT_FILE), encode(report));
   if (existsSync(join(dir, FAILED_FILE))) await Deno.remove(join(dir, FAILED_FILE));
   return cellResult(result);
 }
@@ -589,7 +553,7 @@ function cellResult(record: import("../app/classify.ts").EvalRecord): CellResult
 
 /** A cell is complete once its report is written (last) beside its evaluation. */
 function isComplete(dir: string): boolean {
-  return existsSync(join(dir, REPORT_FILE)) && existsSync(join(dir, "eval.json"));
+  return existsSync(join(dir, experiment.REPORT_FILE)) && existsSync(join(dir, "eval.json"));
 }
 
 /** The finished cells' figures and the recorded failures of the others. */
@@ -622,7 +586,6 @@ function collect(plan: SweepPlan): {
 /** Writes sweep.json and sweep.csv from every finished cell and prints the table. */
 async function finish(plan: SweepPlan, failures: Map<string, string>): Promise<number> {
   const { sweepTable, tableCsv } = await import("../core/sweep.ts");
-  const { writeAtomic } = await import("../core/output.ts");
   const found = collect(plan);
   for (const [id, why] of failures) found.failures.set(id, why);
   const table: SweepTable = sweepTable(plan, found.results, found.failures);
