@@ -60,6 +60,8 @@ import {
 import { API_VERSION, openApi, routeDocs } from "./openapi.ts";
 import * as s from "../core/schema.ts";
 
+const STEPS_BOUND = RUN_FIELDS.shape.steps.schema.jsonSchema().maximum as number;
+
 const DEFAULT_LIMITS = Object.freeze({
   /** Whole request body of POST /v1/sample. */
   maxBodyBytes: 32 << 20,
@@ -71,7 +73,8 @@ const DEFAULT_LIMITS = Object.freeze({
   maxJsonBytes: 1 << 20,
   /** Output width and height. */
   maxSide: 2048,
-  maxSteps: 1000,
+  /** At most the steps setting's own bound (a larger cap would be advertised, never reached). */
+  maxSteps: STEPS_BOUND,
   maxPromptLength: 2000,
 });
 
@@ -589,6 +592,7 @@ export async function startServer(o: ServerOptions) {
   const log = o.log ?? ((m: string) => console.error(m));
   const roots = await resolveRoots(o.roots);
   const limits: Limits = { ...DEFAULT_LIMITS, ...o.limits };
+  limits.maxSteps = Math.min(limits.maxSteps, STEPS_BOUND);
   // libvips' operation cache (one for the process, the engine's thread included) keeps recent
   // images for reuse, which never comes for uploads that are new each time: off, so that memory
   // follows the work in hand.

@@ -40,7 +40,10 @@ const path = (description: string) => s.string({ minLength: 1, maxLength: 4096, 
 /** The server's cap on what anyone may ask of a setting: a longest text, a largest number. */
 type Cap = { maxLength?: number; maximum?: number };
 
-/** A setting's schema with a cap on top, said in the document too. */
+/**
+ * A setting's schema with a cap on top. Both bounds are checked, so the smaller one holds: the
+ * document says that one.
+ */
 export function capped<T>(inner: s.Schema<T>, cap: Cap): s.Schema<T> {
   const limits: Record<string, s.Schema<unknown>> = {
     string: s.string({ maxLength: cap.maxLength }),
@@ -54,7 +57,11 @@ export function capped<T>(inner: s.Schema<T>, cap: Cap): s.Schema<T> {
       if (ctx.issues.length === before) limits[typeof r]?.check(r, field, ctx);
       return ctx.issues.length > before ? undefined : r;
     },
-    jsonSchema: () => ({ ...inner.jsonSchema(), ...cap }),
+    jsonSchema: () => {
+      const json = inner.jsonSchema();
+      const bounds = Object.entries(cap).map(([k, v]) => [k, Math.min(v, json[k] as number ?? v)]);
+      return { ...json, ...Object.fromEntries(bounds) };
+    },
   };
 }
 
@@ -62,8 +69,8 @@ export function capped<T>(inner: s.Schema<T>, cap: Cap): s.Schema<T> {
  * A run setting as RUN_FIELDS declares it (type, bounds, doc), without its default (absent, the
  * preset's holds), and capped.
  */
-const runField = (key: keyof typeof RUN_FIELDS.shape, cap: Cap = {}) =>
-  s.optional(capped(s.withoutDefault<unknown>(RUN_FIELDS.shape[key].schema), cap));
+const runField = <K extends keyof typeof RUN_FIELDS.shape>(key: K, cap: Cap = {}) =>
+  s.optional(capped(s.withoutDefault(RUN_FIELDS.shape[key].schema), cap));
 
 /** The body of POST /v1/jobs: `dipsy generate`'s settings, without the server's model ones. */
 export const JOB_REQUEST = s.object({

@@ -24,6 +24,7 @@ const ERROR_SCHEMA = s.object({
     issues: s.optional(s.array(s.object({
       field: s.required(s.string()),
       message: s.required(s.string()),
+      unknown: s.optional(s.boolean({ description: "the field is not one the server knows" })),
     }))),
   })),
 }).jsonSchema();

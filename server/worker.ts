@@ -128,7 +128,8 @@ async function generate(
   const gen = await import("../core/generate.ts");
   const { similaritySource } = await import("../app/similarity.ts");
   const log = (message: string) => port.postMessage({ type: "log", id: m.id, message });
-  const { plan, ...counts } = await gen.generate({
+  // Listed one by one: the answer shows these, never the plan or anything else core returns.
+  const { plan, written, skipped, remaining, interrupted } = await gen.generate({
     config: m.config,
     similarity: similaritySource(m.config, setup!.placement, log),
     shard: m.shard,
@@ -150,7 +151,7 @@ async function generate(
       }
       : {}),
   });
-  return { out: plan.out, ...counts };
+  return { out: plan.out, written, skipped, remaining, interrupted };
 }
 
 port.onmessage = async (e) => {

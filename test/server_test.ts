@@ -16,6 +16,9 @@ import { parseServeArgs, startFromSettings } from "../cli/serve.ts";
 import { checkExposure, isLoopback } from "../server/auth.ts";
 import type { RunningServer } from "../server/app.ts";
 import { WorkQueue } from "../server/engine.ts";
+import { capped, type JOB_REQUEST } from "../server/jobs.ts";
+import { RUN_FIELDS, type RunSettings } from "../core/config.ts";
+import * as s from "../core/schema.ts";
 import { CliError } from "../cli/command.ts";
 import {
   noiseImage,
@@ -94,6 +97,49 @@ const SAMPLE = {
 
 const JOB = { data: "data", perClass: 4, steps: 2, width: 32, height: 32, batch: 2, seed: 5 };
 
+/**
+ * Where `value` breaks `schema`, for the JSON Schema keywords the server's document uses on
+ * answers: type, enum, bounds, properties, required, additionalProperties, items, oneOf, anyOf.
+ */
+// deno-lint-ignore no-explicit-any
+function breaches(schema: any, value: any, at = "answer"): string[] {
+  const types = [schema.type ?? []].flat();
+  const kind = value === null
+    ? "null"
+    : Array.isArray(value)
+    ? "array"
+    : Number.isInteger(value) && types.includes("integer")
+    ? "integer"
+    : typeof value;
+  if (types.length && !types.includes(kind)) return [`${at}: ${kind}, not ${types.join(" | ")}`];
+  const alternatives = schema.oneOf ?? schema.anyOf;
+  if (alternatives && !alternatives.some((a: unknown) => !breaches(a, value, at).length)) {
+    return [`${at}: matches no alternative`];
+  }
+  const out: string[] = [];
+  if (schema.enum && !schema.enum.includes(value)) out.push(`${at}: not one of ${schema.enum}`);
+  if (value > schema.maximum || value < schema.minimum) out.push(`${at}: out of bounds`);
+  if (kind === "array") {
+    value.forEach((v: unknown, i: number) =>
+      out.push(...breaches(schema.items ?? {}, v, `${at}[${i}]`))
+    );
+  }
+  if (kind !== "object") return out;
+  for (const k of schema.required ?? []) if (!(k in value)) out.push(`${at}.${k}: missing`);
+  for (const [k, v] of Object.entries(value)) {
+    const sub = schema.properties?.[k];
+    if (sub) out.push(...breaches(sub, v, `${at}.${k}`));
+    else if (schema.additionalProperties === false) out.push(`${at}.${k}: not in the document`);
+  }
+  return out;
+}
+
+/** The document's schema of the JSON answer `status` of `method path`. */
+// deno-lint-ignore no-explicit-any
+function answerSchema(doc: any, method: string, path: string, status: number) {
+  return doc.paths[path][method].responses[status].content["application/json"].schema;
+}
+
 // ---------------------------------------------------------------------------------------------
 
 serverTest(
@@ -141,6 +187,45 @@ serverTest(
     assert.deepEqual(doc.paths["/healthz"].get.security, []);
   },
 );
+
+type JobRequest = s.Infer<typeof JOB_REQUEST>;
+type Shared = Exclude<keyof JobRequest & keyof RunSettings, "data" | "out">;
+type Same<A, B> = [A] extends [B] ? [B] extends [A] ? true : false : false;
+/** A type error here: a job request's run setting lost the type RUN_FIELDS gives it. */
+const KEEPS_TYPES: Same<
+  { [K in Shared]: JobRequest[K] },
+  { [K in Shared]: RunSettings[K] | undefined }
+> = true;
+void KEEPS_TYPES;
+
+Deno.test("server: a capped setting enforces the smaller bound and documents that one", () => {
+  const own = RUN_FIELDS.shape.steps.schema.jsonSchema().maximum as number;
+  for (const [cap, bound] of [[2 * own, own], [own / 2, own / 2]]) {
+    const steps = capped(RUN_FIELDS.shape.steps.schema, { maximum: cap });
+    assert.equal(steps.jsonSchema().maximum, bound, `cap ${cap}`);
+    assert.ok(s.validate(steps, bound).ok, `cap ${cap}: ${bound}`);
+    const over = s.validate(steps, bound + 1);
+    assert.deepEqual(over.ok ? [] : over.issues.map((i) => i.message), [
+      `must be at most ${bound}, got ${bound + 1}`,
+    ]);
+  }
+});
+
+serverTest("server: a misspelt field's 400 is the documented error answer", async () => {
+  const doc = (await call("GET", "/openapi.json")).json;
+  const errorSchema = answerSchema(doc, "post", "/v1/jobs", 400);
+  const job = await postJob({ ...JOB, out: "o", stpes: 2 });
+  const sample = await call("POST", "/v1/sample", { body: form({ ...SAMPLE, stpes: "2" }) });
+  for (const r of [job, sample]) {
+    assert.equal(r.status, 400);
+    assert.deepEqual(r.json.error.issues.map((i: s.Issue) => [i.field, i.unknown]), [[
+      "stpes",
+      true,
+    ]]);
+    assert.match(r.json.error.message, /unknown field "stpes" \(did you mean steps\?/);
+    assert.deepEqual(breaches(errorSchema, r.json), []);
+  }
+});
 
 serverTest(
   "server: a sample equals `dipsy sample` byte for byte (PNG and base64 JSON)",
@@ -231,6 +316,8 @@ serverTest("server: a job equals `dipsy generate` and reports progress as events
   assert.ok(events.some((e) => e.event === "progress" && e.data.step), "denoising steps reported");
   const view = (await call("GET", `/v1/jobs/${res.json.id}`)).json;
   assert.equal(view.status, "succeeded");
+  const doc = (await call("GET", "/openapi.json")).json;
+  assert.deepEqual(breaches(answerSchema(doc, "get", "/v1/jobs/{id}", 200), view), []);
   assert.deepEqual(view.result, {
     out: join(ROOT, "out-full"),
     written: 8,
@@ -920,6 +1007,13 @@ serverTest(
   async () => {
     const cases = badCases();
     assert.ok(cases.length >= 200, `only ${cases.length} cases`);
+    // Every route answers errors in the one documented shape.
+    const errorSchema = answerSchema(
+      (await call("GET", "/openapi.json")).json,
+      "post",
+      "/v1/jobs",
+      400,
+    );
     const wrong: string[] = [];
     for (const c of cases) {
       const r = await c.send();
@@ -934,6 +1028,7 @@ serverTest(
       }
       if (typeof r === "number") continue;
       assert.equal(r.json?.error?.status, c.status, `${c.name}: JSON error body`);
+      wrong.push(...breaches(errorSchema, r.json).map((b) => `${c.name}: ${b}`));
       if (c.field !== undefined && c.status !== 401) {
         const fields = (r.json.error.issues ?? []).map((i: { field: string }) => i.field);
         if (!fields.includes(c.field)) {
