@@ -12,7 +12,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { basename, dirname, join, relative, resolve } from "node:path";
 import type { Device } from "../ffi/mod.ts";
 import { TINY } from "../core/config.ts";
-import { RunError, writeAtomic } from "../core/output.ts";
+import { RunError, writeAtomic, writeJsonAtomic } from "../core/output.ts";
 import { Progress } from "../core/progress.ts";
 import { type Provenance, provenance } from "../core/provenance.ts";
 import {
@@ -212,7 +212,7 @@ export async function trainStage(
       classNames: [...data.classNames],
       device,
     };
-    await writeJson(join(out, CLASSIFIER_RECORD), record);
+    await writeJsonAtomic(join(out, CLASSIFIER_RECORD), record);
   } finally {
     (bar as Progress | null)?.finish();
   }
@@ -225,11 +225,6 @@ export async function trainStage(
     progress: opts.progress,
   });
   return { ...result, validation };
-}
-
-/** Indented JSON, written through a temporary file so that a reader never sees half of it. */
-function writeJson(path: string, value: unknown): Promise<void> {
-  return writeAtomic(path, new TextEncoder().encode(JSON.stringify(value, null, 2) + "\n"));
 }
 
 function readClassifierRecord(run: string): ClassifierRecord {
@@ -401,7 +396,7 @@ async function validateEpochs(
       best: { epoch: best.epoch, top1: best.top1 },
     };
   };
-  const save = () => writeJson(join(out, VALIDATION_RECORD), record());
+  const save = () => writeJsonAtomic(join(out, VALIDATION_RECORD), record());
   const todo = epochs.filter((e) => !known.has(e));
   // Each epoch is saved as it is done, so an interrupted evaluation resumes.
   await evaluateEpochs(classifier, out, images, todo, "val", opts, async (epoch, r) => {
@@ -480,11 +475,8 @@ export async function evalStage(opts: EvalStageOptions): Promise<EvalRecord & { 
     top5: p.top.map((j) => names[j]),
     correct: p.label === p.predicted,
   }));
-  await writeAtomic(
-    predictionsFileFor(file),
-    new TextEncoder().encode(lines.map((l) => JSON.stringify(l) + "\n").join("")),
-  );
-  await writeJson(file, json);
+  await writeAtomic(predictionsFileFor(file), lines.map((l) => JSON.stringify(l) + "\n").join(""));
+  await writeJsonAtomic(file, json);
   return { ...json, file };
 }
 

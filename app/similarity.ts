@@ -11,7 +11,7 @@
  * (`similarity_matrix`, `class_names` = the class folders).
  */
 import { readdirSync } from "node:fs";
-import { basename, dirname, join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import type { Tensor } from "../ffi/mod.ts";
 import type { Dataset } from "../core/dataset.ts";
 import type { SimilaritySource } from "../core/generate.ts";
@@ -133,14 +133,10 @@ export async function saveSimilarityFile(
     return await writeAtomic(path, npz);
   }
   const { saveSimilarity } = await import("../plugins/pairs/mod.ts");
-  const tmp = join(dirname(path), `.${basename(path)}.${crypto.randomUUID().slice(0, 8)}.tmp`);
-  try {
-    await saveSimilarity(tmp, { classNames: [...classNames], similarity: matrix, meta });
-    await Deno.rename(tmp, path);
-  } catch (e) {
-    await Deno.remove(tmp).catch(() => {});
-    throw e;
-  }
+  await writeAtomic(
+    path,
+    (tmp) => saveSimilarity(tmp, { classNames: [...classNames], similarity: matrix, meta }),
+  );
 }
 
 /**

@@ -7,7 +7,7 @@ import { existsSync, readFileSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { DEFAULTS, formatConfig, type RunConfig, TINY } from "../core/config.ts";
 import type { Dataset } from "../core/dataset.ts";
-import { readManifest, RunError, writeAtomic } from "../core/output.ts";
+import { readManifest, RunError, writeJsonAtomic } from "../core/output.ts";
 import type { Classifier } from "../core/plugins.ts";
 import type { EvalRecord, SelectRule } from "../app/classify.ts";
 import type { RunJobOptions } from "../app/api.ts";
@@ -116,10 +116,7 @@ export async function writeRunReport(p: ReportParts): Promise<void> {
     perClass: result.perClass,
     provenance: await provenance(p.generation),
   };
-  await writeAtomic(
-    join(p.out, REPORT_FILE),
-    new TextEncoder().encode(JSON.stringify(report, null, 2) + "\n"),
-  );
+  await writeJsonAtomic(join(p.out, REPORT_FILE), report);
 }
 
 export const command = defineCommand({

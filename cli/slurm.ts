@@ -13,6 +13,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { UserError } from "../ffi/errors.ts";
+import { writeJsonAtomic } from "../core/output.ts";
 import { CliError, flagArgs, type Flags, intFlag } from "./command.ts";
 import { dipsyArgs } from "./devices.ts";
 
@@ -425,8 +426,7 @@ export async function submitExperiment(
     if (!/^\d+$/.test(id)) throw new SlurmError(`sbatch printed "${id}" instead of a job id`);
     if (array) st.jobs.generate.push({ id, tasks: array });
     else st.jobs[stage as "similarity" | "train"].push(id);
-    const { writeAtomic } = await import("../core/output.ts");
-    await writeAtomic(statePath, new TextEncoder().encode(JSON.stringify(st, null, 2) + "\n"));
+    await writeJsonAtomic(statePath, st);
     return id;
   };
   const cancel = async (ids: string[]) => {

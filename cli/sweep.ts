@@ -10,7 +10,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { join, relative } from "node:path";
 import { UserError } from "../ffi/errors.ts";
 import { type RunConfig, TINY } from "../core/config.ts";
-import { writeAtomic } from "../core/output.ts";
+import { writeAtomic, writeJsonAtomic } from "../core/output.ts";
 import type { Shard } from "../core/shard.ts";
 import {
   type Cell,
@@ -54,7 +54,6 @@ const SECTIONS = {
 } as const satisfies Record<string, Flags>;
 
 const defined = defineCommand({
-  summary: "a grid or list of generation and training settings, ranked (resumable, shardable)",
   synopsis: "sweep FILE [--out DIR] [options]",
   about: `Runs every cell of a sweep file: the base experiment (the settings \`dipsy run\` takes:
 data, test, val or holdout, dataset, model, perClass, steps, size, classifier, ...) with a grid
@@ -229,13 +228,11 @@ async function check(plan: SweepPlan): Promise<Checked> {
   return { prepared, classifiers, device, test };
 }
 
-const encode = (v: unknown) => new TextEncoder().encode(JSON.stringify(v, null, 2) + "\n");
-
 async function runSweep(plan: SweepPlan, opts: SweepOptions): Promise<number> {
   const { planRecord, shardUnits } = await import("../core/sweep.ts");
   const checked = await check(plan);
   await Deno.mkdir(plan.out, { recursive: true });
-  await writeAtomic(join(plan.out, PLAN_FILE), encode(planRecord(plan)));
+  await writeJsonAtomic(join(plan.out, PLAN_FILE), planRecord(plan));
 
   const units = shardUnits(plan, opts.shard);
   const cells = units.reduce((n, u) => n + u.cells.length, 0);
@@ -328,7 +325,7 @@ async function cellStep(
     console.error(`${label}: failed: ${reason}`);
     failures.set(cell.id, reason);
     await Deno.mkdir(join(plan.out, cell.run), { recursive: true });
-    await writeAtomic(join(plan.out, cell.run, FAILED_FILE), encode({ cell: cell.id, reason }));
+    await writeJsonAtomic(join(plan.out, cell.run, FAILED_FILE), { cell: cell.id, reason });
   };
   if (generationFailure !== null) {
     await fail(`generation set ${cell.generation.id}: ${generationFailure}`);
@@ -590,8 +587,8 @@ async function finish(plan: SweepPlan, failures: Map<string, string>): Promise<n
   for (const [id, why] of failures) found.failures.set(id, why);
   const table: SweepTable = sweepTable(plan, found.results, found.failures);
   await Deno.mkdir(plan.out, { recursive: true });
-  await writeAtomic(join(plan.out, TABLE_FILE), encode(table));
-  await writeAtomic(join(plan.out, CSV_FILE), new TextEncoder().encode(tableCsv(table)));
+  await writeJsonAtomic(join(plan.out, TABLE_FILE), table);
+  await writeAtomic(join(plan.out, CSV_FILE), tableCsv(table));
   console.log(formatTable(table));
   const known = new Set(plan.cells.map((c) => c.id));
   const others = (() => {

@@ -26,6 +26,7 @@ import {
   mapLimit,
   MAPPING_FILE,
 } from "./dataset.ts";
+import { writeAtomic } from "./output.ts";
 import { derive } from "./rng.ts";
 
 export const FEWSHOT_MANIFEST = "fewshot.json";
@@ -446,7 +447,5 @@ async function copyMapping(file: string, datasetDir: string, force: boolean): Pr
     if (!(e instanceof Deno.errors.NotFound)) throw e;
   }
   await Deno.mkdir(datasetDir, { recursive: true });
-  const tmp = `${target}.${crypto.randomUUID().slice(0, 8)}.tmp`;
-  await Deno.writeTextFile(tmp, text);
-  await Deno.rename(tmp, target);
+  await writeAtomic(target, text);
 }

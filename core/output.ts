@@ -234,15 +234,35 @@ function isInside(child: string, parent: string): boolean {
   return rel === "" || (!rel.startsWith("..") && !rel.startsWith("/"));
 }
 
-export async function writeAtomic(path: string, bytes: Uint8Array): Promise<void> {
-  const tmp = join(dirname(path), `.${basename(path)}.${crypto.randomUUID().slice(0, 8)}.tmp`);
+/** A fresh hidden name beside `path`, of the form the generate job clears as a leftover. */
+function tempPath(path: string): string {
+  return join(dirname(path), `.${basename(path)}.${crypto.randomUUID().slice(0, 8)}.tmp`);
+}
+
+/**
+ * Writes `path` (bytes, text, or what `data` writes to the temporary file) through a temporary
+ * file and a rename, so readers never see part of it. `tmp` is fresh unless a file's one writer
+ * names a fixed one, which the next write overwrites should a kill leave it behind.
+ */
+export async function writeAtomic(
+  path: string,
+  data: Uint8Array | string | ((tmp: string) => Promise<void>),
+  tmp = tempPath(path),
+): Promise<void> {
   try {
-    await Deno.writeFile(tmp, bytes);
+    if (typeof data === "function") await data(tmp);
+    else if (typeof data === "string") await Deno.writeTextFile(tmp, data);
+    else await Deno.writeFile(tmp, data);
     await Deno.rename(tmp, path);
   } catch (e) {
     await Deno.remove(tmp).catch(() => {});
     throw e;
   }
+}
+
+/** `value` as indented JSON with a final newline, written as writeAtomic does. */
+export function writeJsonAtomic(path: string, value: unknown, tmp?: string): Promise<void> {
+  return writeAtomic(path, `${JSON.stringify(value, null, 2)}\n`, tmp);
 }
 
 async function readRecord(path: string): Promise<RunRecord | null> {
@@ -294,7 +314,7 @@ export async function claimRecord(
   const text = `${JSON.stringify(record, null, 2)}\n`;
   let previous = await readRecord(path);
   if (!previous) {
-    const tmp = join(out, `.${RUN_RECORD}.${crypto.randomUUID().slice(0, 8)}.tmp`);
+    const tmp = tempPath(path);
     await Deno.writeTextFile(tmp, text);
     try {
       // A hard link fails when the file exists: the first shard to get here wins, the others

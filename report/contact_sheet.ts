@@ -198,7 +198,7 @@ export async function contactSheets(
         `<div class="sheet">${tiles.map((t) => tileHtml(t, sheetsDir, data.dir)).join("\n")}` +
         `</div>`;
       const html = page(`${name}: contact sheet ${p + 1}`, body);
-      await writeAtomic(file, new TextEncoder().encode(html));
+      await writeAtomic(file, html);
       pages.push(file);
       links.push(
         markup`<a href="${href(relative(ctx.outDir, file))}">${part[0].index}-${

@@ -4,6 +4,7 @@
  * sheets in PATH/report/. Inputs that are missing or corrupt are listed on the page and in the
  * result; everything else is still drawn.
  */
+import { createHash } from "node:crypto";
 import { existsSync, mkdirSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { TopLevelSpec } from "vega-lite";
@@ -194,16 +195,8 @@ export async function writeReport(path: string, opts: ReportOptions = {}): Promi
       esc(where === "." ? lastName(dir) : where)
     }</code>, made ${esc(new Date().toISOString().slice(0, 16).replace("T", " "))} UTC.</p>\n` +
     problemsBlock(r.problems.lines) + body;
-  await writeAtomic(
-    html,
-    new TextEncoder().encode(page(title, content, { sortable: kind === "sweep" })),
-  );
+  await writeAtomic(html, page(title, content, { sortable: kind === "sweep" }));
   return { html, figures: r.figures, problems: [...r.problems.lines], kind };
-}
-
-async function sha256(text: string): Promise<string> {
-  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
-  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 function lastName(dir: string): string {
@@ -264,7 +257,10 @@ async function generateSection(
     const matrix = aligned ? order.map((i) => order.map((j) => sim.matrix[i][j])) : sim.matrix;
     // run.json holds the digest of the matrix the pairs were drawn from, in the run's class order.
     const used = o.similarity;
-    if (aligned && typeof used === "string" && used !== await sha256(JSON.stringify(matrix))) {
+    if (
+      aligned && typeof used === "string" &&
+      used !== createHash("sha256").update(JSON.stringify(matrix)).digest("hex")
+    ) {
       r.problems.add(
         sim.file,
         "not the matrix this run drew its negatives from (its digest differs from run.json's)",

@@ -39,7 +39,7 @@ import {
   type Tensor,
 } from "../../ffi/mod.ts";
 import type { ClassifierJob, ClassifierTrainData, LabeledImage } from "../../core/plugins.ts";
-import { RunError } from "../../core/output.ts";
+import { RunError, writeAtomic, writeJsonAtomic } from "../../core/output.ts";
 import { type Provenance, provenance } from "../../core/provenance.ts";
 import { deriveSeed } from "../../core/rng.ts";
 import {
@@ -194,17 +194,6 @@ export function readTrainRecord(out: string): TrainRecord | null {
   return record;
 }
 
-/** One fixed temporary name per file, so a write cut by a kill is overwritten by the next. */
-function writeTextAtomic(path: string, text: string): void {
-  const tmp = `${path}.tmp`;
-  Deno.writeTextFileSync(tmp, text);
-  renameSync(tmp, path);
-}
-
-function writeJsonAtomic(path: string, value: unknown): void {
-  writeTextAtomic(path, JSON.stringify(value, null, 2) + "\n");
-}
-
 function differences(a: unknown, b: unknown, prefix = ""): string[] {
   if (a !== null && b !== null && typeof a === "object" && typeof b === "object") {
     const keys = [...new Set([...Object.keys(a), ...Object.keys(b)])].sort();
@@ -226,12 +215,12 @@ function differences(a: unknown, b: unknown, prefix = ""): string[] {
  * checkpoint, so a kill in between (or during the append) leaves steps that the resumed run
  * redoes.
  */
-function restoreStepHistory(out: string, done: number): void {
+async function restoreStepHistory(out: string, done: number): Promise<void> {
   const path = join(out, STEP_HISTORY);
   if (!existsSync(path)) return;
   const kept = readStepHistory(out).filter((s) => s.epoch <= done);
   const text = kept.map((s) => JSON.stringify(s) + "\n").join("");
-  if (readFileSync(path, "utf8") !== text) writeTextAtomic(path, text);
+  if (readFileSync(path, "utf8") !== text) await writeAtomic(path, text, `${path}.tmp`);
 }
 
 interface CheckpointState {
@@ -268,7 +257,8 @@ function saveCheckpoint(clf: ClipLoraClassifier, out: string, record: EpochRecor
       ? { scale: clf.scaler.scale, growthTracker: clf.scaler.growthTracker }
       : null,
   };
-  writeJsonAtomic(join(tmp, "state.json"), state);
+  // Written last, into a folder that is renamed into place whole.
+  Deno.writeTextFileSync(join(tmp, "state.json"), JSON.stringify(state, null, 2) + "\n");
   rmSync(final, { recursive: true, force: true });
   renameSync(tmp, final);
 }
@@ -429,12 +419,15 @@ export async function trainRun(
       seconds: previous?.seconds ?? 0,
       provenance: await provenance({ device: opts.device, dtype: settings.dtype }),
     };
-    restoreStepHistory(out, done);
+    // One fixed temporary name, so a write cut by a kill is overwritten by the next.
+    const recordPath = join(out, TRAIN_RECORD);
+    const saveRecord = () => writeJsonAtomic(recordPath, record, `${recordPath}.tmp`);
+    await restoreStepHistory(out, done);
     if (done > 0) {
       loadCheckpoint(clf, out, done);
       log(`resuming ${out} after epoch ${done}/${settings.epochs}`);
     }
-    writeJsonAtomic(join(out, TRAIN_RECORD), record);
+    await saveRecord();
 
     const { device, dtype } = clf.model.logitScale;
     const { epochs } = settings, totalImages = (epochs - done) * items.length;
@@ -481,7 +474,7 @@ export async function trainRun(
       }
       if (steps < batches.length) {
         record.seconds += (performance.now() - started) / 1000;
-        writeJsonAtomic(join(out, TRAIN_RECORD), record);
+        await saveRecord();
         log(`stopped during epoch ${epoch}; the next run resumes after epoch ${epoch - 1}`);
         return { record, trained: true, interrupted: true };
       }
@@ -502,7 +495,7 @@ export async function trainRun(
       record.history.push(epochRecord);
       record.epochsDone = epoch;
       record.seconds += seconds;
-      writeJsonAtomic(join(out, TRAIN_RECORD), record);
+      await saveRecord();
       log(
         `epoch ${epoch}/${settings.epochs}: loss ${(lossSum / steps).toFixed(4)}, checkpoint ${
           epochDir(out, epoch)
@@ -517,7 +510,7 @@ export async function trainRun(
     rmSync(finalDir, { recursive: true, force: true });
     renameSync(tmp, finalDir);
     record.status = "complete";
-    writeJsonAtomic(join(out, TRAIN_RECORD), record);
+    await saveRecord();
     return { record, trained: true, interrupted: false };
   } finally {
     clf.dispose();
