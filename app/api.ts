@@ -8,7 +8,7 @@
  * Nothing here prints: messages go to `log` (default: stderr) and progress to `onProgress`.
  */
 import { existsSync } from "node:fs";
-import { basename, dirname, join, resolve } from "node:path";
+import { basename, dirname, extname, join, resolve } from "node:path";
 import type { Device } from "../ffi/mod.ts";
 import { UserError } from "../ffi/errors.ts";
 import type { DiffusionBackbone } from "../core/backbone.ts";
@@ -31,7 +31,12 @@ import {
   RUN_RECORD,
   type RunRecord,
 } from "../core/generate.ts";
-import { ImageDecodeError, type ImageFormat, type RgbImage } from "../core/image.ts";
+import {
+  IMAGE_EXTENSIONS,
+  ImageDecodeError,
+  type ImageFormat,
+  type RgbImage,
+} from "../core/image.ts";
 import type { ClassifierProgress } from "../core/plugins.ts";
 import type { TrainRecord } from "../plugins/classifiers/trainer.ts";
 import type { EvalRecord, SelectRule, ShotOptions, TrainInputs } from "./classify.ts";
@@ -231,13 +236,6 @@ export interface SampleJobResult {
   seconds: { load: number; sampling: number };
 }
 
-const FORMATS: Record<string, ImageFormat> = {
-  png: "png",
-  jpg: "jpeg",
-  jpeg: "jpeg",
-  webp: "webp",
-};
-
 /** A user mistake in a job's option, which `field` names (so the CLI can name its flag). */
 export class JobOptionError extends UserError {
   /** `detail` is the problem without the option's name; `overwrite`: `force` would allow it. */
@@ -256,7 +254,7 @@ export async function sample(opts: SampleJobOptions): Promise<SampleJobResult> {
   const models = await import("./models.ts");
   await loadDefaultPlugins();
   const force = opts.force ?? false;
-  const { file, format, latentsFile } = sampleOutputs(opts);
+  const { file, format, latentsFile } = checkSampleOptions(opts);
   if (file !== null) checkWritable("out", file, force);
   if (latentsFile !== null) checkWritable("latentsOut", latentsFile, force);
   const spec = {
@@ -361,14 +359,27 @@ export async function sample(opts: SampleJobOptions): Promise<SampleJobResult> {
 }
 
 /**
- * Where `sample` writes, checked without reading anything: the image's encoding from its name,
- * and a latents file of its own.
+ * `sample`'s options checked without reading anything: no IP-Adapter or image encoder beside the
+ * tiny model (it embeds its own); where it writes: the image's encoding from its name, and a
+ * latents file of its own.
  */
-export function sampleOutputs(
-  opts: Pick<SampleJobOptions, "out" | "latentsOut" | "format">,
+export function checkSampleOptions(
+  opts: Pick<
+    SampleJobOptions,
+    "model" | typeof TINY_EMBEDS[number] | "out" | "latentsOut" | "format"
+  >,
 ): { file: string | null; format: ImageFormat; latentsFile: string | null } {
+  const embedded = TINY_EMBEDS.find((k) => opts[k] != null);
+  if (opts.model === TINY && embedded) {
+    throw new JobOptionError(
+      embedded,
+      "is not for the tiny model, which embeds its own IP-Adapter and image encoder",
+    );
+  }
   const file = opts.out === undefined ? null : resolve(opts.out);
-  const format = file === null ? (opts.format ?? "png") : FORMATS[extension(file)];
+  const format = file === null
+    ? (opts.format ?? "png")
+    : IMAGE_EXTENSIONS[extname(file).slice(1).toLowerCase()];
   if (!format) {
     throw new JobOptionError("out", `${opts.out}: use a .png, .jpg, .jpeg or .webp name`);
   }
@@ -382,10 +393,8 @@ export function sampleOutputs(
   return { file, format, latentsFile };
 }
 
-function extension(path: string): string {
-  const name = basename(path);
-  return name.includes(".") ? name.slice(name.lastIndexOf(".") + 1).toLowerCase() : "";
-}
+/** The model files the tiny model embeds. */
+const TINY_EMBEDS = ["ipAdapter", "negativeIpAdapter", "imageEncoder"] as const;
 
 function checkWritable(option: string, file: string, force: boolean): void {
   if (!force && existsSync(file)) throw new JobOptionError(option, `${file} exists`, true);
@@ -408,18 +417,12 @@ async function writeNew(
   const tmp = join(dirname(file), `.${basename(file)}.${crypto.randomUUID().slice(0, 8)}.tmp`);
   try {
     await write(tmp);
-    if (force) {
-      await Deno.rename(tmp, file);
-      return;
+    await (force ? Deno.rename(tmp, file) : Deno.link(tmp, file));
+  } catch (e) {
+    if (e instanceof Deno.errors.AlreadyExists) {
+      throw new JobOptionError(option, `${file} exists`, true);
     }
-    try {
-      await Deno.link(tmp, file);
-    } catch (e) {
-      if (e instanceof Deno.errors.AlreadyExists) {
-        throw new JobOptionError(option, `${file} exists`, true);
-      }
-      throw e;
-    }
+    throw e;
   } finally {
     await Deno.remove(tmp).catch(() => {});
   }

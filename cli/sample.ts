@@ -5,7 +5,7 @@
  */
 import { ConfigError, DEFAULTS, parseSets } from "../core/config.ts";
 import { SampleError } from "../core/sample.ts";
-import { JobOptionError, sample, type SampleJobOptions, sampleOutputs } from "../app/api.ts";
+import { checkSampleOptions, JobOptionError, sample, type SampleJobOptions } from "../app/api.ts";
 import { CliError, defineCommand, deviceFlag, type FlagValues, intFlag } from "./command.ts";
 import { MODEL_FLAGS, parseSize, PLACEMENT_FLAGS, SETTING_FLAGS } from "./generate.ts";
 import { loadPlugins, pluginOptionsHelp } from "./plugin_docs.ts";
@@ -91,11 +91,6 @@ function sampleArgs(v: SampleFlags): SampleArgs {
     if (v[flag] === undefined) throw new CliError(`--${flag} is required (see --help)`);
   }
   const { out, "latents-out": latentsOut } = v;
-  try {
-    sampleOutputs({ out, latentsOut });
-  } catch (e) {
-    throw flagError(e);
-  }
   const dtype = v.dtype === "auto" ? undefined : v.dtype;
   if (dtype !== undefined && dtype !== "f32" && dtype !== "f16" && dtype !== "bf16") {
     throw new CliError(`--dtype must be auto, f32, f16 or bf16, got "${dtype}"`);
@@ -109,12 +104,16 @@ function sampleArgs(v: SampleFlags): SampleArgs {
     throw new CliError(`--tiny and --model ${v.model}: give one of them`);
   }
   const model = v.tiny ? "tiny" : v.model ?? DEFAULTS.model;
-  const adapterFlags = ["ip-adapter", "negative-ip-adapter", "image-encoder"] as const;
-  if (model === "tiny" && adapterFlags.some((f) => v[f] !== undefined)) {
-    throw new CliError(
-      "--model tiny embeds its own IP-Adapter and image encoder: drop --ip-adapter, " +
-        "--negative-ip-adapter and --image-encoder",
-    );
+  const models = {
+    model,
+    ipAdapter: v["ip-adapter"],
+    negativeIpAdapter: v["negative-ip-adapter"],
+    imageEncoder: v["image-encoder"],
+  };
+  try {
+    checkSampleOptions({ ...models, out, latentsOut });
+  } catch (e) {
+    throw flagError(e);
   }
   if (v.size !== undefined && (v.width !== undefined || v.height !== undefined)) {
     throw new CliError("--size and --width/--height: give --size only");
@@ -127,10 +126,7 @@ function sampleArgs(v: SampleFlags): SampleArgs {
     latentsOut,
     positive: v.positive,
     negative: v.negative,
-    model,
-    ipAdapter: v["ip-adapter"],
-    negativeIpAdapter: v["negative-ip-adapter"],
-    imageEncoder: v["image-encoder"],
+    ...models,
     guidance: sets.guidance?.name ?? v.guidance ?? DEFAULTS.guidance.name,
     guidanceOptions: sets.guidance?.options ?? {},
     sampler: sets.sampler?.name ?? v.sampler ?? DEFAULTS.sampler.name,
@@ -146,17 +142,16 @@ function sampleArgs(v: SampleFlags): SampleArgs {
 
 // ---------------------------------------------------------------------------------------------
 
-/** The flag of a `sample` job option or core/sample.ts field, for messages. */
+/** The flag of a `sample` job option or core/sample.ts field (in kebab case), for messages. */
 function flagOf(field: string): string {
   if (field.startsWith("guidanceOptions.")) return `--set guidance.${field.slice(16)}`;
   if (field === "guidanceOptions") return "--set guidance.*";
   if (field === "width" || field === "height") return "--size";
-  if (field === "latentsOut") return "--latents-out";
-  return `--${field}`;
+  return `--${field.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
 }
 
 /** A job option's mistake as the CLI says it, naming the flag that set it. */
-function flagError(e: unknown): unknown {
+export function flagError(e: unknown): unknown {
   if (e instanceof JobOptionError) {
     const fix = e.overwrite ? " (pass --force to overwrite it)" : "";
     return new CliError(`${flagOf(e.field)} ${e.detail}${fix}`);

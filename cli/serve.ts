@@ -3,9 +3,11 @@
  * other tools. SIGINT/SIGTERM stop it gracefully: no new connections, queued work refused, the
  * running sample finished, a running job stopped after its batch in flight (resumable).
  */
+import { checkSampleOptions } from "../app/api.ts";
 import type { ServerOptions } from "../server/app.ts";
 import { CliError, defineCommand, type FlagValues, intFlag } from "./command.ts";
 import { MODEL_FLAGS, PLACEMENT_FLAGS, SETTING_FLAGS } from "./generate.ts";
+import { flagError } from "./sample.ts";
 
 export const DEFAULT_PORT = 8765;
 
@@ -62,19 +64,18 @@ export function parseServeArgs(args: string[]): ServeSettings | null {
 function serveSettings(flags: ServeFlags) {
   const port = integerFlag(flags, "port", 0);
   if (port > 65535) throw new CliError(`--port must be at most 65535, got ${port}`);
-  const model = flags.tiny ? "tiny" : flags.model;
-  if (model === "tiny" && (flags["ip-adapter"] || flags["image-encoder"])) {
-    throw new CliError(
-      "--model tiny embeds its own IP-Adapter and image encoder: drop --ip-adapter/--image-encoder",
-    );
-  }
   /** Configuration values for the models and plugin files, as `dipsy generate` reads them. */
   const models: Record<string, unknown> = {};
   for (const [name, flag] of Object.entries(SERVE_MODEL_FLAGS)) {
     const value = flags[name as keyof ServeFlags];
     if ("field" in flag && value !== undefined) models[flag.field] = value;
   }
-  if (model) models.model = model;
+  if (flags.tiny) models.model = "tiny";
+  try {
+    checkSampleOptions(models);
+  } catch (e) {
+    throw flagError(e);
+  }
   return {
     hostname: flags.host ?? NETWORK_FLAGS.host.default,
     port,
@@ -140,17 +141,7 @@ export async function startFromSettings(
 }
 
 /** The whole command: starts, serves until SIGINT/SIGTERM, stops gracefully. */
-export async function runServe(args: string[], testing: Testing = {}): Promise<number> {
-  const a = parseServeArgs(args);
-  if (!a) {
-    console.log(command.usage);
-    return 0;
-  }
-  return await serve(a, testing);
-}
-
-/** Starts, serves until SIGINT/SIGTERM, stops gracefully. */
-async function serve(a: ServeSettings, testing: Testing = {}): Promise<number> {
+export async function serve(a: ServeSettings, testing: Testing = {}): Promise<number> {
   let server;
   try {
     server = await startFromSettings(a, undefined, testing);
@@ -188,7 +179,6 @@ async function serve(a: ServeSettings, testing: Testing = {}): Promise<number> {
 }
 
 export const command = defineCommand({
-  summary: "serve sampling and dataset generation over HTTP",
   synopsis: "serve [options]",
   about:
     `Serves sampling and dataset generation over HTTP (see the README's "HTTP endpoint" section and

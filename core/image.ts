@@ -247,12 +247,11 @@ export async function encodeImage(
   return new Uint8Array(await img.toBuffer());
 }
 
-const EXTENSIONS: Record<string, ImageFormat> = {
-  png: "png",
-  jpg: "jpeg",
-  jpeg: "jpeg",
-  webp: "webp",
-};
+/** The image formats by file extension (lower case, without the dot). */
+export const IMAGE_EXTENSIONS: Readonly<Record<string, ImageFormat>> = Object.freeze(
+  // No prototype: a name like "x.constructor" must not find an inherited property.
+  Object.assign(Object.create(null), { png: "png", jpg: "jpeg", jpeg: "jpeg", webp: "webp" }),
+);
 
 /** Writes an image; the format comes from the extension (.png, .jpg/.jpeg, .webp). */
 export async function writeImage(
@@ -261,7 +260,7 @@ export async function writeImage(
   opts: EncodeOptions = {},
 ): Promise<void> {
   const ext = path.slice(path.lastIndexOf(".") + 1).toLowerCase();
-  const format = EXTENSIONS[ext];
+  const format = IMAGE_EXTENSIONS[ext];
   if (!format) {
     throw new RangeError(`writeImage ${path}: unknown extension (use .png, .jpg, .jpeg or .webp)`);
   }

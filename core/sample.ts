@@ -6,7 +6,7 @@
  * Checking is split from sampling so that callers can refuse bad input before loading a model or
  * queueing work: `prepareSample` needs only the plugin registry, `sampleImage` the loaded model.
  */
-import { scope, type Tensor } from "../ffi/mod.ts";
+import { scope } from "../ffi/mod.ts";
 import { UserError } from "../ffi/errors.ts";
 import type { DiffusionBackbone } from "./backbone.ts";
 import { imageFromTensor, type RgbImage } from "./image.ts";
@@ -44,8 +44,6 @@ export class SampleError extends UserError {
     super(message);
   }
 }
-
-export type PreparedSample = ReturnType<typeof prepareSample>;
 
 /** Runs `fn`; what it throws becomes a SampleError naming `field`. */
 function inField<T>(field: string, fn: () => T): T {
@@ -131,21 +129,16 @@ export function sampleSize(
   return { width, height };
 }
 
-export interface SampleResult {
-  image: RgbImage;
-  /** The final latents [1, C, h, w] in the model's dtype and device; the caller disposes them. */
-  latents: Tensor;
-  width: number;
-  height: number;
-}
-
-/** Samples and decodes one image on a loaded model. */
+/**
+ * Samples and decodes one image on a loaded model; with it, the final latents [1, C, h, w] in
+ * the model's dtype and device, which the caller disposes.
+ */
 export function sampleImage(
   bb: DiffusionBackbone,
-  prepared: PreparedSample,
+  prepared: ReturnType<typeof prepareSample>,
   refs: { positive: RgbImage | null; negative: RgbImage | null },
   opts: { registry?: Registry; onStep?: (index: number, total: number) => void } = {},
-): SampleResult {
+) {
   const { spec, guidance } = prepared;
   if (bb.adapterCount < prepared.adapters) {
     throw new SampleError(

@@ -4,7 +4,7 @@
  * or fills its queue then knows where the job is, whatever the machine's speed. Run as a
  * subprocess by the server tests.
  */
-import { runServe } from "../cli/serve.ts";
+import { parseServeArgs, serve } from "../cli/serve.ts";
 import type { Job } from "../server/jobs.ts";
 
 function cancelled(job: Job): Promise<void> {
@@ -19,7 +19,7 @@ const [flag, n, ...args] = Deno.args;
 if (flag !== "--hold-batch" || !/^\d+$/.test(n)) throw new Error("usage: --hold-batch N ARGS");
 const held = Number(n);
 Deno.exit(
-  await runServe(args, {
+  await serve(parseServeArgs(args)!, {
     beforeBatch: (job, batch) => batch === held ? cancelled(job) : Promise.resolve(),
   }),
 );
