@@ -9,8 +9,6 @@ import { closest } from "../core/suggest.ts";
 import type { FieldDoc } from "../core/schema.ts";
 
 export interface Command {
-  /** Not shown: the command list is COMMANDS' (cli/main.ts), which loads no command module. */
-  summary?: string;
   /** What `--help` prints. */
   usage: string;
   /** The flags `run` accepts (checked against `usage` by the tests). */
@@ -226,8 +224,6 @@ function flagSections(sections: Record<string, Flags>): string {
 const HELP: Flag = { short: "h", help: "this text" };
 
 export interface CommandDef<S extends Record<string, Flags>> {
-  /** See Command.summary. */
-  summary?: string;
   /** What follows `deno task dipsy` in the usage line. */
   synopsis: string;
   /** What the command does, before the flags. */

@@ -94,7 +94,6 @@ export async function drawDataset(dir: string, shots: number, seed = 0): Promise
 const DEMO = { out: "out/demo", perClass: 2, steps: 4, epochs: 10 };
 
 export const command = defineCommand({
-  summary: "run the main job end to end on the embedded tiny models",
   synopsis: "demo [--out DIR] [--per-class N] [--steps N] [--epochs N]",
   about:
     `Runs the main job end to end on the embedded tiny models: draws a few-shot set of 4 shape classes

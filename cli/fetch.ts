@@ -382,7 +382,6 @@ export async function runFetch(args: FetchArgs, io: FetchIO = consoleIO): Promis
 }
 
 export const command: Command = {
-  summary: "download the default models (or the given ones) into the Hugging Face cache",
   usage: USAGE,
   flags: FLAGS,
   async run(args) {

@@ -21,7 +21,6 @@ const FLAGS = {
 } as const;
 
 export const command: Command = {
-  summary: "figures and a self-contained report.html of a run",
   usage: USAGE,
   flags: FLAGS,
   async run(args) {

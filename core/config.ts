@@ -76,7 +76,7 @@ export interface RunSettings {
   /** Seed of the tiny models' random weights. */
   modelSeed: number;
   /** "auto", "f32", "f16" or "bf16". */
-  dtype: string;
+  dtype: DTypeChoice;
   /** "auto", "cpu", "cuda" or "cuda:N". */
   device: string;
   /** Denoising steps. */
@@ -111,8 +111,6 @@ export interface RunSettings {
 
 /** Everything a generation run is made of: the settings, defaults filled in, and the plugins. */
 export type RunConfig = RunSettings & {
-  /** The weights' dtype. */
-  dtype: DTypeChoice;
   /** DataDream layout: the few-shot split ("seed0", or a number read as its text). */
   fewshotSeed: string | null;
   /** How the UNet predictions of a step are combined (Eq. 9 by default). */
@@ -288,11 +286,11 @@ export const RUN_FIELDS = s.options({
     `CLIP for class similarity, or tiny (default: ${DEFAULT_CLIP}, tiny with tiny)`,
   ),
   modelSeed: count("seed of the tiny models' random weights", 0, 0),
-  dtype: s.string({
-    enum: ["auto", "f32", "f16", "bf16"],
-    default: "auto",
-    description: "auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16",
-  }),
+  dtype: s.choice<DTypeChoice>(
+    ["auto", "f32", "f16", "bf16"],
+    "auto",
+    "auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16",
+  ),
   device: s.string({
     pattern: /^(auto|cpu|cuda(:\d+)?)$/,
     patternText: "auto, cpu, cuda or cuda:N",

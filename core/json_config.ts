@@ -120,10 +120,5 @@ function camel(key: string): string {
   return key.replace(/_(\w)/g, (_m, c: string) => c.toUpperCase());
 }
 
-/** A string from a fixed list, typed as that list's union. */
-export function choice<T extends string>(values: readonly T[], def?: T): s.Schema<T> {
-  return s.string({ enum: values, default: def }) as s.Schema<T>;
-}
-
 /** A positive integer (channel counts, layer counts, sizes). */
 export const positive = (def?: number): s.Schema<number> => s.integer({ min: 1, default: def });

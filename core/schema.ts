@@ -137,6 +137,15 @@ export function string(opts: StringOptions = {}): Schema<string> {
   }));
 }
 
+/** A string from a fixed list, typed as that list's union. */
+export function choice<T extends string>(
+  values: readonly T[],
+  def?: T,
+  description?: string,
+): Schema<T> {
+  return string({ enum: values, default: def, description }) as Schema<T>;
+}
+
 /** Bounds of a number. */
 export interface NumberOptions extends Meta<number> {
   /** Smallest value (see exclusiveMin). */

@@ -5,7 +5,6 @@
  */
 import {
   type CamelFields,
-  choice,
   ConfigFileError,
   ConfigReader,
   type Json,
@@ -30,7 +29,7 @@ function encoderFields(hidden: number, intermediate: number, heads: number) {
     intermediate_size: positive(intermediate),
     num_hidden_layers: s.integer({ min: 0, default: 12 }),
     num_attention_heads: positive(heads),
-    hidden_act: choice(ACTIVATIONS, "quick_gelu"),
+    hidden_act: s.choice(ACTIVATIONS, "quick_gelu"),
     layer_norm_eps: s.number({ default: 1e-5 }),
     /** Read for completeness; the models run attention without dropout. */
     attention_dropout: s.number({ default: 0 }),

@@ -12,7 +12,7 @@ import { statSync } from "node:fs";
 import { join } from "node:path";
 import type { SamplerOptions, SchedulerConfig } from "../../core/plugins.ts";
 import { fromHost, ops, scalar, scope, type Tensor } from "../../ffi/mod.ts";
-import { choice, ConfigFileError, readModelConfig } from "../../core/json_config.ts";
+import { ConfigFileError, readModelConfig } from "../../core/json_config.ts";
 import * as s from "../../core/schema.ts";
 
 /** A `scheduler_config.json` that cannot be read. */
@@ -142,10 +142,10 @@ export function commonKeys(spacing: Spacing) {
     num_train_timesteps: s.integer({ min: 1, default: 1000 }),
     beta_start: s.number({ default: 0.0001 }),
     beta_end: s.number({ default: 0.02 }),
-    beta_schedule: choice(BETA_SCHEDULES, "linear"),
+    beta_schedule: s.choice(BETA_SCHEDULES, "linear"),
     trained_betas: s.nullable(s.array(s.number()), { default: null }),
-    prediction_type: choice(PREDICTION_TYPES, "epsilon"),
-    timestep_spacing: choice(SPACINGS, spacing),
+    prediction_type: s.choice(PREDICTION_TYPES, "epsilon"),
+    timestep_spacing: s.choice(SPACINGS, spacing),
     steps_offset: s.integer({ min: 0, default: 0 }),
     rescale_betas_zero_snr: s.literal(false, { default: false }),
   };

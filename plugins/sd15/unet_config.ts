@@ -4,7 +4,6 @@
  * implement is an error naming the file and the key (never a silently different network).
  */
 import {
-  choice,
   ConfigFileError,
   ConfigReader,
   type Json,
@@ -105,7 +104,7 @@ export function parseUNetConfig(json: Json, file = "unet/config.json"): UNetConf
 
   const down = r.get(
     "down_block_types",
-    s.array<DownBlockType>(choice(DOWN_TYPES), {
+    s.array<DownBlockType>(s.choice(DOWN_TYPES), {
       minItems: 1,
       default: [
         "CrossAttnDownBlock2D",
@@ -118,7 +117,7 @@ export function parseUNetConfig(json: Json, file = "unet/config.json"): UNetConf
   const n = down.length;
   const up = r.get(
     "up_block_types",
-    s.array<UpBlockType>(choice(UP_TYPES), {
+    s.array<UpBlockType>(s.choice(UP_TYPES), {
       default: ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     }),
   );
@@ -233,7 +232,7 @@ export function parseUNetConfig(json: Json, file = "unet/config.json"): UNetConf
     downsamplePadding: int("downsample_padding", 1),
     midBlockScaleFactor: num("mid_block_scale_factor", 1),
     dropout: num("dropout", 0),
-    actFn: ACTIVATIONS[r.get("act_fn", choice(Object.keys(ACTIVATIONS), "silu"))],
+    actFn: ACTIVATIONS[r.get("act_fn", s.choice(Object.keys(ACTIVATIONS), "silu"))],
     normNumGroups,
     normEps: num("norm_eps", 1e-5),
     crossAttentionDim: perBlock("cross_attention_dim", 1280),

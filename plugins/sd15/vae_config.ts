@@ -5,7 +5,6 @@
  */
 import {
   type CamelFields,
-  choice,
   ConfigFileError,
   ConfigReader,
   type Json,
@@ -32,7 +31,7 @@ const VAE_FIELDS = {
   }),
   block_out_channels: s.array(positive(), { minItems: 1, default: [64] }),
   layers_per_block: positive(1),
-  act_fn: choice(ACTIVATIONS, "silu"),
+  act_fn: s.choice(ACTIVATIONS, "silu"),
   latent_channels: positive(4),
   norm_num_groups: positive(32),
   sample_size: s.oneOf<number | number[]>([
