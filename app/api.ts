@@ -636,7 +636,8 @@ export interface RunJobResult {
  * output is complete. Progress is drawn on stderr as the command draws it.
  */
 export async function run(opts: RunJobOptions): Promise<RunJobResult> {
-  const { runExperiment, REPORT_FILE } = await import("../cli/run.ts");
+  const { runExperiment } = await import("../cli/run.ts");
+  const { REPORT_FILE } = await import("../core/output.ts");
   const { DEFAULT_CLASSIFIER, withRunDefaults } = await import("../cli/train_flags.ts");
   const { intFlag } = await import("../cli/command.ts");
   const { data, dataset, fewshotSeed, shots } = opts;

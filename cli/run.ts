@@ -7,7 +7,7 @@ import { existsSync, readFileSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { DEFAULTS, formatConfig, type RunConfig, TINY } from "../core/config.ts";
 import type { Dataset } from "../core/dataset.ts";
-import { readManifest, RunError, writeJsonAtomic } from "../core/output.ts";
+import { readManifest, REPORT_FILE, RunError, writeJsonAtomic } from "../core/output.ts";
 import type { Classifier } from "../core/plugins.ts";
 import type { EvalRecord, SelectRule } from "../app/classify.ts";
 import type { RunJobOptions } from "../app/api.ts";
@@ -31,8 +31,6 @@ import {
 } from "./train_flags.ts";
 import { SLURM_FLAGS, SLURM_TITLE, submitExperiment } from "./slurm.ts";
 import { loadPlugins } from "./plugin_docs.ts";
-
-export const REPORT_FILE = "report.json";
 
 /** Generation flags: generate's, with the names the classifier also has made explicit. */
 const GENERATION_FLAGS: Flags = {
@@ -206,10 +204,15 @@ const trainValues = (v: Values) => ({ ...v, seed: v["train-seed"], set: v["train
  * The experiment: `run`'s job options with generation's configuration (into OUT/synthetic) and
  * the classifier (its options with the run's defaults) made of them, or of the command's flags.
  */
-export type Experiment = Omit<RunJobOptions, "config" | "classifier"> & {
-  config: RunConfig;
-  classifier(run: { dataset?: string; device: string }): ReturnType<typeof classifierOptions>;
-};
+export type Experiment =
+  & Omit<
+    RunJobOptions,
+    "config" | "classifier" | "generation" | "train" | "tiny" | "device"
+  >
+  & {
+    config: RunConfig;
+    classifier(run: { dataset?: string; device: string }): ReturnType<typeof classifierOptions>;
+  };
 
 /** The experiment of the flags; generation's configuration as `generate` reads its flags. */
 async function experimentOf(v: Values): Promise<Experiment> {

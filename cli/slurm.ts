@@ -13,7 +13,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { UserError } from "../ffi/errors.ts";
-import { writeJsonAtomic } from "../core/output.ts";
+import { REPORT_FILE, writeJsonAtomic } from "../core/output.ts";
 import { CliError, flagArgs, type Flags, intFlag } from "./command.ts";
 import { dipsyArgs } from "./devices.ts";
 
@@ -388,7 +388,6 @@ export async function submitExperiment(
     "done: similarity.json",
   );
   const generate = await generateStatus(st, out);
-  const { REPORT_FILE } = await import("./run.ts");
   const train = await jobStatus(
     st.jobs.train,
     existsSync(join(out, REPORT_FILE)),

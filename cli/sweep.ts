@@ -10,7 +10,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { join, relative } from "node:path";
 import { UserError } from "../ffi/errors.ts";
 import { type RunConfig, TINY } from "../core/config.ts";
-import { writeAtomic, writeJsonAtomic } from "../core/output.ts";
+import { REPORT_FILE, writeAtomic, writeJsonAtomic } from "../core/output.ts";
 import type { Shard } from "../core/shard.ts";
 import {
   type Cell,
@@ -29,7 +29,7 @@ import {
 } from "../core/sweep.ts";
 import { CliError, defineCommand, type Flags, withInterrupt } from "./command.ts";
 import type { PreparedGenerate } from "./generate.ts";
-import * as experiment from "./run.ts";
+import type { StageReport } from "./run.ts";
 import type { Classifier } from "../core/plugins.ts";
 import type { ImageFolder } from "../plugins/classifiers/data.ts";
 
@@ -198,6 +198,7 @@ interface Checked {
 
 async function check(plan: SweepPlan): Promise<Checked> {
   const { prepareGenerate } = await import("./generate.ts");
+  const experiment = await import("./run.ts");
   const app = await import("../app/classify.ts");
   const { readImageFolder } = await import("../plugins/classifiers/data.ts");
   const quiet = () => {};
@@ -449,6 +450,7 @@ async function generateSet(
   beforeBatch?: () => Promise<void>,
 ): Promise<number> {
   const { runPrepared } = await import("./generate.ts");
+  const experiment = await import("./run.ts");
   const out = prepared.config.out!;
   const expected = prepared.dataset.classes.length * prepared.config.perClass;
   const label = `${GEN_DIR}/${relative(join(plan.out, GEN_DIR), out)}`;
@@ -473,6 +475,7 @@ async function runCell(
   opts: SweepOptions,
 ): Promise<CellResult | null> {
   const app = await import("../app/classify.ts");
+  const experiment = await import("./run.ts");
   const dir = join(plan.out, cell.run);
   const synthetic = cell.generation.config.out!;
   await Deno.mkdir(dir, { recursive: true });
@@ -482,7 +485,7 @@ async function runCell(
 
   const classifier = checked.classifiers.get(cell.training.id)!;
   const progress = Deno.stderr.isTerminal();
-  const stages: experiment.StageReport[] = [];
+  const stages: StageReport[] = [];
   const data = await app.readTrainData({
     real: plan.base.data!,
     synthetic,
@@ -550,7 +553,7 @@ function cellResult(record: import("../app/classify.ts").EvalRecord): CellResult
 
 /** A cell is complete once its report is written (last) beside its evaluation. */
 function isComplete(dir: string): boolean {
-  return existsSync(join(dir, experiment.REPORT_FILE)) && existsSync(join(dir, "eval.json"));
+  return existsSync(join(dir, REPORT_FILE)) && existsSync(join(dir, "eval.json"));
 }
 
 /** The finished cells' figures and the recorded failures of the others. */

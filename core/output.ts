@@ -11,6 +11,8 @@ import type { Provenance } from "./provenance.ts";
 export const MANIFEST = "manifest.jsonl";
 export const RUN_RECORD = "run.json";
 export const SIMILARITY_FILE = "similarity.json";
+/** An experiment's record (`dipsy run`, a sweep cell): configuration, stage timings, accuracy. */
+export const REPORT_FILE = "report.json";
 /** The `format` of run.json. */
 export const RECORD_FORMAT = "dipsy-generate-run";
 /** The `version` of run.json's layout. */
@@ -234,7 +236,10 @@ function isInside(child: string, parent: string): boolean {
   return rel === "" || (!rel.startsWith("..") && !rel.startsWith("/"));
 }
 
-/** A fresh hidden name beside `path`, of the form the generate job clears as a leftover. */
+/**
+ * A fresh hidden name beside `path` ending in .tmp: output-folder checks and dataset readers pass
+ * over a leftover one.
+ */
 function tempPath(path: string): string {
   return join(dirname(path), `.${basename(path)}.${crypto.randomUUID().slice(0, 8)}.tmp`);
 }

@@ -24,7 +24,9 @@ export class QueueFullError extends Error {
 /** The server is shutting down and takes no more work. */
 export class ClosedError extends Error {
   override name = "ClosedError";
-  override message = "the server is shutting down";
+  constructor() {
+    super("the server is shutting down");
+  }
 }
 
 /** The engine stopped (its worker failed, or it was closed): no work runs any more. */
