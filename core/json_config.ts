@@ -44,8 +44,18 @@ export function readModelConfig(
   } catch (e) {
     throw new error(file, null, `not valid JSON (${(e as Error).message})`);
   }
+  return configObject(json, file, error);
+}
+
+/** `json` as an object, or a one-line error naming the file (the config as a whole: `key` null). */
+export function configObject(
+  json: unknown,
+  file: string,
+  error: ConfigErrorClass,
+  key: string | null = null,
+): Json {
   if (json === null || typeof json !== "object" || Array.isArray(json)) {
-    throw new error(file, null, "expected a JSON object");
+    throw new error(file, key, "expected a JSON object");
   }
   return json as Json;
 }
@@ -61,9 +71,7 @@ export class ConfigReader {
     readonly nullIsDefault: (key: string) => boolean = () => true,
   ) {
     // Parsers are also called from code with any JSON value, which still gets a one-line error.
-    if (json === null || typeof json !== "object" || Array.isArray(json)) {
-      throw new error(file, path || null, "expected a JSON object");
-    }
+    configObject(json, file, error, path || null);
   }
 
   key(k: string): string {

@@ -12,7 +12,7 @@ import { statSync } from "node:fs";
 import { join } from "node:path";
 import type { SamplerOptions, SchedulerConfig } from "../../core/plugins.ts";
 import { fromHost, ops, scalar, scope, type Tensor } from "../../ffi/mod.ts";
-import { ConfigFileError, readModelConfig } from "../../core/json_config.ts";
+import { ConfigFileError, configObject, readModelConfig } from "../../core/json_config.ts";
 import * as s from "../../core/schema.ts";
 
 /** A `scheduler_config.json` that cannot be read. */
@@ -63,10 +63,7 @@ export function parseSchedulerConfig(
   json: unknown,
   source = "scheduler_config.json",
 ): SchedulerConfig {
-  if (json === null || typeof json !== "object" || Array.isArray(json)) {
-    throw new SchedulerConfigError(source, null, "expected a JSON object");
-  }
-  const raw = json as Record<string, unknown>;
+  const raw = configObject(json, source, SchedulerConfigError);
   const defaulted = new Set<string>(
     Array.isArray(raw[DEFAULTED]) ? raw[DEFAULTED] as string[] : [],
   );
